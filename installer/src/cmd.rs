@@ -1,0 +1,83 @@
+//! The one helper that runs external commands.
+//!
+//! Every command's argv is logged (to the console in the installer, to stderr
+//! with `-v` on the build host), its stdout is returned, and a failure carries
+//! the command line, the exit status and the captured stderr.
+
+use std::process::{Command, Stdio};
+use std::sync::OnceLock;
+
+use anyhow::{bail, Context, Result};
+
+static LOGGER: OnceLock<fn(&str)> = OnceLock::new();
+
+/// Sets where command lines are logged (once; later calls are ignored).
+pub fn set_logger(log: fn(&str)) {
+    let _ = LOGGER.set(log);
+}
+
+fn argv(cmd: &Command) -> String {
+    std::iter::once(cmd.get_program())
+        .chain(cmd.get_args())
+        .map(|a| {
+            let a = a.to_string_lossy();
+            if a.is_empty() || a.contains(|c: char| c.is_whitespace() || c == '\'') {
+                format!("'{}'", a.replace('\'', r"'\''"))
+            } else {
+                a.into_owned()
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// Runs `cmd` to completion and returns its stdout.
+pub fn run(cmd: &mut Command) -> Result<String> {
+    let line = argv(cmd);
+    if let Some(log) = LOGGER.get() {
+        log(&format!("$ {line}"));
+    }
+    let out = cmd
+        .stdin(Stdio::null())
+        .output()
+        .with_context(|| format!("cannot run `{line}`"))?;
+    if !out.status.success() {
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        let stderr = stderr.trim();
+        // Keep the end of long error output: that is where the cause is.
+        let tail: Vec<&str> = stderr.lines().rev().take(40).collect();
+        let tail: Vec<&str> = tail.into_iter().rev().collect();
+        bail!(
+            "`{line}` failed ({}){}{}",
+            out.status,
+            if tail.is_empty() { "" } else { ":\n" },
+            tail.join("\n")
+        );
+    }
+    String::from_utf8(out.stdout).with_context(|| format!("`{line}` printed output that is not UTF-8"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn failure_carries_argv_status_and_stderr() {
+        let err = run(Command::new("sh").args(["-c", "echo boom >&2; exit 3"])).expect_err("must fail");
+        let msg = format!("{err:#}");
+        assert!(msg.contains("sh -c 'echo boom >&2; exit 3'"), "{msg}");
+        assert!(msg.contains("exit status: 3"), "{msg}");
+        assert!(msg.contains("boom"), "{msg}");
+    }
+
+    #[test]
+    fn success_returns_stdout() {
+        assert_eq!(run(Command::new("echo").arg("hi")).expect("echo runs"), "hi\n");
+    }
+
+    #[test]
+    fn missing_program_is_named() {
+        let err = run(&mut Command::new("nodeflash-no-such-program")).expect_err("must fail");
+        assert!(format!("{err:#}").contains("nodeflash-no-such-program"));
+    }
+}

@@ -1,0 +1,292 @@
+//! Facts about the machine, read from sysfs: block devices, network
+//! interfaces and DMI identity. Reading takes the sysfs root as a parameter,
+//! so plans can be computed from captured facts on any host.
+
+use std::fmt::Write as _;
+use std::fs;
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Facts {
+    pub dmi: Dmi,
+    pub block_devices: Vec<BlockDevice>,
+    pub net: Vec<NetInterface>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Dmi {
+    pub sys_vendor: Option<String>,
+    pub product_name: Option<String>,
+    pub product_serial: Option<String>,
+    pub product_uuid: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BlockDevice {
+    /// Kernel name, e.g. `nvme0n1`.
+    pub name: String,
+    pub size_bytes: u64,
+    pub logical_block_size: u32,
+    pub model: Option<String>,
+    pub serial: Option<String>,
+    /// WWN, or the NVMe EUI/NGUID (`/sys/block/X/wwid`).
+    pub wwn: Option<String>,
+    /// `nvme`, `usb`, `virtio`, `ata`, `scsi` or `other`.
+    pub bus: String,
+    pub removable: bool,
+    pub read_only: bool,
+    /// True for the medium this image was booted from (set by the installer).
+    #[serde(default)]
+    pub boot_medium: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NetInterface {
+    pub name: String,
+    pub mac: Option<String>,
+    /// None while the link is down or the driver cannot tell.
+    pub carrier: Option<bool>,
+}
+
+fn read_trimmed(path: &Path) -> Option<String> {
+    let s = fs::read_to_string(path).ok()?;
+    let s = s.trim_matches(|c: char| c.is_whitespace() || c == '\0');
+    (!s.is_empty()).then(|| s.to_string())
+}
+
+fn sorted_entries(dir: &Path) -> Vec<String> {
+    let mut names: Vec<String> = fs::read_dir(dir)
+        .map(|rd| {
+            rd.filter_map(|e| e.ok())
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default();
+    names.sort();
+    names
+}
+
+/// Devices that are never install targets nor boot media of interest.
+fn is_virtual(name: &str) -> bool {
+    ["loop", "ram", "zram", "dm-", "md", "zd", "nbd"]
+        .iter()
+        .any(|p| name.starts_with(p))
+}
+
+/// The serial number of a SCSI/ATA device from VPD page 0x80 (4-byte header).
+fn vpd_serial(path: &Path) -> Option<String> {
+    let page = fs::read(path).ok()?;
+    let s = String::from_utf8_lossy(page.get(4..)?).trim().to_string();
+    (!s.is_empty()).then_some(s)
+}
+
+fn bus_of(sysfs: &Path, name: &str) -> String {
+    // /sys/block/X is a symlink into /sys/devices/…; its path tells the bus.
+    let target = fs::read_link(sysfs.join("block").join(name))
+        .map(|p| p.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let bus = if name.starts_with("nvme") || target.contains("/nvme") {
+        "nvme"
+    } else if target.contains("/usb") {
+        "usb"
+    } else if name.starts_with("vd") || target.contains("/virtio") {
+        "virtio"
+    } else if target.contains("/ata") {
+        "ata"
+    } else if name.starts_with("sd") || name.starts_with("sr") {
+        "scsi"
+    } else {
+        "other"
+    };
+    bus.to_string()
+}
+
+impl Facts {
+    /// Reads the facts from a sysfs tree (`/sys` on a live machine).
+    pub fn read(sysfs: &Path) -> Facts {
+        let dmi_dir = sysfs.join("class/dmi/id");
+        let dmi = Dmi {
+            sys_vendor: read_trimmed(&dmi_dir.join("sys_vendor")),
+            product_name: read_trimmed(&dmi_dir.join("product_name")),
+            product_serial: read_trimmed(&dmi_dir.join("product_serial")),
+            product_uuid: read_trimmed(&dmi_dir.join("product_uuid")),
+        };
+        let mut block_devices = Vec::new();
+        for name in sorted_entries(&sysfs.join("block")) {
+            if is_virtual(&name) {
+                continue;
+            }
+            let dir = sysfs.join("block").join(&name);
+            let num = |p: &str| read_trimmed(&dir.join(p)).and_then(|s| s.parse::<u64>().ok());
+            let serial = read_trimmed(&dir.join("device/serial"))
+                .or_else(|| vpd_serial(&dir.join("device/vpd_pg80")));
+            let wwn = read_trimmed(&dir.join("wwid")).or_else(|| read_trimmed(&dir.join("device/wwid")));
+            block_devices.push(BlockDevice {
+                bus: bus_of(sysfs, &name),
+                size_bytes: num("size").unwrap_or(0) * 512,
+                logical_block_size: num("queue/logical_block_size")
+                    .and_then(|v| u32::try_from(v).ok())
+                    .unwrap_or(512),
+                model: read_trimmed(&dir.join("device/model")),
+                serial,
+                wwn,
+                removable: num("removable") == Some(1),
+                read_only: num("ro") == Some(1),
+                boot_medium: false,
+                name,
+            });
+        }
+        let mut net = Vec::new();
+        for name in sorted_entries(&sysfs.join("class/net")) {
+            if name == "lo" {
+                continue;
+            }
+            let dir = sysfs.join("class/net").join(&name);
+            net.push(NetInterface {
+                mac: read_trimmed(&dir.join("address")),
+                // Reading `carrier` fails while the interface is down.
+                carrier: read_trimmed(&dir.join("carrier")).map(|c| c == "1"),
+                name,
+            });
+        }
+        Facts {
+            dmi,
+            block_devices,
+            net,
+        }
+    }
+
+    /// The inventory as a few plain lines for the console.
+    pub fn inventory(&self) -> String {
+        let mut out = String::new();
+        let d = &self.dmi;
+        let _ = writeln!(
+            out,
+            "machine: {} {} serial={} uuid={}",
+            d.sys_vendor.as_deref().unwrap_or("?"),
+            d.product_name.as_deref().unwrap_or("?"),
+            d.product_serial.as_deref().unwrap_or("-"),
+            d.product_uuid.as_deref().unwrap_or("-"),
+        );
+        if self.block_devices.is_empty() {
+            let _ = writeln!(out, "disk: none found");
+        }
+        for b in &self.block_devices {
+            let _ = writeln!(
+                out,
+                "disk: {} size={} ({} bytes) lbs={} bus={} model={:?} serial={:?}{}{}{}",
+                b.name,
+                human_bytes(b.size_bytes),
+                b.size_bytes,
+                b.logical_block_size,
+                b.bus,
+                b.model.as_deref().unwrap_or(""),
+                b.serial.as_deref().unwrap_or(""),
+                if b.removable { " removable" } else { "" },
+                if b.read_only { " read-only" } else { "" },
+                if b.boot_medium { " boot-medium" } else { "" },
+            );
+        }
+        if self.net.is_empty() {
+            let _ = writeln!(out, "net: none found");
+        }
+        for n in &self.net {
+            let carrier = match n.carrier {
+                Some(true) => "up",
+                Some(false) => "no-carrier",
+                None => "unknown",
+            };
+            let _ = writeln!(
+                out,
+                "net: {} mac={} carrier={carrier}",
+                n.name,
+                n.mac.as_deref().unwrap_or("-")
+            );
+        }
+        out
+    }
+}
+
+/// `1.0 TB`, `512.0 MiB`-style sizes for people (binary units below 1 TB).
+pub fn human_bytes(n: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = n as f64;
+    let mut i = 0;
+    while v >= 1024.0 && i + 1 < UNITS.len() {
+        v /= 1024.0;
+        i += 1;
+    }
+    if i == 0 {
+        format!("{n} B")
+    } else {
+        format!("{v:.1} {}", UNITS[i])
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::symlink;
+
+    fn write(root: &Path, rel: &str, content: &str) {
+        let p = root.join(rel);
+        fs::create_dir_all(p.parent().expect("has parent")).expect("mkdir");
+        fs::write(p, content).expect("write fixture");
+    }
+
+    /// A captured-style sysfs: one NVMe disk, one USB stick, a loop device and a NIC.
+    fn fixture() -> tempfile::TempDir {
+        let t = tempfile::tempdir().expect("tempdir");
+        let r = t.path();
+        let nvme = "devices/pci0000:00/0000:00:04.0/nvme/nvme0/nvme0n1";
+        let usb = "devices/pci0000:00/0000:00:03.0/usb2/2-1/2-1:1.0/host0/target0:0:0/0:0:0:0/block/sda";
+        write(r, &format!("{nvme}/size"), "4194304\n");
+        write(r, &format!("{nvme}/queue/logical_block_size"), "4096\n");
+        write(r, &format!("{nvme}/removable"), "0\n");
+        write(r, &format!("{nvme}/ro"), "0\n");
+        write(r, &format!("{nvme}/wwid"), "eui.0000000001000000e4d25c0000000001\n");
+        write(r, &format!("{nvme}/device/serial"), "NFTEST0001          \n");
+        write(r, &format!("{nvme}/device/model"), "QEMU NVMe Ctrl                          \n");
+        write(r, &format!("{usb}/size"), "2048\n");
+        write(r, &format!("{usb}/removable"), "1\n");
+        write(r, &format!("{usb}/device/model"), "QEMU HARDDISK   \n");
+        fs::create_dir_all(r.join("block")).expect("mkdir block");
+        symlink(format!("../{nvme}"), r.join("block/nvme0n1")).expect("symlink");
+        symlink(format!("../{usb}"), r.join("block/sda")).expect("symlink");
+        write(r, "block/loop0/size", "0\n");
+        write(r, "class/net/lo/address", "00:00:00:00:00:00\n");
+        write(r, "class/net/eth0/address", "52:54:00:12:34:56\n");
+        write(r, "class/net/eth0/carrier", "1\n");
+        write(r, "class/dmi/id/product_serial", "NODE-1\n");
+        t
+    }
+
+    #[test]
+    fn reads_disks_nics_and_dmi() {
+        let t = fixture();
+        let f = Facts::read(t.path());
+        assert_eq!(f.dmi.product_serial.as_deref(), Some("NODE-1"));
+        assert_eq!(f.block_devices.len(), 2, "{f:#?}");
+        let nvme = &f.block_devices[0];
+        assert_eq!(nvme.name, "nvme0n1");
+        assert_eq!(nvme.size_bytes, 2 << 30);
+        assert_eq!(nvme.logical_block_size, 4096);
+        assert_eq!(nvme.serial.as_deref(), Some("NFTEST0001"));
+        assert_eq!(nvme.model.as_deref(), Some("QEMU NVMe Ctrl"));
+        assert_eq!(nvme.bus, "nvme");
+        assert!(!nvme.removable);
+        let usb = &f.block_devices[1];
+        assert_eq!((usb.name.as_str(), usb.bus.as_str(), usb.removable), ("sda", "usb", true));
+        assert_eq!(usb.logical_block_size, 512, "default when sysfs lacks it");
+        assert_eq!(f.net.len(), 1);
+        assert_eq!(f.net[0].carrier, Some(true));
+        let inv = f.inventory();
+        assert!(inv.contains("disk: nvme0n1 size=2.0 GiB (2147483648 bytes) lbs=4096 bus=nvme"), "{inv}");
+        assert!(inv.contains("serial=\"NFTEST0001\""), "{inv}");
+        // Facts round-trip through JSON (the `--machine FACTS.json` form).
+        let json = serde_json::to_string(&f).expect("serialize");
+        assert_eq!(serde_json::from_str::<Facts>(&json).expect("parse"), f);
+    }
+}

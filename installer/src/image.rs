@@ -1,0 +1,40 @@
+//! What the builder tells the installer about the image it is part of.
+
+use serde::{Deserialize, Serialize};
+
+/// Where the builder puts [`ImageInfo`] in the initramfs.
+pub const IMAGE_INFO_PATH: &str = "/etc/nodeflash/image.json";
+/// Where the builder puts the resolved profile in the initramfs.
+pub const PROFILE_PATH: &str = "/etc/nodeflash/profile.toml";
+/// Prefix of the ISO9660 volume set ID; the image ID follows it.
+pub const VOLSET_PREFIX: &str = "NODEFLASH_";
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ImageInfo {
+    /// nodeflash version that built the image.
+    pub version: String,
+    pub profile: String,
+    /// sha256 of everything the image boots (kernel, command line, initramfs
+    /// contents but this file): the same inputs give the same ID.
+    pub image_id: String,
+    /// Kernel release, e.g. `6.1.0-56-amd64`.
+    pub kernel_release: String,
+    /// Modules to load, in dependency order, relative to `/lib/modules/<release>`.
+    pub modules: Vec<String>,
+}
+
+impl ImageInfo {
+    /// The ISO9660 volume set ID that marks the boot medium of this image.
+    pub fn volume_set_id(&self) -> String {
+        volume_set_id(&self.image_id)
+    }
+
+    /// A short form of the image ID for humans.
+    pub fn short_id(&self) -> &str {
+        &self.image_id[..self.image_id.len().min(12)]
+    }
+}
+
+pub fn volume_set_id(image_id: &str) -> String {
+    format!("{VOLSET_PREFIX}{}", &image_id[..image_id.len().min(32)]).to_uppercase()
+}

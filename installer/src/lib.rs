@@ -1,0 +1,13 @@
+//! The nodeflash installer.
+//!
+//! As a library it holds what both sides of nodeflash share: the profile
+//! model ([`profile`]), what the builder tells the installer about the image
+//! ([`image`]), the machine facts ([`facts`]) and the one command helper
+//! ([`cmd`]). As a program it is PID 1 of the install image ([`pid1`]).
+
+pub mod cmd;
+pub mod console;
+pub mod facts;
+pub mod image;
+pub mod pid1;
+pub mod profile;

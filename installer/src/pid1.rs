@@ -1,0 +1,285 @@
+//! PID 1 of the install image: sets up the early userspace, loads the kernel
+//! modules the builder chose, finds the boot medium, prints what it sees, and
+//! finishes as the profile says. It never panics out and never exits: every
+//! error is printed with its full chain, then the failure policy applies.
+
+use std::fs::File;
+use std::io::{Read, Seek, SeekFrom};
+use std::os::fd::AsRawFd;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use nix::mount::{mount, MsFlags};
+
+use crate::facts::Facts;
+use crate::image::{ImageInfo, IMAGE_INFO_PATH, PROFILE_PATH};
+use crate::profile::{OnFailure, OnSuccess, Profile};
+use crate::say;
+
+/// Entry point of `/init`.
+pub fn main() -> ! {
+    if std::process::id() != 1 {
+        eprintln!(
+            "nodeflash-installer is the /init of a nodeflash image and only runs as PID 1; \
+             on a build host use `nodeflash` (see `nodeflash --help`)"
+        );
+        std::process::exit(2);
+    }
+    std::panic::set_hook(Box::new(|info| {
+        crate::console::say(&format!("nodeflash: internal error: {info}"));
+    }));
+    let started = Instant::now();
+    let outcome = std::panic::catch_unwind(|| run(started));
+    let (finish, result) = match outcome {
+        Ok((finish, result)) => (finish, result),
+        Err(_) => (
+            Finish::Fail(OnFailure::Halt),
+            Err(anyhow::anyhow!("the installer panicked (see the message above)")),
+        ),
+    };
+    match result {
+        Ok(()) => say!("nodeflash: done in {:.1}s", started.elapsed().as_secs_f64()),
+        Err(e) => {
+            say!("nodeflash: FAILED: {e}");
+            for cause in e.chain().skip(1) {
+                say!("  caused by: {cause}");
+            }
+            say!("nodeflash: nothing more will be done; fix the cause above and boot the stick again");
+        }
+    }
+    finish.apply()
+}
+
+/// What to do at the end: the profile's policies, or safe defaults when the
+/// profile could not even be read.
+enum Finish {
+    Done(OnSuccess),
+    Fail(OnFailure),
+}
+
+impl Finish {
+    fn apply(self) -> ! {
+        use nix::sys::reboot::{reboot, RebootMode};
+        nix::unistd::sync();
+        let mode = match self {
+            Finish::Done(OnSuccess::Poweroff) | Finish::Fail(OnFailure::Poweroff) => {
+                say!("nodeflash: powering off");
+                Some(RebootMode::RB_POWER_OFF)
+            }
+            Finish::Done(OnSuccess::Reboot) => {
+                say!("nodeflash: rebooting");
+                Some(RebootMode::RB_AUTOBOOT)
+            }
+            Finish::Done(OnSuccess::Halt) | Finish::Fail(OnFailure::Halt) => {
+                say!("nodeflash: halted; the machine can be switched off");
+                None
+            }
+        };
+        if let Some(mode) = mode {
+            let Err(e) = reboot(mode);
+            say!("nodeflash: cannot power off or reboot ({e}); halted instead");
+        }
+        loop {
+            std::thread::sleep(Duration::from_secs(3600));
+        }
+    }
+}
+
+fn run(started: Instant) -> (Finish, Result<()>) {
+    if let Err(e) = early_mounts() {
+        crate::console::open();
+        return (Finish::Fail(OnFailure::Halt), Err(e));
+    }
+    crate::console::open();
+    crate::cmd::set_logger(crate::console::say);
+    let loaded = std::fs::read_to_string(PROFILE_PATH)
+        .with_context(|| format!("cannot read {PROFILE_PATH}"))
+        .and_then(|s| Ok(Profile::parse(&s, PROFILE_PATH)?))
+        .and_then(|p| {
+            let info = std::fs::read(IMAGE_INFO_PATH)
+                .with_context(|| format!("cannot read {IMAGE_INFO_PATH}"))?;
+            let info: ImageInfo = serde_json::from_slice(&info)
+                .with_context(|| format!("cannot parse {IMAGE_INFO_PATH}"))?;
+            Ok((p, info))
+        });
+    let (profile, info) = match loaded {
+        Ok(v) => v,
+        Err(e) => return (Finish::Fail(OnFailure::Halt), Err(e.context("the image is damaged"))),
+    };
+    say!(
+        "nodeflash {} · profile {} · image {} · kernel {}",
+        info.version,
+        info.profile,
+        info.short_id(),
+        info.kernel_release
+    );
+    match install(&profile, &info, started) {
+        Ok(()) => (Finish::Done(profile.finish.on_success), Ok(())),
+        Err(e) => (Finish::Fail(profile.finish.on_failure), Err(e)),
+    }
+}
+
+fn early_mounts() -> Result<()> {
+    let none: Option<&str> = None;
+    for (src, target, fstype) in [
+        ("proc", "/proc", "proc"),
+        ("sysfs", "/sys", "sysfs"),
+        ("devtmpfs", "/dev", "devtmpfs"),
+        ("tmpfs", "/run", "tmpfs"),
+    ] {
+        std::fs::create_dir_all(target).with_context(|| format!("cannot create {target}"))?;
+        match mount(Some(src), target, Some(fstype), MsFlags::MS_NOSUID, none) {
+            Ok(()) | Err(nix::errno::Errno::EBUSY) => {}
+            Err(e) => bail!("cannot mount {fstype} on {target}: {e}"),
+        }
+    }
+    Ok(())
+}
+
+/// The install itself. For now: modules, boot medium, inventory.
+fn install(profile: &Profile, info: &ImageInfo, started: Instant) -> Result<()> {
+    load_modules(info);
+    links_up();
+    let timeout = Duration::from_secs(profile.image.device_timeout_secs.into());
+    let boot = wait_for_boot_medium(info, timeout);
+    settle_block_devices(Duration::from_secs(3));
+    let mut facts = Facts::read(Path::new("/sys"));
+    for b in &mut facts.block_devices {
+        b.boot_medium = boot.as_deref() == Some(b.name.as_str());
+    }
+    say!("inventory after {:.1}s:\n{}", started.elapsed().as_secs_f64(), facts.inventory().trim_end());
+    if boot.is_none() {
+        say!(
+            "warning: the boot medium (volume set {}) was not found within {}s",
+            info.volume_set_id(),
+            timeout.as_secs()
+        );
+    }
+    Ok(())
+}
+
+fn load_modules(info: &ImageInfo) {
+    let t = Instant::now();
+    let dir = Path::new("/lib/modules").join(&info.kernel_release);
+    let mut loaded = 0;
+    for rel in &info.modules {
+        let path = dir.join(rel);
+        let result = File::open(&path)
+            .map_err(nix::errno::Errno::from_raw_os_error_io)
+            .and_then(|f| nix::kmod::finit_module(&f, c"", nix::kmod::ModuleInitFlags::empty()));
+        match result {
+            Ok(()) | Err(nix::errno::Errno::EEXIST) => loaded += 1,
+            // No such hardware or CPU feature (e.g. an accelerated crc variant).
+            Err(nix::errno::Errno::ENODEV) => {}
+            Err(e) => say!("warning: cannot load module {}: {e}", path.display()),
+        }
+    }
+    say!("loaded {loaded} of {} kernel modules in {:.1}s", info.modules.len(), t.elapsed().as_secs_f64());
+}
+
+trait FromIo {
+    fn from_raw_os_error_io(e: std::io::Error) -> nix::errno::Errno;
+}
+
+impl FromIo for nix::errno::Errno {
+    fn from_raw_os_error_io(e: std::io::Error) -> nix::errno::Errno {
+        nix::errno::Errno::from_raw(e.raw_os_error().unwrap_or(nix::libc::EIO))
+    }
+}
+
+/// Brings every network interface up so that its carrier can be read.
+fn links_up() {
+    let Ok(entries) = std::fs::read_dir("/sys/class/net") else { return };
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if let Err(e) = link_up(&name) {
+            say!("warning: cannot bring up {name}: {e}");
+        }
+    }
+}
+
+fn link_up(name: &str) -> Result<()> {
+    use nix::libc;
+    use nix::sys::socket::{socket, AddressFamily, SockFlag, SockType};
+    let sock = socket(AddressFamily::Inet, SockType::Datagram, SockFlag::SOCK_CLOEXEC, None)?;
+    // SAFETY: ifreq is plain old data; all zeroes is a valid value.
+    let mut ifr: libc::ifreq = unsafe { std::mem::zeroed() };
+    if name.len() >= ifr.ifr_name.len() {
+        bail!("interface name too long");
+    }
+    for (dst, src) in ifr.ifr_name.iter_mut().zip(name.bytes()) {
+        *dst = src as libc::c_char;
+    }
+    // SAFETY: ifr is a valid ifreq with a NUL-terminated name; the kernel
+    // writes only the flags union member.
+    if unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCGIFFLAGS, &mut ifr) } < 0 {
+        return Err(std::io::Error::last_os_error().into());
+    }
+    // SAFETY: SIOCGIFFLAGS filled ifru_flags.
+    unsafe { ifr.ifr_ifru.ifru_flags |= libc::IFF_UP as libc::c_short };
+    // SAFETY: as above.
+    if unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCSIFFLAGS, &ifr) } < 0 {
+        return Err(std::io::Error::last_os_error().into());
+    }
+    Ok(())
+}
+
+/// Reads the ISO9660 primary volume descriptor of a device and returns its
+/// volume set ID.
+fn iso_volume_set(dev: &Path) -> Option<String> {
+    let mut f = File::open(dev).ok()?;
+    let mut pvd = [0u8; 2048];
+    f.seek(SeekFrom::Start(16 * 2048)).ok()?;
+    f.read_exact(&mut pvd).ok()?;
+    if pvd[0] != 1 || &pvd[1..6] != b"CD001" {
+        return None;
+    }
+    Some(String::from_utf8_lossy(&pvd[190..318]).trim().to_string())
+}
+
+/// Waits until a whole disk carries this image's ISO volume set ID; returns
+/// its kernel name.
+fn wait_for_boot_medium(info: &ImageInfo, timeout: Duration) -> Option<String> {
+    let want = info.volume_set_id();
+    let deadline = Instant::now() + timeout;
+    loop {
+        let mut names: Vec<String> = std::fs::read_dir("/sys/block")
+            .map(|rd| rd.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect())
+            .unwrap_or_default();
+        names.sort();
+        for name in names {
+            if iso_volume_set(&Path::new("/dev").join(&name)).as_deref() == Some(want.as_str()) {
+                say!("boot medium: /dev/{name}");
+                return Some(name);
+            }
+        }
+        if Instant::now() >= deadline {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// Waits (at most `max`) until the set of block devices has not changed for
+/// half a second, so that late-probing disks are in the inventory.
+fn settle_block_devices(max: Duration) {
+    let list = || {
+        let mut v: Vec<_> = std::fs::read_dir("/sys/block")
+            .map(|rd| rd.flatten().map(|e| e.file_name()).collect())
+            .unwrap_or_default();
+        v.sort();
+        v
+    };
+    let deadline = Instant::now() + max;
+    let mut last = list();
+    let mut stable_since = Instant::now();
+    while Instant::now() < deadline && stable_since.elapsed() < Duration::from_millis(500) {
+        std::thread::sleep(Duration::from_millis(100));
+        let now = list();
+        if now != last {
+            last = now;
+            stable_since = Instant::now();
+        }
+    }
+}

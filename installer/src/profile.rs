@@ -1,0 +1,836 @@
+//! The profile: one TOML file that describes a whole install.
+//!
+//! Parsing rejects unknown keys and reports every error with the file, line,
+//! column and the dotted key at fault. Values that can be checked on their own
+//! (sizes, host IDs, names, mountpoints) are checked while parsing, so their
+//! errors carry a position too; checks across several keys run in
+//! [`Profile::validate`] and point at the item they concern.
+//!
+//! The format is documented in `docs/profile.md`.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
+use std::ops::Range;
+use std::path::Path;
+
+use anyhow::{Context, Result};
+use serde::{Deserialize, Serialize};
+use toml::Spanned;
+
+/// A whole install, as written in `profiles/NAME.toml`.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct Profile {
+    /// Short name, used for the image file name and printed at boot.
+    pub name: Name,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub description: Option<String>,
+    #[serde(default)]
+    pub inputs: Inputs,
+    #[serde(default)]
+    pub image: Image,
+    pub disk: Disk,
+    pub pool: Pool,
+    #[serde(default)]
+    pub payload: Payload,
+    #[serde(default)]
+    pub ssh: Ssh,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub nodes: Vec<Node>,
+    #[serde(default)]
+    pub default_node: DefaultNode,
+    #[serde(default)]
+    pub finish: Finish,
+}
+
+/// Where the kernel, the ZFS modules and tools and the boot loader come from.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct Inputs {
+    #[serde(default)]
+    pub provider: Provider,
+    /// Lock file with the pinned package versions and their sha256, relative
+    /// to the profile file.
+    #[serde(default = "default_lock")]
+    pub lock: String,
+}
+
+impl Default for Inputs {
+    fn default() -> Self {
+        Self {
+            provider: Provider::default(),
+            lock: default_lock(),
+        }
+    }
+}
+
+fn default_lock() -> String {
+    "inputs.lock".into()
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Provider {
+    /// Debian bookworm packages (kernel, zfs-dkms, zfsutils-linux, systemd-boot).
+    #[default]
+    Debian,
+}
+
+/// The boot image itself.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct Image {
+    /// Kernel command line of the installer.
+    #[serde(default = "default_cmdline")]
+    pub cmdline: String,
+    /// Kernel modules loaded at boot in addition to the built-in set (boot
+    /// media, NVMe, ZFS, common NICs). Dependencies are resolved by the builder.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub modules: Vec<String>,
+    /// How long the installer waits for its boot medium and the target disk.
+    #[serde(default = "default_device_timeout")]
+    pub device_timeout_secs: u32,
+}
+
+impl Default for Image {
+    fn default() -> Self {
+        Self {
+            cmdline: default_cmdline(),
+            modules: Vec::new(),
+            device_timeout_secs: default_device_timeout(),
+        }
+    }
+}
+
+fn default_cmdline() -> String {
+    "console=tty0 console=ttyS0,115200 quiet".into()
+}
+
+fn default_device_timeout() -> u32 {
+    30
+}
+
+/// The target disk and its layout.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct Disk {
+    /// Rules that must all hold for the one disk to install on.
+    pub select: DiskSelect,
+    #[serde(default)]
+    pub wipe: Wipe,
+    #[serde(default = "default_esp_size")]
+    pub esp_size: Size,
+    /// Swap partition size; absent means no swap partition.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub swap_size: Option<Size>,
+}
+
+fn default_esp_size() -> Size {
+    Size(1 << 30)
+}
+
+/// Disk selection rules, from most to least specific.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct DiskSelect {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub serial: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub wwn: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub min_size: Option<Size>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_size: Option<Size>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bus: Option<Bus>,
+    /// A kernel name such as `nvme0n1`: only allowed with a size range.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub device: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Bus {
+    Nvme,
+    Sata,
+    Virtio,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Wipe {
+    /// Refuse a disk with a partition table, a filesystem or a ZFS label.
+    #[default]
+    IfEmpty,
+    /// Wipe whatever is there (reinstall).
+    Always,
+}
+
+/// The ZFS pool and its dataset tree.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct Pool {
+    #[serde(default = "default_pool_name")]
+    pub name: DatasetName,
+    /// Pool properties (`zpool create -o`).
+    #[serde(default)]
+    pub options: BTreeMap<String, String>,
+    /// Properties of the root dataset (`zpool create -O`).
+    #[serde(default)]
+    pub root_options: BTreeMap<String, String>,
+    #[serde(default)]
+    pub datasets: Vec<Dataset>,
+}
+
+fn default_pool_name() -> DatasetName {
+    DatasetName("rpool".into())
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct Dataset {
+    /// Name below the pool, e.g. `local/nix`.
+    pub name: Spanned<DatasetName>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mountpoint: Option<Spanned<Mountpoint>>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub options: BTreeMap<String, String>,
+}
+
+/// What is copied into the store.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct Payload {
+    /// A NixOS system (`/nix/store/…` top-level) or a store directory with a
+    /// registration file.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub closure: Option<String>,
+    /// A deterministic synthetic store (tests and benchmarks).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub synthetic: Option<Synthetic>,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct Synthetic {
+    pub files: u64,
+    pub bytes: Size,
+    #[serde(default)]
+    pub seed: u64,
+}
+
+/// SSH keys installed for root.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct Ssh {
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub github_users: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub keys: Vec<String>,
+    /// Where a user's keys are fetched from; `{user}` is replaced.
+    #[serde(default = "default_key_url")]
+    pub key_url: String,
+    /// Stop before touching the disk when the keys cannot be fetched.
+    #[serde(default = "yes")]
+    pub required: bool,
+    /// Allow a plain `http://` key URL.
+    #[serde(default)]
+    pub allow_http: bool,
+}
+
+impl Default for Ssh {
+    fn default() -> Self {
+        Self {
+            github_users: Vec::new(),
+            keys: Vec::new(),
+            key_url: default_key_url(),
+            required: true,
+            allow_http: false,
+        }
+    }
+}
+
+fn default_key_url() -> String {
+    "https://github.com/{user}.keys".into()
+}
+
+fn yes() -> bool {
+    true
+}
+
+/// One machine of the cluster, recognised by its hardware.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct Node {
+    pub name: Spanned<Hostname>,
+    #[serde(default)]
+    pub hostid: HostId,
+    #[serde(default, rename = "match")]
+    pub matches: NodeMatch,
+}
+
+/// Facts that recognise a machine; every given fact must match.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct NodeMatch {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dmi_serial: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub product_uuid: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mac: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disk_serial: Option<String>,
+}
+
+impl NodeMatch {
+    pub fn is_empty(&self) -> bool {
+        *self == Self::default()
+    }
+}
+
+/// What a machine that matches no node becomes.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct DefaultNode {
+    /// Install a generic node (true) or refuse (false).
+    #[serde(default = "yes")]
+    pub install: bool,
+    /// Host name; `{serial}` is replaced by the DMI serial.
+    #[serde(default = "default_hostname_template")]
+    pub hostname: String,
+    #[serde(default)]
+    pub hostid: HostId,
+}
+
+impl Default for DefaultNode {
+    fn default() -> Self {
+        Self {
+            install: true,
+            hostname: default_hostname_template(),
+            hostid: HostId::Derive,
+        }
+    }
+}
+
+fn default_hostname_template() -> String {
+    "install".into()
+}
+
+/// What the installer does when it is done, and when it fails.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct Finish {
+    #[serde(default)]
+    pub on_success: OnSuccess,
+    #[serde(default)]
+    pub on_failure: OnFailure,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum OnSuccess {
+    #[default]
+    Poweroff,
+    Reboot,
+    Halt,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum OnFailure {
+    /// Keep the message on screen and wait for a person.
+    #[default]
+    Halt,
+    Poweroff,
+}
+
+/// A byte count written as `512MiB`, `1GiB`, `1TB` or a plain number of bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Deserialize, Serialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct Size(pub u64);
+
+impl TryFrom<String> for Size {
+    type Error = String;
+    fn try_from(s: String) -> Result<Self, String> {
+        s.parse()
+    }
+}
+
+impl From<Size> for String {
+    fn from(s: Size) -> String {
+        s.to_string()
+    }
+}
+
+impl std::str::FromStr for Size {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let t = s.trim();
+        let split = t
+            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+            .unwrap_or(t.len());
+        let (num, unit) = t.split_at(split);
+        let mult: u64 = match unit.trim() {
+            "" | "B" => 1,
+            "K" | "KiB" => 1 << 10,
+            "M" | "MiB" => 1 << 20,
+            "G" | "GiB" => 1 << 30,
+            "T" | "TiB" => 1 << 40,
+            "KB" | "kB" => 1_000,
+            "MB" => 1_000_000,
+            "GB" => 1_000_000_000,
+            "TB" => 1_000_000_000_000,
+            u => return Err(format!("unknown size unit `{u}` in `{s}` (use B, KiB, MiB, GiB, TiB, KB, MB, GB or TB)")),
+        };
+        let bytes = if let Some((int, frac)) = num.split_once('.') {
+            let int: u64 = int.parse().map_err(|_| format!("invalid size `{s}`"))?;
+            let scale = 10u64.pow(u32::try_from(frac.len()).map_err(|_| format!("invalid size `{s}`"))?);
+            let frac: u64 = frac.parse().map_err(|_| format!("invalid size `{s}`"))?;
+            int.checked_mul(mult)
+                .and_then(|v| v.checked_add(frac.checked_mul(mult)? / scale))
+        } else {
+            num.parse::<u64>()
+                .map_err(|_| format!("invalid size `{s}`"))?
+                .checked_mul(mult)
+        };
+        bytes
+            .map(Size)
+            .ok_or_else(|| format!("size `{s}` is too large"))
+    }
+}
+
+impl fmt::Display for Size {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        const UNITS: [(&str, u64); 8] = [
+            ("TiB", 1 << 40),
+            ("TB", 1_000_000_000_000),
+            ("GiB", 1 << 30),
+            ("GB", 1_000_000_000),
+            ("MiB", 1 << 20),
+            ("MB", 1_000_000),
+            ("KiB", 1 << 10),
+            ("KB", 1_000),
+        ];
+        for (unit, m) in UNITS {
+            if self.0 >= m && self.0 % m == 0 {
+                return write!(f, "{}{unit}", self.0 / m);
+            }
+        }
+        write!(f, "{}B", self.0)
+    }
+}
+
+/// A ZFS host ID: 8 hex digits, derived from the machine, or random.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(try_from = "String", into = "String")]
+pub enum HostId {
+    Fixed(u32),
+    /// A stable hash of the machine's identity (reinstalls keep it).
+    #[default]
+    Derive,
+    Random,
+}
+
+impl TryFrom<String> for HostId {
+    type Error = String;
+    fn try_from(s: String) -> Result<Self, String> {
+        match s.as_str() {
+            "derive" => Ok(Self::Derive),
+            "random" => Ok(Self::Random),
+            hex if hex.len() == 8 && hex.bytes().all(|b| b.is_ascii_hexdigit()) => {
+                let v = u32::from_str_radix(hex, 16).map_err(|e| e.to_string())?;
+                if v == 0 {
+                    Err("host ID 00000000 is not valid: ZFS treats it as \"no host ID\"".into())
+                } else {
+                    Ok(Self::Fixed(v))
+                }
+            }
+            _ => Err(format!(
+                "invalid host ID `{s}`: expected 8 hex digits (e.g. 472479d4), \"derive\" or \"random\""
+            )),
+        }
+    }
+}
+
+impl From<HostId> for String {
+    fn from(h: HostId) -> String {
+        match h {
+            HostId::Fixed(v) => format!("{v:08x}"),
+            HostId::Derive => "derive".into(),
+            HostId::Random => "random".into(),
+        }
+    }
+}
+
+macro_rules! checked_string {
+    ($(#[$m:meta])* $name:ident, $check:expr) => {
+        $(#[$m])*
+        #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Deserialize, Serialize)]
+        #[serde(try_from = "String", into = "String")]
+        pub struct $name(pub String);
+
+        impl TryFrom<String> for $name {
+            type Error = String;
+            fn try_from(s: String) -> Result<Self, String> {
+                let check: fn(&str) -> Result<(), String> = $check;
+                check(&s).map(|()| Self(s))
+            }
+        }
+
+        impl From<$name> for String {
+            fn from(v: $name) -> String {
+                v.0
+            }
+        }
+
+        impl fmt::Display for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(&self.0)
+            }
+        }
+    };
+}
+
+checked_string!(
+    /// A profile name: lowercase letters, digits and `-`, used in file names.
+    Name,
+    |s| {
+        if !s.is_empty()
+            && s.len() <= 32
+            && s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        {
+            Ok(())
+        } else {
+            Err(format!("invalid name `{s}`: use 1-32 lowercase letters, digits or `-`"))
+        }
+    }
+);
+
+checked_string!(
+    /// A host name (RFC 1123 label).
+    Hostname,
+    |s| {
+        let ok = !s.is_empty()
+            && s.len() <= 63
+            && !s.starts_with('-')
+            && !s.ends_with('-')
+            && s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
+        if ok {
+            Ok(())
+        } else {
+            Err(format!("invalid host name `{s}`: use 1-63 lowercase letters, digits or `-`, not at either end"))
+        }
+    }
+);
+
+checked_string!(
+    /// A ZFS pool or dataset name below the pool (`local/nix`).
+    DatasetName,
+    |s| {
+        let comp_ok = |c: &str| {
+            !c.is_empty()
+                && c.bytes().all(|b| b.is_ascii_alphanumeric() || b"_-.:".contains(&b))
+                && c != "."
+                && c != ".."
+        };
+        if s.len() <= 200 && s.split('/').all(comp_ok) {
+            Ok(())
+        } else {
+            Err(format!(
+                "invalid dataset name `{s}`: components of letters, digits, `_-.:` separated by `/`"
+            ))
+        }
+    }
+);
+
+checked_string!(
+    /// An absolute mount point, `legacy` or `none`.
+    Mountpoint,
+    |s| {
+        if s == "legacy" || s == "none" || (s.starts_with('/') && !s.contains("//") && !s.split('/').any(|c| c == "..")) {
+            Ok(())
+        } else {
+            Err(format!("invalid mountpoint `{s}`: use an absolute path, \"legacy\" or \"none\""))
+        }
+    }
+);
+
+/// A profile error with its place in the file.
+#[derive(Debug)]
+pub struct ProfileError {
+    pub file: String,
+    pub line: usize,
+    pub column: usize,
+    pub key: String,
+    pub message: String,
+}
+
+impl fmt::Display for ProfileError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{}:{}: ", self.file, self.line, self.column)?;
+        if !self.key.is_empty() {
+            write!(f, "`{}`: ", self.key)?;
+        }
+        f.write_str(&self.message)
+    }
+}
+
+impl std::error::Error for ProfileError {}
+
+fn line_col(src: &str, offset: usize) -> (usize, usize) {
+    let offset = offset.min(src.len());
+    let before = &src[..offset];
+    let line = before.matches('\n').count() + 1;
+    let col = before.rfind('\n').map_or(offset, |nl| offset - nl - 1) + 1;
+    (line, col)
+}
+
+impl Profile {
+    /// Reads and validates a profile file.
+    pub fn load(path: &Path) -> Result<Self> {
+        let src = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read profile {}", path.display()))?;
+        Ok(Self::parse(&src, &path.display().to_string())?)
+    }
+
+    /// Parses and validates profile text; `file` is used in error messages.
+    pub fn parse(src: &str, file: &str) -> Result<Self, ProfileError> {
+        let error = |span: Option<Range<usize>>, key: String, message: String| {
+            let (line, column) = span.map_or((1, 1), |s| line_col(src, s.start));
+            ProfileError {
+                file: file.to_string(),
+                line,
+                column,
+                key,
+                message,
+            }
+        };
+        let de = toml::Deserializer::new(src);
+        let profile: Profile = serde_path_to_error::deserialize(de).map_err(|e| {
+            let key = e.path().to_string();
+            let inner = e.into_inner();
+            // `Spanned` values add a private path component.
+            let key = key.replace(".$__serde_spanned_private_value", "");
+            let key = if key == "." { String::new() } else { key };
+            error(inner.span(), key, inner.message().trim().to_string())
+        })?;
+        profile
+            .validate()
+            .map_err(|(span, key, msg)| error(span, key, msg))?;
+        Ok(profile)
+    }
+
+    /// Checks that span several keys. Returns the span, key and message of the
+    /// first problem.
+    fn validate(&self) -> Result<(), (Option<Range<usize>>, String, String)> {
+        // Datasets: parents defined first, names unique, mountpoints unique.
+        let mut names = BTreeSet::new();
+        let mut mountpoints = BTreeMap::new();
+        for (i, ds) in self.pool.datasets.iter().enumerate() {
+            let key = format!("pool.datasets[{i}]");
+            let name = &ds.name.get_ref().0;
+            if let Some((parent, _)) = name.rsplit_once('/') {
+                if !names.contains(parent) {
+                    return Err((
+                        Some(ds.name.span()),
+                        format!("{key}.name"),
+                        format!("parent dataset `{parent}` of `{name}` is not defined before it"),
+                    ));
+                }
+            }
+            if !names.insert(name.clone()) {
+                return Err((Some(ds.name.span()), format!("{key}.name"), format!("dataset `{name}` is defined twice")));
+            }
+            if let Some(mp) = &ds.mountpoint {
+                let path = &mp.get_ref().0;
+                if path.starts_with('/') {
+                    if let Some(other) = mountpoints.insert(path.clone(), name.clone()) {
+                        return Err((
+                            Some(mp.span()),
+                            format!("{key}.mountpoint"),
+                            format!("mountpoint `{path}` is already used by dataset `{other}`"),
+                        ));
+                    }
+                }
+            }
+        }
+        // Disk selection: at least one rule; a device name only with a size range.
+        let sel = &self.disk.select;
+        if sel.serial.is_none()
+            && sel.wwn.is_none()
+            && sel.model.is_none()
+            && sel.min_size.is_none()
+            && sel.max_size.is_none()
+            && sel.bus.is_none()
+            && sel.device.is_none()
+        {
+            return Err((None, "disk.select".into(), "give at least one rule (serial, wwn, model, min-size/max-size, bus)".into()));
+        }
+        if sel.device.is_some() && (sel.min_size.is_none() || sel.max_size.is_none()) {
+            return Err((
+                None,
+                "disk.select.device".into(),
+                "a device name is not a safe selector on its own: add min-size and max-size".into(),
+            ));
+        }
+        if let (Some(lo), Some(hi)) = (sel.min_size, sel.max_size) {
+            if lo > hi {
+                return Err((None, "disk.select".into(), format!("min-size {lo} is larger than max-size {hi}")));
+            }
+        }
+        if self.payload.closure.is_some() && self.payload.synthetic.is_some() {
+            return Err((None, "payload".into(), "give either `closure` or `synthetic`, not both".into()));
+        }
+        // Nodes: unique names, host IDs and match rules.
+        let mut seen_names = BTreeSet::new();
+        let mut seen_ids = BTreeMap::new();
+        for (i, node) in self.nodes.iter().enumerate() {
+            let name = &node.name.get_ref().0;
+            let key = format!("nodes[{i}]");
+            if !seen_names.insert(name.clone()) {
+                return Err((Some(node.name.span()), format!("{key}.name"), format!("node `{name}` is defined twice")));
+            }
+            if let HostId::Fixed(id) = node.hostid {
+                if let Some(other) = seen_ids.insert(id, name.clone()) {
+                    return Err((
+                        Some(node.name.span()),
+                        format!("{key}.hostid"),
+                        format!("host ID {id:08x} is also given to node `{other}`"),
+                    ));
+                }
+            }
+            if !node.matches.is_empty() {
+                if let Some(other) = self.nodes[..i].iter().find(|n| n.matches == node.matches) {
+                    return Err((
+                        Some(node.name.span()),
+                        format!("{key}.match"),
+                        format!("node `{name}` has the same match rules as node `{}`", other.name.get_ref()),
+                    ));
+                }
+            }
+        }
+        if !self.ssh.allow_http && self.ssh.key_url.starts_with("http://") {
+            return Err((
+                None,
+                "ssh.key-url".into(),
+                "keys over plain http are refused: use https, or set `allow-http = true`".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// The profile as resolved TOML: every default filled in.
+    pub fn to_toml(&self) -> String {
+        toml::to_string_pretty(self).unwrap_or_else(|e| format!("# cannot print profile: {e}\n"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MINIMAL: &str = r#"
+name = "t"
+[disk]
+select = { serial = "S1" }
+[pool]
+"#;
+
+    fn err(src: &str) -> ProfileError {
+        Profile::parse(src, "t.toml").expect_err("profile should be refused")
+    }
+
+    #[test]
+    fn minimal_profile_gets_defaults() {
+        let p = Profile::parse(MINIMAL, "t.toml").expect("valid");
+        assert_eq!(p.pool.name.0, "rpool");
+        assert_eq!(p.disk.esp_size, Size(1 << 30));
+        assert_eq!(p.disk.wipe, Wipe::IfEmpty);
+        assert_eq!(p.finish.on_success, OnSuccess::Poweroff);
+        assert_eq!(p.finish.on_failure, OnFailure::Halt);
+        assert!(p.ssh.required);
+        // The resolved form parses back to the same thing.
+        let again = Profile::parse(&p.to_toml(), "resolved").expect("resolved profile parses");
+        assert_eq!(again.to_toml(), p.to_toml());
+    }
+
+    #[test]
+    fn unknown_key_names_line_column_and_key() {
+        let e = err("name = \"t\"\n[disk]\nselect = { serial = \"S1\" }\nwipes = \"always\"\n[pool]\n");
+        assert_eq!((e.line, e.column), (4, 1), "{e}");
+        assert!(e.message.contains("unknown field `wipes`"), "{e}");
+        assert!(e.to_string().starts_with("t.toml:4:1: "), "{e}");
+    }
+
+    #[test]
+    fn bad_value_names_key() {
+        let src = MINIMAL.replace("[pool]", "[pool]\n[[nodes]]\nname = \"logos\"\nhostid = \"xyz\"\n");
+        let e = err(&src);
+        assert_eq!(e.key, "nodes[0].hostid", "{e}");
+        assert_eq!(e.line, 8, "{e}");
+        assert!(e.message.contains("8 hex digits"), "{e}");
+    }
+
+    #[test]
+    fn bad_size_and_enum() {
+        let e = err(&MINIMAL.replace("select =", "esp-size = \"1 parsec\"\nselect ="));
+        assert_eq!(e.key, "disk.esp-size", "{e}");
+        assert!(e.message.contains("unit"), "{e}");
+        let e = err(&MINIMAL.replace("select =", "wipe = \"sometimes\"\nselect ="));
+        assert_eq!(e.key, "disk.wipe", "{e}");
+    }
+
+    #[test]
+    fn missing_parent_dataset() {
+        let src = format!("{MINIMAL}[[pool.datasets]]\nname = \"local/nix\"\n");
+        let e = err(&src);
+        assert_eq!(e.key, "pool.datasets[0].name");
+        assert_eq!(e.line, 7, "{e}");
+        assert!(e.message.contains("parent dataset `local`"), "{e}");
+    }
+
+    #[test]
+    fn duplicate_mountpoint_and_relative_mountpoint() {
+        let src = format!(
+            "{MINIMAL}[[pool.datasets]]\nname = \"a\"\nmountpoint = \"/x\"\n[[pool.datasets]]\nname = \"b\"\nmountpoint = \"/x\"\n"
+        );
+        assert!(err(&src).message.contains("already used"));
+        let src = format!("{MINIMAL}[[pool.datasets]]\nname = \"a\"\nmountpoint = \"x\"\n");
+        assert_eq!(err(&src).key, "pool.datasets[0].mountpoint");
+    }
+
+    #[test]
+    fn device_name_needs_size_range() {
+        let e = err(&MINIMAL.replace("serial = \"S1\"", "device = \"nvme0n1\""));
+        assert!(e.message.contains("not a safe selector"), "{e}");
+    }
+
+    #[test]
+    fn duplicate_host_ids_refused() {
+        let src = format!(
+            "{MINIMAL}[[nodes]]\nname = \"a\"\nhostid = \"472479d4\"\n[[nodes]]\nname = \"b\"\nhostid = \"472479D4\"\n"
+        );
+        assert!(err(&src).message.contains("also given"));
+    }
+
+    #[test]
+    fn sizes() {
+        assert_eq!("1GiB".parse::<Size>(), Ok(Size(1 << 30)));
+        assert_eq!("1TB".parse::<Size>(), Ok(Size(1_000_000_000_000)));
+        assert_eq!("1.5GiB".parse::<Size>(), Ok(Size(3 << 29)));
+        assert_eq!("4096".parse::<Size>(), Ok(Size(4096)));
+        assert!("-1G".parse::<Size>().is_err());
+        assert!("99999999999TiB".parse::<Size>().is_err());
+        assert_eq!(Size(1 << 30).to_string(), "1GiB");
+        assert_eq!(Size(900_000_000_000).to_string(), "900GB");
+    }
+
+    #[test]
+    fn toml_syntax_error_has_position() {
+        let e = err("name = \"t\"\n[disk\n");
+        assert_eq!(e.line, 2, "{e}");
+    }
+}
