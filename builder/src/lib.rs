@@ -1,6 +1,15 @@
-//! The nodeflash image builder.
+//! The nodeflash image builder: fetches and caches the inputs, writes the
+//! initramfs, the EFI system partition image and the hybrid ISO.
 
+pub mod build;
+pub mod cli;
+pub mod cache;
+pub mod debian;
 pub mod efi;
 pub mod elf;
 pub mod initramfs;
+pub mod inputs;
+pub mod iso;
 pub mod kmod;
+pub mod steps;
+pub mod tools;

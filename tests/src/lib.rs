@@ -1,1 +1,264 @@
+//! The QEMU harness of the end-to-end tests.
+//!
+//! A [`Vm`] boots an image under OVMF with the serial console captured to a
+//! file. It is always killed when dropped, and every failure carries the tail
+//! of its console. KVM is used only when a short probe shows that it works
+//! (on some hosts a KVM guest hangs); otherwise TCG.
 
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+
+pub const OVMF_CODE: &str = "/usr/share/OVMF/OVMF_CODE_4M.fd";
+pub const OVMF_VARS: &str = "/usr/share/OVMF/OVMF_VARS_4M.fd";
+
+/// Where `cargo xtask test` put the built images.
+pub fn images_dir() -> PathBuf {
+    match std::env::var_os("NODEFLASH_TEST_IMAGES") {
+        Some(d) => PathBuf::from(d),
+        None => panic!("NODEFLASH_TEST_IMAGES is not set: run the tests with `cargo xtask test`, which builds the images first"),
+    }
+}
+
+/// How the ISO is attached.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Boot {
+    /// A USB stick on an xHCI controller (what `dd` onto a stick gives).
+    UsbStick,
+    /// A CD-ROM drive.
+    Cdrom,
+}
+
+/// An NVMe disk backed by a raw image file.
+#[derive(Debug, Clone)]
+pub struct Nvme {
+    pub image: PathBuf,
+    pub serial: String,
+    pub logical_block_size: u32,
+}
+
+impl Nvme {
+    /// Creates an empty (sparse) disk image of `size` bytes.
+    pub fn create(dir: &Path, name: &str, size: u64, serial: &str) -> Result<Self> {
+        let image = dir.join(name);
+        let f = std::fs::File::create(&image).with_context(|| format!("cannot create {}", image.display()))?;
+        f.set_len(size).with_context(|| format!("cannot size {}", image.display()))?;
+        Ok(Self {
+            image,
+            serial: serial.to_string(),
+            logical_block_size: 512,
+        })
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct VmConfig {
+    pub iso: PathBuf,
+    pub boot: Boot,
+    pub nvme: Vec<Nvme>,
+    pub memory_mib: u32,
+    pub timeout: Duration,
+}
+
+impl VmConfig {
+    pub fn new(iso: PathBuf, boot: Boot) -> Self {
+        Self {
+            iso,
+            boot,
+            nvme: Vec::new(),
+            memory_mib: 2048,
+            timeout: Duration::from_secs(300),
+        }
+    }
+}
+
+/// A running VM. Dropping it kills QEMU.
+pub struct Vm {
+    child: Child,
+    console: PathBuf,
+    timeout: Duration,
+    started: Instant,
+    _dir: tempfile::TempDir,
+}
+
+/// Whether KVM works here: a tiny boot sector that prints a marker on the
+/// serial port must do so within a few seconds under `-accel kvm`.
+pub fn kvm_works() -> bool {
+    static KVM: OnceLock<bool> = OnceLock::new();
+    *KVM.get_or_init(|| match std::env::var("NODEFLASH_ACCEL").as_deref() {
+        Ok("tcg") => false,
+        Ok("kvm") => true,
+        _ => probe_kvm().unwrap_or(false),
+    })
+}
+
+fn probe_kvm() -> Result<bool> {
+    if std::fs::OpenOptions::new().read(true).write(true).open("/dev/kvm").is_err() {
+        return Ok(false);
+    }
+    let dir = tempfile::tempdir()?;
+    // xor ax,ax; mov ds,ax; mov dx,0x3f8; mov si,msg; next: lodsb; test al,al;
+    // jz done; out dx,al; jmp next; done: hlt; jmp done; msg: "NFKVMOK"
+    let mut sector = vec![
+        0x31, 0xC0, 0x8E, 0xD8, 0xBA, 0xF8, 0x03, 0xBE, 0x15, 0x7C, 0xAC, 0x84, 0xC0, 0x74, 0x03, 0xEE, 0xEB,
+        0xF8, 0xF4, 0xEB, 0xFD,
+    ];
+    sector.extend_from_slice(b"NFKVMOK\0");
+    sector.resize(510, 0);
+    sector.extend_from_slice(&[0x55, 0xAA]);
+    let img = dir.path().join("probe.img");
+    std::fs::write(&img, &sector)?;
+    let serial = dir.path().join("serial.log");
+    let mut child = Command::new("qemu-system-x86_64")
+        .args(["-accel", "kvm", "-machine", "pc", "-nodefaults", "-display", "none", "-m", "64"])
+        .arg("-serial")
+        .arg(format!("file:{}", serial.display()))
+        .arg("-drive")
+        .arg(format!("file={},format=raw,if=ide", img.display()))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()?;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let mut ok = false;
+    while Instant::now() < deadline {
+        if std::fs::read_to_string(&serial).is_ok_and(|s| s.contains("NFKVMOK")) {
+            ok = true;
+            break;
+        }
+        if child.try_wait()?.is_some() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    eprintln!("harness: KVM probe {}", if ok { "passed: using KVM" } else { "failed: using TCG" });
+    Ok(ok)
+}
+
+impl Vm {
+    pub fn start(cfg: &VmConfig) -> Result<Vm> {
+        let dir = tempfile::tempdir().context("cannot create the VM directory")?;
+        let vars = dir.path().join("OVMF_VARS.fd");
+        std::fs::copy(OVMF_VARS, &vars).with_context(|| format!("cannot copy {OVMF_VARS} (package ovmf)"))?;
+        let console = dir.path().join("console.log");
+        let mut c = Command::new("qemu-system-x86_64");
+        if kvm_works() {
+            c.args(["-accel", "kvm", "-cpu", "host"]);
+        } else {
+            c.args(["-accel", "tcg", "-cpu", "max"]);
+        }
+        c.args(["-machine", "q35", "-smp", "1", "-m", &cfg.memory_mib.to_string()])
+            .args(["-nodefaults", "-display", "none", "-no-reboot", "-vga", "none"])
+            .arg("-drive")
+            .arg(format!("if=pflash,format=raw,unit=0,readonly=on,file={OVMF_CODE}"))
+            .arg("-drive")
+            .arg(format!("if=pflash,format=raw,unit=1,file={}", vars.display()))
+            .arg("-serial")
+            .arg(format!("file:{}", console.display()))
+            .args(["-nic", "user,model=virtio-net-pci"]);
+        match cfg.boot {
+            Boot::UsbStick => {
+                c.args(["-device", "qemu-xhci,id=xhci"])
+                    .arg("-drive")
+                    .arg(format!("if=none,id=stick,format=raw,readonly=on,file={}", cfg.iso.display()))
+                    .args(["-device", "usb-storage,bus=xhci.0,drive=stick,removable=on,bootindex=1"]);
+            }
+            Boot::Cdrom => {
+                c.arg("-drive")
+                    .arg(format!("if=none,id=cd,media=cdrom,readonly=on,file={}", cfg.iso.display()))
+                    .args(["-device", "ide-cd,drive=cd,bootindex=1"]);
+            }
+        }
+        for (i, d) in cfg.nvme.iter().enumerate() {
+            c.arg("-drive")
+                .arg(format!("if=none,id=nvme{i},format=raw,file={}", d.image.display()))
+                .arg("-device")
+                .arg(format!(
+                    "nvme,drive=nvme{i},serial={},logical_block_size={lbs},physical_block_size={lbs}",
+                    d.serial,
+                    lbs = d.logical_block_size
+                ));
+        }
+        let child = c
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .context("cannot start qemu-system-x86_64 (package qemu-system-x86)")?;
+        Ok(Vm {
+            child,
+            console,
+            timeout: cfg.timeout,
+            started: Instant::now(),
+            _dir: dir,
+        })
+    }
+
+    /// Everything the guest printed so far.
+    pub fn console(&self) -> String {
+        std::fs::read(&self.console)
+            .map(|b| String::from_utf8_lossy(&b).replace('\r', ""))
+            .unwrap_or_default()
+    }
+
+    /// The last lines of the console, for failure messages.
+    pub fn console_tail(&self, lines: usize) -> String {
+        let text = self.console();
+        let all: Vec<&str> = text.lines().collect();
+        all[all.len().saturating_sub(lines)..].join("\n")
+    }
+
+    /// Waits until QEMU exits on its own (the guest powered off) or the
+    /// timeout passes; returns the console.
+    pub fn wait_for_poweroff(&mut self) -> Result<String> {
+        loop {
+            if let Some(status) = self.child.try_wait()? {
+                return self.finished(status);
+            }
+            if self.started.elapsed() > self.timeout {
+                let _ = self.child.kill();
+                bail!(
+                    "the VM did not power off within {}s; console tail:\n{}",
+                    self.timeout.as_secs(),
+                    self.console_tail(60)
+                );
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    fn finished(&mut self, status: ExitStatus) -> Result<String> {
+        if !status.success() {
+            let mut stderr = String::new();
+            if let Some(mut e) = self.child.stderr.take() {
+                use std::io::Read;
+                let _ = e.read_to_string(&mut stderr);
+            }
+            bail!("qemu exited with {status}: {stderr}\nconsole tail:\n{}", self.console_tail(60));
+        }
+        eprintln!("harness: VM powered off after {:.1}s", self.started.elapsed().as_secs_f64());
+        Ok(self.console())
+    }
+}
+
+impl Drop for Vm {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Asserts that the console holds `needle`, showing its tail otherwise.
+#[track_caller]
+pub fn assert_console(console: &str, needle: &str) {
+    if !console.contains(needle) {
+        let all: Vec<&str> = console.lines().collect();
+        let tail = all[all.len().saturating_sub(60)..].join("\n");
+        panic!("the console does not show {needle:?}; its tail:\n{tail}");
+    }
+}

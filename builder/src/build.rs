@@ -1,0 +1,243 @@
+//! `nodeflash build`: a profile in, a bootable hybrid ISO out.
+//!
+//! inputs (cached) → module order → initramfs → EFI image → ISO. Every
+//! artefact is cached under the image ID, the hash of everything the image
+//! boots, so a build with nothing changed only checks hashes.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use nodeflash_installer::image::{volume_set_id, ImageInfo, IMAGE_INFO_PATH, PROFILE_PATH};
+use nodeflash_installer::profile::Profile;
+use serde::{Deserialize, Serialize};
+
+use crate::cache::{key_of, sha256_file, Cache};
+use crate::debian::Debian;
+use crate::efi::{write_fat_image, FatFile};
+use crate::initramfs::{Initramfs, Source};
+use crate::inputs::{BuildInputs, Provider};
+use crate::kmod::ModuleIndex;
+use crate::{elf, iso, steps, tools};
+
+/// Modules every image loads (their dependencies are resolved from
+/// `.modinfo`): boot media, disks, common NICs and ZFS.
+pub const DEFAULT_MODULES: &[&str] = &[
+    // USB sticks and CDs
+    "xhci_pci", "ehci_pci", "usb_storage", "uas", "sd_mod", "sr_mod",
+    // target disks
+    "nvme", "ahci", "virtio_pci", "virtio_blk", "virtio_scsi",
+    // network
+    "virtio_net", "e1000", "e1000e", "igb", "igc", "r8169",
+    // storage
+    "zfs",
+];
+
+#[derive(Debug)]
+pub struct BuildOptions {
+    pub profile: PathBuf,
+    /// The installer binary that becomes `/init`.
+    pub installer: PathBuf,
+    pub out_dir: PathBuf,
+    pub cache: Cache,
+    /// Take the initramfs, EFI image and ISO from the cache when their
+    /// inputs are unchanged (false rebuilds them from the cached inputs).
+    pub reuse_artifacts: bool,
+}
+
+/// What a build made; also written next to the ISO as `<profile>.json`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct BuildSummary {
+    pub profile: String,
+    pub iso: PathBuf,
+    pub iso_bytes: u64,
+    pub iso_sha256: String,
+    pub image_id: String,
+    pub kernel_release: String,
+    pub initrd_bytes: u64,
+    pub modules: usize,
+    pub nodes: Vec<String>,
+}
+
+/// Resolves `NAME` to `profiles/NAME.toml`, or takes a path as it is.
+pub fn profile_path(name_or_path: &str, profiles_dir: &Path) -> PathBuf {
+    if name_or_path.ends_with(".toml") || name_or_path.contains('/') {
+        PathBuf::from(name_or_path)
+    } else {
+        profiles_dir.join(format!("{name_or_path}.toml"))
+    }
+}
+
+/// The provider a profile asks for.
+pub fn provider(profile: &Profile, profile_path: &Path) -> Box<dyn Provider> {
+    let dir = profile_path.parent().unwrap_or(Path::new("."));
+    match profile.inputs.provider {
+        nodeflash_installer::profile::Provider::Debian => Box::new(Debian {
+            lock_path: dir.join(&profile.inputs.lock),
+        }),
+    }
+}
+
+pub fn build(opts: &BuildOptions) -> Result<BuildSummary> {
+    tools::require(tools::BUILD_TOOLS)?;
+    let profile = Profile::load(&opts.profile)?;
+    let name = profile.name.to_string();
+    let inputs = provider(&profile, &opts.profile).provide(&opts.cache)?;
+
+    let modules = steps::step("Resolving kernel modules", || module_order(&opts.cache, &inputs, &profile))?;
+    let (initramfs, info) = steps::step("Assembling initramfs", || {
+        assemble(&opts.installer, &inputs, &profile, &modules)
+    })?;
+    let artefact = |kind: &str, ext: &str, build: &dyn Fn(&Path) -> Result<()>| -> Result<PathBuf> {
+        let key = format!("{}.{ext}", info.image_id);
+        if opts.reuse_artifacts {
+            opts.cache.file(kind, &key, build)
+        } else {
+            let dir = opts.cache.root().join("rebuilt");
+            std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+            let path = dir.join(&key);
+            build(&path)?;
+            Ok(path)
+        }
+    };
+    let initrd = steps::step("Writing initramfs", || {
+        artefact("initrd", "cpio.zst", &|p| initramfs.write_zstd(p, 19).map(drop))
+    })?;
+    let efi = steps::step("Writing EFI image", || {
+        artefact("efi", "img", &|p| write_efi(p, &inputs, &initrd, &profile, &info))
+    })?;
+    std::fs::create_dir_all(&opts.out_dir).with_context(|| format!("cannot create {}", opts.out_dir.display()))?;
+    let iso_path = opts.out_dir.join(format!("{name}.iso"));
+    let cached_iso = steps::step("Writing ISO", || {
+        artefact("iso", "iso", &|p| {
+            let root = tempfile::tempdir().context("cannot create the ISO root directory")?;
+            let dir = root.path().join("nodeflash");
+            std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+            std::fs::write(dir.join("image.json"), image_json(&info)?).context("cannot write image.json")?;
+            std::fs::write(dir.join("profile.toml"), profile.to_toml()).context("cannot write profile.toml")?;
+            let label = format!("NODEFLASH_{}", name.to_uppercase().replace('-', "_"));
+            iso::write_iso(p, root.path(), &efi, &label[..label.len().min(32)], &info.volume_set_id())
+        })
+    })?;
+    let tmp = opts.out_dir.join(format!(".{name}.iso.tmp"));
+    std::fs::copy(&cached_iso, &tmp).with_context(|| format!("cannot write {}", tmp.display()))?;
+    std::fs::rename(&tmp, &iso_path).with_context(|| format!("cannot write {}", iso_path.display()))?;
+    let sha = sha256_file(&iso_path)?;
+    std::fs::write(
+        opts.out_dir.join(format!("{name}.iso.sha256")),
+        format!("{sha}  {name}.iso\n"),
+    )
+    .context("cannot write the ISO's sha256 file")?;
+    let summary = BuildSummary {
+        profile: name.clone(),
+        iso_bytes: std::fs::metadata(&iso_path).map(|m| m.len()).unwrap_or(0),
+        iso: iso_path,
+        iso_sha256: sha,
+        image_id: info.image_id.clone(),
+        kernel_release: info.kernel_release.clone(),
+        initrd_bytes: std::fs::metadata(&initrd).map(|m| m.len()).unwrap_or(0),
+        modules: info.modules.len(),
+        nodes: profile.nodes.iter().map(|n| n.name.get_ref().to_string()).collect(),
+    };
+    let json = serde_json::to_string_pretty(&summary).context("cannot serialize the build summary")?;
+    std::fs::write(opts.out_dir.join(format!("{name}.json")), json + "\n").context("cannot write the build summary")?;
+    Ok(summary)
+}
+
+fn image_json(info: &ImageInfo) -> Result<String> {
+    Ok(serde_json::to_string_pretty(info).context("cannot serialize image info")? + "\n")
+}
+
+/// The modules to load, in order, cached by the inputs and the wanted list.
+fn module_order(cache: &Cache, inputs: &BuildInputs, profile: &Profile) -> Result<Vec<String>> {
+    let wanted: Vec<String> = DEFAULT_MODULES
+        .iter()
+        .map(|m| m.to_string())
+        .chain(profile.image.modules.iter().cloned())
+        .collect();
+    let key = key_of([inputs.id.as_str()].into_iter().chain(wanted.iter().map(String::as_str)));
+    let path = cache.file("module-order", &key, |p| {
+        let mut index = ModuleIndex::scan(&inputs.modules_root)?;
+        for (dir, prefix) in &inputs.extra_modules {
+            index.add_tree(dir, prefix)?;
+        }
+        let order = index.resolve(&wanted)?;
+        let lines: Vec<String> = order.iter().map(|p| p.display().to_string()).collect();
+        std::fs::write(p, lines.join("\n") + "\n").with_context(|| format!("cannot write {}", p.display()))
+    })?;
+    let text = std::fs::read_to_string(&path).with_context(|| format!("cannot read {}", path.display()))?;
+    Ok(text.lines().filter(|l| !l.is_empty()).map(str::to_string).collect())
+}
+
+/// The initramfs contents and the image info that describes them.
+fn assemble(installer: &Path, inputs: &BuildInputs, profile: &Profile, modules: &[String]) -> Result<(Initramfs, ImageInfo)> {
+    if !installer.is_file() {
+        bail!("installer binary {} does not exist (build it with `cargo xtask build-iso`)", installer.display());
+    }
+    let mut fs = Initramfs::new();
+    for dir in ["/proc", "/sys", "/dev", "/run", "/tmp", "/mnt", "/etc/nodeflash"] {
+        fs.add_dir(dir, 0o755);
+    }
+    fs.add_file("/init", 0o755, Source::Path(installer.to_path_buf()));
+    let mut binaries = vec![installer.to_path_buf()];
+    for prog in &inputs.programs {
+        let real = elf::resolve_in(&inputs.sysroot, prog)?;
+        fs.add_file(&prog.display().to_string(), 0o755, Source::Path(real.clone()));
+        binaries.push(real);
+    }
+    for lib in elf::closure(&inputs.sysroot, &binaries)? {
+        fs.add_file(&lib.image_path.display().to_string(), 0o755, Source::Path(lib.source));
+    }
+    let release = &inputs.kernel_release;
+    for rel in modules {
+        let source = inputs
+            .extra_modules
+            .iter()
+            .find_map(|(dir, prefix)| Path::new(rel).strip_prefix(prefix).ok().map(|r| dir.join(r)))
+            .unwrap_or_else(|| inputs.modules_root.join(rel));
+        fs.add_file(&format!("/lib/modules/{release}/{rel}"), 0o644, Source::Path(source));
+    }
+    fs.add_file(PROFILE_PATH, 0o644, Source::Bytes(profile.to_toml().into_bytes()));
+    let content = fs.content_hash(&[IMAGE_INFO_PATH])?;
+    let image_id = key_of([
+        content.as_str(),
+        &sha256_file(&inputs.kernel)?,
+        &sha256_file(&inputs.systemd_boot)?,
+        &profile.image.cmdline,
+        env!("CARGO_PKG_VERSION"),
+    ]);
+    let info = ImageInfo {
+        version: env!("CARGO_PKG_VERSION").to_string(),
+        profile: profile.name.to_string(),
+        image_id,
+        kernel_release: release.clone(),
+        modules: modules.to_vec(),
+    };
+    fs.add_file(IMAGE_INFO_PATH, 0o644, Source::Bytes(image_json(&info)?.into_bytes()));
+    debug_assert_eq!(volume_set_id(&info.image_id), info.volume_set_id());
+    Ok((fs, info))
+}
+
+/// The FAT image: systemd-boot at the removable path, one loader entry.
+fn write_efi(out: &Path, inputs: &BuildInputs, initrd: &Path, profile: &Profile, info: &ImageInfo) -> Result<()> {
+    let loader = "timeout 0\ndefault nodeflash.conf\nconsole-mode keep\neditor no\n";
+    let entry = format!(
+        "title nodeflash {} ({})\nlinux /nodeflash/vmlinuz\ninitrd /nodeflash/initrd.zst\noptions {}\n",
+        profile.name,
+        info.short_id(),
+        profile.image.cmdline
+    );
+    let files = [
+        ("EFI/BOOT/BOOTX64.EFI", Source::Path(inputs.systemd_boot.clone())),
+        ("loader/loader.conf", Source::Bytes(loader.as_bytes().to_vec())),
+        ("loader/entries/nodeflash.conf", Source::Bytes(entry.into_bytes())),
+        ("nodeflash/vmlinuz", Source::Path(inputs.kernel.clone())),
+        ("nodeflash/initrd.zst", Source::Path(initrd.to_path_buf())),
+    ];
+    let files: Vec<FatFile> = files
+        .into_iter()
+        .map(|(path, source)| FatFile { path: path.to_string(), source })
+        .collect();
+    let id = u32::from_str_radix(&info.image_id[..8], 16).context("image id is not hex")?;
+    write_fat_image(out, "NODEFLASH", id, &files)?;
+    Ok(())
+}

@@ -1,0 +1,148 @@
+//! The `nodeflash` command line.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand};
+use nodeflash_installer::profile::Profile;
+
+use crate::build::{build, profile_path, provider, BuildOptions};
+use crate::cache::Cache;
+use crate::steps;
+
+/// Build unattended installer images for homelab nodes.
+#[derive(Debug, Parser)]
+#[command(name = "nodeflash", version, after_help = "Examples:\n  nodeflash profile check\n  nodeflash profile show alrest\n  nodeflash build --profile alrest --installer target/x86_64-unknown-linux-musl/release/nodeflash-installer\n\nExit status: 0 success, 1 error, 2 bad usage.")]
+pub struct Cli {
+    /// Show every command that is run.
+    #[arg(short, long, global = true)]
+    verbose: bool,
+    /// Print only errors.
+    #[arg(short, long, global = true)]
+    quiet: bool,
+    /// Directory holding the profiles.
+    #[arg(long, global = true, default_value = "profiles")]
+    profiles_dir: PathBuf,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Build the ISO of a profile.
+    Build {
+        /// Profile name (in the profiles directory) or path to a .toml file.
+        #[arg(long)]
+        profile: String,
+        /// The installer binary that becomes /init.
+        #[arg(long)]
+        installer: PathBuf,
+        #[arg(long, default_value = "target/nodeflash")]
+        out_dir: PathBuf,
+        /// Print the build summary as JSON on stdout.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Inspect and validate profiles.
+    Profile {
+        #[command(subcommand)]
+        command: ProfileCommand,
+    },
+    /// Pin the newest available build inputs in the profile's lock file.
+    UpdateInputs {
+        #[arg(long, default_value = "alrest")]
+        profile: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum ProfileCommand {
+    /// Print the fully resolved profile (every default filled in).
+    Show { name: String },
+    /// Validate every profile in the profiles directory.
+    Check,
+}
+
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    steps::configure(cli.quiet, cli.verbose);
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            for cause in e.chain().skip(1) {
+                eprintln!("  caused by: {cause}");
+            }
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Build { profile, installer, out_dir, json } => {
+            let summary = build(&BuildOptions {
+                profile: profile_path(&profile, &cli.profiles_dir),
+                installer,
+                out_dir,
+                cache: Cache::from_env()?,
+                reuse_artifacts: true,
+            })?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&summary)?);
+            } else if !cli.quiet {
+                print_summary(&summary);
+            }
+        }
+        Command::Profile { command: ProfileCommand::Show { name } } => {
+            let p = Profile::load(&profile_path(&name, &cli.profiles_dir))?;
+            print!("{}", p.to_toml());
+        }
+        Command::Profile { command: ProfileCommand::Check } => check_profiles(&cli.profiles_dir)?,
+        Command::UpdateInputs { profile } => {
+            let path = profile_path(&profile, &cli.profiles_dir);
+            let p = Profile::load(&path)?;
+            provider(&p, &path).update_lock(&Cache::from_env()?)?;
+        }
+    }
+    Ok(())
+}
+
+pub fn print_summary(s: &crate::build::BuildSummary) {
+    println!("ISO:     {} ({:.1} MiB)", s.iso.display(), s.iso_bytes as f64 / 1048576.0);
+    println!("sha256:  {}", s.iso_sha256);
+    println!("image:   {} (kernel {}, {} modules, initramfs {:.1} MiB)", &s.image_id[..12], s.kernel_release, s.modules, s.initrd_bytes as f64 / 1048576.0);
+    if !s.nodes.is_empty() {
+        println!("nodes:   {}", s.nodes.join(", "));
+    }
+    println!("write it: sudo dd if={} of=/dev/sdX bs=4M conv=fsync status=progress", s.iso.display());
+}
+
+/// Validates every `*.toml` in `dir`, reporting all errors.
+pub fn check_profiles(dir: &std::path::Path) -> Result<()> {
+    let mut paths: Vec<PathBuf> = std::fs::read_dir(dir)
+        .with_context(|| format!("cannot list profiles in {}", dir.display()))?
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|e| e == "toml"))
+        .collect();
+    paths.sort();
+    if paths.is_empty() {
+        bail!("no profiles (*.toml) in {}", dir.display());
+    }
+    let mut failed = 0;
+    for p in &paths {
+        match Profile::load(p) {
+            Ok(profile) => println!("ok      {} ({})", p.display(), profile.name),
+            Err(e) => {
+                failed += 1;
+                println!("FAILED  {e:#}");
+            }
+        }
+    }
+    if failed > 0 {
+        bail!("{failed} of {} profiles are invalid", paths.len());
+    }
+    Ok(())
+}

@@ -1,0 +1,72 @@
+//! Host tools the builder and the tests run, and the Debian packages that
+//! provide them. A missing tool is reported once, with the exact fix.
+
+use std::path::Path;
+
+use anyhow::{bail, Result};
+
+/// (program, Debian package) the image build needs.
+pub const BUILD_TOOLS: &[(&str, &str)] = &[
+    ("apt-get", "apt"),
+    ("dpkg-deb", "dpkg"),
+    ("xorriso", "xorriso"),
+    ("make", "make"),
+    ("gcc-12", "gcc-12"),
+    ("strip", "binutils"),
+];
+
+/// (program or file, Debian package) the QEMU tests need.
+pub const TEST_TOOLS: &[(&str, &str)] = &[
+    ("qemu-system-x86_64", "qemu-system-x86"),
+    ("/usr/share/OVMF/OVMF_CODE_4M.fd", "ovmf"),
+];
+
+fn present(tool: &str) -> bool {
+    if tool.starts_with('/') {
+        return Path::new(tool).exists();
+    }
+    std::env::var_os("PATH")
+        .map(|paths| std::env::split_paths(&paths).any(|d| d.join(tool).is_file()))
+        .unwrap_or(false)
+}
+
+/// The Debian packages whose tools are missing, without duplicates.
+pub fn missing_packages(tools: &[(&str, &str)]) -> Vec<String> {
+    let mut pkgs: Vec<String> = tools
+        .iter()
+        .filter(|(tool, _)| !present(tool))
+        .map(|(_, pkg)| pkg.to_string())
+        .collect();
+    pkgs.sort();
+    pkgs.dedup();
+    pkgs
+}
+
+/// Fails with one message naming every missing tool's package.
+pub fn require(tools: &[(&str, &str)]) -> Result<()> {
+    let missing: Vec<&(&str, &str)> = tools.iter().filter(|(t, _)| !present(t)).collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    let names: Vec<String> = missing.iter().map(|(t, p)| format!("{t} (package {p})")).collect();
+    bail!(
+        "missing host tools: {}\n  install them with: sudo apt-get install {}\n  (`cargo xtask build-iso` installs them itself when run as root)",
+        names.join(", "),
+        missing_packages(tools).join(" ")
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn missing_tool_names_package_and_fix() {
+        let err = require(&[("sh", "dash"), ("nodeflash-no-such-tool", "nodeflash-pkg")]).expect_err("missing");
+        let msg = err.to_string();
+        assert!(msg.contains("nodeflash-no-such-tool (package nodeflash-pkg)"), "{msg}");
+        assert!(msg.contains("sudo apt-get install nodeflash-pkg"), "{msg}");
+        assert!(!msg.contains("dash"), "{msg}");
+        assert!(require(&[("sh", "dash")]).is_ok());
+    }
+}
