@@ -23,11 +23,26 @@ use crate::{elf, iso, steps, tools};
 /// `.modinfo`): boot media, disks, common NICs and ZFS.
 pub const DEFAULT_MODULES: &[&str] = &[
     // USB sticks and CDs
-    "xhci_pci", "ehci_pci", "usb_storage", "uas", "sd_mod", "sr_mod",
+    "xhci_pci",
+    "ehci_pci",
+    "usb_storage",
+    "uas",
+    "sd_mod",
+    "sr_mod",
     // target disks
-    "nvme", "ahci", "virtio_pci", "virtio_blk", "virtio_scsi",
+    "crc64_rocksoft_generic",
+    "nvme",
+    "ahci",
+    "virtio_pci",
+    "virtio_blk",
+    "virtio_scsi",
     // network
-    "virtio_net", "e1000", "e1000e", "igb", "igc", "r8169",
+    "virtio_net",
+    "e1000",
+    "e1000e",
+    "igb",
+    "igc",
+    "r8169",
     // storage
     "zfs",
 ];
@@ -83,44 +98,63 @@ pub fn build(opts: &BuildOptions) -> Result<BuildSummary> {
     let name = profile.name.to_string();
     let inputs = provider(&profile, &opts.profile).provide(&opts.cache)?;
 
-    let modules = steps::step("Resolving kernel modules", || module_order(&opts.cache, &inputs, &profile))?;
+    let modules = steps::step("Resolving kernel modules", || {
+        module_order(&opts.cache, &inputs, &profile)
+    })?;
     let (initramfs, info) = steps::step("Assembling initramfs", || {
         assemble(&opts.installer, &inputs, &profile, &modules)
     })?;
-    let artefact = |kind: &str, ext: &str, build: &dyn Fn(&Path) -> Result<()>| -> Result<PathBuf> {
-        let key = format!("{}.{ext}", info.image_id);
-        if opts.reuse_artifacts {
-            opts.cache.file(kind, &key, build)
-        } else {
-            let dir = opts.cache.root().join("rebuilt");
-            std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
-            let path = dir.join(&key);
-            build(&path)?;
-            Ok(path)
-        }
-    };
+    let artefact =
+        |kind: &str, ext: &str, build: &dyn Fn(&Path) -> Result<()>| -> Result<PathBuf> {
+            let key = format!("{}.{ext}", info.image_id);
+            if opts.reuse_artifacts {
+                opts.cache.file(kind, &key, build)
+            } else {
+                let dir = opts.cache.root().join("rebuilt");
+                std::fs::create_dir_all(&dir)
+                    .with_context(|| format!("cannot create {}", dir.display()))?;
+                let path = dir.join(&key);
+                build(&path)?;
+                Ok(path)
+            }
+        };
     let initrd = steps::step("Writing initramfs", || {
-        artefact("initrd", "cpio.zst", &|p| initramfs.write_zstd(p, 19).map(drop))
+        artefact("initrd", "cpio.zst", &|p| {
+            initramfs.write_zstd(p, 19).map(drop)
+        })
     })?;
     let efi = steps::step("Writing EFI image", || {
-        artefact("efi", "img", &|p| write_efi(p, &inputs, &initrd, &profile, &info))
+        artefact("efi", "img", &|p| {
+            write_efi(p, &inputs, &initrd, &profile, &info)
+        })
     })?;
-    std::fs::create_dir_all(&opts.out_dir).with_context(|| format!("cannot create {}", opts.out_dir.display()))?;
+    std::fs::create_dir_all(&opts.out_dir)
+        .with_context(|| format!("cannot create {}", opts.out_dir.display()))?;
     let iso_path = opts.out_dir.join(format!("{name}.iso"));
     let cached_iso = steps::step("Writing ISO", || {
         artefact("iso", "iso", &|p| {
             let root = tempfile::tempdir().context("cannot create the ISO root directory")?;
             let dir = root.path().join("nodeflash");
-            std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
-            std::fs::write(dir.join("image.json"), image_json(&info)?).context("cannot write image.json")?;
-            std::fs::write(dir.join("profile.toml"), profile.to_toml()).context("cannot write profile.toml")?;
+            std::fs::create_dir_all(&dir)
+                .with_context(|| format!("cannot create {}", dir.display()))?;
+            std::fs::write(dir.join("image.json"), image_json(&info)?)
+                .context("cannot write image.json")?;
+            std::fs::write(dir.join("profile.toml"), profile.to_toml())
+                .context("cannot write profile.toml")?;
             let label = format!("NODEFLASH_{}", name.to_uppercase().replace('-', "_"));
-            iso::write_iso(p, root.path(), &efi, &label[..label.len().min(32)], &info.volume_set_id())
+            iso::write_iso(
+                p,
+                root.path(),
+                &efi,
+                &label[..label.len().min(32)],
+                &info.volume_set_id(),
+            )
         })
     })?;
     let tmp = opts.out_dir.join(format!(".{name}.iso.tmp"));
     std::fs::copy(&cached_iso, &tmp).with_context(|| format!("cannot write {}", tmp.display()))?;
-    std::fs::rename(&tmp, &iso_path).with_context(|| format!("cannot write {}", iso_path.display()))?;
+    std::fs::rename(&tmp, &iso_path)
+        .with_context(|| format!("cannot write {}", iso_path.display()))?;
     let sha = sha256_file(&iso_path)?;
     std::fs::write(
         opts.out_dir.join(format!("{name}.iso.sha256")),
@@ -136,10 +170,16 @@ pub fn build(opts: &BuildOptions) -> Result<BuildSummary> {
         kernel_release: info.kernel_release.clone(),
         initrd_bytes: std::fs::metadata(&initrd).map(|m| m.len()).unwrap_or(0),
         modules: info.modules.len(),
-        nodes: profile.nodes.iter().map(|n| n.name.get_ref().to_string()).collect(),
+        nodes: profile
+            .nodes
+            .iter()
+            .map(|n| n.name.get_ref().to_string())
+            .collect(),
     };
-    let json = serde_json::to_string_pretty(&summary).context("cannot serialize the build summary")?;
-    std::fs::write(opts.out_dir.join(format!("{name}.json")), json + "\n").context("cannot write the build summary")?;
+    let json =
+        serde_json::to_string_pretty(&summary).context("cannot serialize the build summary")?;
+    std::fs::write(opts.out_dir.join(format!("{name}.json")), json + "\n")
+        .context("cannot write the build summary")?;
     Ok(summary)
 }
 
@@ -154,7 +194,11 @@ fn module_order(cache: &Cache, inputs: &BuildInputs, profile: &Profile) -> Resul
         .map(|m| m.to_string())
         .chain(profile.image.modules.iter().cloned())
         .collect();
-    let key = key_of([inputs.id.as_str()].into_iter().chain(wanted.iter().map(String::as_str)));
+    let key = key_of(
+        [inputs.id.as_str()]
+            .into_iter()
+            .chain(wanted.iter().map(String::as_str)),
+    );
     let path = cache.file("module-order", &key, |p| {
         let mut index = ModuleIndex::scan(&inputs.modules_root)?;
         for (dir, prefix) in &inputs.extra_modules {
@@ -162,41 +206,84 @@ fn module_order(cache: &Cache, inputs: &BuildInputs, profile: &Profile) -> Resul
         }
         let order = index.resolve(&wanted)?;
         let lines: Vec<String> = order.iter().map(|p| p.display().to_string()).collect();
-        std::fs::write(p, lines.join("\n") + "\n").with_context(|| format!("cannot write {}", p.display()))
+        std::fs::write(p, lines.join("\n") + "\n")
+            .with_context(|| format!("cannot write {}", p.display()))
     })?;
-    let text = std::fs::read_to_string(&path).with_context(|| format!("cannot read {}", path.display()))?;
-    Ok(text.lines().filter(|l| !l.is_empty()).map(str::to_string).collect())
+    let text = std::fs::read_to_string(&path)
+        .with_context(|| format!("cannot read {}", path.display()))?;
+    Ok(text
+        .lines()
+        .filter(|l| !l.is_empty())
+        .map(str::to_string)
+        .collect())
 }
 
 /// The initramfs contents and the image info that describes them.
-fn assemble(installer: &Path, inputs: &BuildInputs, profile: &Profile, modules: &[String]) -> Result<(Initramfs, ImageInfo)> {
+fn assemble(
+    installer: &Path,
+    inputs: &BuildInputs,
+    profile: &Profile,
+    modules: &[String],
+) -> Result<(Initramfs, ImageInfo)> {
     if !installer.is_file() {
-        bail!("installer binary {} does not exist (build it with `cargo xtask build-iso`)", installer.display());
+        bail!(
+            "installer binary {} does not exist (build it with `cargo xtask build-iso`)",
+            installer.display()
+        );
     }
     let mut fs = Initramfs::new();
-    for dir in ["/proc", "/sys", "/dev", "/run", "/tmp", "/mnt", "/etc/nodeflash"] {
+    for dir in [
+        "/proc",
+        "/sys",
+        "/dev",
+        "/run",
+        "/tmp",
+        "/mnt",
+        "/etc/nodeflash",
+    ] {
         fs.add_dir(dir, 0o755);
     }
     fs.add_file("/init", 0o755, Source::Path(installer.to_path_buf()));
     let mut binaries = vec![installer.to_path_buf()];
     for prog in &inputs.programs {
         let real = elf::resolve_in(&inputs.sysroot, prog)?;
-        fs.add_file(&prog.display().to_string(), 0o755, Source::Path(real.clone()));
+        fs.add_file(
+            &prog.display().to_string(),
+            0o755,
+            Source::Path(real.clone()),
+        );
         binaries.push(real);
     }
     for lib in elf::closure(&inputs.sysroot, &binaries)? {
-        fs.add_file(&lib.image_path.display().to_string(), 0o755, Source::Path(lib.source));
+        fs.add_file(
+            &lib.image_path.display().to_string(),
+            0o755,
+            Source::Path(lib.source),
+        );
     }
     let release = &inputs.kernel_release;
     for rel in modules {
         let source = inputs
             .extra_modules
             .iter()
-            .find_map(|(dir, prefix)| Path::new(rel).strip_prefix(prefix).ok().map(|r| dir.join(r)))
+            .find_map(|(dir, prefix)| {
+                Path::new(rel)
+                    .strip_prefix(prefix)
+                    .ok()
+                    .map(|r| dir.join(r))
+            })
             .unwrap_or_else(|| inputs.modules_root.join(rel));
-        fs.add_file(&format!("/lib/modules/{release}/{rel}"), 0o644, Source::Path(source));
+        fs.add_file(
+            &format!("/lib/modules/{release}/{rel}"),
+            0o644,
+            Source::Path(source),
+        );
     }
-    fs.add_file(PROFILE_PATH, 0o644, Source::Bytes(profile.to_toml().into_bytes()));
+    fs.add_file(
+        PROFILE_PATH,
+        0o644,
+        Source::Bytes(profile.to_toml().into_bytes()),
+    );
     let content = fs.content_hash(&[IMAGE_INFO_PATH])?;
     let image_id = key_of([
         content.as_str(),
@@ -212,13 +299,23 @@ fn assemble(installer: &Path, inputs: &BuildInputs, profile: &Profile, modules: 
         kernel_release: release.clone(),
         modules: modules.to_vec(),
     };
-    fs.add_file(IMAGE_INFO_PATH, 0o644, Source::Bytes(image_json(&info)?.into_bytes()));
+    fs.add_file(
+        IMAGE_INFO_PATH,
+        0o644,
+        Source::Bytes(image_json(&info)?.into_bytes()),
+    );
     debug_assert_eq!(volume_set_id(&info.image_id), info.volume_set_id());
     Ok((fs, info))
 }
 
 /// The FAT image: systemd-boot at the removable path, one loader entry.
-fn write_efi(out: &Path, inputs: &BuildInputs, initrd: &Path, profile: &Profile, info: &ImageInfo) -> Result<()> {
+fn write_efi(
+    out: &Path,
+    inputs: &BuildInputs,
+    initrd: &Path,
+    profile: &Profile,
+    info: &ImageInfo,
+) -> Result<()> {
     let loader = "timeout 0\ndefault nodeflash.conf\nconsole-mode keep\neditor no\n";
     let entry = format!(
         "title nodeflash {} ({})\nlinux /nodeflash/vmlinuz\ninitrd /nodeflash/initrd.zst\noptions {}\n",
@@ -227,15 +324,27 @@ fn write_efi(out: &Path, inputs: &BuildInputs, initrd: &Path, profile: &Profile,
         profile.image.cmdline
     );
     let files = [
-        ("EFI/BOOT/BOOTX64.EFI", Source::Path(inputs.systemd_boot.clone())),
-        ("loader/loader.conf", Source::Bytes(loader.as_bytes().to_vec())),
-        ("loader/entries/nodeflash.conf", Source::Bytes(entry.into_bytes())),
+        (
+            "EFI/BOOT/BOOTX64.EFI",
+            Source::Path(inputs.systemd_boot.clone()),
+        ),
+        (
+            "loader/loader.conf",
+            Source::Bytes(loader.as_bytes().to_vec()),
+        ),
+        (
+            "loader/entries/nodeflash.conf",
+            Source::Bytes(entry.into_bytes()),
+        ),
         ("nodeflash/vmlinuz", Source::Path(inputs.kernel.clone())),
         ("nodeflash/initrd.zst", Source::Path(initrd.to_path_buf())),
     ];
     let files: Vec<FatFile> = files
         .into_iter()
-        .map(|(path, source)| FatFile { path: path.to_string(), source })
+        .map(|(path, source)| FatFile {
+            path: path.to_string(),
+            source,
+        })
         .collect();
     let id = u32::from_str_radix(&info.image_id[..8], 16).context("image id is not hex")?;
     write_fat_image(out, "NODEFLASH", id, &files)?;

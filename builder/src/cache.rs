@@ -21,14 +21,16 @@ impl Cache {
         } else if let Some(dir) = std::env::var_os("XDG_CACHE_HOME").filter(|d| !d.is_empty()) {
             PathBuf::from(dir).join("nodeflash")
         } else {
-            let home = std::env::var_os("HOME").context("neither NODEFLASH_CACHE, XDG_CACHE_HOME nor HOME is set")?;
+            let home = std::env::var_os("HOME")
+                .context("neither NODEFLASH_CACHE, XDG_CACHE_HOME nor HOME is set")?;
             PathBuf::from(home).join(".cache/nodeflash")
         };
         Self::at(root)
     }
 
     pub fn at(root: PathBuf) -> Result<Self> {
-        std::fs::create_dir_all(&root).with_context(|| format!("cannot create cache directory {}", root.display()))?;
+        std::fs::create_dir_all(&root)
+            .with_context(|| format!("cannot create cache directory {}", root.display()))?;
         Ok(Self { root })
     }
 
@@ -38,32 +40,49 @@ impl Cache {
 
     /// The directory `kind/key`, made by `build` if it is not in the cache yet.
     /// `build` gets an empty directory to fill.
-    pub fn dir(&self, kind: &str, key: &str, build: impl FnOnce(&Path) -> Result<()>) -> Result<PathBuf> {
+    pub fn dir(
+        &self,
+        kind: &str,
+        key: &str,
+        build: impl FnOnce(&Path) -> Result<()>,
+    ) -> Result<PathBuf> {
         let dest = self.root.join(kind).join(key);
         if dest.is_dir() {
             return Ok(dest);
         }
         let parent = self.root.join(kind);
-        std::fs::create_dir_all(&parent).with_context(|| format!("cannot create {}", parent.display()))?;
+        std::fs::create_dir_all(&parent)
+            .with_context(|| format!("cannot create {}", parent.display()))?;
         let tmp = tempfile::Builder::new()
             .prefix(&format!(".{key}."))
             .tempdir_in(&parent)
-            .with_context(|| format!("cannot create a temporary directory in {}", parent.display()))?;
+            .with_context(|| {
+                format!(
+                    "cannot create a temporary directory in {}",
+                    parent.display()
+                )
+            })?;
         build(tmp.path())?;
-        let tmp = tmp.into_path();
+        let tmp = tmp.keep();
         std::fs::rename(&tmp, &dest)
             .with_context(|| format!("cannot move {} to {}", tmp.display(), dest.display()))?;
         Ok(dest)
     }
 
     /// The file `kind/key`, made by `build` (which writes the given path) if absent.
-    pub fn file(&self, kind: &str, key: &str, build: impl FnOnce(&Path) -> Result<()>) -> Result<PathBuf> {
+    pub fn file(
+        &self,
+        kind: &str,
+        key: &str,
+        build: impl FnOnce(&Path) -> Result<()>,
+    ) -> Result<PathBuf> {
         let dest = self.root.join(kind).join(key);
         if dest.is_file() {
             return Ok(dest);
         }
         let parent = self.root.join(kind);
-        std::fs::create_dir_all(&parent).with_context(|| format!("cannot create {}", parent.display()))?;
+        std::fs::create_dir_all(&parent)
+            .with_context(|| format!("cannot create {}", parent.display()))?;
         let tmp = tempfile::Builder::new()
             .prefix(&format!(".{key}."))
             .tempfile_in(&parent)
@@ -88,7 +107,8 @@ pub fn key_of<I: IntoIterator<Item = S>, S: AsRef<[u8]>>(parts: I) -> String {
 
 /// sha256 of a file, hex.
 pub fn sha256_file(path: &Path) -> Result<String> {
-    let mut f = std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
+    let mut f =
+        std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
     let mut h = Sha256::new();
     std::io::copy(&mut f, &mut h).with_context(|| format!("cannot read {}", path.display()))?;
     Ok(hex::encode(h.finalize()))
@@ -116,7 +136,10 @@ mod tests {
         // A failed build leaves nothing behind.
         assert!(cache.dir("x", "k2", |_| anyhow::bail!("nope")).is_err());
         assert!(!t.path().join("x/k2").exists());
-        assert_eq!(std::fs::read_dir(t.path().join("x")).expect("ls").count(), 1);
+        assert_eq!(
+            std::fs::read_dir(t.path().join("x")).expect("ls").count(),
+            1
+        );
     }
 
     #[test]

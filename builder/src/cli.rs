@@ -13,7 +13,11 @@ use crate::steps;
 
 /// Build unattended installer images for homelab nodes.
 #[derive(Debug, Parser)]
-#[command(name = "nodeflash", version, after_help = "Examples:\n  nodeflash profile check\n  nodeflash profile show alrest\n  nodeflash build --profile alrest --installer target/x86_64-unknown-linux-musl/release/nodeflash-installer\n\nExit status: 0 success, 1 error, 2 bad usage.")]
+#[command(
+    name = "nodeflash",
+    version,
+    after_help = "Examples:\n  nodeflash profile check\n  nodeflash profile show alrest\n  nodeflash build --profile alrest --installer target/x86_64-unknown-linux-musl/release/nodeflash-installer\n\nExit status: 0 success, 1 error, 2 bad usage."
+)]
 pub struct Cli {
     /// Show every command that is run.
     #[arg(short, long, global = true)]
@@ -81,7 +85,12 @@ pub fn main() -> ExitCode {
 
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
-        Command::Build { profile, installer, out_dir, json } => {
+        Command::Build {
+            profile,
+            installer,
+            out_dir,
+            json,
+        } => {
             let summary = build(&BuildOptions {
                 profile: profile_path(&profile, &cli.profiles_dir),
                 installer,
@@ -95,11 +104,15 @@ fn run(cli: Cli) -> Result<()> {
                 print_summary(&summary);
             }
         }
-        Command::Profile { command: ProfileCommand::Show { name } } => {
+        Command::Profile {
+            command: ProfileCommand::Show { name },
+        } => {
             let p = Profile::load(&profile_path(&name, &cli.profiles_dir))?;
             print!("{}", p.to_toml());
         }
-        Command::Profile { command: ProfileCommand::Check } => check_profiles(&cli.profiles_dir)?,
+        Command::Profile {
+            command: ProfileCommand::Check,
+        } => check_profiles(&cli.profiles_dir)?,
         Command::UpdateInputs { profile } => {
             let path = profile_path(&profile, &cli.profiles_dir);
             let p = Profile::load(&path)?;
@@ -110,13 +123,26 @@ fn run(cli: Cli) -> Result<()> {
 }
 
 pub fn print_summary(s: &crate::build::BuildSummary) {
-    println!("ISO:     {} ({:.1} MiB)", s.iso.display(), s.iso_bytes as f64 / 1048576.0);
+    println!(
+        "ISO:     {} ({:.1} MiB)",
+        s.iso.display(),
+        s.iso_bytes as f64 / 1048576.0
+    );
     println!("sha256:  {}", s.iso_sha256);
-    println!("image:   {} (kernel {}, {} modules, initramfs {:.1} MiB)", &s.image_id[..12], s.kernel_release, s.modules, s.initrd_bytes as f64 / 1048576.0);
+    println!(
+        "image:   {} (kernel {}, {} modules, initramfs {:.1} MiB)",
+        &s.image_id[..12],
+        s.kernel_release,
+        s.modules,
+        s.initrd_bytes as f64 / 1048576.0
+    );
     if !s.nodes.is_empty() {
         println!("nodes:   {}", s.nodes.join(", "));
     }
-    println!("write it: sudo dd if={} of=/dev/sdX bs=4M conv=fsync status=progress", s.iso.display());
+    println!(
+        "write it: sudo dd if={} of=/dev/sdX bs=4M conv=fsync status=progress",
+        s.iso.display()
+    );
 }
 
 /// Validates every `*.toml` in `dir`, reporting all errors.

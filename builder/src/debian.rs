@@ -60,9 +60,9 @@ pub struct Package {
 
 /// Every package an image needs for a kernel release.
 fn package_names(release: &str) -> Result<Vec<String>> {
-    let base = release
-        .strip_suffix("-amd64")
-        .with_context(|| format!("unexpected kernel release `{release}`: expected an -amd64 flavour"))?;
+    let base = release.strip_suffix("-amd64").with_context(|| {
+        format!("unexpected kernel release `{release}`: expected an -amd64 flavour")
+    })?;
     let major_minor: Vec<&str> = base.split('.').take(2).collect();
     let kbuild = format!("linux-kbuild-{}", major_minor.join("."));
     let mut names = vec![
@@ -85,9 +85,13 @@ struct Apt {
 impl Apt {
     fn new(cache: &Cache) -> Result<Self> {
         let sources = sources_file(SUITE)?;
-        let dir = cache.root().join("apt").join(&key_of([sources.as_bytes()])[..16]);
+        let dir = cache
+            .root()
+            .join("apt")
+            .join(&key_of([sources.as_bytes()])[..16]);
         for sub in ["lists/partial", "cache/archives/partial"] {
-            std::fs::create_dir_all(dir.join(sub)).with_context(|| format!("cannot create {}", dir.join(sub).display()))?;
+            std::fs::create_dir_all(dir.join(sub))
+                .with_context(|| format!("cannot create {}", dir.join(sub).display()))?;
         }
         std::fs::write(dir.join("nodeflash.sources"), sources)
             .with_context(|| format!("cannot write {}", dir.join("nodeflash.sources").display()))?;
@@ -113,7 +117,10 @@ impl Apt {
 
     fn has_lists(&self) -> bool {
         std::fs::read_dir(self.dir.join("lists"))
-            .map(|rd| rd.flatten().any(|e| e.file_name().to_string_lossy().ends_with("_Packages")))
+            .map(|rd| {
+                rd.flatten()
+                    .any(|e| e.file_name().to_string_lossy().ends_with("_Packages"))
+            })
             .unwrap_or(false)
     }
 
@@ -125,15 +132,24 @@ impl Apt {
 
     /// The candidate (newest) version record of a package.
     fn show(&self, name: &str) -> Result<(String, String, String)> {
-        let out = cmd::run(self.command("apt-cache").args(["show", "--no-all-versions", name]))
-            .with_context(|| format!("package {name} is not in the Debian archive ({SUITE}, main and contrib)"))?;
+        let out = cmd::run(
+            self.command("apt-cache")
+                .args(["show", "--no-all-versions", name]),
+        )
+        .with_context(|| {
+            format!("package {name} is not in the Debian archive ({SUITE}, main and contrib)")
+        })?;
         let field = |f: &str| {
             out.lines()
                 .find_map(|l| l.strip_prefix(&format!("{f}: ")))
                 .map(str::to_string)
                 .with_context(|| format!("apt-cache gives no {f} for {name}"))
         };
-        Ok((field("Version")?, field("SHA256")?, field("Depends").unwrap_or_default()))
+        Ok((
+            field("Version")?,
+            field("SHA256")?,
+            field("Depends").unwrap_or_default(),
+        ))
     }
 
     fn download(&self, pkg: &Package, into: &Path) -> Result<PathBuf> {
@@ -147,7 +163,13 @@ impl Apt {
             .flatten()
             .map(|e| e.path())
             .find(|p| p.extension().is_some_and(|e| e == "deb"))
-            .with_context(|| format!("apt-get download left no .deb for {} in {}", pkg.name, into.display()))?;
+            .with_context(|| {
+                format!(
+                    "apt-get download left no .deb for {} in {}",
+                    pkg.name,
+                    into.display()
+                )
+            })?;
         Ok(deb)
     }
 }
@@ -222,7 +244,13 @@ fn host_sources() -> Vec<HostSource> {
     }
     texts
         .iter()
-        .flat_map(|(deb822, t)| if *deb822 { parse_deb822(t) } else { parse_one_line(t) })
+        .flat_map(|(deb822, t)| {
+            if *deb822 {
+                parse_deb822(t)
+            } else {
+                parse_one_line(t)
+            }
+        })
         .collect()
 }
 
@@ -232,14 +260,22 @@ fn parse_deb822(text: &str) -> Vec<HostSource> {
         let field = |name: &str| {
             stanza.lines().find_map(|l| {
                 let (k, v) = l.split_once(':')?;
-                k.trim().eq_ignore_ascii_case(name).then(|| v.trim().to_string())
+                k.trim()
+                    .eq_ignore_ascii_case(name)
+                    .then(|| v.trim().to_string())
             })
         };
         let types = field("Types").unwrap_or_default();
-        if !types.split_whitespace().any(|t| t == "deb") || field("Enabled").as_deref() == Some("no") {
+        if !types.split_whitespace().any(|t| t == "deb")
+            || field("Enabled").as_deref() == Some("no")
+        {
             continue;
         }
-        let suites: Vec<String> = field("Suites").unwrap_or_default().split_whitespace().map(str::to_string).collect();
+        let suites: Vec<String> = field("Suites")
+            .unwrap_or_default()
+            .split_whitespace()
+            .map(str::to_string)
+            .collect();
         for uri in field("URIs").unwrap_or_default().split_whitespace() {
             out.push(HostSource {
                 uri: uri.to_string(),
@@ -255,11 +291,15 @@ fn parse_one_line(text: &str) -> Vec<HostSource> {
     let mut out = Vec::new();
     for line in text.lines() {
         let line = line.split('#').next().unwrap_or("").trim();
-        let Some(rest) = line.strip_prefix("deb ") else { continue };
+        let Some(rest) = line.strip_prefix("deb ") else {
+            continue;
+        };
         let mut rest = rest.trim();
         let mut signed_by = None;
         if let Some(opts) = rest.strip_prefix('[') {
-            let Some((opts, tail)) = opts.split_once(']') else { continue };
+            let Some((opts, tail)) = opts.split_once(']') else {
+                continue;
+            };
             signed_by = opts
                 .split_whitespace()
                 .find_map(|o| o.strip_prefix("signed-by="))
@@ -355,12 +395,18 @@ impl Provider for Debian {
             .split(',')
             .find_map(|d| d.trim().strip_prefix("linux-image-"))
             .and_then(|d| d.split_whitespace().next())
-            .with_context(|| format!("cannot find the kernel release in linux-image-amd64's Depends: {depends}"))?
+            .with_context(|| {
+                format!("cannot find the kernel release in linux-image-amd64's Depends: {depends}")
+            })?
             .to_string();
         let mut packages = Vec::new();
         for name in package_names(&release)? {
             let (version, sha256, _) = apt.show(&name)?;
-            packages.push(Package { name, version, sha256 });
+            packages.push(Package {
+                name,
+                version,
+                sha256,
+            });
         }
         let mut lock = Lock::load(&self.lock_path).unwrap_or_default();
         let new = DebianLock {
@@ -369,9 +415,17 @@ impl Provider for Debian {
             packages,
         };
         if lock.debian.as_ref() == Some(&new) {
-            steps::note(&format!("{} is up to date (kernel {})", self.lock_path.display(), new.kernel_release));
+            steps::note(&format!(
+                "{} is up to date (kernel {})",
+                self.lock_path.display(),
+                new.kernel_release
+            ));
         } else {
-            steps::note(&format!("pinned kernel {} in {}", new.kernel_release, self.lock_path.display()));
+            steps::note(&format!(
+                "pinned kernel {} in {}",
+                new.kernel_release,
+                self.lock_path.display()
+            ));
             lock.debian = Some(new);
             lock.save(&self.lock_path)?;
         }
@@ -391,7 +445,12 @@ impl Provider for Debian {
                 );
             }
         }
-        let pkg = |name: &str| lock.packages.iter().find(|p| p.name == name).context("pinned package");
+        let pkg = |name: &str| {
+            lock.packages
+                .iter()
+                .find(|p| p.name == name)
+                .context("pinned package")
+        };
         let mut apt = None;
         let debs = steps::step("Fetching inputs", || {
             lock.packages
@@ -399,7 +458,12 @@ impl Provider for Debian {
                 .map(|p| Ok((p.name.clone(), self.fetch(cache, &mut apt, p)?)))
                 .collect::<Result<Vec<_>>>()
         })?;
-        let deb = |name: &str| debs.iter().find(|(n, _)| n == name).map(|(_, d)| d.clone()).context("fetched package");
+        let deb = |name: &str| {
+            debs.iter()
+                .find(|(n, _)| n == name)
+                .map(|(_, d)| d.clone())
+                .context("fetched package")
+        };
         let unpacked = |name: &str| -> Result<PathBuf> {
             let p = pkg(name)?;
             let d = deb(name)?;
@@ -418,7 +482,10 @@ impl Provider for Debian {
             Ok(())
         })?;
 
-        let header_pkgs: Vec<&Package> = expected[1..5].iter().map(|n| pkg(n)).collect::<Result<_>>()?;
+        let header_pkgs: Vec<&Package> = expected[1..5]
+            .iter()
+            .map(|n| pkg(n))
+            .collect::<Result<_>>()?;
         let zfs_src = pkg("zfs-dkms")?;
         let compiler = cmd::run(Command::new("gcc-12").arg("--version"))?;
         let zfs_key = key_of(
@@ -429,14 +496,17 @@ impl Provider for Debian {
                 .chain([compiler.lines().next().unwrap_or(""), "zfs-modules-v1"]),
         );
         let zfs_modules = cache.dir("zfs-modules", &zfs_key, |out| {
-            steps::step("Compiling ZFS modules (first build only, a few minutes)", || {
-                let debs: Vec<PathBuf> = header_pkgs
-                    .iter()
-                    .chain([&zfs_src])
-                    .map(|p| deb(&p.name))
-                    .collect::<Result<_>>()?;
-                build_zfs(cache, &release, &debs, out)
-            })
+            steps::step(
+                "Compiling ZFS modules (first build only, a few minutes)",
+                || {
+                    let debs: Vec<PathBuf> = header_pkgs
+                        .iter()
+                        .chain([&zfs_src])
+                        .map(|p| deb(&p.name))
+                        .collect::<Result<_>>()?;
+                    build_zfs(cache, &release, &debs, out)
+                },
+            )
         })?;
 
         let id = key_of(
@@ -471,13 +541,19 @@ fn build_zfs(cache: &Cache, release: &str, debs: &[PathBuf], out: &Path) -> Resu
     let arch = root.join(format!("usr/src/linux-headers-{release}"));
     // The arch headers include the common ones by an absolute /usr/src path.
     let makefile = arch.join("Makefile");
-    std::fs::write(&makefile, format!("include {}/Makefile\n", common.display()))
-        .with_context(|| format!("cannot write {}", makefile.display()))?;
+    std::fs::write(
+        &makefile,
+        format!("include {}/Makefile\n", common.display()),
+    )
+    .with_context(|| format!("cannot write {}", makefile.display()))?;
     let src = std::fs::read_dir(root.join("usr/src"))
         .context("cannot list the unpacked sources")?
         .flatten()
         .map(|e| e.path())
-        .find(|p| p.file_name().is_some_and(|n| n.to_string_lossy().starts_with("zfs-")))
+        .find(|p| {
+            p.file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with("zfs-"))
+        })
         .context("zfs-dkms holds no usr/src/zfs-* source")?;
     cmd::run(
         Command::new("./configure")
@@ -488,19 +564,28 @@ fn build_zfs(cache: &Cache, release: &str, debs: &[PathBuf], out: &Path) -> Resu
     )
     .context("cannot configure OpenZFS for the kernel headers")?;
     let jobs = std::thread::available_parallelism().map_or(2, |n| n.get());
-    cmd::run(Command::new("make").arg(format!("-j{jobs}")).current_dir(&src)).context("cannot compile OpenZFS")?;
+    cmd::run(
+        Command::new("make")
+            .arg(format!("-j{jobs}"))
+            .current_dir(&src),
+    )
+    .context("cannot compile OpenZFS")?;
     let mut found = 0;
     for entry in walk(&src.join("module"))? {
         if entry.extension().is_some_and(|e| e == "ko") {
             let name = entry.file_name().context("module file name")?;
             let dest = out.join(name);
-            std::fs::copy(&entry, &dest).with_context(|| format!("cannot copy {}", entry.display()))?;
+            std::fs::copy(&entry, &dest)
+                .with_context(|| format!("cannot copy {}", entry.display()))?;
             cmd::run(Command::new("strip").arg("--strip-debug").arg(&dest))?;
             found += 1;
         }
     }
     if found == 0 {
-        bail!("the OpenZFS build produced no modules in {}", src.join("module").display());
+        bail!(
+            "the OpenZFS build produced no modules in {}",
+            src.join("module").display()
+        );
     }
     Ok(())
 }
@@ -512,7 +597,9 @@ pub fn walk(dir: &Path) -> Result<Vec<PathBuf>> {
     while let Some(d) = stack.pop() {
         for e in std::fs::read_dir(&d).with_context(|| format!("cannot list {}", d.display()))? {
             let e = e.with_context(|| format!("cannot list {}", d.display()))?;
-            let ty = e.file_type().with_context(|| format!("cannot stat {}", e.path().display()))?;
+            let ty = e
+                .file_type()
+                .with_context(|| format!("cannot stat {}", e.path().display()))?;
             if ty.is_dir() {
                 stack.push(e.path());
             } else if ty.is_file() {

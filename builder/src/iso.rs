@@ -16,7 +16,13 @@ const ESP_TYPE: &str = "C12A7328-F81F-11D2-BA4B-00A0C93EC93B";
 const DEFAULT_EPOCH: &str = "1577836800";
 
 /// Writes `out` from the files in `root` and the FAT image `efi_img`.
-pub fn write_iso(out: &Path, root: &Path, efi_img: &Path, volume_id: &str, volume_set: &str) -> Result<()> {
+pub fn write_iso(
+    out: &Path,
+    root: &Path,
+    efi_img: &Path,
+    volume_id: &str,
+    volume_set: &str,
+) -> Result<()> {
     let epoch = std::env::var("SOURCE_DATE_EPOCH").unwrap_or_else(|_| DEFAULT_EPOCH.to_string());
     if out.exists() {
         std::fs::remove_file(out).with_context(|| format!("cannot remove {}", out.display()))?;
@@ -26,9 +32,20 @@ pub fn write_iso(out: &Path, root: &Path, efi_img: &Path, volume_id: &str, volum
             .env("SOURCE_DATE_EPOCH", &epoch)
             .args(["-as", "mkisofs", "-quiet", "-iso-level", "3", "-R", "-J"])
             .args(["-V", volume_id, "-volset", volume_set])
-            .args(["-partition_offset", "16", "-append_partition", "2", ESP_TYPE])
+            .args([
+                "-partition_offset",
+                "16",
+                "-append_partition",
+                "2",
+                ESP_TYPE,
+            ])
             .arg(efi_img)
-            .args(["-appended_part_as_gpt", "-e", "--interval:appended_partition_2:all::", "-no-emul-boot"])
+            .args([
+                "-appended_part_as_gpt",
+                "-e",
+                "--interval:appended_partition_2:all::",
+                "-no-emul-boot",
+            ])
             .arg("-o")
             .arg(out)
             .arg(root),

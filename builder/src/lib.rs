@@ -2,8 +2,8 @@
 //! initramfs, the EFI system partition image and the hybrid ISO.
 
 pub mod build;
-pub mod cli;
 pub mod cache;
+pub mod cli;
 pub mod debian;
 pub mod efi;
 pub mod elf;

@@ -19,6 +19,9 @@ pub const BUILD_TOOLS: &[(&str, &str)] = &[
 pub const TEST_TOOLS: &[(&str, &str)] = &[
     ("qemu-system-x86_64", "qemu-system-x86"),
     ("/usr/share/OVMF/OVMF_CODE_4M.fd", "ovmf"),
+    // independent readers of what the builder writes, for cross-checks
+    ("fsck.fat", "dosfstools"),
+    ("cpio", "cpio"),
 ];
 
 fn present(tool: &str) -> bool {
@@ -48,7 +51,10 @@ pub fn require(tools: &[(&str, &str)]) -> Result<()> {
     if missing.is_empty() {
         return Ok(());
     }
-    let names: Vec<String> = missing.iter().map(|(t, p)| format!("{t} (package {p})")).collect();
+    let names: Vec<String> = missing
+        .iter()
+        .map(|(t, p)| format!("{t} (package {p})"))
+        .collect();
     bail!(
         "missing host tools: {}\n  install them with: sudo apt-get install {}\n  (`cargo xtask build-iso` installs them itself when run as root)",
         names.join(", "),
@@ -62,9 +68,13 @@ mod tests {
 
     #[test]
     fn missing_tool_names_package_and_fix() {
-        let err = require(&[("sh", "dash"), ("nodeflash-no-such-tool", "nodeflash-pkg")]).expect_err("missing");
+        let err = require(&[("sh", "dash"), ("nodeflash-no-such-tool", "nodeflash-pkg")])
+            .expect_err("missing");
         let msg = err.to_string();
-        assert!(msg.contains("nodeflash-no-such-tool (package nodeflash-pkg)"), "{msg}");
+        assert!(
+            msg.contains("nodeflash-no-such-tool (package nodeflash-pkg)"),
+            "{msg}"
+        );
         assert!(msg.contains("sudo apt-get install nodeflash-pkg"), "{msg}");
         assert!(!msg.contains("dash"), "{msg}");
         assert!(require(&[("sh", "dash")]).is_ok());

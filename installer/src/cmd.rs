@@ -54,7 +54,8 @@ pub fn run(cmd: &mut Command) -> Result<String> {
             tail.join("\n")
         );
     }
-    String::from_utf8(out.stdout).with_context(|| format!("`{line}` printed output that is not UTF-8"))
+    String::from_utf8(out.stdout)
+        .with_context(|| format!("`{line}` printed output that is not UTF-8"))
 }
 
 #[cfg(test)]
@@ -63,7 +64,8 @@ mod tests {
 
     #[test]
     fn failure_carries_argv_status_and_stderr() {
-        let err = run(Command::new("sh").args(["-c", "echo boom >&2; exit 3"])).expect_err("must fail");
+        let err =
+            run(Command::new("sh").args(["-c", "echo boom >&2; exit 3"])).expect_err("must fail");
         let msg = format!("{err:#}");
         assert!(msg.contains("sh -c 'echo boom >&2; exit 3'"), "{msg}");
         assert!(msg.contains("exit status: 3"), "{msg}");
@@ -72,7 +74,10 @@ mod tests {
 
     #[test]
     fn success_returns_stdout() {
-        assert_eq!(run(Command::new("echo").arg("hi")).expect("echo runs"), "hi\n");
+        assert_eq!(
+            run(Command::new("echo").arg("hi")).expect("echo runs"),
+            "hi\n"
+        );
     }
 
     #[test]

@@ -122,7 +122,8 @@ impl Facts {
             let num = |p: &str| read_trimmed(&dir.join(p)).and_then(|s| s.parse::<u64>().ok());
             let serial = read_trimmed(&dir.join("device/serial"))
                 .or_else(|| vpd_serial(&dir.join("device/vpd_pg80")));
-            let wwn = read_trimmed(&dir.join("wwid")).or_else(|| read_trimmed(&dir.join("device/wwid")));
+            let wwn =
+                read_trimmed(&dir.join("wwid")).or_else(|| read_trimmed(&dir.join("device/wwid")));
             block_devices.push(BlockDevice {
                 bus: bus_of(sysfs, &name),
                 size_bytes: num("size").unwrap_or(0) * 512,
@@ -241,14 +242,27 @@ mod tests {
         let t = tempfile::tempdir().expect("tempdir");
         let r = t.path();
         let nvme = "devices/pci0000:00/0000:00:04.0/nvme/nvme0/nvme0n1";
-        let usb = "devices/pci0000:00/0000:00:03.0/usb2/2-1/2-1:1.0/host0/target0:0:0/0:0:0:0/block/sda";
+        let usb =
+            "devices/pci0000:00/0000:00:03.0/usb2/2-1/2-1:1.0/host0/target0:0:0/0:0:0:0/block/sda";
         write(r, &format!("{nvme}/size"), "4194304\n");
         write(r, &format!("{nvme}/queue/logical_block_size"), "4096\n");
         write(r, &format!("{nvme}/removable"), "0\n");
         write(r, &format!("{nvme}/ro"), "0\n");
-        write(r, &format!("{nvme}/wwid"), "eui.0000000001000000e4d25c0000000001\n");
-        write(r, &format!("{nvme}/device/serial"), "NFTEST0001          \n");
-        write(r, &format!("{nvme}/device/model"), "QEMU NVMe Ctrl                          \n");
+        write(
+            r,
+            &format!("{nvme}/wwid"),
+            "eui.0000000001000000e4d25c0000000001\n",
+        );
+        write(
+            r,
+            &format!("{nvme}/device/serial"),
+            "NFTEST0001          \n",
+        );
+        write(
+            r,
+            &format!("{nvme}/device/model"),
+            "QEMU NVMe Ctrl                          \n",
+        );
         write(r, &format!("{usb}/size"), "2048\n");
         write(r, &format!("{usb}/removable"), "1\n");
         write(r, &format!("{usb}/device/model"), "QEMU HARDDISK   \n");
@@ -278,12 +292,18 @@ mod tests {
         assert_eq!(nvme.bus, "nvme");
         assert!(!nvme.removable);
         let usb = &f.block_devices[1];
-        assert_eq!((usb.name.as_str(), usb.bus.as_str(), usb.removable), ("sda", "usb", true));
+        assert_eq!(
+            (usb.name.as_str(), usb.bus.as_str(), usb.removable),
+            ("sda", "usb", true)
+        );
         assert_eq!(usb.logical_block_size, 512, "default when sysfs lacks it");
         assert_eq!(f.net.len(), 1);
         assert_eq!(f.net[0].carrier, Some(true));
         let inv = f.inventory();
-        assert!(inv.contains("disk: nvme0n1 size=2.0 GiB (2147483648 bytes) lbs=4096 bus=nvme"), "{inv}");
+        assert!(
+            inv.contains("disk: nvme0n1 size=2.0 GiB (2147483648 bytes) lbs=4096 bus=nvme"),
+            "{inv}"
+        );
         assert!(inv.contains("serial=\"NFTEST0001\""), "{inv}");
         // Facts round-trip through JSON (the `--machine FACTS.json` form).
         let json = serde_json::to_string(&f).expect("serialize");

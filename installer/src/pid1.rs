@@ -35,7 +35,9 @@ pub fn main() -> ! {
         Ok((finish, result)) => (finish, result),
         Err(_) => (
             Finish::Fail(OnFailure::Halt),
-            Err(anyhow::anyhow!("the installer panicked (see the message above)")),
+            Err(anyhow::anyhow!(
+                "the installer panicked (see the message above)"
+            )),
         ),
     };
     match result {
@@ -105,7 +107,12 @@ fn run(started: Instant) -> (Finish, Result<()>) {
         });
     let (profile, info) = match loaded {
         Ok(v) => v,
-        Err(e) => return (Finish::Fail(OnFailure::Halt), Err(e.context("the image is damaged"))),
+        Err(e) => {
+            return (
+                Finish::Fail(OnFailure::Halt),
+                Err(e.context("the image is damaged")),
+            )
+        }
     };
     say!(
         "nodeflash {} · profile {} · image {} · kernel {}",
@@ -148,7 +155,11 @@ fn install(profile: &Profile, info: &ImageInfo, started: Instant) -> Result<()> 
     for b in &mut facts.block_devices {
         b.boot_medium = boot.as_deref() == Some(b.name.as_str());
     }
-    say!("inventory after {:.1}s:\n{}", started.elapsed().as_secs_f64(), facts.inventory().trim_end());
+    say!(
+        "inventory after {:.1}s:\n{}",
+        started.elapsed().as_secs_f64(),
+        facts.inventory().trim_end()
+    );
     if boot.is_none() {
         say!(
             "warning: the boot medium (volume set {}) was not found within {}s",
@@ -175,7 +186,11 @@ fn load_modules(info: &ImageInfo) {
             Err(e) => say!("warning: cannot load module {}: {e}", path.display()),
         }
     }
-    say!("loaded {loaded} of {} kernel modules in {:.1}s", info.modules.len(), t.elapsed().as_secs_f64());
+    say!(
+        "loaded {loaded} of {} kernel modules in {:.1}s",
+        info.modules.len(),
+        t.elapsed().as_secs_f64()
+    );
 }
 
 trait FromIo {
@@ -190,7 +205,9 @@ impl FromIo for nix::errno::Errno {
 
 /// Brings every network interface up so that its carrier can be read.
 fn links_up() {
-    let Ok(entries) = std::fs::read_dir("/sys/class/net") else { return };
+    let Ok(entries) = std::fs::read_dir("/sys/class/net") else {
+        return;
+    };
     for entry in entries.flatten() {
         let name = entry.file_name().to_string_lossy().into_owned();
         if let Err(e) = link_up(&name) {
@@ -202,7 +219,12 @@ fn links_up() {
 fn link_up(name: &str) -> Result<()> {
     use nix::libc;
     use nix::sys::socket::{socket, AddressFamily, SockFlag, SockType};
-    let sock = socket(AddressFamily::Inet, SockType::Datagram, SockFlag::SOCK_CLOEXEC, None)?;
+    let sock = socket(
+        AddressFamily::Inet,
+        SockType::Datagram,
+        SockFlag::SOCK_CLOEXEC,
+        None,
+    )?;
     // SAFETY: ifreq is plain old data; all zeroes is a valid value.
     let mut ifr: libc::ifreq = unsafe { std::mem::zeroed() };
     if name.len() >= ifr.ifr_name.len() {
@@ -213,13 +235,20 @@ fn link_up(name: &str) -> Result<()> {
     }
     // SAFETY: ifr is a valid ifreq with a NUL-terminated name; the kernel
     // writes only the flags union member.
-    if unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCGIFFLAGS, &mut ifr) } < 0 {
+    if unsafe {
+        libc::ioctl(
+            sock.as_raw_fd(),
+            libc::SIOCGIFFLAGS as libc::Ioctl,
+            &mut ifr,
+        )
+    } < 0
+    {
         return Err(std::io::Error::last_os_error().into());
     }
     // SAFETY: SIOCGIFFLAGS filled ifru_flags.
     unsafe { ifr.ifr_ifru.ifru_flags |= libc::IFF_UP as libc::c_short };
     // SAFETY: as above.
-    if unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCSIFFLAGS, &ifr) } < 0 {
+    if unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCSIFFLAGS as libc::Ioctl, &ifr) } < 0 {
         return Err(std::io::Error::last_os_error().into());
     }
     Ok(())
@@ -245,7 +274,11 @@ fn wait_for_boot_medium(info: &ImageInfo, timeout: Duration) -> Option<String> {
     let deadline = Instant::now() + timeout;
     loop {
         let mut names: Vec<String> = std::fs::read_dir("/sys/block")
-            .map(|rd| rd.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect())
+            .map(|rd| {
+                rd.flatten()
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .collect()
+            })
             .unwrap_or_default();
         names.sort();
         for name in names {

@@ -383,11 +383,14 @@ impl std::str::FromStr for Size {
             "MB" => 1_000_000,
             "GB" => 1_000_000_000,
             "TB" => 1_000_000_000_000,
-            u => return Err(format!("unknown size unit `{u}` in `{s}` (use B, KiB, MiB, GiB, TiB, KB, MB, GB or TB)")),
+            u => return Err(format!(
+                "unknown size unit `{u}` in `{s}` (use B, KiB, MiB, GiB, TiB, KB, MB, GB or TB)"
+            )),
         };
         let bytes = if let Some((int, frac)) = num.split_once('.') {
             let int: u64 = int.parse().map_err(|_| format!("invalid size `{s}`"))?;
-            let scale = 10u64.pow(u32::try_from(frac.len()).map_err(|_| format!("invalid size `{s}`"))?);
+            let scale =
+                10u64.pow(u32::try_from(frac.len()).map_err(|_| format!("invalid size `{s}`"))?);
             let frac: u64 = frac.parse().map_err(|_| format!("invalid size `{s}`"))?;
             int.checked_mul(mult)
                 .and_then(|v| v.checked_add(frac.checked_mul(mult)? / scale))
@@ -415,7 +418,7 @@ impl fmt::Display for Size {
             ("KB", 1_000),
         ];
         for (unit, m) in UNITS {
-            if self.0 >= m && self.0 % m == 0 {
+            if self.0 >= m && self.0.is_multiple_of(m) {
                 return write!(f, "{}{unit}", self.0 / m);
             }
         }
@@ -642,7 +645,11 @@ impl Profile {
                 }
             }
             if !names.insert(name.clone()) {
-                return Err((Some(ds.name.span()), format!("{key}.name"), format!("dataset `{name}` is defined twice")));
+                return Err((
+                    Some(ds.name.span()),
+                    format!("{key}.name"),
+                    format!("dataset `{name}` is defined twice"),
+                ));
             }
             if let Some(mp) = &ds.mountpoint {
                 let path = &mp.get_ref().0;
@@ -667,7 +674,11 @@ impl Profile {
             && sel.bus.is_none()
             && sel.device.is_none()
         {
-            return Err((None, "disk.select".into(), "give at least one rule (serial, wwn, model, min-size/max-size, bus)".into()));
+            return Err((
+                None,
+                "disk.select".into(),
+                "give at least one rule (serial, wwn, model, min-size/max-size, bus)".into(),
+            ));
         }
         if sel.device.is_some() && (sel.min_size.is_none() || sel.max_size.is_none()) {
             return Err((
@@ -678,11 +689,19 @@ impl Profile {
         }
         if let (Some(lo), Some(hi)) = (sel.min_size, sel.max_size) {
             if lo > hi {
-                return Err((None, "disk.select".into(), format!("min-size {lo} is larger than max-size {hi}")));
+                return Err((
+                    None,
+                    "disk.select".into(),
+                    format!("min-size {lo} is larger than max-size {hi}"),
+                ));
             }
         }
         if self.payload.closure.is_some() && self.payload.synthetic.is_some() {
-            return Err((None, "payload".into(), "give either `closure` or `synthetic`, not both".into()));
+            return Err((
+                None,
+                "payload".into(),
+                "give either `closure` or `synthetic`, not both".into(),
+            ));
         }
         // Nodes: unique names, host IDs and match rules.
         let mut seen_names = BTreeSet::new();
@@ -691,7 +710,11 @@ impl Profile {
             let name = &node.name.get_ref().0;
             let key = format!("nodes[{i}]");
             if !seen_names.insert(name.clone()) {
-                return Err((Some(node.name.span()), format!("{key}.name"), format!("node `{name}` is defined twice")));
+                return Err((
+                    Some(node.name.span()),
+                    format!("{key}.name"),
+                    format!("node `{name}` is defined twice"),
+                ));
             }
             if let HostId::Fixed(id) = node.hostid {
                 if let Some(other) = seen_ids.insert(id, name.clone()) {
@@ -707,7 +730,10 @@ impl Profile {
                     return Err((
                         Some(node.name.span()),
                         format!("{key}.match"),
-                        format!("node `{name}` has the same match rules as node `{}`", other.name.get_ref()),
+                        format!(
+                            "node `{name}` has the same match rules as node `{}`",
+                            other.name.get_ref()
+                        ),
                     ));
                 }
             }
@@ -759,7 +785,8 @@ select = { serial = "S1" }
 
     #[test]
     fn unknown_key_names_line_column_and_key() {
-        let e = err("name = \"t\"\n[disk]\nselect = { serial = \"S1\" }\nwipes = \"always\"\n[pool]\n");
+        let e =
+            err("name = \"t\"\n[disk]\nselect = { serial = \"S1\" }\nwipes = \"always\"\n[pool]\n");
         assert_eq!((e.line, e.column), (4, 1), "{e}");
         assert!(e.message.contains("unknown field `wipes`"), "{e}");
         assert!(e.to_string().starts_with("t.toml:4:1: "), "{e}");
@@ -767,7 +794,10 @@ select = { serial = "S1" }
 
     #[test]
     fn bad_value_names_key() {
-        let src = MINIMAL.replace("[pool]", "[pool]\n[[nodes]]\nname = \"logos\"\nhostid = \"xyz\"\n");
+        let src = MINIMAL.replace(
+            "[pool]",
+            "[pool]\n[[nodes]]\nname = \"logos\"\nhostid = \"xyz\"\n",
+        );
         let e = err(&src);
         assert_eq!(e.key, "nodes[0].hostid", "{e}");
         assert_eq!(e.line, 8, "{e}");

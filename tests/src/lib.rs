@@ -44,8 +44,10 @@ impl Nvme {
     /// Creates an empty (sparse) disk image of `size` bytes.
     pub fn create(dir: &Path, name: &str, size: u64, serial: &str) -> Result<Self> {
         let image = dir.join(name);
-        let f = std::fs::File::create(&image).with_context(|| format!("cannot create {}", image.display()))?;
-        f.set_len(size).with_context(|| format!("cannot size {}", image.display()))?;
+        let f = std::fs::File::create(&image)
+            .with_context(|| format!("cannot create {}", image.display()))?;
+        f.set_len(size)
+            .with_context(|| format!("cannot size {}", image.display()))?;
         Ok(Self {
             image,
             serial: serial.to_string(),
@@ -96,15 +98,20 @@ pub fn kvm_works() -> bool {
 }
 
 fn probe_kvm() -> Result<bool> {
-    if std::fs::OpenOptions::new().read(true).write(true).open("/dev/kvm").is_err() {
+    if std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+        .is_err()
+    {
         return Ok(false);
     }
     let dir = tempfile::tempdir()?;
     // xor ax,ax; mov ds,ax; mov dx,0x3f8; mov si,msg; next: lodsb; test al,al;
     // jz done; out dx,al; jmp next; done: hlt; jmp done; msg: "NFKVMOK"
     let mut sector = vec![
-        0x31, 0xC0, 0x8E, 0xD8, 0xBA, 0xF8, 0x03, 0xBE, 0x15, 0x7C, 0xAC, 0x84, 0xC0, 0x74, 0x03, 0xEE, 0xEB,
-        0xF8, 0xF4, 0xEB, 0xFD,
+        0x31, 0xC0, 0x8E, 0xD8, 0xBA, 0xF8, 0x03, 0xBE, 0x15, 0x7C, 0xAC, 0x84, 0xC0, 0x74, 0x03,
+        0xEE, 0xEB, 0xF8, 0xF4, 0xEB, 0xFD,
     ];
     sector.extend_from_slice(b"NFKVMOK\0");
     sector.resize(510, 0);
@@ -113,7 +120,17 @@ fn probe_kvm() -> Result<bool> {
     std::fs::write(&img, &sector)?;
     let serial = dir.path().join("serial.log");
     let mut child = Command::new("qemu-system-x86_64")
-        .args(["-accel", "kvm", "-machine", "pc", "-nodefaults", "-display", "none", "-m", "64"])
+        .args([
+            "-accel",
+            "kvm",
+            "-machine",
+            "pc",
+            "-nodefaults",
+            "-display",
+            "none",
+            "-m",
+            "64",
+        ])
         .arg("-serial")
         .arg(format!("file:{}", serial.display()))
         .arg("-drive")
@@ -136,7 +153,14 @@ fn probe_kvm() -> Result<bool> {
     }
     let _ = child.kill();
     let _ = child.wait();
-    eprintln!("harness: KVM probe {}", if ok { "passed: using KVM" } else { "failed: using TCG" });
+    eprintln!(
+        "harness: KVM probe {}",
+        if ok {
+            "passed: using KVM"
+        } else {
+            "failed: using TCG"
+        }
+    );
     Ok(ok)
 }
 
@@ -144,7 +168,8 @@ impl Vm {
     pub fn start(cfg: &VmConfig) -> Result<Vm> {
         let dir = tempfile::tempdir().context("cannot create the VM directory")?;
         let vars = dir.path().join("OVMF_VARS.fd");
-        std::fs::copy(OVMF_VARS, &vars).with_context(|| format!("cannot copy {OVMF_VARS} (package ovmf)"))?;
+        std::fs::copy(OVMF_VARS, &vars)
+            .with_context(|| format!("cannot copy {OVMF_VARS} (package ovmf)"))?;
         let console = dir.path().join("console.log");
         let mut c = Command::new("qemu-system-x86_64");
         if kvm_works() {
@@ -152,25 +177,53 @@ impl Vm {
         } else {
             c.args(["-accel", "tcg", "-cpu", "max"]);
         }
-        c.args(["-machine", "q35", "-smp", "1", "-m", &cfg.memory_mib.to_string()])
-            .args(["-nodefaults", "-display", "none", "-no-reboot", "-vga", "none"])
-            .arg("-drive")
-            .arg(format!("if=pflash,format=raw,unit=0,readonly=on,file={OVMF_CODE}"))
-            .arg("-drive")
-            .arg(format!("if=pflash,format=raw,unit=1,file={}", vars.display()))
-            .arg("-serial")
-            .arg(format!("file:{}", console.display()))
-            .args(["-nic", "user,model=virtio-net-pci"]);
+        c.args([
+            "-machine",
+            "q35",
+            "-smp",
+            "1",
+            "-m",
+            &cfg.memory_mib.to_string(),
+        ])
+        .args([
+            "-nodefaults",
+            "-display",
+            "none",
+            "-no-reboot",
+            "-vga",
+            "none",
+        ])
+        .arg("-drive")
+        .arg(format!(
+            "if=pflash,format=raw,unit=0,readonly=on,file={OVMF_CODE}"
+        ))
+        .arg("-drive")
+        .arg(format!(
+            "if=pflash,format=raw,unit=1,file={}",
+            vars.display()
+        ))
+        .arg("-serial")
+        .arg(format!("file:{}", console.display()))
+        .args(["-nic", "user,model=virtio-net-pci"]);
         match cfg.boot {
             Boot::UsbStick => {
                 c.args(["-device", "qemu-xhci,id=xhci"])
                     .arg("-drive")
-                    .arg(format!("if=none,id=stick,format=raw,readonly=on,file={}", cfg.iso.display()))
-                    .args(["-device", "usb-storage,bus=xhci.0,drive=stick,removable=on,bootindex=1"]);
+                    .arg(format!(
+                        "if=none,id=stick,format=raw,readonly=on,file={}",
+                        cfg.iso.display()
+                    ))
+                    .args([
+                        "-device",
+                        "usb-storage,bus=xhci.0,drive=stick,removable=on,bootindex=1",
+                    ]);
             }
             Boot::Cdrom => {
                 c.arg("-drive")
-                    .arg(format!("if=none,id=cd,media=cdrom,readonly=on,file={}", cfg.iso.display()))
+                    .arg(format!(
+                        "if=none,id=cd,media=cdrom,readonly=on,file={}",
+                        cfg.iso.display()
+                    ))
                     .args(["-device", "ide-cd,drive=cd,bootindex=1"]);
             }
         }
@@ -239,9 +292,15 @@ impl Vm {
                 use std::io::Read;
                 let _ = e.read_to_string(&mut stderr);
             }
-            bail!("qemu exited with {status}: {stderr}\nconsole tail:\n{}", self.console_tail(60));
+            bail!(
+                "qemu exited with {status}: {stderr}\nconsole tail:\n{}",
+                self.console_tail(60)
+            );
         }
-        eprintln!("harness: VM powered off after {:.1}s", self.started.elapsed().as_secs_f64());
+        eprintln!(
+            "harness: VM powered off after {:.1}s",
+            self.started.elapsed().as_secs_f64()
+        );
         Ok(self.console())
     }
 }

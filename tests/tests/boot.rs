@@ -4,14 +4,16 @@ use nodeflash_tests::{assert_console, images_dir, Boot, Nvme, Vm, VmConfig};
 
 fn summary() -> serde_json::Value {
     let path = images_dir().join("qemu.json");
-    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()));
+    let text = std::fs::read_to_string(&path)
+        .unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()));
     serde_json::from_str(&text).expect("build summary is JSON")
 }
 
 fn boot(boot: Boot) -> String {
     let dir = tempfile::tempdir().expect("tempdir");
     let mut cfg = VmConfig::new(images_dir().join("qemu.iso"), boot);
-    cfg.nvme.push(Nvme::create(dir.path(), "nvme.img", 2 << 30, "NFTEST0001").expect("disk image"));
+    cfg.nvme
+        .push(Nvme::create(dir.path(), "nvme.img", 2 << 30, "NFTEST0001").expect("disk image"));
     let mut vm = Vm::start(&cfg).expect("qemu starts");
     vm.wait_for_poweroff().unwrap_or_else(|e| panic!("{e:#}"))
 }
@@ -19,7 +21,14 @@ fn boot(boot: Boot) -> String {
 fn assert_common(console: &str) {
     let s = summary();
     let id = s["image_id"].as_str().expect("image_id");
-    assert_console(console, &format!("nodeflash {} · profile qemu · image {}", env!("CARGO_PKG_VERSION"), &id[..12]));
+    assert_console(
+        console,
+        &format!(
+            "nodeflash {} · profile qemu · image {}",
+            env!("CARGO_PKG_VERSION"),
+            &id[..12]
+        ),
+    );
     assert_console(console, "kernel modules in");
     assert_console(
         console,
@@ -27,7 +36,10 @@ fn assert_common(console: &str) {
     );
     assert_console(console, "net: eth0 mac=52:54:00:12:34:56 carrier=up");
     assert_console(console, "nodeflash: powering off");
-    assert!(!console.contains("warning:"), "unexpected warning on the console:\n{console}");
+    assert!(
+        !console.contains("warning:"),
+        "unexpected warning on the console:\n{console}"
+    );
 }
 
 #[test]
@@ -37,7 +49,9 @@ fn boots_from_usb_stick() {
     assert_console(&console, "boot medium: /dev/sda");
     assert_console(&console, "bus=usb");
     assert!(
-        console.lines().any(|l| l.starts_with("disk: sda ") && l.ends_with(" boot-medium")),
+        console
+            .lines()
+            .any(|l| l.starts_with("disk: sda ") && l.ends_with(" boot-medium")),
         "the stick is not marked as the boot medium:\n{console}"
     );
 }

@@ -61,7 +61,10 @@ fn main() -> ExitCode {
 }
 
 fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap_or(Path::new(".")).to_path_buf()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap_or(Path::new("."))
+        .to_path_buf()
 }
 
 fn target_dir() -> PathBuf {
@@ -97,23 +100,27 @@ fn ensure_packages(tools_needed: &[(&str, &str)]) -> Result<()> {
     if !is_root() || tools::require(&[("apt-get", "apt")]).is_err() {
         return tools::require(tools_needed);
     }
-    steps::step(&format!("Installing Debian packages: {}", missing.join(" ")), || {
-        cmd::run(Command::new("apt-get").args(["-q", "update"]))?;
-        cmd::run(
-            Command::new("apt-get")
-                .env("DEBIAN_FRONTEND", "noninteractive")
-                .args(["-q", "-y", "install", "--no-install-recommends"])
-                .args(&missing),
-        )?;
-        Ok(())
-    })?;
+    steps::step(
+        &format!("Installing Debian packages: {}", missing.join(" ")),
+        || {
+            cmd::run(Command::new("apt-get").args(["-q", "update"]))?;
+            cmd::run(
+                Command::new("apt-get")
+                    .env("DEBIAN_FRONTEND", "noninteractive")
+                    .args(["-q", "-y", "install", "--no-install-recommends"])
+                    .args(&missing),
+            )?;
+            Ok(())
+        },
+    )?;
     tools::require(tools_needed)
 }
 
 /// The target the installer is built for: static musl when the toolchain
 /// has it or can fetch it, else glibc (its libraries then go into the image).
 fn installer_target() -> &'static str {
-    let installed = cmd::run(Command::new("rustup").args(["target", "list", "--installed"])).unwrap_or_default();
+    let installed = cmd::run(Command::new("rustup").args(["target", "list", "--installed"]))
+        .unwrap_or_default();
     if installed.lines().any(|l| l.trim() == MUSL) {
         return MUSL;
     }
@@ -134,9 +141,19 @@ fn installer_target() -> &'static str {
 fn build_installer() -> Result<PathBuf> {
     let target = installer_target();
     steps::step(&format!("Compiling the installer ({target})"), || {
-        run_visible(cargo().args(["build", "--quiet", "--release", "-p", "nodeflash-installer", "--target", target]))
+        run_visible(cargo().args([
+            "build",
+            "--quiet",
+            "--release",
+            "-p",
+            "nodeflash-installer",
+            "--target",
+            target,
+        ]))
     })?;
-    Ok(target_dir().join(target).join("release/nodeflash-installer"))
+    Ok(target_dir()
+        .join(target)
+        .join("release/nodeflash-installer"))
 }
 
 fn build_iso(profile: &str) -> Result<nodeflash_builder::build::BuildSummary> {
@@ -155,15 +172,31 @@ fn update_inputs() -> Result<()> {
     ensure_packages(&[("apt-get", "apt")])?;
     let path = root().join("profiles/alrest.toml");
     let profile = Profile::load(&path)?;
-    steps::step("Updating profiles/inputs.lock", || provider(&profile, &path).update_lock(&Cache::from_env()?))
+    steps::step("Updating profiles/inputs.lock", || {
+        provider(&profile, &path).update_lock(&Cache::from_env()?)
+    })
 }
 
 fn test() -> Result<()> {
-    let all: Vec<(&str, &str)> = tools::BUILD_TOOLS.iter().chain(tools::TEST_TOOLS).copied().collect();
+    let all: Vec<(&str, &str)> = tools::BUILD_TOOLS
+        .iter()
+        .chain(tools::TEST_TOOLS)
+        .copied()
+        .collect();
     ensure_packages(&all)?;
-    steps::step("Checking formatting", || run_visible(cargo().args(["fmt", "--all", "--check"])))?;
+    steps::step("Checking formatting", || {
+        run_visible(cargo().args(["fmt", "--all", "--check"]))
+    })?;
     steps::step("Linting", || {
-        run_visible(cargo().args(["clippy", "--quiet", "--workspace", "--all-targets", "--", "-D", "warnings"]))
+        run_visible(cargo().args([
+            "clippy",
+            "--quiet",
+            "--workspace",
+            "--all-targets",
+            "--",
+            "-D",
+            "warnings",
+        ]))
     })?;
     let summary = build_iso("qemu")?;
     cli::print_summary(&summary);
