@@ -373,6 +373,11 @@ impl std::str::FromStr for Size {
             .find(|c: char| !(c.is_ascii_digit() || c == '.'))
             .unwrap_or(t.len());
         let (num, unit) = t.split_at(split);
+        if num.is_empty() {
+            return Err(format!(
+                "invalid size `{s}`: expected a number and a unit, e.g. \"512MiB\" or \"1TB\""
+            ));
+        }
         let mult: u64 = match unit.trim() {
             "" | "B" => 1,
             "K" | "KiB" => 1 << 10,
@@ -383,9 +388,11 @@ impl std::str::FromStr for Size {
             "MB" => 1_000_000,
             "GB" => 1_000_000_000,
             "TB" => 1_000_000_000_000,
-            u => return Err(format!(
+            u => {
+                return Err(format!(
                 "unknown size unit `{u}` in `{s}` (use B, KiB, MiB, GiB, TiB, KB, MB, GB or TB)"
-            )),
+            ))
+            }
         };
         let bytes = if let Some((int, frac)) = num.split_once('.') {
             let int: u64 = int.parse().map_err(|_| format!("invalid size `{s}`"))?;

@@ -1,0 +1,114 @@
+//! The `nodeflash` command line on the repository's profiles.
+
+use std::path::Path;
+use std::process::Command;
+
+use nodeflash_installer::profile::{HostId, Profile};
+
+fn profiles_dir() -> std::path::PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../profiles")
+}
+
+fn nodeflash(args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_nodeflash"))
+        .arg("--profiles-dir")
+        .arg(profiles_dir())
+        .args(args)
+        .output()
+        .expect("nodeflash runs")
+}
+
+#[test]
+fn repository_profiles_are_valid() {
+    let out = nodeflash(&["profile", "check"]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains("alrest.toml (alrest)") && stdout.contains("qemu.toml (qemu)"),
+        "{stdout}"
+    );
+}
+
+#[test]
+fn alrest_is_the_seed_cluster() {
+    let p = Profile::load(&profiles_dir().join("alrest.toml")).expect("alrest parses");
+    let nodes: Vec<(String, HostId)> = p
+        .nodes
+        .iter()
+        .map(|n| (n.name.get_ref().to_string(), n.hostid))
+        .collect();
+    assert_eq!(
+        nodes,
+        [
+            ("kos-mos".to_string(), HostId::Fixed(0x472479d4)),
+            ("logos".to_string(), HostId::Fixed(0xaeace675)),
+            ("ontos".to_string(), HostId::Fixed(0x07602ecc)),
+            ("pneuma".to_string(), HostId::Fixed(0x34fbd94b)),
+        ]
+    );
+    let datasets: Vec<String> = p
+        .pool
+        .datasets
+        .iter()
+        .map(|d| d.name.get_ref().to_string())
+        .collect();
+    assert_eq!(
+        datasets,
+        [
+            "local",
+            "local/nix",
+            "local/vms",
+            "safe",
+            "safe/home",
+            "safe/root",
+            "safe/vms"
+        ]
+    );
+    assert_eq!(
+        p.pool.root_options.get("compression").map(String::as_str),
+        Some("zstd")
+    );
+    assert_eq!(p.ssh.github_users, ["Xe"]);
+}
+
+#[test]
+fn show_prints_the_resolved_profile() {
+    let out = nodeflash(&["profile", "show", "qemu"]);
+    assert!(out.status.success());
+    let text = String::from_utf8_lossy(&out.stdout);
+    // Defaults are filled in and the output is itself a valid profile.
+    assert!(
+        text.contains("key-url = \"https://github.com/{user}.keys\""),
+        "{text}"
+    );
+    Profile::parse(&text, "shown").expect("shown profile parses");
+}
+
+#[test]
+fn bad_profile_names_file_line_and_key() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let bad = dir.path().join("bad.toml");
+    std::fs::write(
+        &bad,
+        "name = \"bad\"\n[disk]\nselect = { serial = \"X\" }\nesp-size = \"lots\"\n[pool]\n",
+    )
+    .expect("write");
+    let out = Command::new(env!("CARGO_BIN_EXE_nodeflash"))
+        .args(["profile", "show"])
+        .arg(&bad)
+        .output()
+        .expect("nodeflash runs");
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains(&format!(
+            "{}:4:12: `disk.esp-size`: invalid size `lots`",
+            bad.display()
+        )),
+        "{stderr}"
+    );
+}
