@@ -15,7 +15,9 @@ fn boot(boot: Boot) -> String {
     cfg.nvme
         .push(Nvme::create(dir.path(), "nvme.img", 2 << 30, "NFTEST0001").expect("disk image"));
     let mut vm = Vm::start(&cfg).expect("qemu starts");
-    vm.wait_for_poweroff().unwrap_or_else(|e| panic!("{e:#}"))
+    let console = vm.wait_for_poweroff().unwrap_or_else(|e| panic!("{e:#}"));
+    eprintln!("{console}");
+    console
 }
 
 fn assert_common(console: &str) {
