@@ -120,7 +120,7 @@ pub fn build(opts: &BuildOptions) -> Result<BuildSummary> {
         };
     let initrd = steps::step("Writing initramfs", || {
         artefact("initrd", "cpio.zst", &|p| {
-            initramfs.write_zstd(p, 19).map(drop)
+            initramfs.write_zstd(p, 10).map(drop)
         })
     })?;
     let efi = steps::step("Writing EFI image", || {
