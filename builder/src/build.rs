@@ -47,6 +47,15 @@ pub const DEFAULT_MODULES: &[&str] = &[
     "zfs",
 ];
 
+/// Compression of the initramfs. Part of the image ID: it changes the bytes.
+const INITRD_ZSTD_LEVEL: i32 = 10;
+
+/// Version of the way the initramfs, EFI image and ISO are written. Part of
+/// the image ID, so cached artefacts are not reused across a change: bump it
+/// whenever a writer's output changes (the reproducibility test catches a
+/// forgotten bump: the rebuilt ISO then differs from the cached one).
+const ARTEFACT_FORMAT: &str = "2";
+
 #[derive(Debug)]
 pub struct BuildOptions {
     pub profile: PathBuf,
@@ -120,7 +129,7 @@ pub fn build(opts: &BuildOptions) -> Result<BuildSummary> {
         };
     let initrd = steps::step("Writing initramfs", || {
         artefact("initrd", "cpio.zst", &|p| {
-            initramfs.write_zstd(p, 10).map(drop)
+            initramfs.write_zstd(p, INITRD_ZSTD_LEVEL).map(drop)
         })
     })?;
     let efi = steps::step("Writing EFI image", || {
@@ -290,6 +299,8 @@ fn assemble(
         &sha256_file(&inputs.kernel)?,
         &sha256_file(&inputs.systemd_boot)?,
         &profile.image.cmdline,
+        &INITRD_ZSTD_LEVEL.to_string(),
+        ARTEFACT_FORMAT,
         env!("CARGO_PKG_VERSION"),
     ]);
     let info = ImageInfo {

@@ -71,7 +71,12 @@ enum ProfileCommand {
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
     steps::configure(cli.quiet, cli.verbose);
-    match run(cli) {
+    exit_code(run(cli))
+}
+
+/// Prints an error with its chain of causes; the exit code for a result.
+pub fn exit_code(result: Result<()>) -> ExitCode {
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e}");

@@ -32,6 +32,8 @@ pub fn write_iso(
             .env("SOURCE_DATE_EPOCH", &epoch)
             .args(["-as", "mkisofs", "-quiet", "-iso-level", "3", "-R", "-J"])
             .args(["-V", volume_id, "-volset", volume_set])
+            // File dates come from the temporary root otherwise.
+            .args(["--set_all_file_dates", &format!("={epoch}")])
             .args([
                 "-partition_offset",
                 "16",

@@ -109,8 +109,6 @@ fn probe_kvm() -> Result<bool> {
     // The probe boots the same firmware, machine and CPU as the tests: on some
     // hosts a KVM guest starts but OVMF hangs, or QEMU refuses the host CPU.
     let dir = tempfile::tempdir()?;
-    let vars = dir.path().join("OVMF_VARS.fd");
-    std::fs::copy(OVMF_VARS, &vars)?;
     let serial = dir.path().join("serial.log");
     let mut child = Command::new("qemu-system-x86_64")
         .args([
@@ -126,17 +124,7 @@ fn probe_kvm() -> Result<bool> {
             "-m",
             "256",
         ])
-        .arg("-drive")
-        .arg(format!(
-            "if=pflash,format=raw,unit=0,readonly=on,file={OVMF_CODE}"
-        ))
-        .arg("-drive")
-        .arg(format!(
-            "if=pflash,format=raw,unit=1,file={}",
-            vars.display()
-        ))
-        .arg("-serial")
-        .arg(format!("file:{}", serial.display()))
+        .args(firmware_and_serial(dir.path(), &serial)?)
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::null())
@@ -167,12 +155,25 @@ fn probe_kvm() -> Result<bool> {
     Ok(ok)
 }
 
+/// OVMF (code read-only, a fresh copy of the variables in `dir`) and the
+/// serial port captured to `serial`.
+fn firmware_and_serial(dir: &Path, serial: &Path) -> Result<Vec<String>> {
+    let vars = dir.join("OVMF_VARS.fd");
+    std::fs::copy(OVMF_VARS, &vars)
+        .with_context(|| format!("cannot copy {OVMF_VARS} (package ovmf)"))?;
+    Ok(vec![
+        "-drive".into(),
+        format!("if=pflash,format=raw,unit=0,readonly=on,file={OVMF_CODE}"),
+        "-drive".into(),
+        format!("if=pflash,format=raw,unit=1,file={}", vars.display()),
+        "-serial".into(),
+        format!("file:{}", serial.display()),
+    ])
+}
+
 impl Vm {
     pub fn start(cfg: &VmConfig) -> Result<Vm> {
         let dir = tempfile::tempdir().context("cannot create the VM directory")?;
-        let vars = dir.path().join("OVMF_VARS.fd");
-        std::fs::copy(OVMF_VARS, &vars)
-            .with_context(|| format!("cannot copy {OVMF_VARS} (package ovmf)"))?;
         let console = dir.path().join("console.log");
         let mut c = Command::new("qemu-system-x86_64");
         if kvm_works() {
@@ -196,17 +197,7 @@ impl Vm {
             "-vga",
             "none",
         ])
-        .arg("-drive")
-        .arg(format!(
-            "if=pflash,format=raw,unit=0,readonly=on,file={OVMF_CODE}"
-        ))
-        .arg("-drive")
-        .arg(format!(
-            "if=pflash,format=raw,unit=1,file={}",
-            vars.display()
-        ))
-        .arg("-serial")
-        .arg(format!("file:{}", console.display()))
+        .args(firmware_and_serial(dir.path(), &console)?)
         .args(["-nic", "user,model=virtio-net-pci"]);
         match cfg.boot {
             Boot::UsbStick => {

@@ -48,16 +48,7 @@ fn main() -> ExitCode {
         Cmd::UpdateInputs => update_inputs(),
         Cmd::Test => test(),
     };
-    match result {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("error: {e}");
-            for cause in e.chain().skip(1) {
-                eprintln!("  caused by: {cause}");
-            }
-            ExitCode::FAILURE
-        }
-    }
+    cli::exit_code(result)
 }
 
 fn root() -> PathBuf {
