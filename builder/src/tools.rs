@@ -22,6 +22,8 @@ pub const TEST_TOOLS: &[(&str, &str)] = &[
     // independent readers of what the builder writes, for cross-checks
     ("fsck.fat", "dosfstools"),
     ("cpio", "cpio"),
+    ("sfdisk", "fdisk"),
+    ("blkid", "util-linux"),
 ];
 
 fn present(tool: &str) -> bool {

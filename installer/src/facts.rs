@@ -40,6 +40,10 @@ pub struct BlockDevice {
     /// True for the medium this image was booted from (set by the installer).
     #[serde(default)]
     pub boot_medium: bool,
+    /// What the installer found on the disk: partition tables, file systems,
+    /// ZFS labels (empty for an empty disk).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub signatures: Vec<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -136,6 +140,7 @@ impl Facts {
                 removable: num("removable") == Some(1),
                 read_only: num("ro") == Some(1),
                 boot_medium: false,
+                signatures: Vec::new(),
                 name,
             });
         }

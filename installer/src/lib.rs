@@ -7,7 +7,9 @@
 
 pub mod cmd;
 pub mod console;
+pub mod disk;
 pub mod facts;
 pub mod image;
 pub mod pid1;
+pub mod plan;
 pub mod profile;

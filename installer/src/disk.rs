@@ -1,0 +1,360 @@
+//! Carrying out a [`Plan`] on a disk: what is on it (signatures), wiping,
+//! the GPT, the ESP's FAT32 and the swap header. Everything is written
+//! through the whole-disk handle at the planned offsets, so the same code
+//! runs on a block device and on a plain image file (host tests).
+
+use std::fs::{File, OpenOptions};
+use std::io::{self, Read, Seek, SeekFrom, Write};
+use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use serde::Serialize;
+
+use crate::plan::{PartKind, Plan};
+
+const MIB: u64 = 1 << 20;
+
+/// Looks at the first and last MiB of a disk (and its partition list in
+/// sysfs) and names what it finds; empty means the disk is empty.
+pub fn signatures(dev: &Path, size: u64, partitions: &[String]) -> Result<Vec<String>> {
+    let mut f = File::open(dev).with_context(|| format!("cannot open {} to look at it", dev.display()))?;
+    let head_len = size.min(MIB) as usize;
+    let mut head = vec![0u8; head_len];
+    f.read_exact(&mut head).with_context(|| format!("cannot read the start of {}", dev.display()))?;
+    let tail_start = size.saturating_sub(MIB).max(head_len as u64);
+    let mut tail = vec![0u8; (size - tail_start) as usize];
+    f.seek(SeekFrom::Start(tail_start))
+        .and_then(|_| f.read_exact(&mut tail))
+        .with_context(|| format!("cannot read the end of {}", dev.display()))?;
+    Ok(classify(&head, &tail, partitions))
+}
+
+/// Names the signatures in the first and last MiB of a disk.
+pub fn classify(head: &[u8], tail: &[u8], partitions: &[String]) -> Vec<String> {
+    let at = |buf: &[u8], off: usize, magic: &[u8]| buf.get(off..off + magic.len()) == Some(magic);
+    let mut found = Vec::new();
+    if !partitions.is_empty() {
+        found.push(format!("partitions {}", partitions.join(" ")));
+    }
+    if at(head, 512, b"EFI PART") || at(head, 4096, b"EFI PART") {
+        found.push("GPT partition table".into());
+    } else if tail.len() >= 4096 && (at(tail, tail.len() - 512, b"EFI PART") || at(tail, tail.len() - 4096, b"EFI PART")) {
+        found.push("backup GPT header".into());
+    } else if at(head, 510, &[0x55, 0xAA]) && (0..4).any(|i| head.get(446 + 16 * i + 4).is_some_and(|t| *t != 0)) {
+        found.push("MBR partition table".into());
+    }
+    let fs: [(&str, usize, &[u8]); 9] = [
+        ("ext2/3/4 file system", 1080, &[0x53, 0xEF]),
+        ("XFS file system", 0, b"XFSB"),
+        ("btrfs file system", 65600, b"_BHRfS_M"),
+        ("FAT file system", 54, b"FAT1"),
+        ("FAT32 file system", 82, b"FAT32"),
+        ("swap", 4086, b"SWAPSPACE2"),
+        ("swap", 4086, b"SWAP-SPACE"),
+        ("ISO9660 file system", 32769, b"CD001"),
+        ("LUKS header", 0, b"LUKS\xba\xbe"),
+    ];
+    for (name, off, magic) in fs {
+        if at(head, off, magic) && !found.iter().any(|f| f == name) {
+            found.push(name.to_string());
+        }
+    }
+    // ZFS uberblocks (magic 0x00bab10c) sit 1 KiB-aligned in the labels at
+    // both ends of a vdev.
+    let magic = 0x00ba_b10c_u64.to_le_bytes();
+    let zfs = |buf: &[u8]| buf.chunks(1024).any(|c| c.starts_with(&magic));
+    if zfs(head) || zfs(tail) {
+        found.push("ZFS label".into());
+    }
+    if found.is_empty() && (head.iter().any(|b| *b != 0) || tail.iter().any(|b| *b != 0)) {
+        found.push("unrecognised data in the first or last MiB".into());
+    }
+    found
+}
+
+/// What the disk looks like after [`partition`].
+#[derive(Debug, Clone, Serialize)]
+pub struct Layout {
+    pub disk_guid: String,
+    pub partitions: Vec<Partition>,
+    pub esp_volume_id: String,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Partition {
+    pub number: u32,
+    pub kind: PartKind,
+    pub guid: String,
+    /// `/dev/nvme0n1p1` on a machine; empty on an image file.
+    pub device: String,
+}
+
+/// A window of a file, seen as a file of its own.
+struct Slice<'a> {
+    file: &'a mut File,
+    start: u64,
+    len: u64,
+    pos: u64,
+}
+
+impl Read for Slice<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = (buf.len() as u64).min(self.len.saturating_sub(self.pos)) as usize;
+        self.file.seek(SeekFrom::Start(self.start + self.pos))?;
+        let n = self.file.read(&mut buf[..n])?;
+        self.pos += n as u64;
+        Ok(n)
+    }
+}
+
+impl Write for Slice<'_> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        if self.pos + buf.len() as u64 > self.len {
+            return Err(io::Error::new(io::ErrorKind::WriteZero, "write past the end of the partition"));
+        }
+        self.file.seek(SeekFrom::Start(self.start + self.pos))?;
+        let n = self.file.write(buf)?;
+        self.pos += n as u64;
+        Ok(n)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        self.file.flush()
+    }
+}
+
+impl Seek for Slice<'_> {
+    fn seek(&mut self, to: SeekFrom) -> io::Result<u64> {
+        let new = match to {
+            SeekFrom::Start(p) => Some(p),
+            SeekFrom::End(d) => self.len.checked_add_signed(d),
+            SeekFrom::Current(d) => self.pos.checked_add_signed(d),
+        };
+        self.pos = new.ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "seek before the start"))?;
+        Ok(self.pos)
+    }
+}
+
+fn zero(file: &mut File, what: &str, offset: u64, len: u64) -> Result<()> {
+    let buf = vec![0u8; len as usize];
+    file.seek(SeekFrom::Start(offset))
+        .and_then(|_| file.write_all(&buf))
+        .with_context(|| format!("cannot clear {what} at byte {offset}"))
+}
+
+/// Zeroes the first and last MiB of a region (labels, tables, superblocks).
+fn clear_ends(file: &mut File, what: &str, start: u64, len: u64) -> Result<()> {
+    let n = len.min(MIB);
+    zero(file, what, start, n)?;
+    zero(file, what, start + len - n, n)
+}
+
+/// The kernel name of partition `n` of `disk` (`nvme0n1p1`, `sda1`).
+pub fn partition_name(disk: &str, n: u32) -> String {
+    if disk.ends_with(|c: char| c.is_ascii_digit()) {
+        format!("{disk}p{n}")
+    } else {
+        format!("{disk}{n}")
+    }
+}
+
+/// Old partitions of a disk from sysfs: (name, start byte, length in bytes).
+pub fn old_partitions(sysfs: &Path, disk: &str) -> Vec<(String, u64, u64)> {
+    let dir = sysfs.join("block").join(disk);
+    let mut parts: Vec<(String, u64, u64)> = std::fs::read_dir(&dir)
+        .map(|rd| {
+            rd.flatten()
+                .filter_map(|e| {
+                    let name = e.file_name().to_string_lossy().into_owned();
+                    let num = |f: &str| std::fs::read_to_string(e.path().join(f)).ok()?.trim().parse::<u64>().ok();
+                    (name.starts_with(disk)).then(|| Some((name.clone(), num("start")? * 512, num("size")? * 512)))?
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    parts.sort();
+    parts
+}
+
+/// Wipes (if planned) and partitions the disk at `dev` (a block device or an
+/// image file), formats the ESP and writes the swap header.
+/// `old` lists the old partitions (start, length in bytes) to clear.
+pub fn partition(plan: &Plan, dev: &Path, old: &[(u64, u64)]) -> Result<Layout> {
+    let is_block = std::fs::metadata(dev)
+        .with_context(|| format!("cannot stat {}", dev.display()))?
+        .file_type()
+        .is_block_device();
+    let mut file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        // An exclusive open fails while anything has the disk mounted or open.
+        .custom_flags(if is_block { nix::libc::O_EXCL } else { 0 })
+        .open(dev)
+        .with_context(|| format!("cannot open {} for writing (is it in use?)", dev.display()))?;
+    let size = plan.disk.size_bytes;
+    let lbs = u64::from(plan.logical_block_size);
+    // Old labels and tables first: every old partition's ends, then the disk's.
+    for (start, len) in old {
+        clear_ends(&mut file, &format!("an old partition of {}", dev.display()), *start, *len)?;
+    }
+    clear_ends(&mut file, &dev.display().to_string(), 0, size)?;
+    for p in &plan.partitions {
+        clear_ends(&mut file, &format!("partition {} of {}", p.number, dev.display()), p.first_lba * lbs, p.sectors() * lbs)?;
+    }
+
+    let block_size = match lbs {
+        512 => gpt::disk::LogicalBlockSize::Lb512,
+        _ => gpt::disk::LogicalBlockSize::Lb4096,
+    };
+    let mut gpt = gpt::GptConfig::new()
+        .writable(true)
+        .logical_block_size(block_size)
+        .create_from_device(&mut file, None)
+        .with_context(|| format!("cannot start a GPT on {}", dev.display()))?;
+    for p in &plan.partitions {
+        let ty = match p.kind {
+            PartKind::Esp => gpt::partition_types::EFI,
+            PartKind::Swap => gpt::partition_types::LINUX_SWAP,
+            PartKind::Zfs => gpt::partition_types::MACOS_ZFS,
+        };
+        debug_assert_eq!(ty.guid.to_string().to_uppercase(), p.type_guid);
+        gpt.add_partition_at(&p.name, p.number, p.first_lba, p.sectors(), ty, 0)
+            .with_context(|| format!("cannot add partition {} to the GPT of {}", p.number, dev.display()))?;
+    }
+    let disk_guid = gpt.guid().to_string().to_uppercase();
+    let guids: Vec<String> = plan
+        .partitions
+        .iter()
+        .map(|p| gpt.partitions().get(&p.number).map(|e| e.part_guid.to_string().to_uppercase()).unwrap_or_default())
+        .collect();
+    gpt.write().with_context(|| format!("cannot write the GPT of {}", dev.display()))?;
+    let mbr = gpt::mbr::ProtectiveMBR::with_lb_size(u32::try_from(size / lbs - 1).unwrap_or(u32::MAX));
+    mbr.overwrite_lba0(&mut file)
+        .with_context(|| format!("cannot write the protective MBR of {}", dev.display()))?;
+
+    let mut esp_volume_id = String::new();
+    for (p, guid) in plan.partitions.iter().zip(&guids) {
+        let mut slice = Slice { file: &mut file, start: p.first_lba * lbs, len: p.sectors() * lbs, pos: 0 };
+        match p.kind {
+            PartKind::Esp => {
+                let id = u32::from_str_radix(&guid.replace('-', "")[..8], 16).unwrap_or(0x4e46_4c53);
+                format_esp(&mut slice, lbs, p.sectors(), id).with_context(|| format!("cannot format the ESP on {}", dev.display()))?;
+                esp_volume_id = format!("{:04X}-{:04X}", id >> 16, id & 0xffff);
+            }
+            PartKind::Swap => write_swap_header(&mut slice, guid).with_context(|| format!("cannot write the swap header on {}", dev.display()))?,
+            PartKind::Zfs => {}
+        }
+    }
+    file.sync_all().with_context(|| format!("cannot flush {}", dev.display()))?;
+
+    let mut partitions = Vec::new();
+    for (p, guid) in plan.partitions.iter().zip(guids) {
+        partitions.push(Partition {
+            number: p.number,
+            kind: p.kind,
+            guid,
+            device: if is_block { format!("/dev/{}", partition_name(&plan.disk.name, p.number)) } else { String::new() },
+        });
+    }
+    if is_block {
+        reread_partitions(&file, dev)?;
+        let nodes: Vec<PathBuf> = partitions.iter().map(|p| PathBuf::from(&p.device)).collect();
+        wait_for_nodes(&nodes, Duration::from_secs(10))?;
+    }
+    Ok(Layout { disk_guid, partitions, esp_volume_id })
+}
+
+fn format_esp(slice: &mut Slice<'_>, lbs: u64, sectors: u64, volume_id: u32) -> Result<()> {
+    let opts = fatfs::FormatVolumeOptions::new()
+        .fat_type(fatfs::FatType::Fat32)
+        .bytes_per_sector(u16::try_from(lbs).context("sector size")?)
+        .total_sectors(u32::try_from(sectors).context("ESP too large")?)
+        .volume_label(*b"ESP        ")
+        .volume_id(volume_id);
+    fatfs::format_volume(&mut *slice, opts).context("fatfs cannot format it")?;
+    slice.seek(SeekFrom::Start(0))?;
+    let fs = fatfs::FileSystem::new(&mut *slice, fatfs::FsOptions::new()).context("cannot read the new FAT back")?;
+    if fs.fat_type() != fatfs::FatType::Fat32 {
+        bail!("the ESP came out as {:?}, not FAT32: make esp-size at least 260MiB", fs.fat_type());
+    }
+    Ok(())
+}
+
+/// A Linux swap header (`SWAPSPACE2`, version 1) with UUID and label.
+fn write_swap_header(slice: &mut Slice<'_>, guid: &str) -> Result<()> {
+    const PAGE: u64 = 4096;
+    let pages = slice.len / PAGE;
+    if pages < 10 {
+        bail!("swap partition is too small");
+    }
+    let mut page = vec![0u8; PAGE as usize];
+    page[1024..1028].copy_from_slice(&1u32.to_le_bytes());
+    page[1028..1032].copy_from_slice(&u32::try_from(pages - 1).context("swap too large")?.to_le_bytes());
+    let uuid = uuid::Uuid::parse_str(guid).unwrap_or_else(|_| uuid::Uuid::new_v4());
+    page[1036..1052].copy_from_slice(uuid.as_bytes());
+    page[1052..1056].copy_from_slice(b"swap");
+    page[4086..4096].copy_from_slice(b"SWAPSPACE2");
+    slice.seek(SeekFrom::Start(0))?;
+    slice.write_all(&page)?;
+    Ok(())
+}
+
+nix::ioctl_none!(blkrrpart, 0x12, 95);
+
+/// Tells the kernel to read the new partition table.
+fn reread_partitions(file: &File, dev: &Path) -> Result<()> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: BLKRRPART takes no argument; the fd is an open block device.
+    unsafe { blkrrpart(file.as_raw_fd()) }
+        .with_context(|| format!("the kernel cannot re-read the partition table of {} (BLKRRPART)", dev.display()))?;
+    Ok(())
+}
+
+/// Waits until every node exists (devtmpfs creates them; there is no udev).
+fn wait_for_nodes(nodes: &[PathBuf], timeout: Duration) -> Result<()> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let missing: Vec<&PathBuf> = nodes.iter().filter(|n| !n.exists()).collect();
+        if missing.is_empty() {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!(
+                "the partition nodes {} did not appear within {}s after re-reading the table",
+                missing.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", "),
+                timeout.as_secs()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn classify_finds_tables_file_systems_and_zfs() {
+        let mut head = vec![0u8; MIB as usize];
+        let tail = vec![0u8; MIB as usize];
+        assert!(classify(&head, &tail, &[]).is_empty());
+        head[512..520].copy_from_slice(b"EFI PART");
+        assert_eq!(classify(&head, &tail, &[]), ["GPT partition table"]);
+        let mut head = vec![0u8; MIB as usize];
+        head[1080..1082].copy_from_slice(&[0x53, 0xEF]);
+        assert_eq!(classify(&head, &tail, &[]), ["ext2/3/4 file system"]);
+        let mut tail = vec![0u8; MIB as usize];
+        tail[128 * 1024..128 * 1024 + 8].copy_from_slice(&0x00ba_b10c_u64.to_le_bytes());
+        assert!(classify(&head, &tail, &[]).contains(&"ZFS label".to_string()));
+        let head = vec![1u8; 4096];
+        assert_eq!(classify(&head, &[], &[]), ["unrecognised data in the first or last MiB"]);
+        assert_eq!(classify(&[], &[], &["sda1".into()]), ["partitions sda1"]);
+    }
+
+    #[test]
+    fn partition_names() {
+        assert_eq!(partition_name("nvme0n1", 3), "nvme0n1p3");
+        assert_eq!(partition_name("sda", 1), "sda1");
+    }
+}

@@ -1,0 +1,395 @@
+//! The plan: which disk, which partitions at which sectors, what is wiped.
+//! Computed from the profile and the machine's facts only (pure), printed
+//! before anything is written, and testable on captured facts.
+
+use std::fmt::{self, Write as _};
+
+use anyhow::{bail, Result};
+use serde::Serialize;
+
+use crate::facts::{human_bytes, BlockDevice, Facts};
+use crate::profile::{Bus, DiskSelect, Profile, Wipe};
+
+/// Partitions start and end on 1 MiB boundaries.
+pub const ALIGN_BYTES: u64 = 1 << 20;
+/// ZFS refuses vdevs smaller than 64 MiB.
+pub const MIN_ZFS_BYTES: u64 = 64 << 20;
+
+pub const ESP_TYPE: &str = "C12A7328-F81F-11D2-BA4B-00A0C93EC93B";
+pub const SWAP_TYPE: &str = "0657FD6D-A4AB-43C4-84E5-0933C84B4F4F";
+/// The type `zpool create` gives a ZFS partition on Linux (Solaris /usr, BF01).
+pub const ZFS_TYPE: &str = "6A898CC3-1DD2-11B2-99A6-080020736631";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PartKind {
+    Esp,
+    Swap,
+    Zfs,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct PlannedPartition {
+    pub number: u32,
+    pub name: String,
+    pub kind: PartKind,
+    pub type_guid: &'static str,
+    pub first_lba: u64,
+    pub last_lba: u64,
+}
+
+impl PlannedPartition {
+    pub fn sectors(&self) -> u64 {
+        self.last_lba - self.first_lba + 1
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Plan {
+    pub disk: BlockDevice,
+    /// What is on the disk and will be wiped (`wipe = "always"`).
+    pub wipe: Vec<String>,
+    pub logical_block_size: u32,
+    pub partitions: Vec<PlannedPartition>,
+}
+
+/// Why no disk (or the wrong number of disks) was chosen.
+#[derive(Debug)]
+pub struct SelectError(pub String);
+
+impl fmt::Display for SelectError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for SelectError {}
+
+fn describe(d: &BlockDevice) -> String {
+    format!(
+        "{} ({}, model {:?}, serial {:?}, bus {})",
+        d.name,
+        human_bytes(d.size_bytes),
+        d.model.as_deref().unwrap_or(""),
+        d.serial.as_deref().unwrap_or(""),
+        d.bus
+    )
+}
+
+/// The first rule of `sel` that `d` fails, or None when it matches.
+fn failed_rule(sel: &DiskSelect, d: &BlockDevice) -> Option<String> {
+    if d.boot_medium {
+        return Some("it is the boot medium".into());
+    }
+    if d.removable {
+        return Some("it is removable".into());
+    }
+    if d.read_only {
+        return Some("it is read-only".into());
+    }
+    if d.size_bytes == 0 {
+        return Some("it has no medium".into());
+    }
+    let eq = |want: &Option<String>, have: &Option<String>, what: &str| match want {
+        Some(w) if have.as_deref().map(str::trim) != Some(w.trim()) => {
+            Some(format!("{what} {:?} is not {w:?}", have.as_deref().unwrap_or("")))
+        }
+        _ => None,
+    };
+    eq(&sel.serial, &d.serial, "serial")
+        .or_else(|| eq(&sel.wwn, &d.wwn, "wwn"))
+        .or_else(|| eq(&sel.model, &d.model, "model"))
+        .or_else(|| match sel.min_size {
+            Some(min) if d.size_bytes < min.0 => Some(format!("it is smaller than min-size {min}")),
+            _ => None,
+        })
+        .or_else(|| match sel.max_size {
+            Some(max) if d.size_bytes > max.0 => Some(format!("it is larger than max-size {max}")),
+            _ => None,
+        })
+        .or_else(|| match sel.bus {
+            Some(bus) => {
+                let want = match bus {
+                    Bus::Nvme => "nvme",
+                    Bus::Sata => "ata",
+                    Bus::Virtio => "virtio",
+                };
+                (d.bus != want).then(|| format!("bus {} is not {want}", d.bus))
+            }
+            None => None,
+        })
+        .or_else(|| match &sel.device {
+            Some(name) if *name != d.name && format!("/dev/{}", d.name) != *name => {
+                Some(format!("it is not {name}"))
+            }
+            _ => None,
+        })
+}
+
+/// The one disk the profile's rules select; every candidate and the rule it
+/// failed are in the error otherwise.
+pub fn select_disk<'a>(sel: &DiskSelect, facts: &'a Facts) -> Result<&'a BlockDevice, SelectError> {
+    let mut matching = Vec::new();
+    let mut report = String::new();
+    for d in &facts.block_devices {
+        match failed_rule(sel, d) {
+            None => matching.push(d),
+            Some(why) => {
+                let _ = writeln!(report, "  {}: not chosen, {why}", describe(d));
+            }
+        }
+    }
+    match matching.as_slice() {
+        [one] => Ok(one),
+        [] => Err(SelectError(format!(
+            "no disk matches the profile's [disk] select rules; the disks here:\n{}",
+            if report.is_empty() { "  (none)\n".to_string() } else { report }
+        ))),
+        several => {
+            for d in several {
+                let _ = writeln!(report, "  {}: matches", describe(d));
+            }
+            Err(SelectError(format!(
+                "{} disks match the profile's [disk] select rules, refusing to guess; \
+                 add a serial or wwn rule to pick one:\n{report}",
+                several.len()
+            )))
+        }
+    }
+}
+
+/// The plan for this profile on this machine.
+pub fn plan(profile: &Profile, facts: &Facts) -> Result<Plan> {
+    let disk = select_disk(&profile.disk.select, facts)?.clone();
+    if !disk.signatures.is_empty() && profile.disk.wipe == Wipe::IfEmpty {
+        bail!(
+            "disk {} is not empty ({}); nothing was written. Set `wipe = \"always\"` in the profile's [disk] to reinstall it",
+            disk.name,
+            disk.signatures.join(", ")
+        );
+    }
+    let lbs = u64::from(disk.logical_block_size);
+    if !(lbs == 512 || lbs == 4096) {
+        bail!("disk {} has a logical block size of {lbs} bytes; only 512 and 4096 are supported", disk.name);
+    }
+    let total = disk.size_bytes / lbs;
+    let align = ALIGN_BYTES / lbs;
+    // The backup GPT: header plus 16 KiB of entries at the end.
+    let last_usable = total.saturating_sub(1 + 16384 / lbs + 1);
+    let mut partitions = Vec::new();
+    let mut next = align;
+    let mut add = |name: &str, kind, type_guid, bytes: u64| {
+        let first = next;
+        let last = first + bytes.div_ceil(lbs) - 1;
+        next = (last + 1).div_ceil(align) * align;
+        partitions.push(PlannedPartition {
+            number: u32::try_from(partitions.len() + 1).unwrap_or(u32::MAX),
+            name: name.to_string(),
+            kind,
+            type_guid,
+            first_lba: first,
+            last_lba: last,
+        });
+    };
+    add("ESP", PartKind::Esp, ESP_TYPE, profile.disk.esp_size.0);
+    if let Some(swap) = profile.disk.swap_size {
+        add("swap", PartKind::Swap, SWAP_TYPE, swap.0);
+    }
+    // ZFS takes the rest, ending on a 1 MiB boundary.
+    let first = next;
+    let end = ((last_usable + 1) / align) * align;
+    let zfs_bytes = end.saturating_sub(first) * lbs;
+    if end <= first || zfs_bytes < MIN_ZFS_BYTES {
+        let needed = first * lbs + MIN_ZFS_BYTES + ALIGN_BYTES;
+        bail!(
+            "disk {} is too small: {} ({} bytes), the layout needs at least {} (ESP {}, swap {}, ZFS at least {}); nothing was written",
+            disk.name,
+            human_bytes(disk.size_bytes),
+            disk.size_bytes,
+            human_bytes(needed),
+            profile.disk.esp_size,
+            profile.disk.swap_size.map_or("none".to_string(), |s| s.to_string()),
+            human_bytes(MIN_ZFS_BYTES)
+        );
+    }
+    let number = u32::try_from(partitions.len() + 1).unwrap_or(u32::MAX);
+    partitions.push(PlannedPartition {
+        number,
+        name: profile.pool.name.to_string(),
+        kind: PartKind::Zfs,
+        type_guid: ZFS_TYPE,
+        first_lba: first,
+        last_lba: end - 1,
+    });
+    Ok(Plan {
+        wipe: if profile.disk.wipe == Wipe::Always { disk.signatures.clone() } else { Vec::new() },
+        logical_block_size: disk.logical_block_size,
+        disk,
+        partitions,
+    })
+}
+
+impl fmt::Display for Plan {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let lbs = u64::from(self.logical_block_size);
+        writeln!(f, "plan: install on {}", describe(&self.disk))?;
+        if self.wipe.is_empty() {
+            writeln!(f, "plan: the disk is empty")?;
+        } else {
+            writeln!(f, "plan: wipe what is there: {}", self.wipe.join(", "))?;
+        }
+        writeln!(f, "plan: GPT, {} byte sectors, partitions aligned to 1 MiB:", lbs)?;
+        for p in &self.partitions {
+            writeln!(
+                f,
+                "plan:   {} {:<6} {:>4?} sectors {}-{} ({})",
+                p.number,
+                p.name,
+                p.kind,
+                p.first_lba,
+                p.last_lba,
+                human_bytes(p.sectors() * lbs)
+            )?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn disk(name: &str, gib: u64, serial: &str) -> BlockDevice {
+        BlockDevice {
+            name: name.into(),
+            size_bytes: gib << 30,
+            logical_block_size: 512,
+            model: Some("QEMU NVMe Ctrl".into()),
+            serial: Some(serial.into()),
+            wwn: None,
+            bus: "nvme".into(),
+            removable: false,
+            read_only: false,
+            boot_medium: false,
+            signatures: Vec::new(),
+        }
+    }
+
+    fn stick() -> BlockDevice {
+        BlockDevice {
+            bus: "usb".into(),
+            removable: true,
+            boot_medium: true,
+            ..disk("sda", 1, "")
+        }
+    }
+
+    fn profile() -> Profile {
+        Profile::parse(
+            "name = \"t\"\n[disk]\nselect = { serial = \"NFTEST0001\" }\nesp-size = \"512MiB\"\nswap-size = \"256MiB\"\n[pool]\n",
+            "t.toml",
+        )
+        .expect("profile")
+    }
+
+    fn facts(disks: Vec<BlockDevice>) -> Facts {
+        Facts {
+            block_devices: disks,
+            ..Facts::default()
+        }
+    }
+
+    #[test]
+    fn layout_on_a_512_byte_disk() {
+        let plan = plan(&profile(), &facts(vec![stick(), disk("nvme0n1", 2, "NFTEST0001")])).expect("plan");
+        assert_eq!(plan.disk.name, "nvme0n1");
+        let parts: Vec<(u32, PartKind, u64, u64)> =
+            plan.partitions.iter().map(|p| (p.number, p.kind, p.first_lba, p.last_lba)).collect();
+        // 2 GiB = 4194304 sectors; the last 1 MiB holds the backup GPT.
+        assert_eq!(
+            parts,
+            [
+                (1, PartKind::Esp, 2048, 2048 + 1048576 - 1),
+                (2, PartKind::Swap, 1050624, 1050624 + 524288 - 1),
+                (3, PartKind::Zfs, 1574912, 4192255),
+            ]
+        );
+        let text = plan.to_string();
+        assert!(text.contains("plan: install on nvme0n1 (2.0 GiB"), "{text}");
+    }
+
+    #[test]
+    fn layout_on_a_4kn_disk() {
+        let mut d = disk("nvme0n1", 2, "NFTEST0001");
+        d.logical_block_size = 4096;
+        let plan = plan(&profile(), &facts(vec![d])).expect("plan");
+        let p = &plan.partitions;
+        assert_eq!((p[0].first_lba, p[0].last_lba), (256, 256 + 131072 - 1));
+        assert_eq!(p[2].last_lba, 524288 - 256 - 1);
+        assert!(p.iter().all(|p| (p.first_lba * 4096) % ALIGN_BYTES == 0 && ((p.last_lba + 1) * 4096) % ALIGN_BYTES == 0));
+    }
+
+    #[test]
+    fn no_swap_gives_two_partitions() {
+        let mut prof = profile();
+        prof.disk.swap_size = None;
+        let plan = plan(&prof, &facts(vec![disk("nvme0n1", 2, "NFTEST0001")])).expect("plan");
+        assert_eq!(plan.partitions.iter().map(|p| p.kind).collect::<Vec<_>>(), [PartKind::Esp, PartKind::Zfs]);
+    }
+
+    #[test]
+    fn ambiguous_match_is_refused_listing_every_candidate() {
+        let err = plan(&profile(), &facts(vec![disk("nvme0n1", 2, "NFTEST0001"), disk("nvme1n1", 2, "NFTEST0001")]))
+            .expect_err("ambiguous");
+        let msg = err.to_string();
+        assert!(msg.contains("2 disks match"), "{msg}");
+        assert!(msg.contains("nvme0n1") && msg.contains("nvme1n1"), "{msg}");
+    }
+
+    #[test]
+    fn no_match_names_the_failed_rule_and_never_the_boot_medium() {
+        let mut boot = disk("nvme1n1", 2, "NFTEST0001");
+        boot.boot_medium = true;
+        let err = plan(&profile(), &facts(vec![disk("nvme0n1", 2, "OTHER"), boot])).expect_err("no match");
+        let msg = err.to_string();
+        assert!(msg.contains("nvme0n1") && msg.contains("serial \"OTHER\" is not \"NFTEST0001\""), "{msg}");
+        assert!(msg.contains("nvme1n1") && msg.contains("it is the boot medium"), "{msg}");
+    }
+
+    #[test]
+    fn non_empty_disk_is_refused_unless_wipe_always() {
+        let mut d = disk("nvme0n1", 2, "NFTEST0001");
+        d.signatures = vec!["gpt partition table".into()];
+        let err = plan(&profile(), &facts(vec![d.clone()])).expect_err("not empty");
+        assert!(err.to_string().contains("not empty (gpt partition table)"), "{err}");
+        let mut prof = profile();
+        prof.disk.wipe = Wipe::Always;
+        let plan = plan(&prof, &facts(vec![d])).expect("wipe always");
+        assert_eq!(plan.wipe, ["gpt partition table"]);
+    }
+
+    #[test]
+    fn too_small_disk_is_refused() {
+        let mut d = disk("nvme0n1", 0, "NFTEST0001");
+        d.size_bytes = 512 << 20;
+        let err = plan(&profile(), &facts(vec![d])).expect_err("too small");
+        assert!(err.to_string().contains("too small"), "{err}");
+    }
+
+    #[test]
+    fn size_and_bus_rules() {
+        let sel = DiskSelect {
+            bus: Some(Bus::Nvme),
+            min_size: Some(crate::profile::Size(900_000_000_000)),
+            max_size: Some(crate::profile::Size(1_100_000_000_000)),
+            ..DiskSelect::default()
+        };
+        let mut big = disk("nvme0n1", 0, "A");
+        big.size_bytes = 1_000_204_886_016;
+        let mut sata = big.clone();
+        sata.name = "sda".into();
+        sata.bus = "ata".into();
+        let f = facts(vec![big, sata, disk("nvme1n1", 256, "B")]);
+        assert_eq!(select_disk(&sel, &f).expect("one disk").name, "nvme0n1");
+    }
+}
