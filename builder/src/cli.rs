@@ -16,7 +16,7 @@ use crate::steps;
 #[command(
     name = "nodeflash",
     version,
-    after_help = "Examples:\n  nodeflash profile check\n  nodeflash profile show alrest\n  nodeflash build --profile alrest --installer target/x86_64-unknown-linux-musl/release/nodeflash-installer\n\nExit status: 0 success, 1 error, 2 bad usage."
+    after_help = "Examples:\n  nodeflash profile check\n  nodeflash profile show alrest\n  nodeflash facts > node.json && nodeflash plan --profile alrest --machine node.json\n  nodeflash build --profile alrest --installer target/x86_64-unknown-linux-musl/release/nodeflash-installer\n\nExit status: 0 success, 1 error, 2 bad usage."
 )]
 pub struct Cli {
     /// Show every command that is run.
@@ -53,6 +53,20 @@ enum Command {
         #[command(subcommand)]
         command: ProfileCommand,
     },
+    /// Show what the installer would do on a machine, from its facts (JSON as
+    /// printed by `nodeflash facts`), without touching anything.
+    Plan {
+        #[arg(long)]
+        profile: String,
+        /// Machine facts as JSON.
+        #[arg(long)]
+        machine: PathBuf,
+        /// Print the plan as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print this machine's facts (disks, NICs, DMI) as JSON.
+    Facts,
     /// Pin the newest available build inputs in the profile's lock file.
     UpdateInputs {
         #[arg(long, default_value = "alrest")]
@@ -118,6 +132,27 @@ fn run(cli: Cli) -> Result<()> {
         Command::Profile {
             command: ProfileCommand::Check,
         } => check_profiles(&cli.profiles_dir)?,
+        Command::Plan {
+            profile,
+            machine,
+            json,
+        } => {
+            let p = Profile::load(&profile_path(&profile, &cli.profiles_dir))?;
+            let text = std::fs::read_to_string(&machine)
+                .with_context(|| format!("cannot read machine facts {}", machine.display()))?;
+            let facts: nodeflash_installer::facts::Facts = serde_json::from_str(&text)
+                .with_context(|| format!("invalid machine facts {}", machine.display()))?;
+            let plan = nodeflash_installer::plan::plan(&p, &facts)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&plan)?);
+            } else {
+                print!("{plan}");
+            }
+        }
+        Command::Facts => {
+            let facts = nodeflash_installer::facts::Facts::read(std::path::Path::new("/sys"));
+            println!("{}", serde_json::to_string_pretty(&facts)?);
+        }
         Command::UpdateInputs { profile } => {
             let path = profile_path(&profile, &cli.profiles_dir);
             let p = Profile::load(&path)?;

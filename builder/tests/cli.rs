@@ -112,3 +112,43 @@ fn bad_profile_names_file_line_and_key() {
         "{stderr}"
     );
 }
+
+#[test]
+fn plan_from_captured_facts() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let facts = dir.path().join("facts.json");
+    // A node of the alrest cluster: the boot stick and one 1 TB NVMe drive.
+    std::fs::write(
+        &facts,
+        r#"{"dmi":{"sys_vendor":null,"product_name":null,"product_serial":null,"product_uuid":null},
+            "block_devices":[
+              {"name":"nvme0n1","size_bytes":1000204886016,"logical_block_size":512,"model":"WD Blue SN550 1TB",
+               "serial":"21045X800123","wwn":null,"bus":"nvme","removable":false,"read_only":false},
+              {"name":"sda","size_bytes":15728640000,"logical_block_size":512,"model":"Flash Disk",
+               "serial":null,"wwn":null,"bus":"usb","removable":true,"read_only":false,"boot_medium":true}],
+            "net":[]}"#,
+    )
+    .expect("write facts");
+    let out = nodeflash(&[
+        "plan",
+        "--profile",
+        "alrest",
+        "--machine",
+        facts.to_str().expect("utf-8 path"),
+    ]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains("plan: install on nvme0n1 (931.5 GiB"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("1 ESP") && stdout.contains("2 swap") && stdout.contains("3 rpool"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("(32.0 GiB)"), "{stdout}");
+}

@@ -19,10 +19,12 @@ const MIB: u64 = 1 << 20;
 /// Looks at the first and last MiB of a disk (and its partition list in
 /// sysfs) and names what it finds; empty means the disk is empty.
 pub fn signatures(dev: &Path, size: u64, partitions: &[String]) -> Result<Vec<String>> {
-    let mut f = File::open(dev).with_context(|| format!("cannot open {} to look at it", dev.display()))?;
+    let mut f =
+        File::open(dev).with_context(|| format!("cannot open {} to look at it", dev.display()))?;
     let head_len = size.min(MIB) as usize;
     let mut head = vec![0u8; head_len];
-    f.read_exact(&mut head).with_context(|| format!("cannot read the start of {}", dev.display()))?;
+    f.read_exact(&mut head)
+        .with_context(|| format!("cannot read the start of {}", dev.display()))?;
     let tail_start = size.saturating_sub(MIB).max(head_len as u64);
     let mut tail = vec![0u8; (size - tail_start) as usize];
     f.seek(SeekFrom::Start(tail_start))
@@ -40,9 +42,13 @@ pub fn classify(head: &[u8], tail: &[u8], partitions: &[String]) -> Vec<String> 
     }
     if at(head, 512, b"EFI PART") || at(head, 4096, b"EFI PART") {
         found.push("GPT partition table".into());
-    } else if tail.len() >= 4096 && (at(tail, tail.len() - 512, b"EFI PART") || at(tail, tail.len() - 4096, b"EFI PART")) {
+    } else if tail.len() >= 4096
+        && (at(tail, tail.len() - 512, b"EFI PART") || at(tail, tail.len() - 4096, b"EFI PART"))
+    {
         found.push("backup GPT header".into());
-    } else if at(head, 510, &[0x55, 0xAA]) && (0..4).any(|i| head.get(446 + 16 * i + 4).is_some_and(|t| *t != 0)) {
+    } else if at(head, 510, &[0x55, 0xAA])
+        && (0..4).any(|i| head.get(446 + 16 * i + 4).is_some_and(|t| *t != 0))
+    {
         found.push("MBR partition table".into());
     }
     let fs: [(&str, usize, &[u8]); 9] = [
@@ -112,7 +118,10 @@ impl Read for Slice<'_> {
 impl Write for Slice<'_> {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
         if self.pos + buf.len() as u64 > self.len {
-            return Err(io::Error::new(io::ErrorKind::WriteZero, "write past the end of the partition"));
+            return Err(io::Error::new(
+                io::ErrorKind::WriteZero,
+                "write past the end of the partition",
+            ));
         }
         self.file.seek(SeekFrom::Start(self.start + self.pos))?;
         let n = self.file.write(buf)?;
@@ -131,7 +140,8 @@ impl Seek for Slice<'_> {
             SeekFrom::End(d) => self.len.checked_add_signed(d),
             SeekFrom::Current(d) => self.pos.checked_add_signed(d),
         };
-        self.pos = new.ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "seek before the start"))?;
+        self.pos = new
+            .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "seek before the start"))?;
         Ok(self.pos)
     }
 }
@@ -167,8 +177,15 @@ pub fn old_partitions(sysfs: &Path, disk: &str) -> Vec<(String, u64, u64)> {
             rd.flatten()
                 .filter_map(|e| {
                     let name = e.file_name().to_string_lossy().into_owned();
-                    let num = |f: &str| std::fs::read_to_string(e.path().join(f)).ok()?.trim().parse::<u64>().ok();
-                    (name.starts_with(disk)).then(|| Some((name.clone(), num("start")? * 512, num("size")? * 512)))?
+                    let num = |f: &str| {
+                        std::fs::read_to_string(e.path().join(f))
+                            .ok()?
+                            .trim()
+                            .parse::<u64>()
+                            .ok()
+                    };
+                    (name.starts_with(disk))
+                        .then(|| Some((name.clone(), num("start")? * 512, num("size")? * 512)))?
                 })
                 .collect()
         })
@@ -196,11 +213,21 @@ pub fn partition(plan: &Plan, dev: &Path, old: &[(u64, u64)]) -> Result<Layout> 
     let lbs = u64::from(plan.logical_block_size);
     // Old labels and tables first: every old partition's ends, then the disk's.
     for (start, len) in old {
-        clear_ends(&mut file, &format!("an old partition of {}", dev.display()), *start, *len)?;
+        clear_ends(
+            &mut file,
+            &format!("an old partition of {}", dev.display()),
+            *start,
+            *len,
+        )?;
     }
     clear_ends(&mut file, &dev.display().to_string(), 0, size)?;
     for p in &plan.partitions {
-        clear_ends(&mut file, &format!("partition {} of {}", p.number, dev.display()), p.first_lba * lbs, p.sectors() * lbs)?;
+        clear_ends(
+            &mut file,
+            &format!("partition {} of {}", p.number, dev.display()),
+            p.first_lba * lbs,
+            p.sectors() * lbs,
+        )?;
     }
 
     let block_size = match lbs {
@@ -220,33 +247,55 @@ pub fn partition(plan: &Plan, dev: &Path, old: &[(u64, u64)]) -> Result<Layout> 
         };
         debug_assert_eq!(ty.guid.to_string().to_uppercase(), p.type_guid);
         gpt.add_partition_at(&p.name, p.number, p.first_lba, p.sectors(), ty, 0)
-            .with_context(|| format!("cannot add partition {} to the GPT of {}", p.number, dev.display()))?;
+            .with_context(|| {
+                format!(
+                    "cannot add partition {} to the GPT of {}",
+                    p.number,
+                    dev.display()
+                )
+            })?;
     }
     let disk_guid = gpt.guid().to_string().to_uppercase();
     let guids: Vec<String> = plan
         .partitions
         .iter()
-        .map(|p| gpt.partitions().get(&p.number).map(|e| e.part_guid.to_string().to_uppercase()).unwrap_or_default())
+        .map(|p| {
+            gpt.partitions()
+                .get(&p.number)
+                .map(|e| e.part_guid.to_string().to_uppercase())
+                .unwrap_or_default()
+        })
         .collect();
-    gpt.write().with_context(|| format!("cannot write the GPT of {}", dev.display()))?;
-    let mbr = gpt::mbr::ProtectiveMBR::with_lb_size(u32::try_from(size / lbs - 1).unwrap_or(u32::MAX));
+    gpt.write()
+        .with_context(|| format!("cannot write the GPT of {}", dev.display()))?;
+    let mbr =
+        gpt::mbr::ProtectiveMBR::with_lb_size(u32::try_from(size / lbs - 1).unwrap_or(u32::MAX));
     mbr.overwrite_lba0(&mut file)
         .with_context(|| format!("cannot write the protective MBR of {}", dev.display()))?;
 
     let mut esp_volume_id = String::new();
     for (p, guid) in plan.partitions.iter().zip(&guids) {
-        let mut slice = Slice { file: &mut file, start: p.first_lba * lbs, len: p.sectors() * lbs, pos: 0 };
+        let mut slice = Slice {
+            file: &mut file,
+            start: p.first_lba * lbs,
+            len: p.sectors() * lbs,
+            pos: 0,
+        };
         match p.kind {
             PartKind::Esp => {
-                let id = u32::from_str_radix(&guid.replace('-', "")[..8], 16).unwrap_or(0x4e46_4c53);
-                format_esp(&mut slice, lbs, p.sectors(), id).with_context(|| format!("cannot format the ESP on {}", dev.display()))?;
+                let id =
+                    u32::from_str_radix(&guid.replace('-', "")[..8], 16).unwrap_or(0x4e46_4c53);
+                format_esp(&mut slice, lbs, p.sectors(), id)
+                    .with_context(|| format!("cannot format the ESP on {}", dev.display()))?;
                 esp_volume_id = format!("{:04X}-{:04X}", id >> 16, id & 0xffff);
             }
-            PartKind::Swap => write_swap_header(&mut slice, guid).with_context(|| format!("cannot write the swap header on {}", dev.display()))?,
+            PartKind::Swap => write_swap_header(&mut slice, guid)
+                .with_context(|| format!("cannot write the swap header on {}", dev.display()))?,
             PartKind::Zfs => {}
         }
     }
-    file.sync_all().with_context(|| format!("cannot flush {}", dev.display()))?;
+    file.sync_all()
+        .with_context(|| format!("cannot flush {}", dev.display()))?;
 
     let mut partitions = Vec::new();
     for (p, guid) in plan.partitions.iter().zip(guids) {
@@ -254,15 +303,26 @@ pub fn partition(plan: &Plan, dev: &Path, old: &[(u64, u64)]) -> Result<Layout> 
             number: p.number,
             kind: p.kind,
             guid,
-            device: if is_block { format!("/dev/{}", partition_name(&plan.disk.name, p.number)) } else { String::new() },
+            device: if is_block {
+                format!("/dev/{}", partition_name(&plan.disk.name, p.number))
+            } else {
+                String::new()
+            },
         });
     }
     if is_block {
         reread_partitions(&file, dev)?;
-        let nodes: Vec<PathBuf> = partitions.iter().map(|p| PathBuf::from(&p.device)).collect();
+        let nodes: Vec<PathBuf> = partitions
+            .iter()
+            .map(|p| PathBuf::from(&p.device))
+            .collect();
         wait_for_nodes(&nodes, Duration::from_secs(10))?;
     }
-    Ok(Layout { disk_guid, partitions, esp_volume_id })
+    Ok(Layout {
+        disk_guid,
+        partitions,
+        esp_volume_id,
+    })
 }
 
 fn format_esp(slice: &mut Slice<'_>, lbs: u64, sectors: u64, volume_id: u32) -> Result<()> {
@@ -274,9 +334,13 @@ fn format_esp(slice: &mut Slice<'_>, lbs: u64, sectors: u64, volume_id: u32) -> 
         .volume_id(volume_id);
     fatfs::format_volume(&mut *slice, opts).context("fatfs cannot format it")?;
     slice.seek(SeekFrom::Start(0))?;
-    let fs = fatfs::FileSystem::new(&mut *slice, fatfs::FsOptions::new()).context("cannot read the new FAT back")?;
+    let fs = fatfs::FileSystem::new(&mut *slice, fatfs::FsOptions::new())
+        .context("cannot read the new FAT back")?;
     if fs.fat_type() != fatfs::FatType::Fat32 {
-        bail!("the ESP came out as {:?}, not FAT32: make esp-size at least 260MiB", fs.fat_type());
+        bail!(
+            "the ESP came out as {:?}, not FAT32: make esp-size at least 260MiB",
+            fs.fat_type()
+        );
     }
     Ok(())
 }
@@ -290,7 +354,11 @@ fn write_swap_header(slice: &mut Slice<'_>, guid: &str) -> Result<()> {
     }
     let mut page = vec![0u8; PAGE as usize];
     page[1024..1028].copy_from_slice(&1u32.to_le_bytes());
-    page[1028..1032].copy_from_slice(&u32::try_from(pages - 1).context("swap too large")?.to_le_bytes());
+    page[1028..1032].copy_from_slice(
+        &u32::try_from(pages - 1)
+            .context("swap too large")?
+            .to_le_bytes(),
+    );
     let uuid = uuid::Uuid::parse_str(guid).unwrap_or_else(|_| uuid::Uuid::new_v4());
     page[1036..1052].copy_from_slice(uuid.as_bytes());
     page[1052..1056].copy_from_slice(b"swap");
@@ -306,8 +374,12 @@ nix::ioctl_none!(blkrrpart, 0x12, 95);
 fn reread_partitions(file: &File, dev: &Path) -> Result<()> {
     use std::os::fd::AsRawFd;
     // SAFETY: BLKRRPART takes no argument; the fd is an open block device.
-    unsafe { blkrrpart(file.as_raw_fd()) }
-        .with_context(|| format!("the kernel cannot re-read the partition table of {} (BLKRRPART)", dev.display()))?;
+    unsafe { blkrrpart(file.as_raw_fd()) }.with_context(|| {
+        format!(
+            "the kernel cannot re-read the partition table of {} (BLKRRPART)",
+            dev.display()
+        )
+    })?;
     Ok(())
 }
 
@@ -322,7 +394,11 @@ fn wait_for_nodes(nodes: &[PathBuf], timeout: Duration) -> Result<()> {
         if Instant::now() > deadline {
             bail!(
                 "the partition nodes {} did not appear within {}s after re-reading the table",
-                missing.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", "),
+                missing
+                    .iter()
+                    .map(|p| p.display().to_string())
+                    .collect::<Vec<_>>()
+                    .join(", "),
                 timeout.as_secs()
             );
         }
@@ -348,7 +424,10 @@ mod tests {
         tail[128 * 1024..128 * 1024 + 8].copy_from_slice(&0x00ba_b10c_u64.to_le_bytes());
         assert!(classify(&head, &tail, &[]).contains(&"ZFS label".to_string()));
         let head = vec![1u8; 4096];
-        assert_eq!(classify(&head, &[], &[]), ["unrecognised data in the first or last MiB"]);
+        assert_eq!(
+            classify(&head, &[], &[]),
+            ["unrecognised data in the first or last MiB"]
+        );
         assert_eq!(classify(&[], &[], &["sda1".into()]), ["partitions sda1"]);
     }
 

@@ -144,17 +144,15 @@ fn early_mounts() -> Result<()> {
     Ok(())
 }
 
-/// The install itself. For now: modules, boot medium, inventory.
+/// The install itself: modules, boot medium, inventory, the plan, then the
+/// disk. Everything that can fail without writing is done before writing.
 fn install(profile: &Profile, info: &ImageInfo, started: Instant) -> Result<()> {
     load_modules(info);
     links_up();
     let timeout = Duration::from_secs(profile.image.device_timeout_secs.into());
     let boot = wait_for_boot_medium(info, timeout);
     settle_block_devices(Duration::from_secs(3));
-    let mut facts = Facts::read(Path::new("/sys"));
-    for b in &mut facts.block_devices {
-        b.boot_medium = boot.as_deref() == Some(b.name.as_str());
-    }
+    let facts = wait_for_target(profile, boot.as_deref(), timeout);
     say!(
         "inventory after {:.1}s:\n{}",
         started.elapsed().as_secs_f64(),
@@ -167,7 +165,53 @@ fn install(profile: &Profile, info: &ImageInfo, started: Instant) -> Result<()> 
             timeout.as_secs()
         );
     }
+    let plan = crate::plan::plan(profile, &facts)?;
+    say!("{}", plan.to_string().trim_end());
+
+    let t = Instant::now();
+    let dev = Path::new("/dev").join(&plan.disk.name);
+    let old: Vec<(u64, u64)> = crate::disk::old_partitions(Path::new("/sys"), &plan.disk.name)
+        .into_iter()
+        .map(|(_, start, len)| (start, len))
+        .collect();
+    let layout = crate::disk::partition(&plan, &dev, &old)?;
+    say!(
+        "partitioned {} in {:.1}s: GPT disk GUID {}, ESP FAT32 volume {}",
+        dev.display(),
+        t.elapsed().as_secs_f64(),
+        layout.disk_guid,
+        layout.esp_volume_id
+    );
+    for p in &layout.partitions {
+        say!("  {} {:?} partition GUID {}", p.device, p.kind, p.guid);
+    }
     Ok(())
+}
+
+/// Reads the machine's facts, with what is on each candidate disk, until the
+/// profile's target disk is there or `timeout` passes.
+fn wait_for_target(profile: &Profile, boot: Option<&str>, timeout: Duration) -> Facts {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let mut facts = Facts::read(Path::new("/sys"));
+        for b in &mut facts.block_devices {
+            b.boot_medium = boot == Some(b.name.as_str());
+            if !b.boot_medium && !b.removable && b.size_bytes > 0 {
+                let parts: Vec<String> = crate::disk::old_partitions(Path::new("/sys"), &b.name)
+                    .into_iter()
+                    .map(|(name, _, _)| name)
+                    .collect();
+                b.signatures =
+                    crate::disk::signatures(&Path::new("/dev").join(&b.name), b.size_bytes, &parts)
+                        .unwrap_or_else(|e| vec![format!("unreadable: {e:#}")]);
+            }
+        }
+        let waiting = matches!(crate::plan::select_disk(&profile.disk.select, &facts), Err(e) if e.matching == 0);
+        if !waiting || Instant::now() >= deadline {
+            return facts;
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
 }
 
 fn load_modules(info: &ImageInfo) {

@@ -55,11 +55,15 @@ pub struct Plan {
 
 /// Why no disk (or the wrong number of disks) was chosen.
 #[derive(Debug)]
-pub struct SelectError(pub String);
+pub struct SelectError {
+    /// How many disks matched (0 or several).
+    pub matching: usize,
+    pub message: String,
+}
 
 impl fmt::Display for SelectError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
+        f.write_str(&self.message)
     }
 }
 
@@ -91,9 +95,10 @@ fn failed_rule(sel: &DiskSelect, d: &BlockDevice) -> Option<String> {
         return Some("it has no medium".into());
     }
     let eq = |want: &Option<String>, have: &Option<String>, what: &str| match want {
-        Some(w) if have.as_deref().map(str::trim) != Some(w.trim()) => {
-            Some(format!("{what} {:?} is not {w:?}", have.as_deref().unwrap_or("")))
-        }
+        Some(w) if have.as_deref().map(str::trim) != Some(w.trim()) => Some(format!(
+            "{what} {:?} is not {w:?}",
+            have.as_deref().unwrap_or("")
+        )),
         _ => None,
     };
     eq(&sel.serial, &d.serial, "serial")
@@ -141,19 +146,29 @@ pub fn select_disk<'a>(sel: &DiskSelect, facts: &'a Facts) -> Result<&'a BlockDe
     }
     match matching.as_slice() {
         [one] => Ok(one),
-        [] => Err(SelectError(format!(
-            "no disk matches the profile's [disk] select rules; the disks here:\n{}",
-            if report.is_empty() { "  (none)\n".to_string() } else { report }
-        ))),
+        [] => Err(SelectError {
+            matching: 0,
+            message: format!(
+                "no disk matches the profile's [disk] select rules; the disks here:\n{}",
+                if report.is_empty() {
+                    "  (none)\n".to_string()
+                } else {
+                    report
+                }
+            ),
+        }),
         several => {
             for d in several {
                 let _ = writeln!(report, "  {}: matches", describe(d));
             }
-            Err(SelectError(format!(
-                "{} disks match the profile's [disk] select rules, refusing to guess; \
-                 add a serial or wwn rule to pick one:\n{report}",
-                several.len()
-            )))
+            Err(SelectError {
+                matching: several.len(),
+                message: format!(
+                    "{} disks match the profile's [disk] select rules, refusing to guess; \
+                     add a serial or wwn rule to pick one:\n{report}",
+                    several.len()
+                ),
+            })
         }
     }
 }
@@ -170,7 +185,10 @@ pub fn plan(profile: &Profile, facts: &Facts) -> Result<Plan> {
     }
     let lbs = u64::from(disk.logical_block_size);
     if !(lbs == 512 || lbs == 4096) {
-        bail!("disk {} has a logical block size of {lbs} bytes; only 512 and 4096 are supported", disk.name);
+        bail!(
+            "disk {} has a logical block size of {lbs} bytes; only 512 and 4096 are supported",
+            disk.name
+        );
     }
     let total = disk.size_bytes / lbs;
     let align = ALIGN_BYTES / lbs;
@@ -222,7 +240,11 @@ pub fn plan(profile: &Profile, facts: &Facts) -> Result<Plan> {
         last_lba: end - 1,
     });
     Ok(Plan {
-        wipe: if profile.disk.wipe == Wipe::Always { disk.signatures.clone() } else { Vec::new() },
+        wipe: if profile.disk.wipe == Wipe::Always {
+            disk.signatures.clone()
+        } else {
+            Vec::new()
+        },
         logical_block_size: disk.logical_block_size,
         disk,
         partitions,
@@ -238,7 +260,11 @@ impl fmt::Display for Plan {
         } else {
             writeln!(f, "plan: wipe what is there: {}", self.wipe.join(", "))?;
         }
-        writeln!(f, "plan: GPT, {} byte sectors, partitions aligned to 1 MiB:", lbs)?;
+        writeln!(
+            f,
+            "plan: GPT, {} byte sectors, partitions aligned to 1 MiB:",
+            lbs
+        )?;
         for p in &self.partitions {
             writeln!(
                 f,
@@ -301,10 +327,17 @@ mod tests {
 
     #[test]
     fn layout_on_a_512_byte_disk() {
-        let plan = plan(&profile(), &facts(vec![stick(), disk("nvme0n1", 2, "NFTEST0001")])).expect("plan");
+        let plan = plan(
+            &profile(),
+            &facts(vec![stick(), disk("nvme0n1", 2, "NFTEST0001")]),
+        )
+        .expect("plan");
         assert_eq!(plan.disk.name, "nvme0n1");
-        let parts: Vec<(u32, PartKind, u64, u64)> =
-            plan.partitions.iter().map(|p| (p.number, p.kind, p.first_lba, p.last_lba)).collect();
+        let parts: Vec<(u32, PartKind, u64, u64)> = plan
+            .partitions
+            .iter()
+            .map(|p| (p.number, p.kind, p.first_lba, p.last_lba))
+            .collect();
         // 2 GiB = 4194304 sectors; the last 1 MiB holds the backup GPT.
         assert_eq!(
             parts,
@@ -326,7 +359,8 @@ mod tests {
         let p = &plan.partitions;
         assert_eq!((p[0].first_lba, p[0].last_lba), (256, 256 + 131072 - 1));
         assert_eq!(p[2].last_lba, 524288 - 256 - 1);
-        assert!(p.iter().all(|p| (p.first_lba * 4096) % ALIGN_BYTES == 0 && ((p.last_lba + 1) * 4096) % ALIGN_BYTES == 0));
+        assert!(p.iter().all(|p| (p.first_lba * 4096) % ALIGN_BYTES == 0
+            && ((p.last_lba + 1) * 4096) % ALIGN_BYTES == 0));
     }
 
     #[test]
@@ -334,13 +368,22 @@ mod tests {
         let mut prof = profile();
         prof.disk.swap_size = None;
         let plan = plan(&prof, &facts(vec![disk("nvme0n1", 2, "NFTEST0001")])).expect("plan");
-        assert_eq!(plan.partitions.iter().map(|p| p.kind).collect::<Vec<_>>(), [PartKind::Esp, PartKind::Zfs]);
+        assert_eq!(
+            plan.partitions.iter().map(|p| p.kind).collect::<Vec<_>>(),
+            [PartKind::Esp, PartKind::Zfs]
+        );
     }
 
     #[test]
     fn ambiguous_match_is_refused_listing_every_candidate() {
-        let err = plan(&profile(), &facts(vec![disk("nvme0n1", 2, "NFTEST0001"), disk("nvme1n1", 2, "NFTEST0001")]))
-            .expect_err("ambiguous");
+        let err = plan(
+            &profile(),
+            &facts(vec![
+                disk("nvme0n1", 2, "NFTEST0001"),
+                disk("nvme1n1", 2, "NFTEST0001"),
+            ]),
+        )
+        .expect_err("ambiguous");
         let msg = err.to_string();
         assert!(msg.contains("2 disks match"), "{msg}");
         assert!(msg.contains("nvme0n1") && msg.contains("nvme1n1"), "{msg}");
@@ -350,10 +393,17 @@ mod tests {
     fn no_match_names_the_failed_rule_and_never_the_boot_medium() {
         let mut boot = disk("nvme1n1", 2, "NFTEST0001");
         boot.boot_medium = true;
-        let err = plan(&profile(), &facts(vec![disk("nvme0n1", 2, "OTHER"), boot])).expect_err("no match");
+        let err = plan(&profile(), &facts(vec![disk("nvme0n1", 2, "OTHER"), boot]))
+            .expect_err("no match");
         let msg = err.to_string();
-        assert!(msg.contains("nvme0n1") && msg.contains("serial \"OTHER\" is not \"NFTEST0001\""), "{msg}");
-        assert!(msg.contains("nvme1n1") && msg.contains("it is the boot medium"), "{msg}");
+        assert!(
+            msg.contains("nvme0n1") && msg.contains("serial \"OTHER\" is not \"NFTEST0001\""),
+            "{msg}"
+        );
+        assert!(
+            msg.contains("nvme1n1") && msg.contains("it is the boot medium"),
+            "{msg}"
+        );
     }
 
     #[test]
@@ -361,7 +411,10 @@ mod tests {
         let mut d = disk("nvme0n1", 2, "NFTEST0001");
         d.signatures = vec!["gpt partition table".into()];
         let err = plan(&profile(), &facts(vec![d.clone()])).expect_err("not empty");
-        assert!(err.to_string().contains("not empty (gpt partition table)"), "{err}");
+        assert!(
+            err.to_string().contains("not empty (gpt partition table)"),
+            "{err}"
+        );
         let mut prof = profile();
         prof.disk.wipe = Wipe::Always;
         let plan = plan(&prof, &facts(vec![d])).expect("wipe always");

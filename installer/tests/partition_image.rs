@@ -14,7 +14,9 @@ const PROFILE: &str = "name = \"t\"\n[disk]\nselect = { serial = \"NFTEST0001\" 
 
 fn image(dir: &Path, size: u64) -> std::path::PathBuf {
     let p = dir.join("disk.img");
-    std::fs::File::create(&p).and_then(|f| f.set_len(size)).expect("image file");
+    std::fs::File::create(&p)
+        .and_then(|f| f.set_len(size))
+        .expect("image file");
     p
 }
 
@@ -32,20 +34,37 @@ fn plan_for(size: u64, lbs: u32, signatures: Vec<String>) -> Plan {
         boot_medium: false,
         signatures,
     };
-    let facts = Facts { block_devices: vec![disk], ..Facts::default() };
+    let facts = Facts {
+        block_devices: vec![disk],
+        ..Facts::default()
+    };
     plan(&Profile::parse(PROFILE, "t.toml").expect("profile"), &facts).expect("plan")
 }
 
 fn run(cmd: &mut Command) -> String {
-    let out = cmd.output().unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e} (util-linux)"));
-    assert!(out.status.success(), "{cmd:?}: {}", String::from_utf8_lossy(&out.stderr));
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e} (util-linux)"));
+    assert!(
+        out.status.success(),
+        "{cmd:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 /// `blkid` low-level probe of a region of the image.
 fn blkid(img: &Path, offset: u64, size: u64) -> String {
     run(Command::new("blkid")
-        .args(["-p", "-o", "export", "-O", &offset.to_string(), "-S", &size.to_string()])
+        .args([
+            "-p",
+            "-o",
+            "export",
+            "-O",
+            &offset.to_string(),
+            "-S",
+            &size.to_string(),
+        ])
         .arg(img))
 }
 
@@ -57,18 +76,41 @@ fn check(size: u64, lbs: u32) {
     let lbs64 = u64::from(lbs);
 
     // The gpt crate reads back exactly the planned table.
-    let block = if lbs == 512 { gpt::disk::LogicalBlockSize::Lb512 } else { gpt::disk::LogicalBlockSize::Lb4096 };
-    let disk = gpt::GptConfig::new().logical_block_size(block).open(&img).expect("GPT reads back");
+    let block = if lbs == 512 {
+        gpt::disk::LogicalBlockSize::Lb512
+    } else {
+        gpt::disk::LogicalBlockSize::Lb4096
+    };
+    let disk = gpt::GptConfig::new()
+        .logical_block_size(block)
+        .open(&img)
+        .expect("GPT reads back");
     assert_eq!(disk.guid().to_string().to_uppercase(), layout.disk_guid);
     let got: Vec<(u32, u64, u64, String, String)> = disk
         .partitions()
         .iter()
-        .map(|(n, p)| (*n, p.first_lba, p.last_lba, p.part_type_guid.guid.to_string().to_uppercase(), p.name.clone()))
+        .map(|(n, p)| {
+            (
+                *n,
+                p.first_lba,
+                p.last_lba,
+                p.part_type_guid.guid.to_string().to_uppercase(),
+                p.name.clone(),
+            )
+        })
         .collect();
     let want: Vec<(u32, u64, u64, String, String)> = plan
         .partitions
         .iter()
-        .map(|p| (p.number, p.first_lba, p.last_lba, p.type_guid.to_string(), p.name.clone()))
+        .map(|p| {
+            (
+                p.number,
+                p.first_lba,
+                p.last_lba,
+                p.type_guid.to_string(),
+                p.name.clone(),
+            )
+        })
         .collect();
     assert_eq!(got, want);
 
@@ -80,17 +122,31 @@ fn check(size: u64, lbs: u32) {
     }
     let esp = &plan.partitions[0];
     let fat = blkid(&img, esp.first_lba * lbs64, esp.sectors() * lbs64);
-    assert!(fat.contains("TYPE=vfat") && fat.contains("VERSION=FAT32") && fat.contains("LABEL=ESP"), "{fat}");
-    assert!(fat.contains(&format!("UUID={}", layout.esp_volume_id)), "{fat} vs {}", layout.esp_volume_id);
+    assert!(
+        fat.contains("TYPE=vfat") && fat.contains("VERSION=FAT32") && fat.contains("LABEL=ESP"),
+        "{fat}"
+    );
+    assert!(
+        fat.contains(&format!("UUID={}", layout.esp_volume_id)),
+        "{fat} vs {}",
+        layout.esp_volume_id
+    );
     let swap = &plan.partitions[1];
     assert_eq!(swap.kind, PartKind::Swap);
     let sw = blkid(&img, swap.first_lba * lbs64, swap.sectors() * lbs64);
     let swap_guid = layout.partitions[1].guid.to_lowercase();
-    assert!(sw.contains("TYPE=swap") && sw.contains("LABEL=swap") && sw.contains(&format!("UUID={swap_guid}")), "{sw}");
+    assert!(
+        sw.contains("TYPE=swap")
+            && sw.contains("LABEL=swap")
+            && sw.contains(&format!("UUID={swap_guid}")),
+        "{sw}"
+    );
 
     if lbs == 512 {
         // sfdisk (512-byte sectors on a file) sees the same table.
-        let json: serde_json::Value = serde_json::from_str(&run(Command::new("sfdisk").arg("--json").arg(&img))).expect("sfdisk json");
+        let json: serde_json::Value =
+            serde_json::from_str(&run(Command::new("sfdisk").arg("--json").arg(&img)))
+                .expect("sfdisk json");
         let table = &json["partitiontable"];
         assert_eq!(table["label"], "gpt");
         let parts = table["partitions"].as_array().expect("partitions");
@@ -125,9 +181,14 @@ fn wipe_always_clears_old_zfs_labels() {
     let magic = 0x00ba_b10c_u64.to_le_bytes();
     {
         use std::io::{Seek, SeekFrom, Write};
-        let mut f = std::fs::OpenOptions::new().write(true).open(&img).expect("open");
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&img)
+            .expect("open");
         for off in [start + (128 << 10), start + len - (256 << 10) + (128 << 10)] {
-            f.seek(SeekFrom::Start(off)).and_then(|_| f.write_all(&magic)).expect("write label");
+            f.seek(SeekFrom::Start(off))
+                .and_then(|_| f.write_all(&magic))
+                .expect("write label");
         }
     }
     let plan = plan_for(size, 512, vec!["partitions nvme0n1p1".into()]);

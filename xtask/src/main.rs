@@ -189,8 +189,9 @@ fn test() -> Result<()> {
             "warnings",
         ]))
     })?;
-    let summary = build_iso("qemu")?;
-    cli::print_summary(&summary);
+    for profile in ["qemu", "qemu-bus"] {
+        cli::print_summary(&build_iso(profile)?);
+    }
     let installer = build_installer()?;
     steps::step("Running the tests (unit and QEMU)", || {
         run_visible(
