@@ -22,6 +22,7 @@ const USERSPACE: &[&str] = &[
     "libzfs4linux",
     "libnvpair3linux",
     "libuutil3linux",
+    "libzpool5linux",
     "libtirpc3",
     "libgssapi-krb5-2",
     "libkrb5-3",
@@ -39,7 +40,7 @@ const USERSPACE: &[&str] = &[
 ];
 
 /// Programs of the ZFS userspace the image carries.
-const PROGRAMS: &[&str] = &["/sbin/zpool", "/sbin/zfs"];
+const PROGRAMS: &[&str] = &["/sbin/zpool", "/sbin/zfs", "/sbin/zdb"];
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]

@@ -13,3 +13,4 @@ pub mod image;
 pub mod pid1;
 pub mod plan;
 pub mod profile;
+pub mod zfs;

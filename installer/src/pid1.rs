@@ -95,6 +95,8 @@ fn run(started: Instant) -> (Finish, Result<()>) {
     }
     crate::console::open();
     crate::cmd::set_logger(crate::console::say);
+    // The kernel starts /init with an empty environment.
+    std::env::set_var("PATH", "/sbin:/usr/sbin:/bin:/usr/bin");
     let loaded = std::fs::read_to_string(PROFILE_PATH)
         .with_context(|| format!("cannot read {PROFILE_PATH}"))
         .and_then(|s| Ok(Profile::parse(&s, PROFILE_PATH)?))
@@ -185,6 +187,73 @@ fn install(profile: &Profile, info: &ImageInfo, started: Instant) -> Result<()> 
     for p in &layout.partitions {
         say!("  {} {:?} partition GUID {}", p.device, p.kind, p.guid);
     }
+    let zfs_dev = layout
+        .partitions
+        .last()
+        .map(|p| p.device.clone())
+        .context("the plan has no ZFS partition")?;
+    make_pool(profile, &facts, &plan, &zfs_dev)
+}
+
+/// Host ID, pool, datasets, `/etc/hostid` on the target, export, and a check
+/// that the pool imports again without `-f`.
+fn make_pool(
+    profile: &Profile,
+    facts: &Facts,
+    plan: &crate::plan::Plan,
+    device: &str,
+) -> Result<()> {
+    use crate::zfs;
+    let pool = profile.pool.name.to_string();
+    let hostid = zfs::resolve_hostid(
+        profile.default_node.hostid,
+        facts,
+        plan.disk.serial.as_deref(),
+    )?;
+    zfs::set_live_hostid(hostid)?;
+    say!("host id: {hostid:08x} (NixOS: networking.hostId = \"{hostid:08x}\";)");
+    let t = Instant::now();
+    std::fs::create_dir_all("/mnt").context("cannot create /mnt")?;
+    zfs::run_all(&zfs::create_commands(&profile.pool, device, "/mnt"))?;
+    let root_mounted = profile
+        .pool
+        .datasets
+        .iter()
+        .any(|d| d.mountpoint.as_ref().is_some_and(|m| m.get_ref().0 == "/"));
+    if root_mounted {
+        std::fs::create_dir_all("/mnt/etc")
+            .context("cannot create /mnt/etc on the root dataset")?;
+        std::fs::write("/mnt/etc/hostid", zfs::hostid_file(hostid))
+            .context("cannot write /mnt/etc/hostid")?;
+    }
+    say!(
+        "pool {pool} created on {device} with {} datasets in {:.1}s",
+        profile.pool.datasets.len(),
+        t.elapsed().as_secs_f64()
+    );
+    crate::cmd::run(std::process::Command::new("zpool").args(["export", &pool]))?;
+    // The installed system must import the pool without -f: try it now.
+    crate::cmd::run(std::process::Command::new("zpool").args([
+        "import",
+        "-N",
+        "-o",
+        "readonly=on",
+        "-o",
+        "cachefile=none",
+        &pool,
+    ]))
+    .context("the new pool does not import without -f")?;
+    let facts = zfs::pool_facts(&profile.pool, device);
+    crate::cmd::run(std::process::Command::new("zpool").args(["export", &pool]))?;
+    let facts = facts?;
+    say!(
+        "pool {pool} exported; it imports without -f (pool host id {})",
+        facts.hostid.as_deref().unwrap_or("?")
+    );
+    say!(
+        "nodeflash-pool: {}",
+        serde_json::to_string(&facts).context("cannot serialize the pool facts")?
+    );
     Ok(())
 }
 

@@ -37,6 +37,7 @@ fn assert_common(console: &str) {
         "disk: nvme0n1 size=2.0 GiB (2147483648 bytes) lbs=512 bus=nvme model=\"QEMU NVMe Ctrl\" serial=\"NFTEST0001\"",
     );
     assert_console(console, "net: eth0 mac=52:54:00:12:34:56 carrier=up");
+    assert_console(console, "nodeflash: done in");
     assert_console(console, "nodeflash: powering off");
     assert!(
         !console.contains("warning:"),

@@ -1,0 +1,328 @@
+//! The pool: host ID, `zpool create`, the dataset tree mounted parents
+//! first, the facts ZFS reports (parsed from its scripted `-H -p` output),
+//! the export, and a check that the pool imports again without `-f`.
+
+use std::collections::BTreeMap;
+use std::process::Command;
+
+use anyhow::{bail, Context, Result};
+use serde::Serialize;
+
+use crate::cmd;
+use crate::facts::Facts;
+use crate::profile::{HostId, Pool};
+
+/// The host ID for this machine: the profile's, one derived from the
+/// machine's identity (stable across reinstalls), or a random one.
+pub fn resolve_hostid(want: HostId, facts: &Facts, disk_serial: Option<&str>) -> Result<u32> {
+    match want {
+        HostId::Fixed(v) => Ok(v),
+        HostId::Derive => {
+            let identity = facts
+                .dmi
+                .product_uuid
+                .as_deref()
+                .filter(|u| !u.is_empty() && !u.starts_with("00000000-0000"))
+                .map(|u| format!("dmi-uuid:{}", u.to_lowercase()))
+                .or_else(|| disk_serial.map(|s| format!("disk-serial:{}", s.trim())))
+                .context("cannot derive a host ID: the machine has neither a DMI product UUID nor a disk serial; set hostid in the profile")?;
+            Ok(derive_hostid(&identity))
+        }
+        HostId::Random => {
+            let b = uuid::Uuid::new_v4().into_bytes();
+            Ok(u32::from_be_bytes([b[0], b[1], b[2], b[3]]).max(1))
+        }
+    }
+}
+
+/// FNV-1a of the identity, never 0 (ZFS reads 0 as "no host ID").
+pub fn derive_hostid(identity: &str) -> u32 {
+    let mut h: u32 = 0x811c_9dc5;
+    for b in identity.bytes() {
+        h ^= u32::from(b);
+        h = h.wrapping_mul(0x0100_0193);
+    }
+    h.max(1)
+}
+
+/// `/etc/hostid` as glibc's `gethostid()` and ZFS read it: 4 bytes, host order.
+pub fn hostid_file(id: u32) -> [u8; 4] {
+    id.to_ne_bytes()
+}
+
+/// Makes `id` the host ID of the running system (spl and `/etc/hostid`)
+/// before any pool is created.
+pub fn set_live_hostid(id: u32) -> Result<()> {
+    std::fs::create_dir_all("/etc").context("cannot create /etc")?;
+    std::fs::write("/etc/hostid", hostid_file(id)).context("cannot write /etc/hostid")?;
+    std::fs::write("/sys/module/spl/parameters/spl_hostid", id.to_string())
+        .context("cannot set spl_hostid (is the spl module loaded?)")?;
+    Ok(())
+}
+
+/// The commands that create the pool and its datasets under `altroot`, and
+/// mount them, parents first (a child mounted before its parent would be
+/// hidden by it).
+pub fn create_commands(pool: &Pool, device: &str, altroot: &str) -> Vec<Vec<String>> {
+    let name = pool.name.to_string();
+    let mut cmds = Vec::new();
+    let mut create = vec![
+        "zpool".to_string(),
+        "create".into(),
+        "-R".into(),
+        altroot.into(),
+    ];
+    for (k, v) in &pool.options {
+        create.extend(["-o".into(), format!("{k}={v}")]);
+    }
+    for (k, v) in &pool.root_options {
+        create.extend(["-O".into(), format!("{k}={v}")]);
+    }
+    create.extend([name.clone(), device.to_string()]);
+    cmds.push(create);
+    for ds in &pool.datasets {
+        let mut c = vec!["zfs".to_string(), "create".into(), "-u".into()];
+        if let Some(mp) = &ds.mountpoint {
+            c.extend(["-o".into(), format!("mountpoint={}", mp.get_ref())]);
+        }
+        for (k, v) in &ds.options {
+            c.extend(["-o".into(), format!("{k}={v}")]);
+        }
+        c.push(format!("{name}/{}", ds.name.get_ref()));
+        cmds.push(c);
+    }
+    let mut mounted: Vec<(usize, String, String)> = pool
+        .datasets
+        .iter()
+        .filter_map(|ds| {
+            let mp = ds.mountpoint.as_ref()?.get_ref().0.clone();
+            let noauto = matches!(
+                ds.options.get("canmount").map(String::as_str),
+                Some("off" | "noauto")
+            );
+            (mp.starts_with('/') && !noauto).then(|| {
+                let depth = mp.split('/').filter(|c| !c.is_empty()).count();
+                (depth, mp, format!("{name}/{}", ds.name.get_ref()))
+            })
+        })
+        .collect();
+    mounted.sort();
+    for (_, _, ds) in &mounted {
+        cmds.push(vec!["zfs".into(), "mount".into(), ds.clone()]);
+    }
+    if let Some((_, _, root)) = mounted.iter().find(|(_, mp, _)| mp == "/") {
+        cmds.push(vec![
+            "zpool".into(),
+            "set".into(),
+            format!("bootfs={root}"),
+            name,
+        ]);
+    }
+    cmds
+}
+
+pub fn run_all(cmds: &[Vec<String>]) -> Result<()> {
+    for argv in cmds {
+        cmd::run(Command::new(&argv[0]).args(&argv[1..]))?;
+    }
+    Ok(())
+}
+
+/// One row of `zfs get -H -p` / `zpool get -H -p`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Prop {
+    pub name: String,
+    pub property: String,
+    pub value: String,
+    pub source: String,
+}
+
+/// Parses the scripted output of `zfs get -H -p -o name,property,value,source`
+/// or `zpool get -H -p` (tab-separated, 4 columns).
+pub fn parse_get(output: &str) -> Result<Vec<Prop>> {
+    output
+        .lines()
+        .filter(|l| !l.is_empty())
+        .map(|l| {
+            let cols: Vec<&str> = l.split('\t').collect();
+            match cols.as_slice() {
+                [name, property, value, source] => Ok(Prop {
+                    name: name.to_string(),
+                    property: property.to_string(),
+                    value: value.to_string(),
+                    source: source.to_string(),
+                }),
+                _ => bail!("unexpected line in zfs/zpool get output: {l:?}"),
+            }
+        })
+        .collect()
+}
+
+/// What ZFS says about the pool: pool properties and every dataset's
+/// properties (name → property → value).
+#[derive(Debug, Clone, Serialize)]
+pub struct PoolFacts {
+    pub pool: String,
+    pub hostid: Option<String>,
+    pub pool_properties: BTreeMap<String, String>,
+    pub datasets: BTreeMap<String, BTreeMap<String, String>>,
+}
+
+/// The properties worth reporting for a profile's pool: everything it sets,
+/// and what booting depends on.
+pub fn reported_properties(pool: &Pool) -> (Vec<String>, Vec<String>) {
+    let mut zpool: Vec<String> = ["bootfs", "health", "guid"]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    zpool.extend(pool.options.keys().cloned());
+    let mut zfs: Vec<String> = ["type", "mountpoint", "canmount", "compression"]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    zfs.extend(pool.root_options.keys().cloned());
+    zfs.extend(pool.datasets.iter().flat_map(|d| d.options.keys().cloned()));
+    for list in [&mut zpool, &mut zfs] {
+        list.sort();
+        list.dedup();
+    }
+    (zpool, zfs)
+}
+
+/// Reads pool and dataset properties (the pool must be imported) and the
+/// host ID in the device's ZFS label.
+pub fn pool_facts(pool: &Pool, device: &str) -> Result<PoolFacts> {
+    let name = pool.name.to_string();
+    let (zpool_props, zfs_props) = reported_properties(pool);
+    let zpool = parse_get(&cmd::run(Command::new("zpool").args([
+        "get",
+        "-H",
+        "-p",
+        &zpool_props.join(","),
+        &name,
+    ]))?)?;
+    let zfs = parse_get(&cmd::run(Command::new("zfs").args([
+        "get",
+        "-H",
+        "-p",
+        "-r",
+        "-o",
+        "name,property,value,source",
+        &zfs_props.join(","),
+        &name,
+    ]))?)?;
+    let mut datasets: BTreeMap<String, BTreeMap<String, String>> = BTreeMap::new();
+    for p in zfs {
+        datasets
+            .entry(p.name)
+            .or_default()
+            .insert(p.property, p.value);
+    }
+    let label = cmd::run(Command::new("zdb").args(["-l", device]))?;
+    Ok(PoolFacts {
+        pool: name,
+        hostid: parse_label_hostid(&label),
+        pool_properties: zpool.into_iter().map(|p| (p.property, p.value)).collect(),
+        datasets,
+    })
+}
+
+/// The `hostid` of the first label in `zdb -l` output, as 8 hex digits.
+pub fn parse_label_hostid(zdb: &str) -> Option<String> {
+    zdb.lines()
+        .find_map(|l| l.trim().strip_prefix("hostid: "))
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .map(|v| format!("{v:08x}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::profile::Profile;
+
+    fn pool() -> Pool {
+        let src = r#"
+name = "t"
+[disk]
+select = { serial = "S" }
+[pool]
+options = { ashift = "12" }
+root-options = { compression = "zstd", mountpoint = "none", canmount = "off" }
+[[pool.datasets]]
+name = "local"
+[[pool.datasets]]
+name = "local/nix"
+mountpoint = "/nix"
+[[pool.datasets]]
+name = "safe"
+[[pool.datasets]]
+name = "safe/home"
+mountpoint = "/home"
+[[pool.datasets]]
+name = "safe/root"
+mountpoint = "/"
+"#;
+        Profile::parse(src, "t.toml").expect("profile").pool
+    }
+
+    #[test]
+    fn commands_create_then_mount_parents_first() {
+        let cmds: Vec<String> = create_commands(&pool(), "/dev/nvme0n1p3", "/mnt")
+            .iter()
+            .map(|c| c.join(" "))
+            .collect();
+        assert_eq!(
+            cmds,
+            [
+                "zpool create -R /mnt -o ashift=12 -O canmount=off -O compression=zstd -O mountpoint=none rpool /dev/nvme0n1p3",
+                "zfs create -u rpool/local",
+                "zfs create -u -o mountpoint=/nix rpool/local/nix",
+                "zfs create -u rpool/safe",
+                "zfs create -u -o mountpoint=/home rpool/safe/home",
+                "zfs create -u -o mountpoint=/ rpool/safe/root",
+                // `/` before `/home` and `/nix`, whatever the profile's order.
+                "zfs mount rpool/safe/root",
+                "zfs mount rpool/safe/home",
+                "zfs mount rpool/local/nix",
+                "zpool set bootfs=rpool/safe/root rpool",
+            ]
+        );
+    }
+
+    #[test]
+    fn parses_scripted_get_output() {
+        // Captured from `zfs get -H -p -o name,property,value,source all rpool/local`.
+        let out = "rpool/local\ttype\tfilesystem\t-\nrpool/local\tcompression\tzstd\tinherited from rpool\nrpool/local\tused\t98304\t-\n";
+        let props = parse_get(out).expect("parses");
+        assert_eq!(props.len(), 3);
+        assert_eq!(props[1].property, "compression");
+        assert_eq!(props[1].value, "zstd");
+        assert_eq!(props[1].source, "inherited from rpool");
+        assert!(parse_get("rpool\tsize\n").is_err());
+    }
+
+    #[test]
+    fn parses_zdb_label_hostid() {
+        let out = "------------------------------------\nLABEL 0\n------------------------------------\n    version: 5000\n    name: 'rpool'\n    state: 1\n    hostid: 1193441748\n    hostname: '(none)'\n";
+        assert_eq!(parse_label_hostid(out).as_deref(), Some("472279d4"));
+        assert_eq!(parse_label_hostid("name: 'x'"), None);
+    }
+
+    #[test]
+    fn derived_host_ids_are_stable_and_not_zero() {
+        let a = derive_hostid("dmi-uuid:4c4c4544-0042");
+        assert_eq!(a, derive_hostid("dmi-uuid:4c4c4544-0042"));
+        assert_ne!(a, derive_hostid("dmi-uuid:4c4c4544-0043"));
+        let facts = Facts::default();
+        assert_eq!(
+            resolve_hostid(HostId::Fixed(0x472479d4), &facts, None).expect("fixed"),
+            0x472479d4
+        );
+        assert_eq!(
+            resolve_hostid(HostId::Derive, &facts, Some("NFTEST0001")).expect("from serial"),
+            derive_hostid("disk-serial:NFTEST0001")
+        );
+        assert!(resolve_hostid(HostId::Derive, &facts, None).is_err());
+        assert_eq!(hostid_file(0x472479d4), [0xd4, 0x79, 0x24, 0x47]);
+    }
+}
