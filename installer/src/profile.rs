@@ -568,6 +568,80 @@ checked_string!(
     }
 );
 
+/// Pool properties `zpool create -o` accepts.
+const POOL_PROPERTIES: &[&str] = &[
+    "altroot",
+    "ashift",
+    "autoexpand",
+    "autoreplace",
+    "autotrim",
+    "bootfs",
+    "cachefile",
+    "comment",
+    "compatibility",
+    "delegation",
+    "failmode",
+    "listsnapshots",
+    "multihost",
+    "readonly",
+    "version",
+];
+
+/// Dataset properties `zfs create -o` and `zpool create -O` accept.
+const DATASET_PROPERTIES: &[&str] = &[
+    "aclinherit",
+    "aclmode",
+    "acltype",
+    "atime",
+    "canmount",
+    "casesensitivity",
+    "checksum",
+    "compression",
+    "context",
+    "copies",
+    "dedup",
+    "defcontext",
+    "devices",
+    "dnodesize",
+    "encryption",
+    "exec",
+    "filesystem_limit",
+    "fscontext",
+    "keyformat",
+    "keylocation",
+    "logbias",
+    "mlslabel",
+    "mountpoint",
+    "nbmand",
+    "normalization",
+    "overlay",
+    "pbkdf2iters",
+    "primarycache",
+    "quota",
+    "readonly",
+    "recordsize",
+    "redundant_metadata",
+    "refquota",
+    "refreservation",
+    "relatime",
+    "reservation",
+    "rootcontext",
+    "secondarycache",
+    "setuid",
+    "sharenfs",
+    "sharesmb",
+    "snapdev",
+    "snapdir",
+    "snapshot_limit",
+    "special_small_blocks",
+    "sync",
+    "utf8only",
+    "volmode",
+    "vscan",
+    "xattr",
+    "zoned",
+];
+
 /// A profile error with its place in the file.
 #[derive(Debug)]
 pub struct ProfileError {
@@ -589,6 +663,29 @@ impl fmt::Display for ProfileError {
 }
 
 impl std::error::Error for ProfileError {}
+
+/// Where a key without a recorded span is written: the first line that
+/// assigns its last component (`compresion = …` or `compresion=` in a table).
+fn find_key(src: &str, key: &str) -> Option<Range<usize>> {
+    let last = key.rsplit('.').next()?.split('[').next()?;
+    let mut offset = 0;
+    for line in src.split_inclusive('\n') {
+        let code = line.split('#').next().unwrap_or("");
+        for (i, _) in code.match_indices(last) {
+            let before = code[..i].chars().next_back();
+            let after = code[i + last.len()..].trim_start();
+            let starts =
+                before.is_none_or(|c| c == ' ' || c == '{' || c == ',' || c == '\t' || c == '"');
+            if starts
+                && (after.starts_with('=') || after.starts_with("\" =") || after.starts_with('"'))
+            {
+                return Some(offset + i..offset + i + last.len());
+            }
+        }
+        offset += line.len();
+    }
+    None
+}
 
 fn line_col(src: &str, offset: usize) -> (usize, usize) {
     let offset = offset.min(src.len());
@@ -627,9 +724,10 @@ impl Profile {
             let key = if key == "." { String::new() } else { key };
             error(inner.span(), key, inner.message().trim().to_string())
         })?;
-        profile
-            .validate()
-            .map_err(|(span, key, msg)| error(span, key, msg))?;
+        profile.validate().map_err(|(span, key, msg)| {
+            let span = span.or_else(|| find_key(src, &key));
+            error(span, key, msg)
+        })?;
         Ok(profile)
     }
 
@@ -669,6 +767,35 @@ impl Profile {
                         ));
                     }
                 }
+            }
+        }
+        // Property names ZFS knows (user properties contain a colon).
+        let mut props: Vec<(String, &str, &[&str])> = Vec::new();
+        for k in self.pool.options.keys() {
+            props.push((format!("pool.options.{k}"), k, POOL_PROPERTIES));
+        }
+        for k in self.pool.root_options.keys() {
+            props.push((format!("pool.root-options.{k}"), k, DATASET_PROPERTIES));
+        }
+        for (i, ds) in self.pool.datasets.iter().enumerate() {
+            for k in ds.options.keys() {
+                props.push((
+                    format!("pool.datasets[{i}].options.{k}"),
+                    k,
+                    DATASET_PROPERTIES,
+                ));
+            }
+        }
+        for (key, name, known) in props {
+            let ok = known.contains(&name)
+                || name.contains(':')
+                || (known == POOL_PROPERTIES && name.starts_with("feature@"));
+            if !ok {
+                return Err((
+                    None,
+                    key,
+                    format!("`{name}` is not a ZFS property nodeflash knows"),
+                ));
             }
         }
         // Disk selection: at least one rule; a device name only with a size range.
@@ -863,6 +990,20 @@ select = { serial = "S1" }
         assert!("99999999999TiB".parse::<Size>().is_err());
         assert_eq!(Size(1 << 30).to_string(), "1GiB");
         assert_eq!(Size(900_000_000_000).to_string(), "900GB");
+    }
+
+    #[test]
+    fn unknown_zfs_property_is_refused_with_its_line() {
+        let src = MINIMAL.replace(
+            "[pool]",
+            "[pool]\nroot-options = { compression = \"zstd\", compresion = \"zstd\" }",
+        );
+        let e = err(&src);
+        assert_eq!(e.key, "pool.root-options.compresion", "{e}");
+        assert_eq!((e.line, e.column), (6, 40), "{e}");
+        // User properties and pool features are accepted.
+        let ok = MINIMAL.replace("[pool]", "[pool]\noptions = { \"feature@zstd_compress\" = \"enabled\" }\nroot-options = { \"com.example:tag\" = \"x\" }");
+        Profile::parse(&ok, "t.toml").expect("valid");
     }
 
     #[test]
