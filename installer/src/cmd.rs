@@ -37,10 +37,17 @@ pub fn run(cmd: &mut Command) -> Result<String> {
     if let Some(log) = LOGGER.get() {
         log(&format!("$ {line}"));
     }
+    let started = std::time::Instant::now();
     let out = cmd
         .stdin(Stdio::null())
         .output()
         .with_context(|| format!("cannot run `{line}`"))?;
+    let took = started.elapsed();
+    if took.as_secs() >= 1 {
+        if let Some(log) = LOGGER.get() {
+            log(&format!("  ({:.1}s)", took.as_secs_f64()));
+        }
+    }
     if !out.status.success() {
         let stderr = String::from_utf8_lossy(&out.stderr);
         let stderr = stderr.trim();

@@ -97,6 +97,9 @@ fn run(started: Instant) -> (Finish, Result<()>) {
     crate::cmd::set_logger(crate::console::say);
     // The kernel starts /init with an empty environment.
     std::env::set_var("PATH", "/sbin:/usr/sbin:/bin:/usr/bin");
+    // Without udev, `zpool import` would wait 30 s per device for udev to
+    // "initialise" it.
+    std::env::set_var("ZPOOL_IMPORT_UDEV_TIMEOUT_MS", "0");
     let loaded = std::fs::read_to_string(PROFILE_PATH)
         .with_context(|| format!("cannot read {PROFILE_PATH}"))
         .and_then(|s| Ok(Profile::parse(&s, PROFILE_PATH)?))
