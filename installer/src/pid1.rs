@@ -243,6 +243,9 @@ fn make_pool(
         "readonly=on",
         "-o",
         "cachefile=none",
+        // Look only at the new partition: another disk may hold a pool of the same name.
+        "-d",
+        device,
         &pool,
     ]))
     .context("the new pool does not import without -f")?;
