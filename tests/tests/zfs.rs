@@ -1,6 +1,6 @@
 //! The pool in QEMU: every property and dataset of the profile, zstd
-//! compression, the reported host ID in the pool's label, and an import
-//! without `-f` after the export.
+//! compression, the reported host ID in the pool's label, an import without
+//! `-f` after the export, and a reinstall over an old pool.
 
 use std::path::PathBuf;
 
@@ -15,6 +15,25 @@ fn canonical(property: &str, value: &str) -> String {
     }
 }
 
+/// Installs the image on `disk`; the install must succeed.
+fn install(image: &str, disk: &Nvme) -> String {
+    let mut cfg = VmConfig::new(images_dir().join(format!("{image}.iso")), Boot::UsbStick);
+    cfg.nvme.push(disk.clone());
+    let mut vm = Vm::start(&cfg).expect("qemu starts");
+    let console = vm.wait_for_poweroff().unwrap_or_else(|e| panic!("{e:#}"));
+    eprintln!("{console}");
+    assert_console(&console, "nodeflash: done in");
+    console
+}
+
+fn pool_facts(console: &str) -> serde_json::Value {
+    let json = console
+        .lines()
+        .find_map(|l| l.strip_prefix("nodeflash-pool: "))
+        .expect("the pool facts are printed");
+    serde_json::from_str(json).expect("pool facts are JSON")
+}
+
 #[test]
 fn creates_the_profiles_pool_and_datasets() {
     let profiles = PathBuf::from(
@@ -23,13 +42,8 @@ fn creates_the_profiles_pool_and_datasets() {
     );
     let profile = Profile::load(&profiles.join("qemu.toml")).expect("qemu profile");
     let dir = tempfile::tempdir().expect("tempdir");
-    let mut cfg = VmConfig::new(images_dir().join("qemu.iso"), Boot::UsbStick);
-    cfg.nvme
-        .push(Nvme::create(dir.path(), "nvme.img", 2 << 30, "NFTEST0001").expect("disk"));
-    let mut vm = Vm::start(&cfg).expect("qemu starts");
-    let console = vm.wait_for_poweroff().unwrap_or_else(|e| panic!("{e:#}"));
-    eprintln!("{console}");
-    assert_console(&console, "nodeflash: done in");
+    let disk = Nvme::create(dir.path(), "nvme.img", 2 << 30, "NFTEST0001").expect("disk");
+    let console = install("qemu", &disk);
 
     let hostid = console
         .lines()
@@ -41,11 +55,7 @@ fn creates_the_profiles_pool_and_datasets() {
         &console,
         &format!("it imports without -f (pool host id {hostid})"),
     );
-    let json = console
-        .lines()
-        .find_map(|l| l.strip_prefix("nodeflash-pool: "))
-        .expect("the pool facts are printed");
-    let facts: serde_json::Value = serde_json::from_str(json).expect("pool facts are JSON");
+    let facts = pool_facts(&console);
     assert_eq!(
         facts["hostid"], hostid,
         "the label's host ID is the reported one"
@@ -104,15 +114,33 @@ fn creates_the_profiles_pool_and_datasets() {
             );
         }
     }
-    if let Some(root_ds) = profile
+    let root_ds = profile
         .pool
         .datasets
         .iter()
         .find(|d| d.mountpoint.as_ref().is_some_and(|m| m.get_ref().0 == "/"))
-    {
-        assert_eq!(
-            props["bootfs"],
-            format!("{pool}/{}", root_ds.name.get_ref()).as_str()
-        );
-    }
+        .expect("the qemu profile has a root dataset");
+    assert_eq!(
+        props["bootfs"],
+        format!("{pool}/{}", root_ds.name.get_ref()).as_str()
+    );
+}
+
+#[test]
+fn reinstall_with_wipe_always_replaces_the_old_pool() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let disk = Nvme::create(dir.path(), "nvme.img", 2 << 30, "NFTEST0001").expect("disk");
+    let first = pool_facts(&install("qemu", &disk));
+    // `qemu-bus` has `wipe = "always"`: the installed disk is taken again.
+    let console = install("qemu-bus", &disk);
+    assert_console(
+        &console,
+        "plan: wipe what is there: partitions nvme0n1p1 nvme0n1p2 nvme0n1p3, GPT partition table",
+    );
+    let second = pool_facts(&console);
+    assert_ne!(
+        first["pool_properties"]["guid"], second["pool_properties"]["guid"],
+        "a new pool replaced the old one"
+    );
+    assert_eq!(second["pool_properties"]["health"], "ONLINE");
 }
