@@ -142,10 +142,13 @@ fn run(cli: Cli) -> Result<()> {
                 .with_context(|| format!("cannot read machine facts {}", machine.display()))?;
             let facts: nodeflash_installer::facts::Facts = serde_json::from_str(&text)
                 .with_context(|| format!("invalid machine facts {}", machine.display()))?;
+            let node = nodeflash_installer::nodes::identify(&p, &facts)?;
             let plan = nodeflash_installer::plan::plan(&p, &facts)?;
             if json {
-                println!("{}", serde_json::to_string_pretty(&plan)?);
+                let out = serde_json::json!({ "node": node, "plan": plan });
+                println!("{}", serde_json::to_string_pretty(&out)?);
             } else {
+                println!("node: {} ({})", node.hostname, node.reason);
                 print!("{plan}");
             }
         }

@@ -143,6 +143,10 @@ fn plan_from_captured_facts() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(
+        stdout.contains("node: install (no node of the profile matches: generic node)"),
+        "{stdout}"
+    );
+    assert!(
         stdout.contains("plan: install on nvme0n1 (931.5 GiB"),
         "{stdout}"
     );

@@ -170,7 +170,20 @@ fn install(profile: &Profile, info: &ImageInfo, started: Instant) -> Result<()> 
             timeout.as_secs()
         );
     }
+    say!(
+        "nodeflash-facts: {}",
+        serde_json::to_string(&facts).context("cannot serialize the facts")?
+    );
+    // Who this machine is and everything else that can fail is settled
+    // before the disk is touched.
+    let identity = crate::nodes::identify(profile, &facts)?;
     let plan = crate::plan::plan(profile, &facts)?;
+    let hostid = crate::zfs::resolve_hostid(identity.hostid, &facts, plan.disk.serial.as_deref())?;
+    say!("node: {} ({})", identity.hostname, identity.reason);
+    say!(
+        "host id: {hostid:08x} (for a Morph/colmena manifest: networking.hostName = \"{}\"; networking.hostId = \"{hostid:08x}\";)",
+        identity.hostname
+    );
     say!("{}", plan.to_string().trim_end());
 
     let t = Instant::now();
@@ -195,26 +208,15 @@ fn install(profile: &Profile, info: &ImageInfo, started: Instant) -> Result<()> 
         .last()
         .map(|p| p.device.clone())
         .context("the plan has no ZFS partition")?;
-    make_pool(profile, &facts, &plan, &zfs_dev)
+    make_pool(profile, &identity.hostname, hostid, &zfs_dev)
 }
 
-/// Host ID, pool, datasets, `/etc/hostid` on the target, export, and a check
+/// Host ID, pool, datasets, `/etc/hostid` and `/etc/hostname` on the target, export, and a check
 /// that the pool imports again without `-f`.
-fn make_pool(
-    profile: &Profile,
-    facts: &Facts,
-    plan: &crate::plan::Plan,
-    device: &str,
-) -> Result<()> {
+fn make_pool(profile: &Profile, hostname: &str, hostid: u32, device: &str) -> Result<()> {
     use crate::zfs;
     let pool = profile.pool.name.to_string();
-    let hostid = zfs::resolve_hostid(
-        profile.default_node.hostid,
-        facts,
-        plan.disk.serial.as_deref(),
-    )?;
     zfs::set_live_hostid(hostid)?;
-    say!("host id: {hostid:08x} (NixOS: networking.hostId = \"{hostid:08x}\";)");
     let t = Instant::now();
     std::fs::create_dir_all("/mnt").context("cannot create /mnt")?;
     zfs::run_all(&zfs::create_commands(&profile.pool, device, "/mnt"))?;
@@ -228,6 +230,8 @@ fn make_pool(
             .context("cannot create /mnt/etc on the root dataset")?;
         std::fs::write("/mnt/etc/hostid", zfs::hostid_file(hostid))
             .context("cannot write /mnt/etc/hostid")?;
+        std::fs::write("/mnt/etc/hostname", format!("{hostname}\n"))
+            .context("cannot write /mnt/etc/hostname")?;
     }
     say!(
         "pool {pool} created on {device} with {} datasets in {:.1}s",

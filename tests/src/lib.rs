@@ -63,6 +63,10 @@ pub struct VmConfig {
     pub nvme: Vec<Nvme>,
     pub memory_mib: u32,
     pub timeout: Duration,
+    /// SMBIOS system serial (`-smbios type=1,serial=…`).
+    pub smbios_serial: Option<String>,
+    /// MAC address of the NIC (QEMU's default otherwise).
+    pub mac: Option<String>,
 }
 
 impl VmConfig {
@@ -73,6 +77,8 @@ impl VmConfig {
             nvme: Vec::new(),
             memory_mib: 2048,
             timeout: Duration::from_secs(300),
+            smbios_serial: None,
+            mac: None,
         }
     }
 }
@@ -197,8 +203,15 @@ impl Vm {
             "-vga",
             "none",
         ])
-        .args(firmware_and_serial(dir.path(), &console)?)
-        .args(["-nic", "user,model=virtio-net-pci"]);
+        .args(firmware_and_serial(dir.path(), &console)?);
+        let mut nic = "user,model=virtio-net-pci".to_string();
+        if let Some(mac) = &cfg.mac {
+            nic.push_str(&format!(",mac={mac}"));
+        }
+        c.args(["-nic", &nic]);
+        if let Some(serial) = &cfg.smbios_serial {
+            c.args(["-smbios", &format!("type=1,serial={serial}")]);
+        }
         match cfg.boot {
             Boot::UsbStick => {
                 c.args(["-device", "qemu-xhci,id=xhci"])

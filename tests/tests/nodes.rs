@@ -1,0 +1,81 @@
+//! One image for the whole cluster: the `qemu` profile's nodes recognised by
+//! SMBIOS serial and by MAC, the generic fallback, and the refusal when two
+//! nodes match.
+
+use nodeflash_tests::{assert_console, images_dir, Boot, Nvme, Vm, VmConfig};
+use sha2::{Digest, Sha256};
+
+fn boot(serial: Option<&str>, mac: Option<&str>, disk: &Nvme) -> String {
+    let mut cfg = VmConfig::new(images_dir().join("qemu.iso"), Boot::UsbStick);
+    cfg.nvme.push(disk.clone());
+    cfg.smbios_serial = serial.map(str::to_string);
+    cfg.mac = mac.map(str::to_string);
+    let mut vm = Vm::start(&cfg).expect("qemu starts");
+    let console = vm.wait_for_poweroff().unwrap_or_else(|e| panic!("{e:#}"));
+    eprintln!("{console}");
+    console
+}
+
+fn disk(dir: &tempfile::TempDir) -> Nvme {
+    Nvme::create(dir.path(), "nvme.img", 2 << 30, "NFTEST0001").expect("disk")
+}
+
+/// The node's host ID is in the new pool's label, not just on the console.
+fn assert_installed_as(console: &str, hostname: &str, hostid: &str) {
+    assert_console(console, "nodeflash: done in");
+    assert_console(
+        console,
+        &format!("networking.hostName = \"{hostname}\"; networking.hostId = \"{hostid}\";"),
+    );
+    assert_console(
+        console,
+        &format!("it imports without -f (pool host id {hostid})"),
+    );
+}
+
+#[test]
+fn recognises_a_node_by_smbios_serial() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let console = boot(Some("NF-ALPHA"), None, &disk(&dir));
+    assert_console(&console, "node: alpha (matched dmi-serial=NF-ALPHA)");
+    assert_installed_as(&console, "alpha", "0a1b2c3d");
+}
+
+#[test]
+fn recognises_a_node_by_mac() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let console = boot(None, Some("52:54:00:00:be:7a"), &disk(&dir));
+    assert_console(&console, "node: beta (matched mac=52:54:00:00:be:7a)");
+    assert_installed_as(&console, "beta", "0b2c3d4e");
+}
+
+#[test]
+fn an_unknown_machine_becomes_the_generic_node() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let console = boot(Some("NF-OTHER"), None, &disk(&dir));
+    assert_console(
+        &console,
+        "node: qemu-node (no node of the profile matches: generic node)",
+    );
+    assert_console(&console, "networking.hostName = \"qemu-node\";");
+}
+
+#[test]
+fn two_matching_nodes_are_refused_and_the_disk_is_unchanged() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = disk(&dir);
+    let hash = |p: &std::path::Path| {
+        let mut h = Sha256::new();
+        std::io::copy(&mut std::fs::File::open(p).expect("open"), &mut h).expect("hash");
+        h.finalize()
+    };
+    let before = hash(&d.image);
+    let console = boot(Some("NF-ALPHA"), Some("52:54:00:00:be:7a"), &d);
+    assert_console(
+        &console,
+        "2 nodes of the profile match this machine, refusing to guess; nothing was written",
+    );
+    assert_console(&console, "alpha: dmi-serial=NF-ALPHA");
+    assert_console(&console, "beta: mac=52:54:00:00:be:7a");
+    assert_eq!(hash(&d.image), before, "the disk was changed");
+}
