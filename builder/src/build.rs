@@ -7,7 +7,7 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
-use nodeflash_installer::image::{volume_set_id, ImageInfo, IMAGE_INFO_PATH, PROFILE_PATH};
+use nodeflash_installer::image::{ImageInfo, IMAGE_INFO_PATH, PROFILE_PATH};
 use nodeflash_installer::profile::Profile;
 use serde::{Deserialize, Serialize};
 
@@ -315,7 +315,6 @@ fn assemble(
         0o644,
         Source::Bytes(image_json(&info)?.into_bytes()),
     );
-    debug_assert_eq!(volume_set_id(&info.image_id), info.volume_set_id());
     Ok((fs, info))
 }
 
