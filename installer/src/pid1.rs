@@ -186,6 +186,22 @@ fn install(profile: &Profile, info: &ImageInfo, started: Instant) -> Result<()> 
     );
     say!("{}", plan.to_string().trim_end());
 
+    // The plan names the disk by its kernel name: make sure that name still
+    // is the disk that was chosen (same serial, model and size) right before writing.
+    let now = Facts::read(Path::new("/sys"));
+    let same = now.block_devices.iter().any(|d| {
+        d.name == plan.disk.name
+            && d.serial == plan.disk.serial
+            && d.model == plan.disk.model
+            && d.size_bytes == plan.disk.size_bytes
+    });
+    if !same {
+        bail!(
+            "{} is no longer the disk that was planned for (serial {:?}); nothing was written. Boot the stick again",
+            plan.disk.name,
+            plan.disk.serial.as_deref().unwrap_or("")
+        );
+    }
     let t = Instant::now();
     let dev = Path::new("/dev").join(&plan.disk.name);
     let old: Vec<(u64, u64)> = crate::disk::old_partitions(Path::new("/sys"), &plan.disk.name)
