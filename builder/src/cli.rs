@@ -143,7 +143,8 @@ fn run(cli: Cli) -> Result<()> {
             let facts: nodeflash_installer::facts::Facts = serde_json::from_str(&text)
                 .with_context(|| format!("invalid machine facts {}", machine.display()))?;
             let node = nodeflash_installer::nodes::identify(&p, &facts)?;
-            let plan = nodeflash_installer::plan::plan(&p, &facts)?;
+            let select = node.disk_select.as_ref().unwrap_or(&p.disk.select);
+            let plan = nodeflash_installer::plan::plan_with(&p, select, &facts)?;
             if json {
                 let out = serde_json::json!({ "node": node, "plan": plan });
                 println!("{}", serde_json::to_string_pretty(&out)?);

@@ -19,6 +19,9 @@ pub struct Identity {
     pub hostid: HostId,
     /// Why: the facts that matched, or that none did.
     pub reason: String,
+    /// The node's own disk rules, if it has any.
+    #[serde(skip)]
+    pub disk_select: Option<crate::profile::DiskSelect>,
 }
 
 fn same(a: &str, b: &str) -> bool {
@@ -78,6 +81,7 @@ pub fn identify(profile: &Profile, facts: &Facts) -> Result<Identity> {
             hostname: node.name.get_ref().to_string(),
             hostid: node.hostid,
             reason: format!("matched {}", why.join(", ")),
+            disk_select: node.disk.clone(),
         }),
         [] => {
             let d = &profile.default_node;
@@ -115,6 +119,7 @@ pub fn identify(profile: &Profile, facts: &Facts) -> Result<Identity> {
                 hostname: hostname.0,
                 hostid: d.hostid,
                 reason: "no node of the profile matches: generic node".into(),
+                disk_select: None,
             })
         }
         several => {
@@ -204,6 +209,20 @@ hostname = "node-{serial}"
         assert_eq!(id.hostname, "logos");
         let id = identify(&p, &facts("?", "52:54:00:00:00:01", "S4EWNX0R")).expect("ontos by disk");
         assert_eq!(id.hostname, "ontos");
+    }
+
+    #[test]
+    fn a_node_brings_its_disk_rules() {
+        let src = PROFILE.replace(
+            "match = { disk-serial = \"S4EWNX0R\" }",
+            "match = { disk-serial = \"S4EWNX0R\" }\ndisk = { serial = \"S4EWNX0R\" }",
+        );
+        let p = Profile::parse(&src, "t.toml").expect("profile");
+        let id = identify(&p, &facts("?", "52:54:00:00:00:01", "S4EWNX0R")).expect("ontos");
+        assert_eq!(
+            id.disk_select.and_then(|s| s.serial).as_deref(),
+            Some("S4EWNX0R")
+        );
     }
 
     #[test]

@@ -177,7 +177,11 @@ fn install(profile: &Profile, info: &ImageInfo, started: Instant) -> Result<()> 
     // Who this machine is and everything else that can fail is settled
     // before the disk is touched.
     let identity = crate::nodes::identify(profile, &facts)?;
-    let plan = crate::plan::plan(profile, &facts)?;
+    let select = identity
+        .disk_select
+        .as_ref()
+        .unwrap_or(&profile.disk.select);
+    let plan = crate::plan::plan_with(profile, select, &facts)?;
     let hostid = crate::zfs::resolve_hostid(identity.hostid, &facts, plan.disk.serial.as_deref())?;
     say!("node: {} ({})", identity.hostname, identity.reason);
     say!(
@@ -301,7 +305,13 @@ fn wait_for_target(profile: &Profile, boot: Option<&str>, timeout: Duration) -> 
                         .unwrap_or_else(|e| vec![format!("unreadable: {e:#}")]);
             }
         }
-        let waiting = matches!(crate::plan::select_disk(&profile.disk.select, &facts), Err(e) if e.matching == 0);
+        // A recognised node may have disk rules of its own.
+        let select = crate::nodes::identify(profile, &facts)
+            .ok()
+            .and_then(|id| id.disk_select)
+            .unwrap_or_else(|| profile.disk.select.clone());
+        let waiting =
+            matches!(crate::plan::select_disk(&select, &facts), Err(e) if e.matching == 0);
         if !waiting || Instant::now() >= deadline {
             return facts;
         }

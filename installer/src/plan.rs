@@ -175,7 +175,12 @@ pub fn select_disk<'a>(sel: &DiskSelect, facts: &'a Facts) -> Result<&'a BlockDe
 
 /// The plan for this profile on this machine.
 pub fn plan(profile: &Profile, facts: &Facts) -> Result<Plan> {
-    let disk = select_disk(&profile.disk.select, facts)?.clone();
+    plan_with(profile, &profile.disk.select, facts)
+}
+
+/// The plan with other disk rules (a node's own) than `[disk] select`.
+pub fn plan_with(profile: &Profile, select: &DiskSelect, facts: &Facts) -> Result<Plan> {
+    let disk = select_disk(select, facts)?.clone();
     if !disk.signatures.is_empty() && profile.disk.wipe == Wipe::IfEmpty {
         bail!(
             "disk {} is not empty ({}); nothing was written. Set `wipe = \"always\"` in the profile's [disk] to reinstall it",

@@ -130,7 +130,7 @@ fn default_esp_size() -> Size {
 }
 
 /// Disk selection rules, from most to least specific.
-#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
 pub struct DiskSelect {
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -269,6 +269,9 @@ pub struct Node {
     pub hostid: HostId,
     #[serde(default, rename = "match")]
     pub matches: NodeMatch,
+    /// Disk rules for this node instead of `[disk] select`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disk: Option<DiskSelect>,
 }
 
 /// Facts that recognise a machine; every given fact must match.
@@ -836,6 +839,17 @@ impl Profile {
                 "payload".into(),
                 "give either `closure` or `synthetic`, not both".into(),
             ));
+        }
+        for (i, node) in self.nodes.iter().enumerate() {
+            if let Some(sel) = &node.disk {
+                if sel.device.is_some() && (sel.min_size.is_none() || sel.max_size.is_none()) {
+                    return Err((
+                        Some(node.name.span()),
+                        format!("nodes[{i}].disk.device"),
+                        "a device name is not a safe selector on its own: add min-size and max-size".into(),
+                    ));
+                }
+            }
         }
         // Nodes: unique names, host IDs and match rules.
         let mut seen_names = BTreeSet::new();

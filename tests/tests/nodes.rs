@@ -79,3 +79,17 @@ fn two_matching_nodes_are_refused_and_the_disk_is_unchanged() {
     assert_console(&console, "beta: mac=52:54:00:00:be:7a");
     assert_eq!(hash(&d.image), before, "the disk was changed");
 }
+
+#[test]
+fn recognises_a_node_by_disk_serial_and_uses_its_own_disk_rules() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    // The profile's [disk] wants NFTEST0001; node gamma brings its own rules.
+    let d = Nvme::create(dir.path(), "nvme.img", 2 << 30, "NFTEST0003").expect("disk");
+    let console = boot(None, None, &d);
+    assert_console(&console, "node: gamma (matched disk-serial=NFTEST0003)");
+    assert_console(
+        &console,
+        "plan: install on nvme0n1 (2.0 GiB, model \"QEMU NVMe Ctrl\", serial \"NFTEST0003\"",
+    );
+    assert_installed_as(&console, "gamma", "0c3d4e5f");
+}
