@@ -46,6 +46,31 @@ pub struct BlockDevice {
     pub signatures: Vec<String>,
 }
 
+impl BlockDevice {
+    /// A fixed, writable disk with a serial (captured facts, tests).
+    pub fn fixed(
+        name: &str,
+        size_bytes: u64,
+        logical_block_size: u32,
+        bus: &str,
+        serial: &str,
+    ) -> Self {
+        Self {
+            name: name.into(),
+            size_bytes,
+            logical_block_size,
+            model: None,
+            serial: Some(serial.into()),
+            wwn: None,
+            bus: bus.into(),
+            removable: false,
+            read_only: false,
+            boot_medium: false,
+            signatures: Vec::new(),
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NetInterface {
     pub name: String,

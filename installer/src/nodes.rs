@@ -175,19 +175,13 @@ hostname = "node-{serial}"
                 mac: Some(mac.into()),
                 carrier: Some(true),
             }],
-            block_devices: vec![BlockDevice {
-                name: "nvme0n1".into(),
-                size_bytes: 1 << 40,
-                logical_block_size: 512,
-                model: None,
-                serial: Some(disk_serial.into()),
-                wwn: None,
-                bus: "nvme".into(),
-                removable: false,
-                read_only: false,
-                boot_medium: false,
-                signatures: Vec::new(),
-            }],
+            block_devices: vec![BlockDevice::fixed(
+                "nvme0n1",
+                1 << 40,
+                512,
+                "nvme",
+                disk_serial,
+            )],
         }
     }
 

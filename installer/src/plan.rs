@@ -292,17 +292,8 @@ mod tests {
 
     fn disk(name: &str, gib: u64, serial: &str) -> BlockDevice {
         BlockDevice {
-            name: name.into(),
-            size_bytes: gib << 30,
-            logical_block_size: 512,
             model: Some("QEMU NVMe Ctrl".into()),
-            serial: Some(serial.into()),
-            wwn: None,
-            bus: "nvme".into(),
-            removable: false,
-            read_only: false,
-            boot_medium: false,
-            signatures: Vec::new(),
+            ..BlockDevice::fixed(name, gib << 30, 512, "nvme", serial)
         }
     }
 

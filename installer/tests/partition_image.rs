@@ -22,17 +22,8 @@ fn image(dir: &Path, size: u64) -> std::path::PathBuf {
 
 fn plan_for(size: u64, lbs: u32, signatures: Vec<String>) -> Plan {
     let disk = BlockDevice {
-        name: "nvme0n1".into(),
-        size_bytes: size,
-        logical_block_size: lbs,
-        model: None,
-        serial: Some("NFTEST0001".into()),
-        wwn: None,
-        bus: "nvme".into(),
-        removable: false,
-        read_only: false,
-        boot_medium: false,
         signatures,
+        ..BlockDevice::fixed("nvme0n1", size, lbs, "nvme", "NFTEST0001")
     };
     let facts = Facts {
         block_devices: vec![disk],

@@ -41,19 +41,13 @@ fn profile() -> Profile {
 /// The partitions the installer must write on `disk`, from the same plan code.
 fn expected(disk: &Nvme, size: u64) -> Vec<(u32, u64, u64, String)> {
     let facts = Facts {
-        block_devices: vec![BlockDevice {
-            name: "nvme0n1".into(),
-            size_bytes: size,
-            logical_block_size: disk.logical_block_size,
-            model: None,
-            serial: Some(disk.serial.clone()),
-            wwn: None,
-            bus: "nvme".into(),
-            removable: false,
-            read_only: false,
-            boot_medium: false,
-            signatures: Vec::new(),
-        }],
+        block_devices: vec![BlockDevice::fixed(
+            "nvme0n1",
+            size,
+            disk.logical_block_size,
+            "nvme",
+            &disk.serial,
+        )],
         ..Facts::default()
     };
     let plan = nodeflash_installer::plan::plan(&profile(), &facts).expect("plan");
