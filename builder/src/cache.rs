@@ -38,6 +38,14 @@ impl Cache {
         &self.root
     }
 
+    /// Where entry `kind/key` goes, and its (created) parent directory.
+    fn slot(&self, kind: &str, key: &str) -> Result<(PathBuf, PathBuf)> {
+        let parent = self.root.join(kind);
+        std::fs::create_dir_all(&parent)
+            .with_context(|| format!("cannot create {}", parent.display()))?;
+        Ok((parent.join(key), parent))
+    }
+
     /// The directory `kind/key`, made by `build` if it is not in the cache yet.
     /// `build` gets an empty directory to fill.
     pub fn dir(
@@ -46,13 +54,10 @@ impl Cache {
         key: &str,
         build: impl FnOnce(&Path) -> Result<()>,
     ) -> Result<PathBuf> {
-        let dest = self.root.join(kind).join(key);
+        let (dest, parent) = self.slot(kind, key)?;
         if dest.is_dir() {
             return Ok(dest);
         }
-        let parent = self.root.join(kind);
-        std::fs::create_dir_all(&parent)
-            .with_context(|| format!("cannot create {}", parent.display()))?;
         let tmp = tempfile::Builder::new()
             .prefix(&format!(".{key}."))
             .tempdir_in(&parent)
@@ -76,13 +81,10 @@ impl Cache {
         key: &str,
         build: impl FnOnce(&Path) -> Result<()>,
     ) -> Result<PathBuf> {
-        let dest = self.root.join(kind).join(key);
+        let (dest, parent) = self.slot(kind, key)?;
         if dest.is_file() {
             return Ok(dest);
         }
-        let parent = self.root.join(kind);
-        std::fs::create_dir_all(&parent)
-            .with_context(|| format!("cannot create {}", parent.display()))?;
         let tmp = tempfile::Builder::new()
             .prefix(&format!(".{key}."))
             .tempfile_in(&parent)

@@ -150,6 +150,34 @@ pub struct DiskSelect {
     pub device: Option<String>,
 }
 
+impl DiskSelect {
+    /// At least one rule; a device name only with a size range; a sane
+    /// range. On error: the key below the selector, and the message.
+    fn check(&self) -> Result<(), (String, String)> {
+        if *self == Self::default() {
+            return Err((
+                String::new(),
+                "give at least one rule (serial, wwn, model, min-size/max-size, bus)".into(),
+            ));
+        }
+        if self.device.is_some() && (self.min_size.is_none() || self.max_size.is_none()) {
+            return Err((
+                ".device".into(),
+                "a device name is not a safe selector on its own: add min-size and max-size".into(),
+            ));
+        }
+        if let (Some(lo), Some(hi)) = (self.min_size, self.max_size) {
+            if lo > hi {
+                return Err((
+                    String::new(),
+                    format!("min-size {lo} is larger than max-size {hi}"),
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Bus {
@@ -801,38 +829,10 @@ impl Profile {
                 ));
             }
         }
-        // Disk selection: at least one rule; a device name only with a size range.
-        let sel = &self.disk.select;
-        if sel.serial.is_none()
-            && sel.wwn.is_none()
-            && sel.model.is_none()
-            && sel.min_size.is_none()
-            && sel.max_size.is_none()
-            && sel.bus.is_none()
-            && sel.device.is_none()
-        {
-            return Err((
-                None,
-                "disk.select".into(),
-                "give at least one rule (serial, wwn, model, min-size/max-size, bus)".into(),
-            ));
-        }
-        if sel.device.is_some() && (sel.min_size.is_none() || sel.max_size.is_none()) {
-            return Err((
-                None,
-                "disk.select.device".into(),
-                "a device name is not a safe selector on its own: add min-size and max-size".into(),
-            ));
-        }
-        if let (Some(lo), Some(hi)) = (sel.min_size, sel.max_size) {
-            if lo > hi {
-                return Err((
-                    None,
-                    "disk.select".into(),
-                    format!("min-size {lo} is larger than max-size {hi}"),
-                ));
-            }
-        }
+        self.disk
+            .select
+            .check()
+            .map_err(|(sub, msg)| (None, format!("disk.select{sub}"), msg))?;
         if self.payload.closure.is_some() && self.payload.synthetic.is_some() {
             return Err((
                 None,
@@ -842,13 +842,9 @@ impl Profile {
         }
         for (i, node) in self.nodes.iter().enumerate() {
             if let Some(sel) = &node.disk {
-                if sel.device.is_some() && (sel.min_size.is_none() || sel.max_size.is_none()) {
-                    return Err((
-                        Some(node.name.span()),
-                        format!("nodes[{i}].disk.device"),
-                        "a device name is not a safe selector on its own: add min-size and max-size".into(),
-                    ));
-                }
+                sel.check().map_err(|(sub, msg)| {
+                    (Some(node.name.span()), format!("nodes[{i}].disk{sub}"), msg)
+                })?;
             }
         }
         // Nodes: unique names, host IDs and match rules.
@@ -984,6 +980,14 @@ select = { serial = "S1" }
     fn device_name_needs_size_range() {
         let e = err(&MINIMAL.replace("serial = \"S1\"", "device = \"nvme0n1\""));
         assert!(e.message.contains("not a safe selector"), "{e}");
+    }
+
+    #[test]
+    fn a_nodes_disk_rules_are_checked_like_the_profiles() {
+        let src = format!("{MINIMAL}[[nodes]]\nname = \"a\"\ndisk = {{}}\n");
+        let e = err(&src);
+        assert_eq!(e.key, "nodes[0].disk", "{e}");
+        assert!(e.message.contains("at least one rule"), "{e}");
     }
 
     #[test]
