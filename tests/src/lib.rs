@@ -56,6 +56,19 @@ impl Nvme {
     }
 }
 
+impl Nvme {
+    /// sha256 of the whole disk image, to show that a refusal left it unchanged.
+    pub fn sha256(&self) -> String {
+        use sha2::{Digest, Sha256};
+        let mut h = Sha256::new();
+        let mut f = std::fs::File::open(&self.image)
+            .unwrap_or_else(|e| panic!("cannot open {}: {e}", self.image.display()));
+        std::io::copy(&mut f, &mut h)
+            .unwrap_or_else(|e| panic!("cannot read {}: {e}", self.image.display()));
+        hex::encode(h.finalize())
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct VmConfig {
     pub iso: PathBuf,

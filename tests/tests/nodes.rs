@@ -3,7 +3,6 @@
 //! nodes match.
 
 use nodeflash_tests::{assert_console, images_dir, Boot, Nvme, Vm, VmConfig};
-use sha2::{Digest, Sha256};
 
 fn boot(serial: Option<&str>, mac: Option<&str>, disk: &Nvme) -> String {
     let mut cfg = VmConfig::new(images_dir().join("qemu.iso"), Boot::UsbStick);
@@ -64,12 +63,7 @@ fn an_unknown_machine_becomes_the_generic_node() {
 fn two_matching_nodes_are_refused_and_the_disk_is_unchanged() {
     let dir = tempfile::tempdir().expect("tempdir");
     let d = disk(&dir);
-    let hash = |p: &std::path::Path| {
-        let mut h = Sha256::new();
-        std::io::copy(&mut std::fs::File::open(p).expect("open"), &mut h).expect("hash");
-        h.finalize()
-    };
-    let before = hash(&d.image);
+    let before = d.sha256();
     let console = boot(Some("NF-ALPHA"), Some("52:54:00:00:be:7a"), &d);
     assert_console(
         &console,
@@ -77,7 +71,7 @@ fn two_matching_nodes_are_refused_and_the_disk_is_unchanged() {
     );
     assert_console(&console, "alpha: dmi-serial=NF-ALPHA");
     assert_console(&console, "beta: mac=52:54:00:00:be:7a");
-    assert_eq!(hash(&d.image), before, "the disk was changed");
+    assert_eq!(d.sha256(), before, "the disk was changed");
 }
 
 #[test]

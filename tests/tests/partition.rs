@@ -1,13 +1,12 @@
 //! Partitioning in QEMU: the planned table lands on the NVMe disk, and every
 //! refusal leaves every disk byte-for-byte unchanged.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::Command;
 
 use nodeflash_installer::facts::{BlockDevice, Facts};
 use nodeflash_installer::profile::Profile;
 use nodeflash_tests::{assert_console, images_dir, Boot, Nvme, Vm, VmConfig};
-use sha2::{Digest, Sha256};
 
 const GIB: u64 = 1 << 30;
 
@@ -22,12 +21,6 @@ fn install_with(profile: &str, disks: &[Nvme]) -> String {
     let console = vm.wait_for_poweroff().unwrap_or_else(|e| panic!("{e:#}"));
     eprintln!("{console}");
     console
-}
-
-fn sha256(path: &Path) -> String {
-    let mut h = Sha256::new();
-    std::io::copy(&mut std::fs::File::open(path).expect("open image"), &mut h).expect("hash image");
-    hex::encode(h.finalize())
 }
 
 fn profile() -> Profile {
@@ -139,11 +132,11 @@ fn refuses_a_disk_with_a_partition_table_and_leaves_it_unchanged() {
         })
         .expect("sfdisk runs");
     assert!(status.success());
-    let before = sha256(&disk.image);
+    let before = disk.sha256();
     let console = install(std::slice::from_ref(&disk));
     assert_console(&console, "disk nvme0n1 is not empty (partitions nvme0n1p1, GPT partition table); nothing was written");
     assert_console(&console, "nodeflash: FAILED");
-    assert_eq!(sha256(&disk.image), before, "the disk was changed");
+    assert_eq!(disk.sha256(), before, "the disk was changed");
 }
 
 #[test]
@@ -154,7 +147,7 @@ fn refuses_two_matching_disks_and_leaves_both_unchanged() {
     // not work: Linux rejects the second controller of the same subsystem.)
     let a = Nvme::create(dir.path(), "a.img", 2 * GIB, "NFTEST0001").expect("disk a");
     let b = Nvme::create(dir.path(), "b.img", 2 * GIB, "NFTEST0002").expect("disk b");
-    let (ha, hb) = (sha256(&a.image), sha256(&b.image));
+    let (ha, hb) = (a.sha256(), b.sha256());
     let console = install_with("qemu-bus", &[a.clone(), b.clone()]);
     assert_console(
         &console,
@@ -162,19 +155,15 @@ fn refuses_two_matching_disks_and_leaves_both_unchanged() {
     );
     assert_console(&console, "nvme0n1 (2.0 GiB");
     assert_console(&console, "nvme1n1 (2.0 GiB");
-    assert_eq!(
-        (sha256(&a.image), sha256(&b.image)),
-        (ha, hb),
-        "a disk was changed"
-    );
+    assert_eq!((a.sha256(), b.sha256()), (ha, hb), "a disk was changed");
 }
 
 #[test]
 fn refuses_a_disk_that_is_too_small() {
     let dir = tempfile::tempdir().expect("tempdir");
     let disk = Nvme::create(dir.path(), "nvme.img", 700 << 20, "NFTEST0001").expect("disk");
-    let before = sha256(&disk.image);
+    let before = disk.sha256();
     let console = install(std::slice::from_ref(&disk));
     assert_console(&console, "disk nvme0n1 is too small");
-    assert_eq!(sha256(&disk.image), before, "the disk was changed");
+    assert_eq!(disk.sha256(), before, "the disk was changed");
 }
