@@ -592,7 +592,7 @@ fn build_zfs(cache: &Cache, release: &str, debs: &[PathBuf], out: &Path) -> Resu
 }
 
 /// Every file below `dir`, sorted.
-pub fn walk(dir: &Path) -> Result<Vec<PathBuf>> {
+fn walk(dir: &Path) -> Result<Vec<PathBuf>> {
     let mut out = Vec::new();
     let mut stack = vec![dir.to_path_buf()];
     while let Some(d) = stack.pop() {

@@ -326,7 +326,7 @@ fn load_modules(info: &ImageInfo) {
     for rel in &info.modules {
         let path = dir.join(rel);
         let result = File::open(&path)
-            .map_err(nix::errno::Errno::from_raw_os_error_io)
+            .map_err(|e| nix::errno::Errno::from_raw(e.raw_os_error().unwrap_or(nix::libc::EIO)))
             .and_then(|f| nix::kmod::finit_module(&f, c"", nix::kmod::ModuleInitFlags::empty()));
         match result {
             Ok(()) | Err(nix::errno::Errno::EEXIST) => loaded += 1,
@@ -340,16 +340,6 @@ fn load_modules(info: &ImageInfo) {
         info.modules.len(),
         t.elapsed().as_secs_f64()
     );
-}
-
-trait FromIo {
-    fn from_raw_os_error_io(e: std::io::Error) -> nix::errno::Errno;
-}
-
-impl FromIo for nix::errno::Errno {
-    fn from_raw_os_error_io(e: std::io::Error) -> nix::errno::Errno {
-        nix::errno::Errno::from_raw(e.raw_os_error().unwrap_or(nix::libc::EIO))
-    }
 }
 
 /// Brings every network interface up so that its carrier can be read.
