@@ -1,0 +1,205 @@
+//! Walking a store tree in the payload's order, hashing it, and comparing a
+//! tree on disk with a manifest.
+
+use std::collections::BTreeMap;
+use std::io::Read;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::Path;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use anyhow::{bail, Context, Result};
+use sha2::{Digest, Sha256};
+
+use super::{Entry, STORE_MTIME};
+
+/// The tree under `root` in payload order (sorted by name, every directory
+/// before its contents), file hashes left empty. Only directories, regular
+/// files and symlinks with UTF-8 names and no setuid, setgid or sticky bits
+/// can be in a store.
+pub(crate) fn walk(root: &Path) -> Result<Vec<(Entry, i64)>> {
+    let mut out = Vec::new();
+    walk_dir(root, "", &mut out)?;
+    Ok(out)
+}
+
+fn walk_dir(root: &Path, rel: &str, out: &mut Vec<(Entry, i64)>) -> Result<()> {
+    let dir = root.join(rel);
+    let mut names: Vec<std::ffi::OsString> = std::fs::read_dir(&dir)
+        .with_context(|| format!("cannot read directory {}", dir.display()))?
+        .map(|e| e.map(|e| e.file_name()))
+        .collect::<std::io::Result<_>>()
+        .with_context(|| format!("cannot read directory {}", dir.display()))?;
+    names.sort();
+    for name in names {
+        let name = name.into_string().map_err(|n| {
+            anyhow::anyhow!(
+                "{}: file name {n:?} is not UTF-8, which the payload cannot carry",
+                dir.display()
+            )
+        })?;
+        let path = if rel.is_empty() {
+            name
+        } else {
+            format!("{rel}/{name}")
+        };
+        let full = root.join(&path);
+        let meta = std::fs::symlink_metadata(&full)
+            .with_context(|| format!("cannot stat {}", full.display()))?;
+        let mode = meta.permissions().mode() & 0o7777;
+        let ft = meta.file_type();
+        if !ft.is_symlink() && mode & 0o7000 != 0 {
+            bail!(
+                "{} has setuid, setgid or sticky bits ({mode:o}), which a store does not carry",
+                full.display()
+            );
+        }
+        let mtime = meta.mtime();
+        if ft.is_dir() {
+            out.push((
+                Entry::Dir {
+                    path: path.clone(),
+                    mode,
+                },
+                mtime,
+            ));
+            walk_dir(root, &path, out)?;
+        } else if ft.is_file() {
+            out.push((
+                Entry::File {
+                    path,
+                    mode,
+                    size: meta.len(),
+                    sha256: String::new(),
+                    frame: 0,
+                    offset: 0,
+                    chunks: Vec::new(),
+                },
+                mtime,
+            ));
+        } else if ft.is_symlink() {
+            let target = std::fs::read_link(&full)
+                .with_context(|| format!("cannot read symlink {}", full.display()))?;
+            let target = target.into_os_string().into_string().map_err(|t| {
+                anyhow::anyhow!("{}: link target {t:?} is not UTF-8", full.display())
+            })?;
+            out.push((Entry::Symlink { path, target }, mtime));
+        } else {
+            bail!(
+                "{} is not a directory, regular file or symlink, which a store does not hold",
+                full.display()
+            );
+        }
+    }
+    Ok(())
+}
+
+/// sha256 of a file, read in large blocks.
+pub(crate) fn hash_file(path: &Path) -> Result<String> {
+    let mut f =
+        std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = f
+            .read(&mut buf)
+            .with_context(|| format!("cannot read {}", path.display()))?;
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+    }
+    Ok(hex::encode(h.finalize()))
+}
+
+/// The tree under `root` with every file hashed (on `threads` threads), and
+/// each entry's modification time.
+pub fn scan(root: &Path, threads: usize) -> Result<Vec<(Entry, i64)>> {
+    let mut entries = walk(root)?;
+    let files: Vec<usize> = (0..entries.len())
+        .filter(|&i| matches!(entries[i].0, Entry::File { .. }))
+        .collect();
+    let next = AtomicUsize::new(0);
+    let hashes: Vec<Result<Vec<(usize, String)>>> = std::thread::scope(|s| {
+        let workers: Vec<_> = (0..threads.max(1))
+            .map(|_| {
+                s.spawn(|| {
+                    let mut done = Vec::new();
+                    loop {
+                        let k = next.fetch_add(1, Ordering::Relaxed);
+                        let Some(&i) = files.get(k) else { break };
+                        let path = root.join(entries[i].0.path());
+                        done.push((i, hash_file(&path)?));
+                    }
+                    Ok(done)
+                })
+            })
+            .collect();
+        workers
+            .into_iter()
+            .map(|w| {
+                w.join()
+                    .unwrap_or_else(|_| Err(anyhow::anyhow!("a hashing thread panicked")))
+            })
+            .collect()
+    });
+    for part in hashes {
+        for (i, h) in part? {
+            if let Entry::File { sha256, .. } = &mut entries[i].0 {
+                *sha256 = h;
+            }
+        }
+    }
+    Ok(entries)
+}
+
+/// sha256 over the entries' identities: equal for equal trees, whatever the
+/// payload layout.
+pub fn digest<'a>(entries: impl IntoIterator<Item = &'a Entry>) -> String {
+    let mut h = Sha256::new();
+    for e in entries {
+        h.update(e.identity().as_bytes());
+        h.update(b"\n");
+    }
+    hex::encode(h.finalize())
+}
+
+/// Checks a scanned tree against the manifest's entries: the same paths with
+/// the same type, mode, size, content and link target, nothing more, and
+/// (when `store_mtime`) every modification time 1 as Nix leaves it. The
+/// error lists the first differences.
+pub fn compare(expected: &[Entry], scanned: &[(Entry, i64)], store_mtime: bool) -> Result<()> {
+    let want: BTreeMap<&str, &Entry> = expected.iter().map(|e| (e.path(), e)).collect();
+    let have: BTreeMap<&str, &(Entry, i64)> = scanned.iter().map(|e| (e.0.path(), e)).collect();
+    let mut problems = Vec::new();
+    for (path, e) in &want {
+        match have.get(path) {
+            None => problems.push(format!("missing: {path}")),
+            Some((h, mtime)) => {
+                if h.identity() != e.identity() {
+                    problems.push(format!(
+                        "differs: {path} (want {}, found {})",
+                        e.identity(),
+                        h.identity()
+                    ));
+                } else if store_mtime && *mtime != STORE_MTIME {
+                    problems.push(format!("mtime {mtime} instead of {STORE_MTIME}: {path}"));
+                }
+            }
+        }
+    }
+    for path in have.keys() {
+        if !want.contains_key(path) {
+            problems.push(format!("not in the manifest: {path}"));
+        }
+    }
+    if problems.is_empty() {
+        return Ok(());
+    }
+    let n = problems.len();
+    problems.truncate(10);
+    bail!(
+        "the tree differs from the payload manifest in {n} place{}:\n  {}",
+        if n == 1 { "" } else { "s" },
+        problems.join("\n  ")
+    )
+}

@@ -1,0 +1,329 @@
+//! The payload format on the host: pack a tree with every kind of store
+//! entry, extract it, compare; damaged, truncated and inconsistent payloads
+//! are refused with an error that names what is wrong.
+
+use std::fs::File;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::Path;
+
+use nodeflash_installer::payload::{
+    compare, digest, pack, scan, Counters, Header, Manifest, PackOptions, Payload, HEADER_LEN,
+};
+use sha2::{Digest, Sha256};
+
+const FRAME: u32 = 4096;
+
+fn write(path: &Path, data: &[u8], mode: u32) {
+    std::fs::write(path, data).expect("write");
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).expect("chmod");
+}
+
+/// A store with nested directories, executables, an empty file, files
+/// larger than a frame, long names and relative, absolute and dangling links.
+fn sample_store(root: &Path) {
+    let a = root.join("0123456789abcdfghijklmnpqrsvwxyz-hello-2.12");
+    std::fs::create_dir_all(a.join("share/doc/hello")).expect("mkdir");
+    std::fs::create_dir_all(a.join("bin")).expect("mkdir");
+    write(
+        &a.join("bin/hello"),
+        &[0x7f, b'E', b'L', b'F', 1, 2, 3],
+        0o555,
+    );
+    write(
+        &a.join("share/doc/hello/README"),
+        b"hello world\n".repeat(100).as_slice(),
+        0o444,
+    );
+    write(&a.join("share/empty"), b"", 0o444);
+    let big: Vec<u8> = (0..3 * FRAME as usize + 123)
+        .map(|i| (i * 7 % 251) as u8)
+        .collect();
+    write(&a.join("share/big"), &big, 0o444);
+    let exact: Vec<u8> = (0..FRAME as usize).map(|i| (i % 13) as u8).collect();
+    write(&a.join("share/exactly-one-frame"), &exact, 0o444);
+    write(
+        &a.join(format!("share/{}", "n".repeat(255))),
+        b"long name",
+        0o444,
+    );
+    std::os::unix::fs::symlink("../share/doc", a.join("bin/doc")).expect("symlink");
+    std::os::unix::fs::symlink("/nix/store/zzz-missing/bin/x", a.join("bin/dangling"))
+        .expect("symlink");
+    let b = root.join("abcdfghijklmnpqrsvwxyz0123456789-lib");
+    std::fs::create_dir_all(b.join("lib")).expect("mkdir");
+    for i in 0..40 {
+        write(
+            &b.join(format!("lib/f{i:02}")),
+            format!("{i}\n").repeat(i * 20).as_bytes(),
+            0o444,
+        );
+    }
+    std::os::unix::fs::symlink(
+        "/nix/store/0123456789abcdfghijklmnpqrsvwxyz-hello-2.12/bin/hello",
+        b.join("hello"),
+    )
+    .expect("symlink");
+    // A store path that is a single file.
+    write(
+        &root.join("zzzzfghijklmnpqrsvwxyz0123456789-script.sh"),
+        b"#!/bin/sh\n",
+        0o555,
+    );
+    for d in [
+        a.join("share/doc/hello"),
+        a.join("share/doc"),
+        a.join("share"),
+        a.join("bin"),
+        a.clone(),
+        b.join("lib"),
+        b.clone(),
+    ] {
+        std::fs::set_permissions(&d, std::fs::Permissions::from_mode(0o555)).expect("chmod");
+    }
+}
+
+fn opts() -> PackOptions {
+    PackOptions {
+        level: 3,
+        frame_size: FRAME,
+        threads: 3,
+        registration: Some("/nix/store/x\n\n\n0\n".into()),
+    }
+}
+
+fn packed(dir: &Path) -> std::path::PathBuf {
+    let src = dir.join("src");
+    std::fs::create_dir(&src).expect("mkdir");
+    sample_store(&src);
+    let out = dir.join("store.nfp");
+    pack(&src, &out, &opts(), &Counters::default()).expect("pack");
+    out
+}
+
+fn extract(payload: &Path, dest: Option<&Path>) -> anyhow::Result<()> {
+    let p = Payload::open(File::open(payload)?)?;
+    p.extract(dest, 3, &Counters::default()).map(drop)
+}
+
+#[test]
+fn round_trip_keeps_every_file_mode_and_link() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let src = dir.path().join("src");
+    std::fs::create_dir(&src).expect("mkdir");
+    sample_store(&src);
+    let out = dir.path().join("store.nfp");
+    let counters = Counters::default();
+    let stats = pack(&src, &out, &opts(), &counters).expect("pack");
+    assert_eq!(stats.files, 47);
+    assert_eq!(counters.snapshot().1, 47);
+    assert_eq!(
+        std::fs::metadata(&out).expect("stat").len(),
+        stats.payload_bytes
+    );
+
+    let payload = Payload::open(File::open(&out).expect("open")).expect("opens");
+    assert_eq!(payload.manifest_sha256(), stats.manifest_sha256);
+    assert_eq!(
+        payload.manifest.registration.as_deref(),
+        Some("/nix/store/x\n\n\n0\n")
+    );
+    assert_eq!(payload.manifest.store_paths().len(), 3);
+    let manifest = payload.manifest.clone();
+    let dest = dir.path().join("dest/nix/store");
+    let counters = Counters::default();
+    let x = payload
+        .extract(Some(&dest), 3, &counters)
+        .expect("extracts");
+    assert_eq!((x.files, counters.snapshot().1), (47, 47));
+    assert_eq!(counters.snapshot().0, manifest.bytes());
+
+    // Extracted tree = manifest, including mtime 1; and = the source tree.
+    let got = scan(&dest, 2).expect("scan");
+    compare(&manifest.entries, &got, true).expect("extracted tree matches");
+    let source = scan(&src, 2).expect("scan");
+    compare(&manifest.entries, &source, false).expect("source matches");
+    assert_eq!(digest(got.iter().map(|e| &e.0)), stats.tree_digest);
+
+    let a = dest.join("0123456789abcdfghijklmnpqrsvwxyz-hello-2.12");
+    assert_eq!(
+        std::fs::read_link(a.join("bin/doc"))
+            .expect("link")
+            .to_str(),
+        Some("../share/doc")
+    );
+    let meta = std::fs::symlink_metadata(a.join("bin/dangling")).expect("dangling link");
+    assert_eq!(meta.mtime(), 1);
+    assert_eq!(
+        std::fs::metadata(&a).expect("dir").permissions().mode() & 0o7777,
+        0o555
+    );
+    assert_eq!(
+        std::fs::metadata(a.join("bin/hello"))
+            .expect("f")
+            .permissions()
+            .mode()
+            & 0o777,
+        0o555
+    );
+    assert_eq!(
+        std::fs::read(a.join("share/big")).expect("big"),
+        std::fs::read(src.join("0123456789abcdfghijklmnpqrsvwxyz-hello-2.12/share/big"))
+            .expect("big")
+    );
+
+    // A changed file is found by the tree check.
+    let f = a.join("share/doc/hello/README");
+    std::fs::set_permissions(&f, std::fs::Permissions::from_mode(0o644)).expect("chmod");
+    std::fs::write(&f, b"changed").expect("write");
+    let err =
+        compare(&manifest.entries, &scan(&dest, 2).expect("scan"), true).expect_err("differs");
+    assert!(
+        format!("{err:#}").contains("share/doc/hello/README"),
+        "{err:#}"
+    );
+}
+
+#[test]
+fn packing_is_deterministic() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let one = packed(dir.path());
+    let first = std::fs::read(&one).expect("read");
+    let two = dir.path().join("again.nfp");
+    let mut o = opts();
+    o.threads = 1;
+    pack(&dir.path().join("src"), &two, &o, &Counters::default()).expect("pack");
+    assert!(
+        first == std::fs::read(&two).expect("read"),
+        "same tree, same bytes"
+    );
+}
+
+#[test]
+fn extraction_needs_an_empty_directory() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let out = packed(dir.path());
+    let dest = dir.path().join("dest");
+    std::fs::create_dir(&dest).expect("mkdir");
+    std::fs::write(dest.join("old"), b"x").expect("write");
+    let err = extract(&out, Some(&dest)).expect_err("not empty");
+    assert!(format!("{err:#}").contains("is not empty"), "{err:#}");
+}
+
+/// Where the frames start.
+fn frames_offset(bytes: &[u8]) -> usize {
+    let h = Header::parse(bytes[..HEADER_LEN].try_into().expect("header")).expect("header");
+    HEADER_LEN + h.manifest_len as usize
+}
+
+#[test]
+fn a_damaged_frame_is_found_and_names_the_store_path() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let out = packed(dir.path());
+    let mut bytes = std::fs::read(&out).expect("read");
+    let at = frames_offset(&bytes) + 20;
+    bytes[at] ^= 0xff;
+    std::fs::write(&out, &bytes).expect("write");
+    // Checking without writing finds it too.
+    let err = extract(&out, None).expect_err("damaged");
+    let msg = format!("{err:#}");
+    assert!(
+        msg.contains("payload frame ") && msg.contains("is damaged"),
+        "{msg}"
+    );
+    assert!(
+        msg.contains("0123456789abcdfghijklmnpqrsvwxyz-hello-2.12"),
+        "{msg}"
+    );
+}
+
+#[test]
+fn a_truncated_payload_is_found() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let out = packed(dir.path());
+    let bytes = std::fs::read(&out).expect("read");
+    std::fs::write(&out, &bytes[..bytes.len() - 10]).expect("write");
+    let err = extract(&out, Some(&dir.path().join("dest"))).expect_err("truncated");
+    assert!(
+        format!("{err:#}").contains("the payload is truncated: cannot read frame"),
+        "{err:#}"
+    );
+    std::fs::write(&out, &bytes[..100]).expect("write");
+    let err = extract(&out, None).expect_err("truncated");
+    assert!(
+        format!("{err:#}").contains("is the payload truncated"),
+        "{err:#}"
+    );
+    let mut longer = bytes.clone();
+    longer.push(0);
+    std::fs::write(&out, &longer).expect("write");
+    let err = extract(&out, None).expect_err("trailing data");
+    assert!(
+        format!("{err:#}").contains("data after its last frame"),
+        "{err:#}"
+    );
+}
+
+/// Rewrites the manifest of a payload (and its header hash), keeping the frames.
+fn with_manifest(bytes: &[u8], edit: impl FnOnce(&mut Manifest)) -> Vec<u8> {
+    let h = Header::parse(bytes[..HEADER_LEN].try_into().expect("header")).expect("header");
+    let start = frames_offset(bytes);
+    let json = zstd::stream::decode_all(&bytes[HEADER_LEN..start]).expect("manifest");
+    let mut m: Manifest = serde_json::from_slice(&json).expect("json");
+    edit(&mut m);
+    let z = zstd::bulk::compress(&serde_json::to_vec(&m).expect("json"), 3).expect("zstd");
+    let h = Header {
+        manifest_len: z.len() as u64,
+        manifest_sha256: Sha256::digest(&z).into(),
+        ..h
+    };
+    [&h.to_bytes()[..], &z, &bytes[start..]].concat()
+}
+
+#[test]
+fn a_manifest_that_does_not_match_the_data_is_refused() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let out = packed(dir.path());
+    let bytes = std::fs::read(&out).expect("read");
+
+    let wrong_hash = with_manifest(&bytes, |m| {
+        for e in &mut m.entries {
+            if let nodeflash_installer::payload::Entry::File { path, sha256, .. } = e {
+                if path.ends_with("f07") {
+                    *sha256 = "0".repeat(64);
+                }
+            }
+        }
+    });
+    std::fs::write(&out, wrong_hash).expect("write");
+    let dest = dir.path().join("dest");
+    let err = extract(&out, Some(&dest)).expect_err("mismatch");
+    let msg = format!("{err:#}");
+    assert!(
+        msg.contains("lib/f07: content does not match the payload manifest"),
+        "{msg}"
+    );
+    assert!(
+        !dest
+            .join("abcdfghijklmnpqrsvwxyz0123456789-lib/lib/f07")
+            .exists(),
+        "never written"
+    );
+
+    let escape = with_manifest(&bytes, |m| {
+        if let nodeflash_installer::payload::Entry::Symlink { path, .. } = &mut m.entries[2] {
+            *path = "../escape".into();
+        }
+    });
+    std::fs::write(&out, escape).expect("write");
+    let err = extract(&out, None).expect_err("unsafe");
+    assert!(format!("{err:#}").contains("unsafe path"), "{err:#}");
+
+    let mut damaged = bytes.clone();
+    damaged[HEADER_LEN + 5] ^= 1;
+    std::fs::write(&out, damaged).expect("write");
+    let err = extract(&out, None).expect_err("manifest damaged");
+    assert!(
+        format!("{err:#}").contains("manifest is damaged"),
+        "{err:#}"
+    );
+}
