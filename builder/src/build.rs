@@ -7,7 +7,9 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
-use nodeflash_installer::image::{ImageInfo, IMAGE_INFO_PATH, PROFILE_PATH};
+use nodeflash_installer::image::{
+    ImageInfo, PayloadInfo, IMAGE_INFO_PATH, PAYLOAD_ISO_PATH, PROFILE_PATH,
+};
 use nodeflash_installer::profile::Profile;
 use serde::{Deserialize, Serialize};
 
@@ -29,6 +31,7 @@ pub const DEFAULT_MODULES: &[&str] = &[
     "uas",
     "sd_mod",
     "sr_mod",
+    "isofs",
     // target disks
     "crc64_rocksoft_generic",
     "nvme",
@@ -54,7 +57,7 @@ const INITRD_ZSTD_LEVEL: i32 = 10;
 /// the image ID, so cached artefacts are not reused across a change: bump it
 /// whenever a writer's output changes (the reproducibility test catches a
 /// forgotten bump: the rebuilt ISO then differs from the cached one).
-const ARTEFACT_FORMAT: &str = "2";
+const ARTEFACT_FORMAT: &str = "3";
 
 #[derive(Debug)]
 pub struct BuildOptions {
@@ -79,6 +82,8 @@ pub struct BuildSummary {
     pub kernel_release: String,
     pub initrd_bytes: u64,
     pub modules: usize,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub payload: Option<PayloadInfo>,
     pub nodes: Vec<String>,
 }
 
@@ -110,8 +115,15 @@ pub fn build(opts: &BuildOptions) -> Result<BuildSummary> {
     let modules = steps::step("Resolving kernel modules", || {
         module_order(&opts.cache, &inputs, &profile)
     })?;
+    let packed = crate::payload::prepare(&profile, &opts.profile, &opts.cache)?;
     let (initramfs, info) = steps::step("Assembling initramfs", || {
-        assemble(&opts.installer, &inputs, &profile, &modules)
+        assemble(
+            &opts.installer,
+            &inputs,
+            &profile,
+            &modules,
+            packed.as_ref(),
+        )
     })?;
     let artefact =
         |kind: &str, ext: &str, build: &dyn Fn(&Path) -> Result<()>| -> Result<PathBuf> {
@@ -151,9 +163,14 @@ pub fn build(opts: &BuildOptions) -> Result<BuildSummary> {
             std::fs::write(dir.join("profile.toml"), profile.to_toml())
                 .context("cannot write profile.toml")?;
             let label = format!("NODEFLASH_{}", name.to_uppercase().replace('-', "_"));
+            let grafts: Vec<(&str, &Path)> = packed
+                .iter()
+                .map(|p| (PAYLOAD_ISO_PATH, p.path.as_path()))
+                .collect();
             iso::write_iso(
                 p,
                 root.path(),
+                &grafts,
                 &efi,
                 &label[..label.len().min(32)],
                 &info.volume_set_id(),
@@ -179,6 +196,7 @@ pub fn build(opts: &BuildOptions) -> Result<BuildSummary> {
         kernel_release: info.kernel_release.clone(),
         initrd_bytes: std::fs::metadata(&initrd).map(|m| m.len()).unwrap_or(0),
         modules: info.modules.len(),
+        payload: info.payload.clone(),
         nodes: profile
             .nodes
             .iter()
@@ -233,6 +251,7 @@ fn assemble(
     inputs: &BuildInputs,
     profile: &Profile,
     modules: &[String],
+    packed: Option<&crate::payload::Packed>,
 ) -> Result<(Initramfs, ImageInfo)> {
     if !installer.is_file() {
         bail!(
@@ -294,8 +313,16 @@ fn assemble(
         Source::Bytes(profile.to_toml().into_bytes()),
     );
     let content = fs.content_hash(&[IMAGE_INFO_PATH])?;
+    let payload = packed.map(|p| PayloadInfo {
+        path: PAYLOAD_ISO_PATH.to_string(),
+        bytes: p.bytes,
+        manifest_sha256: p.manifest_sha256.clone(),
+        files: p.files,
+        store_bytes: p.store_bytes,
+    });
     let image_id = key_of([
         content.as_str(),
+        payload.as_ref().map_or("", |p| p.manifest_sha256.as_str()),
         &sha256_file(&inputs.kernel)?,
         &sha256_file(&inputs.systemd_boot)?,
         &profile.image.cmdline,
@@ -309,6 +336,7 @@ fn assemble(
         image_id,
         kernel_release: release.clone(),
         modules: modules.to_vec(),
+        payload,
     };
     fs.add_file(
         IMAGE_INFO_PATH,

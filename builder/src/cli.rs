@@ -67,10 +67,59 @@ enum Command {
     },
     /// Print this machine's facts (disks, NICs, DMI) as JSON.
     Facts,
+    /// Pack, extract and check store payloads (docs/payload.md).
+    Payload {
+        #[command(subcommand)]
+        command: PayloadCommand,
+    },
     /// Pin the newest available build inputs in the profile's lock file.
     UpdateInputs {
         #[arg(long, default_value = "alrest")]
         profile: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum PayloadCommand {
+    /// Pack a store directory (its entries are store paths) into a payload.
+    #[command(
+        after_help = "Example:\n  nodeflash payload pack ./store store.nfp --registration ./registration"
+    )]
+    Pack {
+        src: PathBuf,
+        out: PathBuf,
+        /// zstd level.
+        #[arg(long, default_value_t = 19)]
+        level: i32,
+        /// Nix registration (closure-info format) to carry for `nix-store --load-db`.
+        #[arg(long)]
+        registration: Option<PathBuf>,
+        /// Compression threads (default: one per CPU).
+        #[arg(long)]
+        jobs: Option<usize>,
+        /// Print the result as JSON on stdout.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Extract a payload into a new or empty directory, checking every file.
+    Unpack {
+        payload: PathBuf,
+        dir: PathBuf,
+        /// Worker threads (default: one per CPU).
+        #[arg(long)]
+        jobs: Option<usize>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Check every frame and file of a payload; with DIR, check that the tree
+    /// in DIR is exactly what the payload holds.
+    Verify {
+        payload: PathBuf,
+        dir: Option<PathBuf>,
+        #[arg(long)]
+        jobs: Option<usize>,
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -157,6 +206,7 @@ fn run(cli: Cli) -> Result<()> {
             let facts = nodeflash_installer::facts::Facts::read(std::path::Path::new("/sys"));
             println!("{}", serde_json::to_string_pretty(&facts)?);
         }
+        Command::Payload { command } => payload_command(command, cli.quiet)?,
         Command::UpdateInputs { profile } => {
             let path = profile_path(&profile, &cli.profiles_dir);
             let p = Profile::load(&path)?;
@@ -180,6 +230,15 @@ pub fn print_summary(s: &crate::build::BuildSummary) {
         s.modules,
         s.initrd_bytes as f64 / 1048576.0
     );
+    if let Some(p) = &s.payload {
+        println!(
+            "store:   {} files, {:.1} MiB, packed {:.1} MiB ({})",
+            p.files,
+            p.store_bytes as f64 / 1048576.0,
+            p.bytes as f64 / 1048576.0,
+            &p.manifest_sha256[..12]
+        );
+    }
     if !s.nodes.is_empty() {
         println!("nodes:   {}", s.nodes.join(", "));
     }
@@ -215,4 +274,120 @@ pub fn check_profiles(dir: &std::path::Path) -> Result<()> {
         bail!("{failed} of {} profiles are invalid", paths.len());
     }
     Ok(())
+}
+
+fn payload_command(command: PayloadCommand, quiet: bool) -> Result<()> {
+    use nodeflash_installer::payload::{self, Counters, PackOptions, Payload};
+    let threads = |jobs: Option<usize>| {
+        jobs.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
+    };
+    let open = |path: &std::path::Path| -> Result<Payload<std::io::BufReader<std::fs::File>>> {
+        let f = std::fs::File::open(path)
+            .with_context(|| format!("cannot open payload {}", path.display()))?;
+        Payload::open(std::io::BufReader::with_capacity(1 << 20, f))
+            .with_context(|| format!("cannot read payload {}", path.display()))
+    };
+    let report = |json: bool, value: serde_json::Value, text: String| -> Result<()> {
+        if json {
+            println!("{}", serde_json::to_string_pretty(&value)?);
+        } else if !quiet {
+            println!("{text}");
+        }
+        Ok(())
+    };
+    let counters = Counters::default();
+    let started = std::time::Instant::now();
+    match command {
+        PayloadCommand::Pack {
+            src,
+            out,
+            level,
+            registration,
+            jobs,
+            json,
+        } => {
+            let registration = registration
+                .map(|r| {
+                    std::fs::read_to_string(&r)
+                        .with_context(|| format!("cannot read registration {}", r.display()))
+                })
+                .transpose()?;
+            let opts = PackOptions {
+                level,
+                threads: threads(jobs),
+                registration,
+                ..PackOptions::default()
+            };
+            let stats = crate::payload::with_progress("packing", None, &counters, || {
+                payload::pack(&src, &out, &opts, &counters)
+            })?;
+            let text = format!(
+                "{}: {} files, {:.1} MiB → {:.1} MiB ({} frames) in {:.1}s",
+                out.display(),
+                stats.files,
+                stats.bytes as f64 / 1048576.0,
+                stats.payload_bytes as f64 / 1048576.0,
+                stats.frames,
+                started.elapsed().as_secs_f64()
+            );
+            report(json, serde_json::to_value(&stats)?, text)
+        }
+        PayloadCommand::Unpack {
+            payload,
+            dir,
+            jobs,
+            json,
+        } => {
+            let p = open(&payload)?;
+            let total = p.manifest.bytes();
+            let stats = crate::payload::with_progress("unpacking", Some(total), &counters, || {
+                p.extract(Some(&dir), threads(jobs), &counters)
+            })
+            .with_context(|| format!("cannot unpack {}", payload.display()))?;
+            let text = format!(
+                "{}: {} files, {:.1} MiB in {:.1}s",
+                dir.display(),
+                stats.files,
+                stats.bytes as f64 / 1048576.0,
+                started.elapsed().as_secs_f64()
+            );
+            report(json, serde_json::to_value(&stats)?, text)
+        }
+        PayloadCommand::Verify {
+            payload,
+            dir,
+            jobs,
+            json,
+        } => {
+            let p = open(&payload)?;
+            let manifest = p.manifest.clone();
+            let sha = p.manifest_sha256();
+            let total = manifest.bytes();
+            crate::payload::with_progress("verifying", Some(total), &counters, || {
+                p.extract(None, threads(jobs), &counters)
+            })
+            .with_context(|| format!("payload {} is damaged", payload.display()))?;
+            let mut value = serde_json::json!({
+                "payload": payload, "manifest_sha256": sha, "files": manifest.files(),
+                "bytes": total, "store_paths": manifest.store_paths().len(),
+                "tree_digest": payload::digest(&manifest.entries),
+            });
+            let mut text = format!(
+                "{}: ok, {} files, {:.1} MiB, {} store paths",
+                payload.display(),
+                manifest.files(),
+                total as f64 / 1048576.0,
+                manifest.store_paths().len()
+            );
+            if let Some(dir) = dir {
+                let scanned = payload::scan(&dir, threads(jobs))?;
+                payload::compare(&manifest.entries, &scanned, true).with_context(|| {
+                    format!("{} does not match {}", dir.display(), payload.display())
+                })?;
+                value["dir"] = serde_json::json!(dir);
+                text.push_str(&format!("\n{}: matches the payload", dir.display()));
+            }
+            report(json, value, text)
+        }
+    }
 }

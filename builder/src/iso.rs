@@ -15,10 +15,12 @@ const ESP_TYPE: &str = "C12A7328-F81F-11D2-BA4B-00A0C93EC93B";
 /// set (2020-01-01T00:00:00Z): same inputs, same bytes.
 const DEFAULT_EPOCH: &str = "1577836800";
 
-/// Writes `out` from the files in `root` and the FAT image `efi_img`.
+/// Writes `out` from the files in `root`, the files `grafts` (path in the
+/// ISO, file on the host: large files are not copied) and the FAT image `efi_img`.
 pub fn write_iso(
     out: &Path,
     root: &Path,
+    grafts: &[(&str, &Path)],
     efi_img: &Path,
     volume_id: &str,
     volume_set: &str,
@@ -50,7 +52,13 @@ pub fn write_iso(
             ])
             .arg("-o")
             .arg(out)
-            .arg(root),
+            .arg("-graft-points")
+            .arg(format!("/={}", root.display()))
+            .args(
+                grafts
+                    .iter()
+                    .map(|(iso_path, file)| format!("{iso_path}={}", file.display())),
+            ),
     )
     .with_context(|| format!("cannot write the ISO {}", out.display()))?;
     Ok(())

@@ -11,5 +11,7 @@ pub mod initramfs;
 pub mod inputs;
 pub mod iso;
 pub mod kmod;
+pub mod payload;
 pub mod steps;
+pub mod synthetic;
 pub mod tools;

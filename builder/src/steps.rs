@@ -17,6 +17,10 @@ pub fn configure(quiet: bool, verbose: bool) {
     }
 }
 
+pub fn quiet() -> bool {
+    QUIET.load(Ordering::Relaxed)
+}
+
 pub fn verbose() -> bool {
     VERBOSE.load(Ordering::Relaxed)
 }

@@ -33,15 +33,39 @@ fn argv(cmd: &Command) -> String {
 
 /// Runs `cmd` to completion and returns its stdout.
 pub fn run(cmd: &mut Command) -> Result<String> {
+    run_with_input(cmd, &[])
+}
+
+/// Runs `cmd` with `input` on its stdin and returns its stdout.
+pub fn run_with_input(cmd: &mut Command, input: &[u8]) -> Result<String> {
+    use std::io::Write;
     let line = argv(cmd);
     if let Some(log) = LOGGER.get() {
         log(&format!("$ {line}"));
     }
     let started = std::time::Instant::now();
-    let out = cmd
-        .stdin(Stdio::null())
-        .output()
+    let mut child = cmd
+        .stdin(if input.is_empty() {
+            Stdio::null()
+        } else {
+            Stdio::piped()
+        })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
         .with_context(|| format!("cannot run `{line}`"))?;
+    let stdin = child.stdin.take();
+    let out = std::thread::scope(|s| {
+        if let Some(mut stdin) = stdin {
+            // Written beside the reads of stdout and stderr, so neither side
+            // blocks; a command that exits without reading it fails below.
+            s.spawn(move || {
+                let _ = stdin.write_all(input);
+            });
+        }
+        child.wait_with_output()
+    })
+    .with_context(|| format!("cannot run `{line}`"))?;
     let took = started.elapsed();
     if took.as_secs() >= 1 {
         if let Some(log) = LOGGER.get() {
@@ -77,6 +101,12 @@ mod tests {
         assert!(msg.contains("sh -c 'echo boom >&2; exit 3'"), "{msg}");
         assert!(msg.contains("exit status: 3"), "{msg}");
         assert!(msg.contains("boom"), "{msg}");
+    }
+
+    #[test]
+    fn input_reaches_stdin() {
+        let out = run_with_input(&mut Command::new("cat"), b"registration\n").expect("cat runs");
+        assert_eq!(out, "registration\n");
     }
 
     #[test]

@@ -21,7 +21,27 @@ pub struct ImageInfo {
     pub kernel_release: String,
     /// Modules to load, in dependency order, relative to `/lib/modules/<release>`.
     pub modules: Vec<String>,
+    /// The store payload on the boot medium, if the profile has a store.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub payload: Option<PayloadInfo>,
 }
+
+/// Where the payload is and what it must be.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PayloadInfo {
+    /// Path in the ISO9660 file system of the boot medium.
+    pub path: String,
+    /// Length of the payload file.
+    pub bytes: u64,
+    /// sha256 of its compressed manifest (in its header): names the payload.
+    pub manifest_sha256: String,
+    pub files: usize,
+    /// Uncompressed bytes of the store.
+    pub store_bytes: u64,
+}
+
+/// Where the builder puts the payload on the ISO.
+pub const PAYLOAD_ISO_PATH: &str = "/nodeflash/store.nfp";
 
 impl ImageInfo {
     /// The ISO9660 volume set ID that marks the boot medium of this image.

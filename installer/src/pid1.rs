@@ -14,6 +14,7 @@ use nix::mount::{mount, MsFlags};
 
 use crate::facts::Facts;
 use crate::image::{ImageInfo, IMAGE_INFO_PATH, PROFILE_PATH};
+use crate::payload::Payload;
 use crate::profile::{OnFailure, OnSuccess, Profile};
 use crate::say;
 
@@ -189,6 +190,7 @@ fn install(profile: &Profile, info: &ImageInfo, started: Instant) -> Result<()> 
         identity.hostname
     );
     say!("{}", plan.to_string().trim_end());
+    let store = open_store(profile, info, boot.as_deref())?;
 
     // The plan names the disk by its kernel name: make sure that name still
     // is the disk that was chosen (same serial, model and size) right before writing.
@@ -228,12 +230,255 @@ fn install(profile: &Profile, info: &ImageInfo, started: Instant) -> Result<()> 
         .last()
         .map(|p| p.device.clone())
         .context("the plan has no ZFS partition")?;
-    make_pool(profile, &identity.hostname, hostid, &zfs_dev)
+    make_pool(profile, &identity.hostname, hostid, &zfs_dev, store)
+}
+
+/// Where the store goes on the target (under the pool's altroot).
+const STORE_DIR: &str = "/mnt/nix/store";
+/// Where the boot medium is mounted.
+const MEDIUM_DIR: &str = "/run/nodeflash/medium";
+
+/// The store payload on the boot medium, opened and checked (length,
+/// header, manifest and that it belongs to this image) before the disk is touched.
+struct Store {
+    file: std::path::PathBuf,
+    payload: Payload<File>,
+    workers: usize,
+}
+
+fn open_store(profile: &Profile, info: &ImageInfo, boot: Option<&str>) -> Result<Option<Store>> {
+    let Some(want) = &info.payload else {
+        return Ok(None);
+    };
+    let Some(boot) = boot else {
+        bail!(
+            "the boot medium (volume set {}) was not found, so the store cannot be copied; nothing was written. \
+             Check that the stick is plugged in and was written with this image",
+            info.volume_set_id()
+        );
+    };
+    let dev = Path::new("/dev").join(boot);
+    std::fs::create_dir_all(MEDIUM_DIR).with_context(|| format!("cannot create {MEDIUM_DIR}"))?;
+    match mount(
+        Some(&dev),
+        MEDIUM_DIR,
+        Some("iso9660"),
+        MsFlags::MS_RDONLY,
+        None::<&str>,
+    ) {
+        Ok(()) | Err(nix::errno::Errno::EBUSY) => {}
+        Err(e) => bail!(
+            "cannot mount the boot medium {} on {MEDIUM_DIR}: {e}",
+            dev.display()
+        ),
+    }
+    let file = Path::new(MEDIUM_DIR).join(want.path.trim_start_matches('/'));
+    let len = std::fs::metadata(&file)
+        .with_context(|| {
+            format!(
+                "cannot find the store payload {} on {}",
+                want.path,
+                dev.display()
+            )
+        })?
+        .len();
+    let damaged = "the stick is damaged or was not written completely: write the image to it again";
+    if len != want.bytes {
+        bail!(
+            "the store payload on {} is {len} bytes instead of {}; {damaged}",
+            dev.display(),
+            want.bytes
+        );
+    }
+    let f = File::open(&file).with_context(|| format!("cannot open {}", file.display()))?;
+    let payload = Payload::open(f)
+        .with_context(|| format!("{} on {}: {damaged}", want.path, dev.display()))?;
+    if payload.manifest_sha256() != want.manifest_sha256 {
+        bail!(
+            "the store payload on {} does not belong to this image; {damaged}",
+            dev.display()
+        );
+    }
+    let workers = profile.payload.workers.map_or_else(
+        // At least two, so that one writes while another waits on the disk.
+        || std::thread::available_parallelism().map_or(2, |n| n.get().max(2)),
+        |w| w as usize,
+    );
+    say!(
+        "store: {} files, {:.1} MiB in {} store paths ({:.1} MiB packed on {}), {workers} workers",
+        payload.manifest.files(),
+        payload.manifest.bytes() as f64 / MIB,
+        payload.manifest.store_paths().len(),
+        len as f64 / MIB,
+        dev.display()
+    );
+    Ok(Some(Store {
+        file,
+        payload,
+        workers,
+    }))
+}
+
+const MIB: f64 = 1024.0 * 1024.0;
+
+/// What the copy did, for the console and the report.
+#[derive(Debug, serde::Serialize)]
+struct StoreReport {
+    files: usize,
+    bytes: u64,
+    payload_bytes: u64,
+    copy_secs: f64,
+    copy_mb_s: f64,
+    /// Sequential read of the payload from the boot medium, caches dropped.
+    raw_read_mb_s: f64,
+    /// Copy time over the time a plain read of the payload takes.
+    copy_to_read_ratio: f64,
+    /// Digest of the tree read back from the imported pool.
+    tree_digest: String,
+    verified: bool,
+}
+
+/// Writes the store into the mounted datasets, every file checked against
+/// the manifest, with a plain progress line every few seconds.
+fn copy_store(store: Store) -> Result<(crate::payload::Manifest, std::path::PathBuf, f64)> {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let Store {
+        file,
+        payload,
+        workers,
+    } = store;
+    let manifest = payload.manifest.clone();
+    let (total, files) = (manifest.bytes(), manifest.files() as u64);
+    let counters = crate::payload::Counters::default();
+    let done = AtomicBool::new(false);
+    let t = Instant::now();
+    let result = std::thread::scope(|s| {
+        s.spawn(|| {
+            let mut last = Instant::now();
+            while !done.load(Ordering::Relaxed) {
+                std::thread::sleep(Duration::from_millis(100));
+                if last.elapsed() >= Duration::from_secs(5) {
+                    say!("store: {}", counters.line(total, files, t.elapsed()));
+                    last = Instant::now();
+                }
+            }
+        });
+        let r = payload.extract(Some(Path::new(STORE_DIR)), workers, &counters);
+        done.store(true, Ordering::Relaxed);
+        r
+    });
+    result.context("the store was not copied completely; the disk is not bootable")?;
+    let secs = t.elapsed().as_secs_f64();
+    // As Nix has it: sticky and group-writable.
+    std::fs::set_permissions(
+        STORE_DIR,
+        std::os::unix::fs::PermissionsExt::from_mode(0o1775),
+    )
+    .with_context(|| format!("cannot set the mode of {STORE_DIR}"))?;
+    say!(
+        "store copied in {secs:.1}s: {}",
+        counters.line(total, files, t.elapsed())
+    );
+    if let Some(reg) = &manifest.registration {
+        register(&manifest, reg)?;
+    }
+    Ok((manifest, file, secs))
+}
+
+/// Loads the closure's registration into the installed Nix database with
+/// the store's own `nix-store`, as `nixos-install` does.
+fn register(manifest: &crate::payload::Manifest, registration: &str) -> Result<()> {
+    let nix_store = manifest.entries.iter().find_map(|e| {
+        let p = e.path();
+        (p.ends_with("/bin/nix-store") && p.matches('/').count() == 2).then_some(p)
+    });
+    let Some(nix_store) = nix_store else {
+        say!("store: no nix-store in the closure, so the registration is not loaded");
+        return Ok(());
+    };
+    crate::cmd::run_with_input(
+        std::process::Command::new("chroot").args([
+            "/mnt",
+            &format!("/nix/store/{nix_store}"),
+            "--load-db",
+        ]),
+        registration.as_bytes(),
+    )
+    .context("cannot register the store paths with the installed Nix")?;
+    say!(
+        "store: registered {} store paths",
+        manifest.store_paths().len()
+    );
+    Ok(())
+}
+
+/// Reads the tree back from the (read-only, freshly imported) pool and
+/// checks it against the manifest: mounts just the dataset that holds the
+/// store on /mnt.
+fn check_store(profile: &Profile, manifest: &crate::payload::Manifest) -> Result<String> {
+    let (dataset, mountpoint) = profile
+        .pool
+        .datasets
+        .iter()
+        .filter_map(|d| {
+            let m = d.mountpoint.as_ref()?.get_ref().0.clone();
+            Path::new("/nix/store")
+                .starts_with(&m)
+                .then(|| (format!("{}/{}", profile.pool.name, d.name.get_ref()), m))
+        })
+        .max_by_key(|(_, m)| m.len())
+        .context("no dataset holds /nix/store")?;
+    mount(
+        Some(dataset.as_str()),
+        "/mnt",
+        Some("zfs"),
+        MsFlags::MS_RDONLY,
+        Some("zfsutil"),
+    )
+    .with_context(|| format!("cannot mount {dataset} read-only on /mnt"))?;
+    let dir = Path::new("/mnt").join(
+        Path::new("/nix/store")
+            .strip_prefix(&mountpoint)
+            .unwrap_or(Path::new("")),
+    );
+    let threads = std::thread::available_parallelism().map_or(2, |n| n.get());
+    let result = crate::payload::scan(&dir, threads).and_then(|scanned| {
+        crate::payload::compare(&manifest.entries, &scanned, true)
+            .context("the store read back from the pool is not what was written")?;
+        Ok(crate::payload::digest(scanned.iter().map(|e| &e.0)))
+    });
+    nix::mount::umount("/mnt").with_context(|| format!("cannot unmount {dataset} from /mnt"))?;
+    result
+}
+
+/// MB/s of a plain sequential read of (at most 256 MiB of) `file`, page cache dropped.
+fn raw_read_speed(file: &Path) -> Result<f64> {
+    nix::unistd::sync();
+    std::fs::write("/proc/sys/vm/drop_caches", "3").context("cannot drop the page cache")?;
+    let mut f = File::open(file).with_context(|| format!("cannot open {}", file.display()))?;
+    let mut buf = vec![0u8; 4 << 20];
+    let (mut n, t) = (0u64, Instant::now());
+    while n < 256 << 20 {
+        let r = f
+            .read(&mut buf)
+            .with_context(|| format!("cannot read {}", file.display()))?;
+        if r == 0 {
+            break;
+        }
+        n += r as u64;
+    }
+    Ok(n as f64 / t.elapsed().as_secs_f64().max(1e-6) / 1e6)
 }
 
 /// Host ID, pool, datasets, `/etc/hostid` and `/etc/hostname` on the target, export, and a check
 /// that the pool imports again without `-f`.
-fn make_pool(profile: &Profile, hostname: &str, hostid: u32, device: &str) -> Result<()> {
+fn make_pool(
+    profile: &Profile,
+    hostname: &str,
+    hostid: u32,
+    device: &str,
+    store: Option<Store>,
+) -> Result<()> {
     use crate::zfs;
     let pool = profile.pool.name.to_string();
     zfs::set_live_hostid(hostid)?;
@@ -258,6 +503,7 @@ fn make_pool(profile: &Profile, hostname: &str, hostid: u32, device: &str) -> Re
         profile.pool.datasets.len(),
         t.elapsed().as_secs_f64()
     );
+    let copied = store.map(copy_store).transpose()?;
     crate::cmd::run(std::process::Command::new("zpool").args(["export", &pool]))?;
     // The installed system must import the pool without -f: try it now.
     crate::cmd::run(std::process::Command::new("zpool").args([
@@ -274,8 +520,41 @@ fn make_pool(profile: &Profile, hostname: &str, hostid: u32, device: &str) -> Re
     ]))
     .context("the new pool does not import without -f")?;
     let facts = zfs::pool_facts(&profile.pool, device);
+    // The store as the pool holds it, after an export dropped its caches.
+    let checked = copied
+        .as_ref()
+        .map(|(manifest, _, _)| check_store(profile, manifest));
     crate::cmd::run(std::process::Command::new("zpool").args(["export", &pool]))?;
     let facts = facts?;
+    if let (Some((manifest, file, secs)), Some(digest)) = (copied, checked) {
+        let digest = digest?;
+        let raw = raw_read_speed(&file)?;
+        let bytes = manifest.bytes();
+        let payload_bytes: u64 = manifest.frames.iter().map(|f| f.len).sum();
+        let report = StoreReport {
+            files: manifest.files(),
+            bytes,
+            payload_bytes,
+            copy_secs: secs,
+            copy_mb_s: bytes as f64 / secs.max(1e-6) / 1e6,
+            raw_read_mb_s: raw,
+            copy_to_read_ratio: secs / (payload_bytes as f64 / 1e6 / raw.max(1e-6)).max(1e-6),
+            tree_digest: digest,
+            verified: true,
+        };
+        say!(
+            "store verified on the pool: {} files; copy {:.1}s ({:.1} MB/s of store), plain read of the payload {:.1} MB/s, ratio {:.2}",
+            report.files,
+            report.copy_secs,
+            report.copy_mb_s,
+            report.raw_read_mb_s,
+            report.copy_to_read_ratio
+        );
+        say!(
+            "nodeflash-store: {}",
+            serde_json::to_string(&report).context("cannot serialize the store report")?
+        );
+    }
     say!(
         "pool {pool} exported; it imports without -f (pool host id {})",
         facts.hostid.as_deref().unwrap_or("?")

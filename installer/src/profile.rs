@@ -227,17 +227,55 @@ pub struct Dataset {
     pub options: BTreeMap<String, String>,
 }
 
-/// What is copied into the store.
-#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+/// What is copied into the store: one of `closure`, `store` or `synthetic`
+/// (or none: an install without a store).
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
 pub struct Payload {
-    /// A NixOS system (`/nix/store/…` top-level) or a store directory with a
-    /// registration file.
+    /// A Nix store path (a NixOS system's top level): its closure is listed
+    /// with `nix-store -qR` on the build host, which needs Nix.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub closure: Option<String>,
+    /// A directory laid out as a store (its entries are store paths), for
+    /// build hosts without Nix; relative to the profile.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub store: Option<String>,
+    /// The closure's registration (`nix-store --dump-db` / closure-info
+    /// format) for `store`; relative to the profile.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub registration: Option<String>,
     /// A deterministic synthetic store (tests and benchmarks).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub synthetic: Option<Synthetic>,
+    /// zstd level of the packed store (19, as the NixOS ISO's squashfs).
+    #[serde(default = "default_level")]
+    pub level: i32,
+    /// Threads writing the store on the node (default: one per CPU).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub workers: Option<u32>,
+}
+
+fn default_level() -> i32 {
+    19
+}
+
+impl Default for Payload {
+    fn default() -> Self {
+        Self {
+            closure: None,
+            store: None,
+            registration: None,
+            synthetic: None,
+            level: default_level(),
+            workers: None,
+        }
+    }
+}
+
+impl Payload {
+    pub fn is_empty(&self) -> bool {
+        self.closure.is_none() && self.store.is_none() && self.synthetic.is_none()
+    }
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -833,11 +871,59 @@ impl Profile {
             .select
             .check()
             .map_err(|(sub, msg)| (None, format!("disk.select{sub}"), msg))?;
-        if self.payload.closure.is_some() && self.payload.synthetic.is_some() {
+        let p = &self.payload;
+        let sources = [
+            p.closure.is_some(),
+            p.store.is_some(),
+            p.synthetic.is_some(),
+        ];
+        if sources.iter().filter(|s| **s).count() > 1 {
             return Err((
                 None,
                 "payload".into(),
-                "give either `closure` or `synthetic`, not both".into(),
+                "give one of `closure`, `store` or `synthetic`, not several".into(),
+            ));
+        }
+        if p.registration.is_some() && p.store.is_none() {
+            return Err((
+                None,
+                "payload.registration".into(),
+                "`registration` goes with `store` (a closure brings its own)".into(),
+            ));
+        }
+        if let Some(c) = &p.closure {
+            if !c.starts_with("/nix/store/") {
+                return Err((
+                    None,
+                    "payload.closure".into(),
+                    format!("{c:?} is not a /nix/store path (use `store` for a directory)"),
+                ));
+            }
+        }
+        let holds_store = self.pool.datasets.iter().any(|d| {
+            d.mountpoint
+                .as_ref()
+                .is_some_and(|m| ["/", "/nix", "/nix/store"].contains(&m.get_ref().0.as_str()))
+        });
+        if !p.is_empty() && !holds_store {
+            return Err((
+                None,
+                "payload".into(),
+                "no dataset is mounted at /, /nix or /nix/store to hold the store".into(),
+            ));
+        }
+        if !(1..=22).contains(&p.level) {
+            return Err((
+                None,
+                "payload.level".into(),
+                format!("zstd level {} is out of range (1 to 22)", p.level),
+            ));
+        }
+        if p.workers == Some(0) {
+            return Err((
+                None,
+                "payload.workers".into(),
+                "at least one worker is needed".into(),
             ));
         }
         for (i, node) in self.nodes.iter().enumerate() {
@@ -925,6 +1011,35 @@ select = { serial = "S1" }
         // The resolved form parses back to the same thing.
         let again = Profile::parse(&p.to_toml(), "resolved").expect("resolved profile parses");
         assert_eq!(again.to_toml(), p.to_toml());
+    }
+
+    #[test]
+    fn payload_sources_are_checked() {
+        let with =
+            |payload: &str, datasets: &str| format!("{MINIMAL}{datasets}\n[payload]\n{payload}\n");
+        let root = "[[pool.datasets]]\nname = \"root\"\nmountpoint = \"/\"";
+        let e = err(&with(
+            "store = \"s\"\nsynthetic = { files = 1, bytes = \"1KiB\" }",
+            root,
+        ));
+        assert!(e.message.contains("not several"), "{e}");
+        let e = err(&with("store = \"s\"", ""));
+        assert!(
+            e.message
+                .contains("no dataset is mounted at /, /nix or /nix/store"),
+            "{e}"
+        );
+        let e = err(&with("closure = \"./result\"", root));
+        assert_eq!(e.key, "payload.closure", "{e}");
+        let e = err(&with(
+            "registration = \"r\"\nsynthetic = { files = 1, bytes = \"1KiB\" }",
+            root,
+        ));
+        assert_eq!(e.key, "payload.registration", "{e}");
+        let e = err(&with("store = \"s\"\nlevel = 30", root));
+        assert!(e.message.contains("zstd level 30"), "{e}");
+        let p = Profile::parse(&with("store = \"s\"\nworkers = 4", root), "t.toml").expect("valid");
+        assert_eq!((p.payload.level, p.payload.workers), (19, Some(4)));
     }
 
     #[test]

@@ -88,6 +88,7 @@ fn opts() -> PackOptions {
         frame_size: FRAME,
         threads: 3,
         registration: Some("/nix/store/x\n\n\n0\n".into()),
+        only: None,
     }
 }
 

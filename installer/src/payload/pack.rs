@@ -21,6 +21,8 @@ pub struct PackOptions {
     pub threads: usize,
     /// Nix's registration of the closure, carried for `nix-store --load-db`.
     pub registration: Option<String>,
+    /// Pack only these entries of the source directory (a closure's store paths).
+    pub only: Option<Vec<String>>,
 }
 
 impl Default for PackOptions {
@@ -30,6 +32,7 @@ impl Default for PackOptions {
             frame_size: super::DEFAULT_FRAME_SIZE,
             threads: std::thread::available_parallelism().map_or(1, |n| n.get()),
             registration: None,
+            only: None,
         }
     }
 }
@@ -143,7 +146,10 @@ pub fn pack(src: &Path, out: &Path, opts: &PackOptions, counters: &Counters) -> 
             opts.frame_size
         );
     }
-    let mut entries: Vec<Entry> = tree::walk(src)?.into_iter().map(|(e, _)| e).collect();
+    let mut entries: Vec<Entry> = tree::walk(src, opts.only.as_deref())?
+        .into_iter()
+        .map(|(e, _)| e)
+        .collect();
     if entries.is_empty() {
         bail!("{} is empty: there is no store to pack", src.display());
     }

@@ -16,13 +16,19 @@ use super::{Entry, STORE_MTIME};
 /// before its contents), file hashes left empty. Only directories, regular
 /// files and symlinks with UTF-8 names and no setuid, setgid or sticky bits
 /// can be in a store.
-pub(crate) fn walk(root: &Path) -> Result<Vec<(Entry, i64)>> {
+/// With `only`, just those top-level entries (the store paths of a closure).
+pub(crate) fn walk(root: &Path, only: Option<&[String]>) -> Result<Vec<(Entry, i64)>> {
     let mut out = Vec::new();
-    walk_dir(root, "", &mut out)?;
+    walk_dir(root, "", only, &mut out)?;
     Ok(out)
 }
 
-fn walk_dir(root: &Path, rel: &str, out: &mut Vec<(Entry, i64)>) -> Result<()> {
+fn walk_dir(
+    root: &Path,
+    rel: &str,
+    only: Option<&[String]>,
+    out: &mut Vec<(Entry, i64)>,
+) -> Result<()> {
     let dir = root.join(rel);
     let mut names: Vec<std::ffi::OsString> = std::fs::read_dir(&dir)
         .with_context(|| format!("cannot read directory {}", dir.display()))?
@@ -30,6 +36,15 @@ fn walk_dir(root: &Path, rel: &str, out: &mut Vec<(Entry, i64)>) -> Result<()> {
         .collect::<std::io::Result<_>>()
         .with_context(|| format!("cannot read directory {}", dir.display()))?;
     names.sort();
+    if let Some(only) = only {
+        names.retain(|n| only.iter().any(|o| n.as_os_str() == o.as_str()));
+        if names.len() != only.len() {
+            bail!(
+                "{}: some of the closure's store paths are missing",
+                dir.display()
+            );
+        }
+    }
     for name in names {
         let name = name.into_string().map_err(|n| {
             anyhow::anyhow!(
@@ -62,7 +77,7 @@ fn walk_dir(root: &Path, rel: &str, out: &mut Vec<(Entry, i64)>) -> Result<()> {
                 },
                 mtime,
             ));
-            walk_dir(root, &path, out)?;
+            walk_dir(root, &path, None, out)?;
         } else if ft.is_file() {
             out.push((
                 Entry::File {
@@ -114,7 +129,7 @@ pub(crate) fn hash_file(path: &Path) -> Result<String> {
 /// The tree under `root` with every file hashed (on `threads` threads), and
 /// each entry's modification time.
 pub fn scan(root: &Path, threads: usize) -> Result<Vec<(Entry, i64)>> {
-    let mut entries = walk(root)?;
+    let mut entries = walk(root, None)?;
     let files: Vec<usize> = (0..entries.len())
         .filter(|&i| matches!(entries[i].0, Entry::File { .. }))
         .collect();

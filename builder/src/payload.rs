@@ -1,0 +1,244 @@
+//! The profile's store, packed into a payload once and cached by content:
+//! a Nix closure (by its store paths, which Nix already names by content), a
+//! store directory (by the hash of every file), or a synthetic store (by its
+//! generator's spec).
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use nodeflash_installer::cmd;
+use nodeflash_installer::payload::{self, Counters, PackOptions, Payload, FORMAT_VERSION};
+use nodeflash_installer::profile::Profile;
+
+use crate::cache::{key_of, Cache};
+use crate::{steps, synthetic};
+
+/// A packed payload in the cache.
+#[derive(Debug, Clone)]
+pub struct Packed {
+    pub path: PathBuf,
+    pub bytes: u64,
+    pub manifest_sha256: String,
+    pub files: usize,
+    pub store_bytes: u64,
+    pub store_paths: usize,
+}
+
+/// Where the store comes from.
+enum Source {
+    Closure {
+        paths: Vec<String>,
+        registration: String,
+    },
+    Store {
+        dir: PathBuf,
+        registration: Option<String>,
+    },
+    Synthetic(synthetic::Spec),
+}
+
+/// The packed payload of the profile, if it has a store.
+pub fn prepare(profile: &Profile, profile_path: &Path, cache: &Cache) -> Result<Option<Packed>> {
+    let p = &profile.payload;
+    let dir = profile_path.parent().unwrap_or(Path::new("."));
+    let source = if let Some(top) = &p.closure {
+        closure(top)?
+    } else if let Some(store) = &p.store {
+        let registration =
+            match &p.registration {
+                Some(r) => {
+                    let path = dir.join(r);
+                    Some(std::fs::read_to_string(&path).with_context(|| {
+                        format!("cannot read the registration {}", path.display())
+                    })?)
+                }
+                None => None,
+            };
+        Source::Store {
+            dir: dir.join(store),
+            registration,
+        }
+    } else if let Some(s) = &p.synthetic {
+        Source::Synthetic(synthetic::Spec {
+            files: s.files,
+            bytes: s.bytes.0,
+            seed: s.seed,
+        })
+    } else {
+        return Ok(None);
+    };
+    let settings = [
+        FORMAT_VERSION.to_string(),
+        p.level.to_string(),
+        payload::DEFAULT_FRAME_SIZE.to_string(),
+    ];
+    let key = match &source {
+        Source::Closure {
+            paths,
+            registration,
+        } => key_of(
+            ["closure", registration.as_str()]
+                .into_iter()
+                .chain(paths.iter().map(String::as_str))
+                .chain(settings.iter().map(String::as_str)),
+        ),
+        Source::Store { dir, registration } => {
+            let tree = steps::step(&format!("Hashing the store {}", dir.display()), || {
+                let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+                let entries = payload::scan(dir, threads)?;
+                Ok(payload::digest(entries.iter().map(|e| &e.0)))
+            })?;
+            key_of(
+                [
+                    "store",
+                    tree.as_str(),
+                    registration.as_deref().unwrap_or(""),
+                ]
+                .into_iter()
+                .chain(settings.iter().map(String::as_str)),
+            )
+        }
+        Source::Synthetic(spec) => key_of(
+            [
+                "synthetic".to_string(),
+                synthetic::VERSION.to_string(),
+                spec.files.to_string(),
+                spec.bytes.to_string(),
+                spec.seed.to_string(),
+            ]
+            .iter()
+            .chain(settings.iter()),
+        ),
+    };
+    let path = steps::step("Packing the store", || {
+        cache.file("payload", &format!("{key}.nfp"), |out| {
+            pack_source(&source, out, p.level)
+        })
+    })?;
+    let opened = Payload::open(
+        std::fs::File::open(&path).with_context(|| format!("cannot open {}", path.display()))?,
+    )
+    .with_context(|| format!("cached payload {} is unreadable", path.display()))?;
+    let m = &opened.manifest;
+    Ok(Some(Packed {
+        bytes: opened.header.total_len(),
+        manifest_sha256: opened.manifest_sha256(),
+        files: m.files(),
+        store_bytes: m.bytes(),
+        store_paths: m.store_paths().len(),
+        path,
+    }))
+}
+
+/// The closure of a store path, from the build host's Nix.
+fn closure(top: &str) -> Result<Source> {
+    let nix = |args: &[&str]| {
+        cmd::run(Command::new("nix-store").args(args)).with_context(|| {
+            format!(
+                "cannot list the closure of {top}: packing a Nix closure needs Nix on the build host \
+                 (or give `store = DIR` with a registration file in the profile)"
+            )
+        })
+    };
+    let out = nix(&["-qR", top])?;
+    let mut paths: Vec<String> = out
+        .lines()
+        .filter_map(|l| l.strip_prefix("/nix/store/"))
+        .map(str::to_string)
+        .collect();
+    paths.sort();
+    let mut args = vec!["--dump-db"];
+    let full: Vec<String> = paths.iter().map(|p| format!("/nix/store/{p}")).collect();
+    args.extend(full.iter().map(String::as_str));
+    let registration = nix(&args)?;
+    Ok(Source::Closure {
+        paths,
+        registration,
+    })
+}
+
+fn pack_source(source: &Source, out: &Path, level: i32) -> Result<()> {
+    let mut opts = PackOptions {
+        level,
+        ..PackOptions::default()
+    };
+    let generated;
+    let src: &Path = match source {
+        Source::Closure {
+            paths,
+            registration,
+        } => {
+            opts.only = Some(paths.clone());
+            opts.registration = Some(registration.clone());
+            Path::new("/nix/store")
+        }
+        Source::Store { dir, registration } => {
+            opts.registration.clone_from(registration);
+            dir
+        }
+        Source::Synthetic(spec) => {
+            generated = tempfile::tempdir().context("cannot create a temporary directory")?;
+            let dir = generated.path().join("store");
+            synthetic::generate(&dir, spec)?;
+            // `generated` removes it when packing is done.
+            return pack_dir(&dir, out, &opts);
+        }
+    };
+    pack_dir(src, out, &opts)
+}
+
+fn pack_dir(src: &Path, out: &Path, opts: &PackOptions) -> Result<()> {
+    let counters = Counters::default();
+    let stats = with_progress("packing", None, &counters, || {
+        payload::pack(src, out, opts, &counters)
+    })?;
+    steps::note(&format!(
+        "{} files, {:.1} MiB → {:.1} MiB in {} frames (zstd {})",
+        stats.files,
+        stats.bytes as f64 / 1048576.0,
+        stats.payload_bytes as f64 / 1048576.0,
+        stats.frames,
+        opts.level
+    ));
+    Ok(())
+}
+
+/// Runs `f` with a progress bar fed from `counters` when stderr is a terminal.
+pub fn with_progress<T>(
+    what: &str,
+    total_bytes: Option<u64>,
+    counters: &Counters,
+    f: impl FnOnce() -> T,
+) -> T {
+    use std::io::IsTerminal;
+    if !std::io::stderr().is_terminal() || steps::quiet() {
+        return f();
+    }
+    let bar = match total_bytes {
+        Some(n) => indicatif::ProgressBar::new(n),
+        None => indicatif::ProgressBar::new_spinner(),
+    };
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "    {msg} [{elapsed_precise}] {bar:30} {bytes}/{total_bytes} {binary_bytes_per_sec} {eta}",
+        )
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    bar.set_message(what.to_string());
+    let done = std::sync::atomic::AtomicBool::new(false);
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            while !done.load(Ordering::Relaxed) {
+                bar.set_position(counters.bytes.load(Ordering::Relaxed));
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            bar.finish_and_clear();
+        });
+        let r = f();
+        done.store(true, Ordering::Relaxed);
+        r
+    })
+}

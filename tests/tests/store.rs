@@ -1,0 +1,70 @@
+//! The store in QEMU: the `qemu` profile's synthetic store is copied from the
+//! stick into the pool, read back after an export and import, and must be
+//! the very tree the host generates from the same spec.
+
+use std::path::PathBuf;
+
+use nodeflash_builder::synthetic;
+use nodeflash_installer::payload;
+use nodeflash_installer::profile::Profile;
+use nodeflash_tests::{assert_console, images_dir, Boot, Nvme, Vm, VmConfig};
+
+#[test]
+fn copies_the_store_and_reads_it_back_from_the_pool() {
+    let profiles = PathBuf::from(
+        std::env::var_os("NODEFLASH_PROFILES")
+            .expect("NODEFLASH_PROFILES is set by cargo xtask test"),
+    );
+    let profile = Profile::load(&profiles.join("qemu.toml")).expect("qemu profile");
+    let s = profile
+        .payload
+        .synthetic
+        .as_ref()
+        .expect("the qemu profile has a synthetic store");
+    let dir = tempfile::tempdir().expect("tempdir");
+
+    // The host's own copy of the tree, from the generator alone.
+    let store = dir.path().join("store");
+    synthetic::generate(
+        &store,
+        &synthetic::Spec {
+            files: s.files,
+            bytes: s.bytes.0,
+            seed: s.seed,
+        },
+    )
+    .expect("generate");
+    let tree = payload::scan(&store, 2).expect("scan");
+    let files = tree
+        .iter()
+        .filter(|e| matches!(e.0, payload::Entry::File { .. }))
+        .count();
+    let digest = payload::digest(tree.iter().map(|e| &e.0));
+
+    let disk = Nvme::create(dir.path(), "nvme.img", 2 << 30, "NFTEST0001").expect("disk");
+    let mut cfg = VmConfig::new(images_dir().join("qemu.iso"), Boot::UsbStick);
+    cfg.nvme.push(disk);
+    let mut vm = Vm::start(&cfg).expect("qemu starts");
+    let console = vm.wait_for_poweroff().unwrap_or_else(|e| panic!("{e:#}"));
+    eprintln!("{console}");
+    assert_console(&console, "nodeflash: done in");
+    assert_console(&console, "store copied in");
+    let report: serde_json::Value = console
+        .lines()
+        .find_map(|l| l.strip_prefix("nodeflash-store: "))
+        .map(|j| serde_json::from_str(j).expect("store report is JSON"))
+        .expect("the store report is printed");
+    assert_eq!(report["verified"], true);
+    assert_eq!(report["files"], files as u64);
+    assert_eq!(
+        report["tree_digest"], digest,
+        "the tree read back from the pool is the generated one"
+    );
+    eprintln!(
+        "store copy: {} s, {} MB/s; plain read of the payload {} MB/s; ratio {}",
+        report["copy_secs"],
+        report["copy_mb_s"],
+        report["raw_read_mb_s"],
+        report["copy_to_read_ratio"]
+    );
+}
