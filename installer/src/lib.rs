@@ -10,6 +10,7 @@ pub mod console;
 pub mod disk;
 pub mod facts;
 pub mod image;
+pub mod net;
 pub mod nodes;
 pub mod payload;
 pub mod pid1;

@@ -304,6 +304,11 @@ pub struct Ssh {
     /// Allow a plain `http://` key URL.
     #[serde(default)]
     pub allow_http: bool,
+    /// PEM files with CA certificates trusted for `key-url` besides the
+    /// Mozilla roots, relative to the profile file (the builder copies them
+    /// into the image).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ca_certificates: Vec<String>,
 }
 
 impl Default for Ssh {
@@ -314,7 +319,55 @@ impl Default for Ssh {
             key_url: default_key_url(),
             required: true,
             allow_http: false,
+            ca_certificates: Vec::new(),
         }
+    }
+}
+
+impl Ssh {
+    /// The key URL, user names, inline keys and CA file names. On error: the
+    /// key below `ssh`, and the message.
+    fn check(&self) -> Result<(), (String, String)> {
+        let url = &self.key_url;
+        if url.starts_with("http://") && !self.allow_http {
+            return Err((
+                ".key-url".into(),
+                "keys over plain http are refused: use https, or set `allow-http = true`".into(),
+            ));
+        }
+        if !url.starts_with("https://") && !url.starts_with("http://") {
+            return Err((".key-url".into(), format!("`{url}` is not an https:// URL")));
+        }
+        if let Err(e) = crate::net::fetch::Url::parse(&url.replace("{user}", "user")) {
+            return Err((".key-url".into(), format!("`{url}`: {e}")));
+        }
+        if !self.github_users.is_empty() && !url.contains("{user}") {
+            return Err((
+                ".key-url".into(),
+                format!("`{url}` has no `{{user}}` to replace with each of `github-users`"),
+            ));
+        }
+        for (i, user) in self.github_users.iter().enumerate() {
+            let ok = !user.is_empty()
+                && user
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
+            if !ok {
+                return Err((
+                    format!(".github-users[{i}]"),
+                    format!("`{user}` is not a user name (letters, digits, `-`, `_`, `.`)"),
+                ));
+            }
+        }
+        for (i, key) in self.keys.iter().enumerate() {
+            crate::net::keys::parse_line(key, "").map_err(|e| (format!(".keys[{i}]"), e))?;
+        }
+        for (i, path) in self.ca_certificates.iter().enumerate() {
+            if path.trim().is_empty() {
+                return Err((format!(".ca-certificates[{i}]"), "empty file name".into()));
+            }
+        }
+        Ok(())
     }
 }
 
@@ -968,14 +1021,9 @@ impl Profile {
                 }
             }
         }
-        if !self.ssh.allow_http && self.ssh.key_url.starts_with("http://") {
-            return Err((
-                None,
-                "ssh.key-url".into(),
-                "keys over plain http are refused: use https, or set `allow-http = true`".into(),
-            ));
-        }
-        Ok(())
+        self.ssh
+            .check()
+            .map_err(|(key, msg)| (None, format!("ssh{key}"), msg))
     }
 
     /// The profile as resolved TOML: every default filled in.
@@ -1137,6 +1185,73 @@ select = { serial = "S1" }
         // User properties and pool features are accepted.
         let ok = MINIMAL.replace("[pool]", "[pool]\noptions = { \"feature@zstd_compress\" = \"enabled\" }\nroot-options = { \"com.example:tag\" = \"x\" }");
         Profile::parse(&ok, "t.toml").expect("valid");
+    }
+
+    #[test]
+    fn ssh_section_is_checked() {
+        let with = |ssh: &str| MINIMAL.replace("[pool]", &format!("[ssh]\n{ssh}\n[pool]"));
+        let ok = with(
+            "github-users = [\"alice\", \"bob-2\"]\nkey-url = \"https://keys.example:8443/u/{user}\"\nca-certificates = [\"ca.pem\"]",
+        );
+        let p = Profile::parse(&ok, "t.toml").expect("valid");
+        assert_eq!(p.ssh.ca_certificates, ["ca.pem"]);
+        let again = Profile::parse(&p.to_toml(), "resolved").expect("resolved profile parses");
+        assert_eq!(again.ssh.ca_certificates, ["ca.pem"]);
+        for (ssh, key, want) in [
+            (
+                "key-url = \"http://x/{user}\"",
+                "ssh.key-url",
+                "plain http are refused",
+            ),
+            (
+                "key-url = \"ftp://x/{user}\"",
+                "ssh.key-url",
+                "not an https:// URL",
+            ),
+            (
+                "key-url = \"https://:9/{user}\"",
+                "ssh.key-url",
+                "no valid host name",
+            ),
+            (
+                "github-users = [\"a\"]\nkey-url = \"https://x/keys\"",
+                "ssh.key-url",
+                "no `{user}`",
+            ),
+            (
+                "github-users = [\"a/../b\"]",
+                "ssh.github-users[0]",
+                "not a user name",
+            ),
+            (
+                "keys = [\"ssh-ed25519 !!\"]",
+                "ssh.keys[0]",
+                "not valid base64",
+            ),
+            (
+                "ca-certificates = [\"\"]",
+                "ssh.ca-certificates[0]",
+                "empty file name",
+            ),
+        ] {
+            let src = with(ssh);
+            let e = err(&src);
+            assert_eq!(e.key, key, "{e}");
+            assert!(e.message.contains(want), "{e}");
+            // The error points at the line that sets the key.
+            let field = key["ssh.".len()..].split('[').next().unwrap_or_default();
+            let line = src
+                .lines()
+                .position(|l| l.starts_with(field))
+                .expect("key set");
+            assert_eq!(e.line, line + 1, "{e}");
+        }
+        // Plain http when allowed; no `{user}` needed without users.
+        Profile::parse(
+            &with("allow-http = true\nkey-url = \"http://10.0.2.2:8080/keys\""),
+            "t.toml",
+        )
+        .expect("valid");
     }
 
     #[test]

@@ -341,3 +341,4 @@ pub fn assert_console(console: &str, needle: &str) {
         panic!("the console does not show {needle:?}; its tail:\n{tail}");
     }
 }
+pub mod https;
