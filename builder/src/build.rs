@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 use nodeflash_installer::image::{
-    ImageInfo, PayloadInfo, IMAGE_INFO_PATH, PAYLOAD_ISO_PATH, PROFILE_PATH,
+    ImageInfo, PayloadInfo, CA_DIR, IMAGE_INFO_PATH, PAYLOAD_ISO_PATH, PROFILE_PATH,
 };
 use nodeflash_installer::profile::Profile;
 use serde::{Deserialize, Serialize};
@@ -123,6 +123,7 @@ pub fn build(opts: &BuildOptions) -> Result<BuildSummary> {
             &profile,
             &modules,
             packed.as_ref(),
+            opts.profile.parent().unwrap_or(Path::new(".")),
         )
     })?;
     let artefact =
@@ -252,6 +253,7 @@ fn assemble(
     profile: &Profile,
     modules: &[String],
     packed: Option<&crate::payload::Packed>,
+    profile_dir: &Path,
 ) -> Result<(Initramfs, ImageInfo)> {
     if !installer.is_file() {
         bail!(
@@ -312,6 +314,15 @@ fn assemble(
         0o644,
         Source::Bytes(profile.to_toml().into_bytes()),
     );
+    if !profile.ssh.ca_certificates.is_empty() {
+        fs.add_dir(CA_DIR, 0o755);
+    }
+    for (i, ca) in profile.ssh.ca_certificates.iter().enumerate() {
+        let path = profile_dir.join(ca);
+        let pem = std::fs::read(&path)
+            .with_context(|| format!("cannot read the CA certificate {}", path.display()))?;
+        fs.add_file(&format!("{CA_DIR}/{i}.pem"), 0o644, Source::Bytes(pem));
+    }
     let content = fs.content_hash(&[IMAGE_INFO_PATH])?;
     let payload = packed.map(|p| PayloadInfo {
         path: PAYLOAD_ISO_PATH.to_string(),

@@ -13,6 +13,8 @@ pub const BUILD_TOOLS: &[(&str, &str)] = &[
     ("make", "make"),
     ("gcc-12", "gcc-12"),
     ("strip", "binutils"),
+    // C parts of the installer's crates (zstd, ring) for the static musl target
+    ("musl-gcc", "musl-tools"),
 ];
 
 /// (program or file, Debian package) the QEMU tests need.
@@ -24,6 +26,10 @@ pub const TEST_TOOLS: &[(&str, &str)] = &[
     ("cpio", "cpio"),
     ("sfdisk", "fdisk"),
     ("blkid", "util-linux"),
+    // the DHCP client's test peer, and a reference for key fingerprints
+    ("dnsmasq", "dnsmasq-base"),
+    ("ip", "iproute2"),
+    ("ssh-keygen", "openssh-client"),
 ];
 
 fn present(tool: &str) -> bool {

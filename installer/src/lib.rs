@@ -11,6 +11,7 @@ pub mod disk;
 pub mod facts;
 pub mod image;
 pub mod net;
+pub mod nixos;
 pub mod nodes;
 pub mod payload;
 pub mod pid1;

@@ -22,6 +22,9 @@ pub struct Identity {
     /// The node's own disk rules, if it has any.
     #[serde(skip)]
     pub disk_select: Option<crate::profile::DiskSelect>,
+    /// The node's own SSH keys, besides the profile's.
+    #[serde(skip)]
+    pub keys: Vec<String>,
 }
 
 fn same(a: &str, b: &str) -> bool {
@@ -82,6 +85,7 @@ pub fn identify(profile: &Profile, facts: &Facts) -> Result<Identity> {
             hostid: node.hostid,
             reason: format!("matched {}", why.join(", ")),
             disk_select: node.disk.clone(),
+            keys: node.keys.clone(),
         }),
         [] => {
             let d = &profile.default_node;
@@ -120,6 +124,7 @@ pub fn identify(profile: &Profile, facts: &Facts) -> Result<Identity> {
                 hostid: d.hostid,
                 reason: "no node of the profile matches: generic node".into(),
                 disk_select: None,
+                keys: Vec::new(),
             })
         }
         several => {

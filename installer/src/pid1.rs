@@ -190,6 +190,7 @@ fn install(profile: &Profile, info: &ImageInfo, started: Instant) -> Result<()> 
         identity.hostname
     );
     say!("{}", plan.to_string().trim_end());
+    let keys = ssh_keys(profile, &identity)?;
     let store = open_store(profile, info, boot.as_deref())?;
 
     // The plan names the disk by its kernel name: make sure that name still
@@ -230,7 +231,30 @@ fn install(profile: &Profile, info: &ImageInfo, started: Instant) -> Result<()> 
         .last()
         .map(|p| p.device.clone())
         .context("the plan has no ZFS partition")?;
-    make_pool(profile, &identity.hostname, hostid, &zfs_dev, store)
+    make_pool(profile, &identity.hostname, hostid, &zfs_dev, store, &keys)
+}
+
+/// Root's SSH keys: the profile's and the node's inline keys, and the
+/// users' keys fetched over HTTPS (network up first), all before the disk
+/// is touched.
+fn ssh_keys(profile: &Profile, identity: &crate::nodes::Identity) -> Result<crate::net::KeySet> {
+    let mut ssh = profile.ssh.clone();
+    ssh.keys.extend(identity.keys.iter().cloned());
+    let mut cas: Vec<std::path::PathBuf> = std::fs::read_dir(crate::image::CA_DIR)
+        .map(|rd| rd.flatten().map(|e| e.path()).collect())
+        .unwrap_or_default();
+    cas.sort();
+    let cas: Vec<Vec<u8>> = cas
+        .iter()
+        .map(|p| std::fs::read(p).with_context(|| format!("cannot read {}", p.display())))
+        .collect::<Result<_>>()?;
+    let not_before = std::time::UNIX_EPOCH + Duration::from_secs(crate::image::NOT_BEFORE_UNIX);
+    let keys = crate::net::fetch_keys(&ssh, &cas, not_before, |l| say!("{l}"))
+        .context("the SSH keys could not be fetched; nothing was written")?;
+    if keys.is_empty() {
+        say!("warning: no SSH keys: nobody will be able to log in to this node over SSH");
+    }
+    Ok(keys)
 }
 
 /// Where the store goes on the target (under the pool's altroot).
@@ -478,6 +502,7 @@ fn make_pool(
     hostid: u32,
     device: &str,
     store: Option<Store>,
+    keys: &crate::net::KeySet,
 ) -> Result<()> {
     use crate::zfs;
     let pool = profile.pool.name.to_string();
@@ -504,6 +529,17 @@ fn make_pool(
         t.elapsed().as_secs_f64()
     );
     let copied = store.map(copy_store).transpose()?;
+    if root_mounted {
+        crate::net::keys::write_authorized_keys(Path::new("/mnt"), keys)?;
+        crate::nixos::write_module(Path::new("/mnt"), hostname, hostid, keys)?;
+        say!(
+            "wrote /root/.ssh/authorized_keys ({} keys) and {}",
+            keys.len(),
+            crate::nixos::MODULE_PATH
+        );
+    } else {
+        say!("warning: no dataset is mounted at /, so no SSH keys or NixOS settings were written");
+    }
     crate::cmd::run(std::process::Command::new("zpool").args(["export", &pool]))?;
     // The installed system must import the pool without -f: try it now.
     crate::cmd::run(std::process::Command::new("zpool").args([

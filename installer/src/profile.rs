@@ -304,6 +304,9 @@ pub struct Ssh {
     /// Allow a plain `http://` key URL.
     #[serde(default)]
     pub allow_http: bool,
+    /// How long all attempts to fetch one user's keys may take, retries included.
+    #[serde(default = "default_fetch_timeout")]
+    pub fetch_timeout_secs: u32,
     /// PEM files with CA certificates trusted for `key-url` besides the
     /// Mozilla roots, relative to the profile file (the builder copies them
     /// into the image).
@@ -319,6 +322,7 @@ impl Default for Ssh {
             key_url: default_key_url(),
             required: true,
             allow_http: false,
+            fetch_timeout_secs: default_fetch_timeout(),
             ca_certificates: Vec::new(),
         }
     }
@@ -371,6 +375,10 @@ impl Ssh {
     }
 }
 
+fn default_fetch_timeout() -> u32 {
+    120
+}
+
 fn default_key_url() -> String {
     "https://github.com/{user}.keys".into()
 }
@@ -391,6 +399,9 @@ pub struct Node {
     /// Disk rules for this node instead of `[disk] select`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub disk: Option<DiskSelect>,
+    /// SSH keys for root on this node only, besides `[ssh]`'s.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub keys: Vec<String>,
 }
 
 /// Facts that recognise a machine; every given fact must match.
@@ -980,6 +991,10 @@ impl Profile {
             ));
         }
         for (i, node) in self.nodes.iter().enumerate() {
+            for (k, key) in node.keys.iter().enumerate() {
+                crate::net::keys::parse_line(key, "")
+                    .map_err(|e| (Some(node.name.span()), format!("nodes[{i}].keys[{k}]"), e))?;
+            }
             if let Some(sel) = &node.disk {
                 sel.check().map_err(|(sub, msg)| {
                     (Some(node.name.span()), format!("nodes[{i}].disk{sub}"), msg)

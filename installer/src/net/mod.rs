@@ -87,7 +87,9 @@ pub fn fetch_keys(
 ) -> Result<KeySet> {
     let connect = || {
         bring_up(&NetConfig::default(), &log)?;
-        Client::new(extra_ca_pem, ssh.allow_http, not_before)
+        let mut client = Client::new(extra_ca_pem, ssh.allow_http, not_before)?;
+        client.policy.total = Duration::from_secs(ssh.fetch_timeout_secs.into());
+        Ok(client)
     };
     collect_keys(ssh, connect, &log)
 }

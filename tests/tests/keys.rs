@@ -1,0 +1,116 @@
+//! SSH keys in QEMU: the guest gets a DHCP lease from QEMU's user network and
+//! fetches keys over HTTPS from a test server on the host (10.0.2.2), whose
+//! CA the test generates and puts into an image built for it. Keys are
+//! fetched before the disk is touched: when required keys cannot be had, the
+//! disk is left as it was.
+
+use std::path::{Path, PathBuf};
+
+use nodeflash_builder::build::{build, BuildOptions};
+use nodeflash_builder::cache::Cache;
+use nodeflash_installer::net::keys::parse_line;
+use nodeflash_tests::https::KeyServer;
+use nodeflash_tests::{assert_console, Boot, Nvme, Vm, VmConfig};
+
+const ALICE: &str = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIB/oDvZDOvsIcO07yOuLxZOeQQ78UJh0NTARK7EMiUtz alice@test";
+const BOB: &str = "ecdsa-sha2-nistp256 AAAAE2VjZHNhLXNoYTItbmlzdHAyNTYAAAAIbmlzdHAyNTYAAABBBDMSgg36lthTqcXd7nckQmmzktYBRLCkKrO3CSElZHo5BQjDqfOP7qqNorvjdxyFQKNifzJ84QBuYV/nwC5Cmzk= bob@test";
+
+fn env_path(name: &str) -> PathBuf {
+    PathBuf::from(std::env::var_os(name).unwrap_or_else(|| panic!("{name} is set by cargo xtask test")))
+}
+
+/// The `qemu` image, with keys of `users` fetched from `port` on the host and
+/// the test CA trusted.
+fn image(dir: &Path, port: u16, ca_pem: &str, users: &[&str]) -> PathBuf {
+    let profiles = env_path("NODEFLASH_PROFILES");
+    let base = std::fs::read_to_string(profiles.join("qemu.toml")).expect("qemu profile");
+    let users: Vec<String> = users.iter().map(|u| format!("\"{u}\"")).collect();
+    let ssh = format!(
+        "[ssh]\ngithub-users = [{}]\nkey-url = \"https://10.0.2.2:{port}/{{user}}.keys\"\n\
+         ca-certificates = [\"test-ca.pem\"]\nfetch-timeout-secs = 10\n",
+        users.join(", ")
+    );
+    let profile = base.replace("[ssh]\nrequired = false\n", &ssh);
+    assert_ne!(profile, base, "the qemu profile's [ssh] section is as expected");
+    std::fs::write(dir.join("qemu.toml"), profile).expect("write profile");
+    std::fs::write(dir.join("test-ca.pem"), ca_pem).expect("write CA");
+    std::fs::copy(profiles.join("inputs.lock"), dir.join("inputs.lock")).expect("copy lock");
+    build(&BuildOptions {
+        profile: dir.join("qemu.toml"),
+        installer: env_path("NODEFLASH_TEST_INSTALLER"),
+        out_dir: dir.join("out"),
+        cache: Cache::from_env().expect("cache"),
+        reuse_artifacts: true,
+    })
+    .expect("build the image")
+    .iso
+}
+
+fn boot(iso: PathBuf, disk: &Nvme) -> String {
+    let mut cfg = VmConfig::new(iso, Boot::UsbStick);
+    cfg.nvme.push(disk.clone());
+    let mut vm = Vm::start(&cfg).expect("qemu starts");
+    let console = vm.wait_for_poweroff().unwrap_or_else(|e| panic!("{e:#}"));
+    eprintln!("{console}");
+    console
+}
+
+#[test]
+fn keys_are_fetched_with_retries_and_installed() {
+    let bob_twice = format!("{BOB}\n{ALICE}\n");
+    let server = KeyServer::start(&[
+        ("/alice.keys", &[(200, ALICE)]),
+        // A server error first: retried.
+        ("/bob.keys", &[(500, "busy"), (200, bob_twice.as_str())]),
+    ])
+    .expect("key server");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let iso = image(dir.path(), server.port(), &server.ca_pem(), &["alice", "bob"]);
+    let disk = Nvme::create(dir.path(), "nvme.img", 2 << 30, "NFTEST0001").expect("disk");
+    let console = boot(iso, &disk);
+    assert_console(&console, "nodeflash: done in");
+    for key in [ALICE, BOB] {
+        let fp = parse_line(key, "test").expect("key").fingerprint();
+        assert_console(&console, &fp);
+    }
+    // Alice's key served twice is installed once.
+    assert_console(&console, "wrote /root/.ssh/authorized_keys (2 keys)");
+    let requests = server.requests();
+    assert_eq!(
+        requests.iter().filter(|r| r.contains("/bob.keys")).count(),
+        2,
+        "bob's keys were asked for again after the 500: {requests:?}"
+    );
+    // Everything about the network happened before the disk was touched.
+    let fetched = console.find("key(s) of bob").expect("bob's keys");
+    let partitioned = console.find("partitioned /dev/").expect("partitioned");
+    assert!(fetched < partitioned);
+}
+
+#[test]
+fn keys_that_cannot_be_had_leave_the_disk_unchanged() {
+    let server = KeyServer::start(&[(
+        "/carol.keys",
+        &[(200, "<!DOCTYPE html><html><body>Sign in</body></html>")],
+    )])
+    .expect("key server");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let disk = Nvme::create(dir.path(), "nvme.img", 2 << 30, "NFTEST0001").expect("disk");
+    let before = disk.sha256();
+
+    // An HTML page instead of keys is refused, not installed.
+    let iso = image(dir.path(), server.port(), &server.ca_pem(), &["carol"]);
+    let console = boot(iso.clone(), &disk);
+    assert_console(&console, "nodeflash: FAILED");
+    assert_console(&console, "cannot get the SSH keys of carol");
+    assert_console(&console, "nothing was written");
+    assert_eq!(disk.sha256(), before, "the disk is unchanged");
+
+    // The server gone: connection refused, retried within the time bound.
+    drop(server);
+    let console = boot(iso, &disk);
+    assert_console(&console, "refused");
+    assert_console(&console, "nodeflash: FAILED");
+    assert_console(&console, "cannot get the SSH keys of carol");
+    assert_eq!(disk.sha256(), before, "the disk is unchanged");
+}
