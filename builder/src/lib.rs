@@ -12,4 +12,5 @@ pub mod inputs;
 pub mod iso;
 pub mod kmod;
 pub mod steps;
+pub mod synthetic;
 pub mod tools;
