@@ -32,6 +32,12 @@ pub const TEST_TOOLS: &[(&str, &str)] = &[
     ("ssh-keygen", "openssh-client"),
 ];
 
+/// (program, Debian package) `cargo xtask bench store` compares against.
+pub const BENCH_TOOLS: &[(&str, &str)] = &[
+    ("mksquashfs", "squashfs-tools"),
+    ("unsquashfs", "squashfs-tools"),
+];
+
 fn present(tool: &str) -> bool {
     if tool.starts_with('/') {
         return Path::new(tool).exists();

@@ -10,9 +10,11 @@ use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 use nodeflash_builder::build::{build, profile_path, provider, BuildOptions};
 use nodeflash_builder::cache::Cache;
-use nodeflash_builder::{cli, steps, tools};
+use nodeflash_builder::{cli, steps, synthetic, tools};
 use nodeflash_installer::cmd;
-use nodeflash_installer::profile::Profile;
+use nodeflash_installer::profile::{Profile, Size};
+
+mod bench;
 
 const MUSL: &str = "x86_64-unknown-linux-musl";
 const GNU: &str = "x86_64-unknown-linux-gnu";
@@ -38,6 +40,41 @@ enum Cmd {
     UpdateInputs,
     /// The whole test suite: format, lints, unit tests, and the QEMU tests on the built `qemu` image.
     Test,
+    /// Write a deterministic synthetic Nix store: exactly FILES regular files
+    /// of BYTES bytes in total, plus directories and symlinks.
+    GenStore {
+        #[arg(long)]
+        files: u64,
+        /// Total size of the regular files, e.g. 1GiB.
+        #[arg(long)]
+        bytes: Size,
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        /// Output directory (must not exist or be empty).
+        out: PathBuf,
+    },
+    /// Benchmarks; results go to target/bench/.
+    Bench {
+        #[command(subcommand)]
+        command: BenchCmd,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum BenchCmd {
+    /// Pack and unpack a synthetic store with nodeflash and its peers
+    /// (squashfs, cp, tar, parallel cp); prints target/bench/store.md.
+    Store {
+        #[arg(long, default_value_t = 40_000)]
+        files: u64,
+        #[arg(long, default_value = "1GiB")]
+        bytes: Size,
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        /// Processors given to mksquashfs (default: all cores).
+        #[arg(long)]
+        jobs: Option<usize>,
+    },
 }
 
 fn main() -> ExitCode {
@@ -47,6 +84,35 @@ fn main() -> ExitCode {
         Cmd::BuildIso { profile } => build_iso(&profile).map(|s| cli::print_summary(&s)),
         Cmd::UpdateInputs => update_inputs(),
         Cmd::Test => test(),
+        Cmd::GenStore {
+            files,
+            bytes,
+            seed,
+            out,
+        } => bench::gen_store(
+            &synthetic::Spec {
+                files,
+                bytes: bytes.0,
+                seed,
+            },
+            &out,
+        ),
+        Cmd::Bench {
+            command:
+                BenchCmd::Store {
+                    files,
+                    bytes,
+                    seed,
+                    jobs,
+                },
+        } => bench::store(
+            &synthetic::Spec {
+                files,
+                bytes: bytes.0,
+                seed,
+            },
+            jobs,
+        ),
     };
     cli::exit_code(result)
 }

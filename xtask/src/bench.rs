@@ -1,0 +1,381 @@
+//! `cargo xtask gen-store` and `cargo xtask bench store`: how nodeflash's
+//! payload compares with squashfs and plain copies on a synthetic store.
+
+use std::fmt::Write as _;
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use nodeflash_builder::synthetic::{self, remove_tree, Spec, Stats};
+use nodeflash_builder::{steps, tools};
+use nodeflash_installer::cmd;
+use nodeflash_installer::profile::Size;
+
+use crate::{cargo, ensure_packages, is_root, run_visible, target_dir};
+
+pub fn gen_store(spec: &Spec, out: &Path) -> Result<()> {
+    let stats = steps::step(&format!("Generating {}", out.display()), || {
+        synthetic::generate(out, spec)
+    })?;
+    println!("{}", describe(&stats));
+    Ok(())
+}
+
+fn describe(s: &Stats) -> String {
+    format!(
+        "{} files ({}), {} directories, {} symlinks, {} store paths",
+        s.files,
+        mib(s.bytes),
+        s.dirs,
+        s.symlinks,
+        s.store_paths
+    )
+}
+
+fn mib(bytes: u64) -> String {
+    format!("{:.1} MiB", bytes as f64 / f64::from(1 << 20))
+}
+
+fn secs(d: Duration) -> String {
+    format!("{:.2} s", d.as_secs_f64())
+}
+
+/// Runs one timed command: logs its argv, fails with its stderr.
+fn timed(c: &mut Command) -> Result<Duration> {
+    let argv: Vec<String> = std::iter::once(c.get_program())
+        .chain(c.get_args())
+        .map(|a| a.to_string_lossy().into_owned())
+        .collect();
+    steps::note(&format!("$ {}", argv.join(" ")));
+    let t = Instant::now();
+    cmd::run(c)?;
+    Ok(t.elapsed())
+}
+
+/// Syncs and drops the page cache; false when it could not be dropped.
+fn drop_caches() -> Result<bool> {
+    cmd::run(&mut Command::new("sync"))?;
+    Ok(is_root() && fs::write("/proc/sys/vm/drop_caches", "3\n").is_ok())
+}
+
+/// Generates the store in `dir/store`, or reuses it when its stamp matches the spec.
+fn prepare_store(dir: &Path, spec: &Spec) -> Result<(PathBuf, String)> {
+    let store = dir.join("store");
+    let stamp_path = dir.join("store.spec");
+    let stamp = format!(
+        "files={} bytes={} seed={} generator={}\n",
+        spec.files,
+        spec.bytes,
+        spec.seed,
+        synthetic::VERSION
+    );
+    let old = fs::read_to_string(&stamp_path).unwrap_or_default();
+    if old.lines().next() == stamp.lines().next() && store.is_dir() {
+        steps::note(&format!("reusing {}", store.display()));
+        let generated = old.lines().nth(1).unwrap_or("").to_string();
+        return Ok((store, format!("{generated} (reused)")));
+    }
+    remove_tree(&store)?;
+    let _ = fs::remove_file(&stamp_path);
+    fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let t = Instant::now();
+    let stats = steps::step(
+        &format!("Generating the synthetic store in {}", store.display()),
+        || synthetic::generate(&store, spec),
+    )?;
+    let generated = format!("{}, generated in {}", describe(&stats), secs(t.elapsed()));
+    fs::write(&stamp_path, format!("{stamp}{generated}\n"))
+        .with_context(|| format!("cannot write {}", stamp_path.display()))?;
+    Ok((store, generated))
+}
+
+/// Wall time, and the output's size for packs.
+struct Measure {
+    time: Duration,
+    size: Option<u64>,
+}
+
+struct Row {
+    step: &'static str,
+    tool: String,
+    nodeflash: bool,
+    result: Result<Measure>,
+}
+
+type Key = fn(&Measure) -> Option<f64>;
+
+fn size_of(m: &Measure) -> Option<f64> {
+    m.size.map(|s| s as f64)
+}
+
+fn time_of(m: &Measure) -> Option<f64> {
+    Some(m.time.as_secs_f64())
+}
+
+fn cores() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
+pub fn store(spec: &Spec, jobs: Option<usize>) -> Result<()> {
+    ensure_packages(tools::BENCH_TOOLS)?;
+    let jobs = jobs.unwrap_or_else(cores);
+    let dir = target_dir().join("bench");
+    let (store, generated) = prepare_store(&dir, spec)?;
+    steps::step("Compiling nodeflash (release)", || {
+        run_visible(cargo().args(["build", "--quiet", "--release", "-p", "nodeflash-builder"]))
+    })?;
+    let nodeflash = target_dir().join("release/nodeflash");
+    let nfp = dir.join("store.nfp");
+    let sqfs = dir.join("store.sqfs");
+    let dest = dir.join("unpacked");
+    let mut cache_dropped = true;
+    let mut rows = Vec::new();
+
+    let mut pack = |tool: String, nodeflash: bool, out: &Path, c: &mut Command| -> Result<()> {
+        let _ = fs::remove_file(out);
+        cache_dropped &= drop_caches()?;
+        let result = timed(c).and_then(|t| {
+            let size = fs::metadata(out)
+                .with_context(|| format!("cannot stat {}", out.display()))?
+                .len();
+            Ok(Measure {
+                time: t,
+                size: Some(size),
+            })
+        });
+        rows.push(Row {
+            step: "pack",
+            tool,
+            nodeflash,
+            result,
+        });
+        Ok(())
+    };
+    steps::step("Packing", || {
+        pack(
+            "nodeflash payload pack".into(),
+            true,
+            &nfp,
+            Command::new(&nodeflash)
+                .args(["payload", "pack"])
+                .arg(&store)
+                .arg(&nfp),
+        )?;
+        pack(
+            format!("mksquashfs (zstd -19, 1 MiB blocks, {jobs} processors)"),
+            false,
+            &sqfs,
+            Command::new("mksquashfs")
+                .arg(&store)
+                .arg(&sqfs)
+                .args(["-comp", "zstd", "-Xcompression-level", "19", "-b", "1M"])
+                .args(["-noappend", "-no-progress", "-processors"])
+                .arg(jobs.to_string()),
+        )
+    })?;
+
+    // The destination exists beforehand only where the command needs it.
+    let mut unpack = |tool: &str, nodeflash: bool, create: bool, c: &mut Command| -> Result<()> {
+        remove_tree(&dest)?;
+        if create {
+            fs::create_dir(&dest).with_context(|| format!("cannot create {}", dest.display()))?;
+        }
+        cache_dropped &= drop_caches()?;
+        let result = timed(c).map(|time| Measure { time, size: None });
+        rows.push(Row {
+            step: "unpack",
+            tool: tool.into(),
+            nodeflash,
+            result,
+        });
+        Ok(())
+    };
+    steps::step("Unpacking", || {
+        unpack(
+            "nodeflash payload unpack",
+            true,
+            false,
+            Command::new(&nodeflash)
+                .args(["payload", "unpack"])
+                .arg(&nfp)
+                .arg(&dest),
+        )?;
+        unpack(
+            "unsquashfs",
+            false,
+            false,
+            Command::new("unsquashfs").arg("-d").arg(&dest).arg(&sqfs),
+        )?;
+        unpack(
+            "cp -a",
+            false,
+            false,
+            Command::new("cp").arg("-a").arg(&store).arg(&dest),
+        )?;
+        unpack(
+            "tar | tar",
+            false,
+            true,
+            Command::new("bash")
+                .args([
+                    "-o",
+                    "pipefail",
+                    "-c",
+                    r#"tar -C "$1" -cf - . | tar -C "$2" -xf -"#,
+                ])
+                .arg("bash")
+                .arg(&store)
+                .arg(&dest),
+        )?;
+        // What a per-store-path parallel copy does (disko-install itself
+        // copies with nixos-install, i.e. Nix, which this host lacks).
+        unpack(
+            "ls | xargs -P8 cp -r",
+            false,
+            true,
+            Command::new("bash")
+                .args([
+                    "-o",
+                    "pipefail",
+                    "-c",
+                    r#"ls "$1" | xargs -P8 -I{} cp -r "$1"/{} "$2"/"#,
+                ])
+                .arg("bash")
+                .arg(&store)
+                .arg(&dest),
+        )?;
+        remove_tree(&dest)
+    })?;
+
+    let report = report(spec, &generated, jobs, cache_dropped, &rows)?;
+    let path = dir.join("store.md");
+    fs::write(&path, &report).with_context(|| format!("cannot write {}", path.display()))?;
+    println!("{report}");
+    steps::note(&format!("written to {}", path.display()));
+    Ok(())
+}
+
+fn best_peer(rows: &[Row], step: &str, key: Key) -> Option<f64> {
+    rows.iter()
+        .filter(|r| r.step == step && !r.nodeflash)
+        .filter_map(|r| r.result.as_ref().ok().and_then(key))
+        .min_by(f64::total_cmp)
+}
+
+fn report(
+    spec: &Spec,
+    generated: &str,
+    jobs: usize,
+    cache_dropped: bool,
+    rows: &[Row],
+) -> Result<String> {
+    let kernel = cmd::run(Command::new("uname").arg("-r"))?;
+    let cpu = fs::read_to_string("/proc/cpuinfo")
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("model name")
+                .map(|m| m.trim_start_matches([' ', '\t', ':']).to_string())
+        })
+        .unwrap_or_else(|| "unknown CPU".into());
+    let mut md = String::new();
+    let _ = writeln!(md, "# Store payload benchmark\n");
+    let _ = writeln!(
+        md,
+        "- machine: {} cores ({cpu}), Linux {}",
+        cores(),
+        kernel.trim()
+    );
+    let _ = writeln!(
+        md,
+        "- spec: {} files, {}, seed {}: {generated}",
+        spec.files,
+        Size(spec.bytes),
+        spec.seed
+    );
+    let _ = writeln!(md, "- mksquashfs processors: {jobs}");
+    let _ = writeln!(
+        md,
+        "- page cache: {}\n",
+        if cache_dropped {
+            "synced and dropped before every run"
+        } else {
+            "synced but NOT dropped before each run (needs root): timings are not comparable"
+        }
+    );
+    let _ = writeln!(
+        md,
+        "| step | command | size | time | size vs squashfs | time vs best peer |"
+    );
+    let _ = writeln!(md, "|---|---|--:|--:|--:|--:|");
+    let mut errors = Vec::new();
+    let mut met = Vec::new();
+    for r in rows {
+        let (size_cell, time_cell, size_ratio, time_ratio) = match &r.result {
+            Err(e) => {
+                let msg = format!("{e:#}").replace('\n', "\n  ");
+                errors.push(format!("- {} {}: {msg}", r.step, r.tool));
+                (
+                    "failed".into(),
+                    "failed".into(),
+                    String::new(),
+                    String::new(),
+                )
+            }
+            Ok(m) => {
+                let ratio = |own: Option<f64>, peer: Option<f64>| match (own, peer) {
+                    (Some(a), Some(b)) if r.nodeflash && b > 0.0 => format!("{:.2}x", a / b),
+                    _ => String::new(),
+                };
+                let sr = ratio(size_of(m), best_peer(rows, r.step, size_of));
+                let tr = ratio(time_of(m), best_peer(rows, r.step, time_of));
+                (m.size.map(mib).unwrap_or_default(), secs(m.time), sr, tr)
+            }
+        };
+        let _ = writeln!(
+            md,
+            "| {} | {} | {size_cell} | {time_cell} | {size_ratio} | {time_ratio} |",
+            r.step, r.tool
+        );
+    }
+    let nodeflash = |step: &str| rows.iter().find(|r| r.step == step && r.nodeflash);
+    let verdict = |own: Option<f64>, peer: Option<f64>, ok: fn(f64, f64) -> bool| match (own, peer)
+    {
+        (Some(a), Some(b)) => {
+            if ok(a, b) {
+                "met"
+            } else {
+                "NOT met"
+            }
+        }
+        _ => "not measured",
+    };
+    let own = |step: &str, key: Key| {
+        nodeflash(step)
+            .and_then(|r| r.result.as_ref().ok())
+            .and_then(key)
+    };
+    met.push(format!(
+        "payload ≤ squashfs size: {}",
+        verdict(
+            own("pack", size_of),
+            best_peer(rows, "pack", size_of),
+            |a, b| a <= b
+        )
+    ));
+    met.push(format!(
+        "unpack faster than every peer: {}",
+        verdict(
+            own("unpack", time_of),
+            best_peer(rows, "unpack", time_of),
+            |a, b| a < b
+        )
+    ));
+    let _ = writeln!(md, "\nTargets: {}.", met.join("; "));
+    if !errors.is_empty() {
+        let _ = writeln!(md, "\nFailed:\n\n{}", errors.join("\n"));
+    }
+    Ok(md)
+}
