@@ -8,7 +8,7 @@
 //! (`bin/`, `lib/`, `share/…`, `include/…`, several levels deep). Content is a
 //! mix of text drawn from a fixed word list, ELF-like binaries with repeated
 //! structures and some random bytes, so that it compresses roughly like a
-//! real store (zstd -19: about 3x). There are a few empty files, a few large
+//! real store (zstd -19: about 2.7x). There are a few empty files, a few large
 //! ones (4 to 8 MiB, from 32 MiB of `bytes` on), names of up to 255 bytes, and
 //! symlinks that are relative, absolute (`/nix/store/<other path>/…`) or
 //! dangling.

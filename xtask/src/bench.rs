@@ -46,7 +46,14 @@ fn secs(d: Duration) -> String {
 fn timed(c: &mut Command) -> Result<Duration> {
     let argv: Vec<String> = std::iter::once(c.get_program())
         .chain(c.get_args())
-        .map(|a| a.to_string_lossy().into_owned())
+        .map(|a| {
+            let a = a.to_string_lossy();
+            if a.contains(|c: char| c.is_whitespace() || "|$\"".contains(c)) {
+                format!("'{a}'")
+            } else {
+                a.into_owned()
+            }
+        })
         .collect();
     steps::note(&format!("$ {}", argv.join(" ")));
     let t = Instant::now();
@@ -337,7 +344,8 @@ fn report(
         let _ = writeln!(
             md,
             "| {} | {} | {size_cell} | {time_cell} | {size_ratio} | {time_ratio} |",
-            r.step, r.tool
+            r.step,
+            r.tool.replace('|', "\\|")
         );
     }
     let nodeflash = |step: &str| rows.iter().find(|r| r.step == step && r.nodeflash);
@@ -378,4 +386,56 @@ fn report(
         let _ = writeln!(md, "\nFailed:\n\n{}", errors.join("\n"));
     }
     Ok(md)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row(step: &'static str, tool: &str, nodeflash: bool, secs: u64, size: Option<u64>) -> Row {
+        Row {
+            step,
+            tool: tool.into(),
+            nodeflash,
+            result: Ok(Measure {
+                time: Duration::from_secs(secs),
+                size,
+            }),
+        }
+    }
+
+    #[test]
+    fn report_states_ratios_and_targets() {
+        let spec = Spec {
+            files: 10,
+            bytes: 1000,
+            seed: 1,
+        };
+        let rows = vec![
+            row("pack", "nodeflash", true, 4, Some(90)),
+            row("pack", "mksquashfs", false, 8, Some(100)),
+            row("unpack", "nodeflash", true, 3, None),
+            row("unpack", "unsquashfs", false, 2, None),
+            row("unpack", "tar | tar", false, 6, None),
+            Row {
+                result: Err(anyhow::anyhow!("boom")),
+                ..row("unpack", "cp -a", false, 0, None)
+            },
+        ];
+        let md = report(&spec, "generated", 2, true, &rows).expect("report");
+        assert!(
+            md.contains("| pack | nodeflash | 0.0 MiB | 4.00 s | 0.90x | 0.50x |"),
+            "{md}"
+        );
+        assert!(
+            md.contains("| unpack | nodeflash |  | 3.00 s |  | 1.50x |"),
+            "{md}"
+        );
+        assert!(md.contains("| unpack | tar \\| tar |"), "{md}");
+        assert!(
+            md.contains("payload ≤ squashfs size: met; unpack faster than every peer: NOT met"),
+            "{md}"
+        );
+        assert!(md.contains("- unpack cp -a: boom"), "{md}");
+    }
 }
