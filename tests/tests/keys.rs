@@ -12,11 +12,14 @@ use nodeflash_installer::net::keys::parse_line;
 use nodeflash_tests::https::KeyServer;
 use nodeflash_tests::{assert_console, Boot, Nvme, Vm, VmConfig};
 
-const ALICE: &str = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIB/oDvZDOvsIcO07yOuLxZOeQQ78UJh0NTARK7EMiUtz alice@test";
+const ALICE: &str =
+    "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIB/oDvZDOvsIcO07yOuLxZOeQQ78UJh0NTARK7EMiUtz alice@test";
 const BOB: &str = "ecdsa-sha2-nistp256 AAAAE2VjZHNhLXNoYTItbmlzdHAyNTYAAAAIbmlzdHAyNTYAAABBBDMSgg36lthTqcXd7nckQmmzktYBRLCkKrO3CSElZHo5BQjDqfOP7qqNorvjdxyFQKNifzJ84QBuYV/nwC5Cmzk= bob@test";
 
 fn env_path(name: &str) -> PathBuf {
-    PathBuf::from(std::env::var_os(name).unwrap_or_else(|| panic!("{name} is set by cargo xtask test")))
+    PathBuf::from(
+        std::env::var_os(name).unwrap_or_else(|| panic!("{name} is set by cargo xtask test")),
+    )
 }
 
 /// The `qemu` image, with keys of `users` fetched from `port` on the host and
@@ -31,7 +34,10 @@ fn image(dir: &Path, port: u16, ca_pem: &str, users: &[&str]) -> PathBuf {
         users.join(", ")
     );
     let profile = base.replace("[ssh]\nrequired = false\n", &ssh);
-    assert_ne!(profile, base, "the qemu profile's [ssh] section is as expected");
+    assert_ne!(
+        profile, base,
+        "the qemu profile's [ssh] section is as expected"
+    );
     std::fs::write(dir.join("qemu.toml"), profile).expect("write profile");
     std::fs::write(dir.join("test-ca.pem"), ca_pem).expect("write CA");
     std::fs::copy(profiles.join("inputs.lock"), dir.join("inputs.lock")).expect("copy lock");
@@ -65,7 +71,12 @@ fn keys_are_fetched_with_retries_and_installed() {
     ])
     .expect("key server");
     let dir = tempfile::tempdir().expect("tempdir");
-    let iso = image(dir.path(), server.port(), &server.ca_pem(), &["alice", "bob"]);
+    let iso = image(
+        dir.path(),
+        server.port(),
+        &server.ca_pem(),
+        &["alice", "bob"],
+    );
     let disk = Nvme::create(dir.path(), "nvme.img", 2 << 30, "NFTEST0001").expect("disk");
     let console = boot(iso, &disk);
     assert_console(&console, "nodeflash: done in");
