@@ -8,9 +8,10 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 use nodeflash_installer::image::{
-    ImageInfo, PayloadInfo, CA_DIR, IMAGE_INFO_PATH, PAYLOAD_ISO_PATH, PROFILE_PATH,
+    BootInfo, ImageInfo, Mode, PayloadInfo, CA_DIR, IMAGE_INFO_PATH, PAYLOAD_ISO_PATH,
+    PROFILE_PATH, SYSTEMD_BOOT_PATH,
 };
-use nodeflash_installer::profile::Profile;
+use nodeflash_installer::profile::{BootSystem, Profile};
 use serde::{Deserialize, Serialize};
 
 use crate::cache::{key_of, sha256_file, Cache};
@@ -115,15 +116,46 @@ pub fn build(opts: &BuildOptions) -> Result<BuildSummary> {
     let modules = steps::step("Resolving kernel modules", || {
         module_order(&opts.cache, &inputs, &profile)
     })?;
-    let packed = crate::payload::prepare(&profile, &opts.profile, &opts.cache)?;
+    let profile_dir = opts.profile.parent().unwrap_or(Path::new("."));
+    let check_system = match &profile.boot {
+        Some(b) if b.system == BootSystem::Check => Some(steps::step(
+            "Writing the check system",
+            || check_system(opts, &inputs, &profile, &modules, profile_dir),
+        )?),
+        _ => None,
+    };
+    let packed = crate::payload::prepare(
+        &profile,
+        &opts.profile,
+        &opts.cache,
+        check_system.as_ref(),
+    )?;
+    let boot = profile.boot.as_ref().map(|b| match &check_system {
+        Some(sys) => BootInfo {
+            kernel: format!("{}/kernel", sys.name),
+            initrd: format!("{}/initrd", sys.name),
+            cmdline: b.cmdline.clone(),
+            check: true,
+        },
+        None => BootInfo {
+            kernel: b.kernel.clone().unwrap_or_default(),
+            initrd: b.initrd.clone().unwrap_or_default(),
+            cmdline: b.cmdline.clone(),
+            check: false,
+        },
+    });
     let (initramfs, info) = steps::step("Assembling initramfs", || {
         assemble(
             &opts.installer,
             &inputs,
             &profile,
             &modules,
-            packed.as_ref(),
-            opts.profile.parent().unwrap_or(Path::new(".")),
+            Extras {
+                packed: packed.as_ref(),
+                boot: boot.clone(),
+                mode: Mode::Install,
+            },
+            profile_dir,
         )
     })?;
     let artefact =
@@ -246,15 +278,75 @@ fn module_order(cache: &Cache, inputs: &BuildInputs, profile: &Profile) -> Resul
         .collect())
 }
 
+/// What an initramfs carries besides the installer, its tools and modules.
+struct Extras<'a> {
+    packed: Option<&'a crate::payload::Packed>,
+    boot: Option<BootInfo>,
+    mode: Mode,
+}
+
+/// nodeflash's check system, a store path of the payload: the kernel, and
+/// an initramfs whose `/init` is the installer in check mode.
+#[derive(Debug, Clone)]
+pub struct CheckSystem {
+    /// Store path name, `HASH-nodeflash-check-system`.
+    pub name: String,
+    pub kernel: PathBuf,
+    pub initrd: PathBuf,
+}
+
+fn check_system(
+    opts: &BuildOptions,
+    inputs: &BuildInputs,
+    profile: &Profile,
+    modules: &[String],
+    profile_dir: &Path,
+) -> Result<CheckSystem> {
+    let (fs, info) = assemble(
+        &opts.installer,
+        inputs,
+        profile,
+        modules,
+        Extras {
+            packed: None,
+            boot: None,
+            mode: Mode::Check,
+        },
+        profile_dir,
+    )?;
+    let initrd = opts
+        .cache
+        .file("initrd", &format!("{}.cpio.zst", info.image_id), |p| {
+            fs.write_zstd(p, INITRD_ZSTD_LEVEL).map(drop)
+        })?;
+    // Named like a store path, by what it holds.
+    let digest = key_of([info.image_id.as_str(), &sha256_file(&inputs.kernel)?]);
+    let hash: String = digest
+        .bytes()
+        .take(32)
+        .map(|b| char::from(b"0123456789abcdfghijklmnpqrsvwxyz"[usize::from(b % 32)]))
+        .collect();
+    Ok(CheckSystem {
+        name: format!("{hash}-nodeflash-check-system"),
+        kernel: inputs.kernel.clone(),
+        initrd,
+    })
+}
+
 /// The initramfs contents and the image info that describes them.
 fn assemble(
     installer: &Path,
     inputs: &BuildInputs,
     profile: &Profile,
     modules: &[String],
-    packed: Option<&crate::payload::Packed>,
+    extras: Extras,
     profile_dir: &Path,
 ) -> Result<(Initramfs, ImageInfo)> {
+    let Extras {
+        packed,
+        boot,
+        mode,
+    } = extras;
     if !installer.is_file() {
         bail!(
             "installer binary {} does not exist (build it with `cargo xtask build-iso`)",
@@ -323,6 +415,14 @@ fn assemble(
             .with_context(|| format!("cannot read the CA certificate {}", path.display()))?;
         fs.add_file(&format!("{CA_DIR}/{i}.pem"), 0o644, Source::Bytes(pem));
     }
+    if mode == Mode::Install && boot.is_some() {
+        fs.add_dir("/usr/lib/nodeflash", 0o755);
+        fs.add_file(
+            SYSTEMD_BOOT_PATH,
+            0o644,
+            Source::Path(inputs.systemd_boot.clone()),
+        );
+    }
     let content = fs.content_hash(&[IMAGE_INFO_PATH])?;
     let payload = packed.map(|p| PayloadInfo {
         path: PAYLOAD_ISO_PATH.to_string(),
@@ -338,6 +438,7 @@ fn assemble(
         &sha256_file(&inputs.systemd_boot)?,
         &profile.image.cmdline,
         &INITRD_ZSTD_LEVEL.to_string(),
+        &serde_json::to_string(&(&boot, mode)).context("cannot serialize the boot info")?,
         ARTEFACT_FORMAT,
         env!("CARGO_PKG_VERSION"),
     ]);
@@ -348,6 +449,8 @@ fn assemble(
         kernel_release: release.clone(),
         modules: modules.to_vec(),
         payload,
+        boot,
+        mode,
     };
     fs.add_file(
         IMAGE_INFO_PATH,

@@ -13,6 +13,7 @@ use nodeflash_installer::cmd;
 use nodeflash_installer::payload::{self, Counters, PackOptions, Payload, FORMAT_VERSION};
 use nodeflash_installer::profile::Profile;
 
+use crate::build::CheckSystem;
 use crate::cache::{key_of, Cache};
 use crate::{steps, synthetic};
 
@@ -37,11 +38,18 @@ enum Source {
         dir: PathBuf,
         registration: Option<String>,
     },
-    Synthetic(synthetic::Spec),
+    /// A synthetic store, or an empty one (the check system only).
+    Synthetic(Option<synthetic::Spec>),
 }
 
 /// The packed payload of the profile, if it has a store.
-pub fn prepare(profile: &Profile, profile_path: &Path, cache: &Cache) -> Result<Option<Packed>> {
+/// With `system`, the check system is one more store path of the payload.
+pub fn prepare(
+    profile: &Profile,
+    profile_path: &Path,
+    cache: &Cache,
+    system: Option<&CheckSystem>,
+) -> Result<Option<Packed>> {
     let p = &profile.payload;
     let dir = profile_path.parent().unwrap_or(Path::new("."));
     let source = if let Some(top) = &p.closure {
@@ -62,11 +70,13 @@ pub fn prepare(profile: &Profile, profile_path: &Path, cache: &Cache) -> Result<
             registration,
         }
     } else if let Some(s) = &p.synthetic {
-        Source::Synthetic(synthetic::Spec {
+        Source::Synthetic(Some(synthetic::Spec {
             files: s.files,
             bytes: s.bytes.0,
             seed: s.seed,
-        })
+        }))
+    } else if system.is_some() {
+        Source::Synthetic(None)
     } else {
         return Ok(None);
     };
@@ -105,9 +115,8 @@ pub fn prepare(profile: &Profile, profile_path: &Path, cache: &Cache) -> Result<
             [
                 "synthetic".to_string(),
                 synthetic::VERSION.to_string(),
-                spec.files.to_string(),
-                spec.bytes.to_string(),
-                spec.seed.to_string(),
+                format!("{:?}", spec.as_ref().map(|s| (s.files, s.bytes, s.seed))),
+                system.map(|s| s.name.clone()).unwrap_or_default(),
             ]
             .iter()
             .chain(settings.iter()),
@@ -115,7 +124,7 @@ pub fn prepare(profile: &Profile, profile_path: &Path, cache: &Cache) -> Result<
     };
     let path = steps::step("Packing the store", || {
         cache.file("payload", &format!("{key}.nfp"), |out| {
-            pack_source(&source, out, p.level)
+            pack_source(&source, system, out, p.level)
         })
     })?;
     let opened = Payload::open(
@@ -160,7 +169,12 @@ fn closure(top: &str) -> Result<Source> {
     })
 }
 
-fn pack_source(source: &Source, out: &Path, level: i32) -> Result<()> {
+fn pack_source(
+    source: &Source,
+    system: Option<&CheckSystem>,
+    out: &Path,
+    level: i32,
+) -> Result<()> {
     let mut opts = PackOptions {
         level,
         ..PackOptions::default()
@@ -182,12 +196,38 @@ fn pack_source(source: &Source, out: &Path, level: i32) -> Result<()> {
         Source::Synthetic(spec) => {
             generated = tempfile::tempdir().context("cannot create a temporary directory")?;
             let dir = generated.path().join("store");
-            synthetic::generate(&dir, spec)?;
-            // `generated` removes it when packing is done.
-            return pack_dir(&dir, out, &opts);
+            match spec {
+                Some(spec) => drop(synthetic::generate(&dir, spec)?),
+                None => std::fs::create_dir(&dir)
+                    .with_context(|| format!("cannot create {}", dir.display()))?,
+            }
+            if let Some(system) = system {
+                add_check_system(&dir, system)?;
+            }
+            let packed = pack_dir(&dir, out, &opts);
+            // Its directories are read-only, as in a store.
+            synthetic::remove_tree(&dir)?;
+            return packed;
         }
     };
     pack_dir(src, out, &opts)
+}
+
+/// Adds the check system's store path (kernel and initrd, read-only as in a
+/// store) to a generated store.
+fn add_check_system(store: &Path, system: &CheckSystem) -> Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = store.join(&system.name);
+    std::fs::create_dir(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    for (name, src) in [("kernel", &system.kernel), ("initrd", &system.initrd)] {
+        let dest = dir.join(name);
+        std::fs::copy(src, &dest)
+            .with_context(|| format!("cannot copy {} to {}", src.display(), dest.display()))?;
+        std::fs::set_permissions(&dest, std::fs::Permissions::from_mode(0o444))
+            .with_context(|| format!("cannot set the mode of {}", dest.display()))?;
+    }
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o555))
+        .with_context(|| format!("cannot set the mode of {}", dir.display()))
 }
 
 fn pack_dir(src: &Path, out: &Path, opts: &PackOptions) -> Result<()> {

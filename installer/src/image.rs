@@ -30,7 +30,36 @@ pub struct ImageInfo {
     /// The store payload on the boot medium, if the profile has a store.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub payload: Option<PayloadInfo>,
+    /// What the installer puts on the target's ESP, if anything.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub boot: Option<BootInfo>,
+    /// Install, or check an installed disk (the `check` system's stage 1).
+    #[serde(default)]
+    pub mode: Mode,
 }
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Mode {
+    #[default]
+    Install,
+    Check,
+}
+
+/// The installed system's boot entry.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BootInfo {
+    /// Kernel and initrd as paths in the store (`HASH-NAME/…`).
+    pub kernel: String,
+    pub initrd: String,
+    pub cmdline: String,
+    /// nodeflash's check system: its entry also carries the node's host ID
+    /// (`nodeflash.hostid=`), as a NixOS initrd has it built in.
+    pub check: bool,
+}
+
+/// Where the builder puts systemd-boot in the install initramfs.
+pub const SYSTEMD_BOOT_PATH: &str = "/usr/lib/nodeflash/systemd-bootx64.efi";
 
 /// Where the payload is and what it must be.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

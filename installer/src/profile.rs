@@ -35,6 +35,9 @@ pub struct Profile {
     pub payload: Payload,
     #[serde(default)]
     pub ssh: Ssh,
+    /// What boots the installed disk; absent: no boot loader is written.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub boot: Option<Boot>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub nodes: Vec<Node>,
     #[serde(default)]
@@ -450,6 +453,36 @@ impl Default for DefaultNode {
 
 fn default_hostname_template() -> String {
     "install".into()
+}
+
+/// What boots the installed disk: systemd-boot on its ESP and one entry.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct Boot {
+    pub system: BootSystem,
+    /// For `generic`: the kernel, as a path in the store (`HASH-NAME/…`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kernel: Option<String>,
+    /// For `generic`: the initrd, as a path in the store.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub initrd: Option<String>,
+    /// Kernel command line of the installed system.
+    #[serde(default = "default_boot_cmdline")]
+    pub cmdline: String,
+}
+
+fn default_boot_cmdline() -> String {
+    "console=tty0 console=ttyS0,115200".into()
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum BootSystem {
+    /// A kernel and initrd of the store, named by `kernel` and `initrd`.
+    Generic,
+    /// nodeflash's own small system, added to the store by the builder: its
+    /// stage 1 imports the pool, mounts it and prints what it finds (tests).
+    Check,
 }
 
 /// What the installer does when it is done, and when it fails.
@@ -962,6 +995,39 @@ impl Profile {
                     "payload.closure".into(),
                     format!("{c:?} is not a /nix/store path (use `store` for a directory)"),
                 ));
+            }
+        }
+        if let Some(boot) = &self.boot {
+            match boot.system {
+                BootSystem::Generic => {
+                    if boot.kernel.is_none() || boot.initrd.is_none() || p.is_empty() {
+                        return Err((
+                            None,
+                            "boot".into(),
+                            "a `generic` system needs `kernel` and `initrd` from the payload".into(),
+                        ));
+                    }
+                }
+                BootSystem::Check => {
+                    if p.closure.is_some() || p.store.is_some() {
+                        return Err((
+                            None,
+                            "boot.system".into(),
+                            "the `check` system goes with a synthetic store or none".into(),
+                        ));
+                    }
+                }
+            }
+            for (key, path) in [("kernel", &boot.kernel), ("initrd", &boot.initrd)] {
+                if let Some(path) = path {
+                    if crate::payload::check_path(path).is_err() {
+                        return Err((
+                            None,
+                            format!("boot.{key}"),
+                            format!("{path:?} is not a path in the store (`HASH-NAME/…`)"),
+                        ));
+                    }
+                }
             }
         }
         let holds_store = self.pool.datasets.iter().any(|d| {

@@ -285,7 +285,7 @@ const MIB: f64 = 1024.0 * 1024.0;
 
 /// A path of the manifest that extraction may create: relative, no `.` or
 /// `..`, no empty component, no NUL.
-fn check_path(p: &str) -> Result<()> {
+pub(crate) fn check_path(p: &str) -> Result<()> {
     if p.is_empty()
         || p.starts_with('/')
         || p.contains('\0')
