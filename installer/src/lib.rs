@@ -5,6 +5,7 @@
 //! ([`image`]), the machine facts ([`facts`]) and the one command helper
 //! ([`cmd`]). As a program it is PID 1 of the install image ([`pid1`]).
 
+pub mod boot;
 pub mod cmd;
 pub mod console;
 pub mod disk;
