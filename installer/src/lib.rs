@@ -17,4 +17,5 @@ pub mod payload;
 pub mod pid1;
 pub mod plan;
 pub mod profile;
+pub mod report;
 pub mod zfs;
