@@ -5,6 +5,7 @@
 //! ([`image`]), the machine facts ([`facts`]) and the one command helper
 //! ([`cmd`]). As a program it is PID 1 of the install image ([`pid1`]).
 
+pub mod boot;
 pub mod cmd;
 pub mod console;
 pub mod disk;
@@ -17,4 +18,5 @@ pub mod payload;
 pub mod pid1;
 pub mod plan;
 pub mod profile;
+pub mod report;
 pub mod zfs;
