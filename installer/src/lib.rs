@@ -6,6 +6,7 @@
 //! ([`cmd`]). As a program it is PID 1 of the install image ([`pid1`]).
 
 pub mod boot;
+pub mod check;
 pub mod cmd;
 pub mod console;
 pub mod disk;
