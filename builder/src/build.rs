@@ -118,18 +118,15 @@ pub fn build(opts: &BuildOptions) -> Result<BuildSummary> {
     })?;
     let profile_dir = opts.profile.parent().unwrap_or(Path::new("."));
     let check_system = match &profile.boot {
-        Some(b) if b.system == BootSystem::Check => Some(steps::step(
-            "Writing the check system",
-            || check_system(opts, &inputs, &profile, &modules, profile_dir),
-        )?),
+        Some(b) if b.system == BootSystem::Check => {
+            Some(steps::step("Writing the check system", || {
+                check_system(opts, &inputs, &profile, &modules, profile_dir)
+            })?)
+        }
         _ => None,
     };
-    let packed = crate::payload::prepare(
-        &profile,
-        &opts.profile,
-        &opts.cache,
-        check_system.as_ref(),
-    )?;
+    let packed =
+        crate::payload::prepare(&profile, &opts.profile, &opts.cache, check_system.as_ref())?;
     let boot = profile.boot.as_ref().map(|b| match &check_system {
         Some(sys) => BootInfo {
             kernel: format!("{}/kernel", sys.name),
@@ -342,11 +339,7 @@ fn assemble(
     extras: Extras,
     profile_dir: &Path,
 ) -> Result<(Initramfs, ImageInfo)> {
-    let Extras {
-        packed,
-        boot,
-        mode,
-    } = extras;
+    let Extras { packed, boot, mode } = extras;
     if !installer.is_file() {
         bail!(
             "installer binary {} does not exist (build it with `cargo xtask build-iso`)",

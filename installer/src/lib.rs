@@ -12,6 +12,7 @@ pub mod console;
 pub mod disk;
 pub mod facts;
 pub mod image;
+pub mod install;
 pub mod net;
 pub mod nixos;
 pub mod nodes;

@@ -14,7 +14,6 @@ use nix::mount::{mount, MsFlags};
 
 use crate::facts::Facts;
 use crate::image::{ImageInfo, IMAGE_INFO_PATH, PROFILE_PATH};
-use crate::payload::Payload;
 use crate::profile::{OnFailure, OnSuccess, Profile};
 use crate::say;
 
@@ -127,10 +126,43 @@ fn run(started: Instant) -> (Finish, Result<()>) {
         info.short_id(),
         info.kernel_release
     );
-    match install(&profile, &info, started) {
+    let result = match info.mode {
+        crate::image::Mode::Install => crate::install::install(&profile, &info, started),
+        crate::image::Mode::Check => check(&profile, &info),
+    };
+    match result {
         Ok(()) => (Finish::Done(profile.finish.on_success), Ok(())),
         Err(e) => (Finish::Fail(profile.finish.on_failure), Err(e)),
     }
+}
+
+/// Stage 1 of nodeflash's check system on an installed disk: import the
+/// pool with the host ID the installer put on the command line, read what
+/// the install left, print it as one JSON line.
+fn check(profile: &Profile, info: &ImageInfo) -> Result<()> {
+    load_modules(info);
+    let cmdline = std::fs::read_to_string("/proc/cmdline").context("cannot read /proc/cmdline")?;
+    let hostid = cmdline
+        .split_whitespace()
+        .find_map(|a| a.strip_prefix("nodeflash.hostid="))
+        .context("the kernel command line has no nodeflash.hostid=")?;
+    let hostid = u32::from_str_radix(hostid, 16)
+        .with_context(|| format!("nodeflash.hostid={hostid} is not 8 hex digits"))?;
+    let datasets: Vec<String> = profile
+        .pool
+        .datasets
+        .iter()
+        .map(|d| d.name.get_ref().to_string())
+        .collect();
+    let report =
+        crate::check::run_check(&profile.pool.name.to_string(), hostid, &datasets, &|l| {
+            say!("{l}")
+        })?;
+    say!(
+        "nodeflash-check: {}",
+        serde_json::to_string(&report).context("cannot serialize the check report")?
+    );
+    Ok(())
 }
 
 fn early_mounts() -> Result<()> {
@@ -150,461 +182,9 @@ fn early_mounts() -> Result<()> {
     Ok(())
 }
 
-/// The install itself: modules, boot medium, inventory, the plan, then the
-/// disk. Everything that can fail without writing is done before writing.
-fn install(profile: &Profile, info: &ImageInfo, started: Instant) -> Result<()> {
-    load_modules(info);
-    links_up();
-    let timeout = Duration::from_secs(profile.image.device_timeout_secs.into());
-    let boot = wait_for_boot_medium(info, timeout);
-    settle_block_devices(Duration::from_secs(3));
-    let facts = wait_for_target(profile, boot.as_deref(), timeout);
-    say!(
-        "inventory after {:.1}s:\n{}",
-        started.elapsed().as_secs_f64(),
-        facts.inventory().trim_end()
-    );
-    if boot.is_none() {
-        say!(
-            "warning: the boot medium (volume set {}) was not found within {}s",
-            info.volume_set_id(),
-            timeout.as_secs()
-        );
-    }
-    say!(
-        "nodeflash-facts: {}",
-        serde_json::to_string(&facts).context("cannot serialize the facts")?
-    );
-    // Who this machine is and everything else that can fail is settled
-    // before the disk is touched.
-    let identity = crate::nodes::identify(profile, &facts)?;
-    let select = identity
-        .disk_select
-        .as_ref()
-        .unwrap_or(&profile.disk.select);
-    let plan = crate::plan::plan_with(profile, select, &facts)?;
-    let hostid = crate::zfs::resolve_hostid(identity.hostid, &facts, plan.disk.serial.as_deref())?;
-    say!("node: {} ({})", identity.hostname, identity.reason);
-    say!(
-        "host id: {hostid:08x} (for a Morph/colmena manifest: networking.hostName = \"{}\"; networking.hostId = \"{hostid:08x}\";)",
-        identity.hostname
-    );
-    say!("{}", plan.to_string().trim_end());
-    let keys = ssh_keys(profile, &identity)?;
-    let store = open_store(profile, info, boot.as_deref())?;
-
-    // The plan names the disk by its kernel name: make sure that name still
-    // is the disk that was chosen (same serial, model and size) right before writing.
-    let now = Facts::read(Path::new("/sys"));
-    let same = now.block_devices.iter().any(|d| {
-        d.name == plan.disk.name
-            && d.serial == plan.disk.serial
-            && d.model == plan.disk.model
-            && d.size_bytes == plan.disk.size_bytes
-    });
-    if !same {
-        bail!(
-            "{} is no longer the disk that was planned for (serial {:?}); nothing was written. Boot the stick again",
-            plan.disk.name,
-            plan.disk.serial.as_deref().unwrap_or("")
-        );
-    }
-    let t = Instant::now();
-    let dev = Path::new("/dev").join(&plan.disk.name);
-    let old: Vec<(u64, u64)> = crate::disk::old_partitions(Path::new("/sys"), &plan.disk.name)
-        .into_iter()
-        .map(|(_, start, len)| (start, len))
-        .collect();
-    let layout = crate::disk::partition(&plan, &dev, &old)?;
-    say!(
-        "partitioned {} in {:.1}s: GPT disk GUID {}, ESP FAT32 volume {}",
-        dev.display(),
-        t.elapsed().as_secs_f64(),
-        layout.disk_guid,
-        layout.esp_volume_id
-    );
-    for p in &layout.partitions {
-        say!("  {} {:?} partition GUID {}", p.device, p.kind, p.guid);
-    }
-    let zfs_dev = layout
-        .partitions
-        .last()
-        .map(|p| p.device.clone())
-        .context("the plan has no ZFS partition")?;
-    make_pool(profile, &identity.hostname, hostid, &zfs_dev, store, &keys)
-}
-
-/// Root's SSH keys: the profile's and the node's inline keys, and the
-/// users' keys fetched over HTTPS (network up first), all before the disk
-/// is touched.
-fn ssh_keys(profile: &Profile, identity: &crate::nodes::Identity) -> Result<crate::net::KeySet> {
-    let mut ssh = profile.ssh.clone();
-    ssh.keys.extend(identity.keys.iter().cloned());
-    let mut cas: Vec<std::path::PathBuf> = std::fs::read_dir(crate::image::CA_DIR)
-        .map(|rd| rd.flatten().map(|e| e.path()).collect())
-        .unwrap_or_default();
-    cas.sort();
-    let cas: Vec<Vec<u8>> = cas
-        .iter()
-        .map(|p| std::fs::read(p).with_context(|| format!("cannot read {}", p.display())))
-        .collect::<Result<_>>()?;
-    let not_before = std::time::UNIX_EPOCH + Duration::from_secs(crate::image::NOT_BEFORE_UNIX);
-    let keys = crate::net::fetch_keys(&ssh, &cas, not_before, |l| say!("{l}"))
-        .context("the SSH keys could not be fetched; nothing was written")?;
-    if keys.is_empty() {
-        say!("warning: no SSH keys: nobody will be able to log in to this node over SSH");
-    }
-    Ok(keys)
-}
-
-/// Where the store goes on the target (under the pool's altroot).
-const STORE_DIR: &str = "/mnt/nix/store";
-/// Where the boot medium is mounted.
-const MEDIUM_DIR: &str = "/run/nodeflash/medium";
-
-/// The store payload on the boot medium, opened and checked (length,
-/// header, manifest and that it belongs to this image) before the disk is touched.
-struct Store {
-    file: std::path::PathBuf,
-    payload: Payload<File>,
-    workers: usize,
-}
-
-fn open_store(profile: &Profile, info: &ImageInfo, boot: Option<&str>) -> Result<Option<Store>> {
-    let Some(want) = &info.payload else {
-        return Ok(None);
-    };
-    let Some(boot) = boot else {
-        bail!(
-            "the boot medium (volume set {}) was not found, so the store cannot be copied; nothing was written. \
-             Check that the stick is plugged in and was written with this image",
-            info.volume_set_id()
-        );
-    };
-    let dev = Path::new("/dev").join(boot);
-    std::fs::create_dir_all(MEDIUM_DIR).with_context(|| format!("cannot create {MEDIUM_DIR}"))?;
-    match mount(
-        Some(&dev),
-        MEDIUM_DIR,
-        Some("iso9660"),
-        MsFlags::MS_RDONLY,
-        None::<&str>,
-    ) {
-        Ok(()) | Err(nix::errno::Errno::EBUSY) => {}
-        Err(e) => bail!(
-            "cannot mount the boot medium {} on {MEDIUM_DIR}: {e}",
-            dev.display()
-        ),
-    }
-    let file = Path::new(MEDIUM_DIR).join(want.path.trim_start_matches('/'));
-    let len = std::fs::metadata(&file)
-        .with_context(|| {
-            format!(
-                "cannot find the store payload {} on {}",
-                want.path,
-                dev.display()
-            )
-        })?
-        .len();
-    let damaged = "the stick is damaged or was not written completely: write the image to it again";
-    if len != want.bytes {
-        bail!(
-            "the store payload on {} is {len} bytes instead of {}; {damaged}",
-            dev.display(),
-            want.bytes
-        );
-    }
-    let f = File::open(&file).with_context(|| format!("cannot open {}", file.display()))?;
-    let payload = Payload::open(f)
-        .with_context(|| format!("{} on {}: {damaged}", want.path, dev.display()))?;
-    if payload.manifest_sha256() != want.manifest_sha256 {
-        bail!(
-            "the store payload on {} does not belong to this image; {damaged}",
-            dev.display()
-        );
-    }
-    let workers = profile.payload.workers.map_or_else(
-        // At least two, so that one writes while another waits on the disk.
-        || std::thread::available_parallelism().map_or(2, |n| n.get().max(2)),
-        |w| w as usize,
-    );
-    say!(
-        "store: {} files, {:.1} MiB in {} store paths ({:.1} MiB packed on {}), {workers} workers",
-        payload.manifest.files(),
-        payload.manifest.bytes() as f64 / MIB,
-        payload.manifest.store_paths().len(),
-        len as f64 / MIB,
-        dev.display()
-    );
-    Ok(Some(Store {
-        file,
-        payload,
-        workers,
-    }))
-}
-
-const MIB: f64 = 1024.0 * 1024.0;
-
-/// What the copy did, for the console and the report.
-#[derive(Debug, serde::Serialize)]
-struct StoreReport {
-    files: usize,
-    bytes: u64,
-    payload_bytes: u64,
-    copy_secs: f64,
-    copy_mb_s: f64,
-    /// Sequential read of the payload from the boot medium, caches dropped.
-    raw_read_mb_s: f64,
-    /// Copy time over the time a plain read of the payload takes.
-    copy_to_read_ratio: f64,
-    /// Digest of the tree read back from the imported pool.
-    tree_digest: String,
-    verified: bool,
-}
-
-/// Writes the store into the mounted datasets, every file checked against
-/// the manifest, with a plain progress line every few seconds.
-fn copy_store(store: Store) -> Result<(crate::payload::Manifest, std::path::PathBuf, f64)> {
-    use std::sync::atomic::{AtomicBool, Ordering};
-    let Store {
-        file,
-        payload,
-        workers,
-    } = store;
-    let manifest = payload.manifest.clone();
-    let (total, files) = (manifest.bytes(), manifest.files() as u64);
-    let counters = crate::payload::Counters::default();
-    let done = AtomicBool::new(false);
-    let t = Instant::now();
-    let result = std::thread::scope(|s| {
-        s.spawn(|| {
-            let mut last = Instant::now();
-            while !done.load(Ordering::Relaxed) {
-                std::thread::sleep(Duration::from_millis(100));
-                if last.elapsed() >= Duration::from_secs(5) {
-                    say!("store: {}", counters.line(total, files, t.elapsed()));
-                    last = Instant::now();
-                }
-            }
-        });
-        let r = payload.extract(Some(Path::new(STORE_DIR)), workers, &counters);
-        done.store(true, Ordering::Relaxed);
-        r
-    });
-    result.context("the store was not copied completely; the disk is not bootable")?;
-    let secs = t.elapsed().as_secs_f64();
-    // As Nix has it: sticky and group-writable.
-    std::fs::set_permissions(
-        STORE_DIR,
-        std::os::unix::fs::PermissionsExt::from_mode(0o1775),
-    )
-    .with_context(|| format!("cannot set the mode of {STORE_DIR}"))?;
-    say!(
-        "store copied in {secs:.1}s: {}",
-        counters.line(total, files, t.elapsed())
-    );
-    if let Some(reg) = &manifest.registration {
-        register(&manifest, reg)?;
-    }
-    Ok((manifest, file, secs))
-}
-
-/// Loads the closure's registration into the installed Nix database with
-/// the store's own `nix-store`, as `nixos-install` does.
-fn register(manifest: &crate::payload::Manifest, registration: &str) -> Result<()> {
-    let nix_store = manifest.entries.iter().find_map(|e| {
-        let p = e.path();
-        (p.ends_with("/bin/nix-store") && p.matches('/').count() == 2).then_some(p)
-    });
-    let Some(nix_store) = nix_store else {
-        say!("store: no nix-store in the closure, so the registration is not loaded");
-        return Ok(());
-    };
-    crate::cmd::run_with_input(
-        std::process::Command::new("chroot").args([
-            "/mnt",
-            &format!("/nix/store/{nix_store}"),
-            "--load-db",
-        ]),
-        registration.as_bytes(),
-    )
-    .context("cannot register the store paths with the installed Nix")?;
-    say!(
-        "store: registered {} store paths",
-        manifest.store_paths().len()
-    );
-    Ok(())
-}
-
-/// Reads the tree back from the (read-only, freshly imported) pool and
-/// checks it against the manifest: mounts just the dataset that holds the
-/// store on /mnt.
-fn check_store(profile: &Profile, manifest: &crate::payload::Manifest) -> Result<String> {
-    let (dataset, mountpoint) = profile
-        .pool
-        .datasets
-        .iter()
-        .filter_map(|d| {
-            let m = d.mountpoint.as_ref()?.get_ref().0.clone();
-            Path::new("/nix/store")
-                .starts_with(&m)
-                .then(|| (format!("{}/{}", profile.pool.name, d.name.get_ref()), m))
-        })
-        .max_by_key(|(_, m)| m.len())
-        .context("no dataset holds /nix/store")?;
-    mount(
-        Some(dataset.as_str()),
-        "/mnt",
-        Some("zfs"),
-        MsFlags::MS_RDONLY,
-        Some("zfsutil"),
-    )
-    .with_context(|| format!("cannot mount {dataset} read-only on /mnt"))?;
-    let dir = Path::new("/mnt").join(
-        Path::new("/nix/store")
-            .strip_prefix(&mountpoint)
-            .unwrap_or(Path::new("")),
-    );
-    let threads = std::thread::available_parallelism().map_or(2, |n| n.get());
-    let result = crate::payload::scan(&dir, threads).and_then(|scanned| {
-        crate::payload::compare(&manifest.entries, &scanned, true)
-            .context("the store read back from the pool is not what was written")?;
-        Ok(crate::payload::digest(scanned.iter().map(|e| &e.0)))
-    });
-    nix::mount::umount("/mnt").with_context(|| format!("cannot unmount {dataset} from /mnt"))?;
-    result
-}
-
-/// MB/s of a plain sequential read of (at most 256 MiB of) `file`, page cache dropped.
-fn raw_read_speed(file: &Path) -> Result<f64> {
-    nix::unistd::sync();
-    std::fs::write("/proc/sys/vm/drop_caches", "3").context("cannot drop the page cache")?;
-    let mut f = File::open(file).with_context(|| format!("cannot open {}", file.display()))?;
-    let mut buf = vec![0u8; 4 << 20];
-    let (mut n, t) = (0u64, Instant::now());
-    while n < 256 << 20 {
-        let r = f
-            .read(&mut buf)
-            .with_context(|| format!("cannot read {}", file.display()))?;
-        if r == 0 {
-            break;
-        }
-        n += r as u64;
-    }
-    Ok(n as f64 / t.elapsed().as_secs_f64().max(1e-6) / 1e6)
-}
-
-/// Host ID, pool, datasets, `/etc/hostid` and `/etc/hostname` on the target, export, and a check
-/// that the pool imports again without `-f`.
-fn make_pool(
-    profile: &Profile,
-    hostname: &str,
-    hostid: u32,
-    device: &str,
-    store: Option<Store>,
-    keys: &crate::net::KeySet,
-) -> Result<()> {
-    use crate::zfs;
-    let pool = profile.pool.name.to_string();
-    zfs::set_live_hostid(hostid)?;
-    let t = Instant::now();
-    std::fs::create_dir_all("/mnt").context("cannot create /mnt")?;
-    zfs::run_all(&zfs::create_commands(&profile.pool, device, "/mnt"))?;
-    let root_mounted = profile
-        .pool
-        .datasets
-        .iter()
-        .any(|d| d.mountpoint.as_ref().is_some_and(|m| m.get_ref().0 == "/"));
-    if root_mounted {
-        std::fs::create_dir_all("/mnt/etc")
-            .context("cannot create /mnt/etc on the root dataset")?;
-        std::fs::write("/mnt/etc/hostid", zfs::hostid_file(hostid))
-            .context("cannot write /mnt/etc/hostid")?;
-        std::fs::write("/mnt/etc/hostname", format!("{hostname}\n"))
-            .context("cannot write /mnt/etc/hostname")?;
-    }
-    say!(
-        "pool {pool} created on {device} with {} datasets in {:.1}s",
-        profile.pool.datasets.len(),
-        t.elapsed().as_secs_f64()
-    );
-    let copied = store.map(copy_store).transpose()?;
-    if root_mounted {
-        crate::net::keys::write_authorized_keys(Path::new("/mnt"), keys)?;
-        crate::nixos::write_module(Path::new("/mnt"), hostname, hostid, keys)?;
-        say!(
-            "wrote /root/.ssh/authorized_keys ({} keys) and {}",
-            keys.len(),
-            crate::nixos::MODULE_PATH
-        );
-    } else {
-        say!("warning: no dataset is mounted at /, so no SSH keys or NixOS settings were written");
-    }
-    crate::cmd::run(std::process::Command::new("zpool").args(["export", &pool]))?;
-    // The installed system must import the pool without -f: try it now.
-    crate::cmd::run(std::process::Command::new("zpool").args([
-        "import",
-        "-N",
-        "-o",
-        "readonly=on",
-        "-o",
-        "cachefile=none",
-        // Look only at the new partition: another disk may hold a pool of the same name.
-        "-d",
-        device,
-        &pool,
-    ]))
-    .context("the new pool does not import without -f")?;
-    let facts = zfs::pool_facts(&profile.pool, device);
-    // The store as the pool holds it, after an export dropped its caches.
-    let checked = copied
-        .as_ref()
-        .map(|(manifest, _, _)| check_store(profile, manifest));
-    crate::cmd::run(std::process::Command::new("zpool").args(["export", &pool]))?;
-    let facts = facts?;
-    if let (Some((manifest, file, secs)), Some(digest)) = (copied, checked) {
-        let digest = digest?;
-        let raw = raw_read_speed(&file)?;
-        let bytes = manifest.bytes();
-        let payload_bytes: u64 = manifest.frames.iter().map(|f| f.len).sum();
-        let report = StoreReport {
-            files: manifest.files(),
-            bytes,
-            payload_bytes,
-            copy_secs: secs,
-            copy_mb_s: bytes as f64 / secs.max(1e-6) / 1e6,
-            raw_read_mb_s: raw,
-            copy_to_read_ratio: secs / (payload_bytes as f64 / 1e6 / raw.max(1e-6)).max(1e-6),
-            tree_digest: digest,
-            verified: true,
-        };
-        say!(
-            "store verified on the pool: {} files; copy {:.1}s ({:.1} MB/s of store), plain read of the payload {:.1} MB/s, ratio {:.2}",
-            report.files,
-            report.copy_secs,
-            report.copy_mb_s,
-            report.raw_read_mb_s,
-            report.copy_to_read_ratio
-        );
-        say!(
-            "nodeflash-store: {}",
-            serde_json::to_string(&report).context("cannot serialize the store report")?
-        );
-    }
-    say!(
-        "pool {pool} exported; it imports without -f (pool host id {})",
-        facts.hostid.as_deref().unwrap_or("?")
-    );
-    say!(
-        "nodeflash-pool: {}",
-        serde_json::to_string(&facts).context("cannot serialize the pool facts")?
-    );
-    Ok(())
-}
-
 /// Reads the machine's facts, with what is on each candidate disk, until the
 /// profile's target disk is there or `timeout` passes.
-fn wait_for_target(profile: &Profile, boot: Option<&str>, timeout: Duration) -> Facts {
+pub(crate) fn wait_for_target(profile: &Profile, boot: Option<&str>, timeout: Duration) -> Facts {
     let deadline = Instant::now() + timeout;
     loop {
         let mut facts = Facts::read(Path::new("/sys"));
@@ -634,7 +214,7 @@ fn wait_for_target(profile: &Profile, boot: Option<&str>, timeout: Duration) -> 
     }
 }
 
-fn load_modules(info: &ImageInfo) {
+pub(crate) fn load_modules(info: &ImageInfo) {
     let t = Instant::now();
     let dir = Path::new("/lib/modules").join(&info.kernel_release);
     let mut loaded = 0;
@@ -658,7 +238,7 @@ fn load_modules(info: &ImageInfo) {
 }
 
 /// Brings every network interface up so that its carrier can be read.
-fn links_up() {
+pub(crate) fn links_up() {
     let Ok(entries) = std::fs::read_dir("/sys/class/net") else {
         return;
     };
@@ -723,7 +303,7 @@ fn iso_volume_set(dev: &Path) -> Option<String> {
 
 /// Waits until a whole disk carries this image's ISO volume set ID; returns
 /// its kernel name.
-fn wait_for_boot_medium(info: &ImageInfo, timeout: Duration) -> Option<String> {
+pub(crate) fn wait_for_boot_medium(info: &ImageInfo, timeout: Duration) -> Option<String> {
     let want = info.volume_set_id();
     let deadline = Instant::now() + timeout;
     loop {
@@ -750,7 +330,7 @@ fn wait_for_boot_medium(info: &ImageInfo, timeout: Duration) -> Option<String> {
 
 /// Waits (at most `max`) until the set of block devices has not changed for
 /// half a second, so that late-probing disks are in the inventory.
-fn settle_block_devices(max: Duration) {
+pub(crate) fn settle_block_devices(max: Duration) {
     let list = || {
         let mut v: Vec<_> = std::fs::read_dir("/sys/block")
             .map(|rd| rd.flatten().map(|e| e.file_name()).collect())

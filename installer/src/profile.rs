@@ -1004,7 +1004,8 @@ impl Profile {
                         return Err((
                             None,
                             "boot".into(),
-                            "a `generic` system needs `kernel` and `initrd` from the payload".into(),
+                            "a `generic` system needs `kernel` and `initrd` from the payload"
+                                .into(),
                         ));
                     }
                 }

@@ -87,6 +87,11 @@ impl Phases {
     }
 
     /// The phases so far (the current one not included).
+    /// Seconds since `/init` started.
+    pub fn elapsed(&self) -> f64 {
+        self.started.elapsed().as_secs_f64()
+    }
+
     pub fn done(&self) -> &[Phase] {
         &self.done
     }

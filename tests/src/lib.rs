@@ -30,6 +30,8 @@ pub enum Boot {
     UsbStick,
     /// A CD-ROM drive.
     Cdrom,
+    /// No stick: the firmware boots the first NVMe disk (an installed node).
+    Disk,
 }
 
 /// An NVMe disk backed by a raw image file.
@@ -246,15 +248,17 @@ impl Vm {
                     ))
                     .args(["-device", "ide-cd,drive=cd,bootindex=1"]);
             }
+            Boot::Disk => {}
         }
         for (i, d) in cfg.nvme.iter().enumerate() {
             c.arg("-drive")
                 .arg(format!("if=none,id=nvme{i},format=raw,file={}", d.image.display()))
                 .arg("-device")
                 .arg(format!(
-                    "nvme,drive=nvme{i},serial={},logical_block_size={lbs},physical_block_size={lbs}",
+                    "nvme,drive=nvme{i},serial={},logical_block_size={lbs},physical_block_size={lbs}{boot}",
                     d.serial,
-                    lbs = d.logical_block_size
+                    lbs = d.logical_block_size,
+                    boot = if cfg.boot == Boot::Disk && i == 0 { ",bootindex=1" } else { "" }
                 ));
         }
         let child = c

@@ -84,8 +84,8 @@ fn keys_are_fetched_with_retries_and_installed() {
         let fp = parse_line(key, "test").expect("key").fingerprint();
         assert_console(&console, &fp);
     }
-    // Alice's key served twice is installed once.
-    assert_console(&console, "wrote /root/.ssh/authorized_keys (2 keys)");
+    // Alice's key served twice is installed once, beside the profile's inline key.
+    assert_console(&console, "wrote /root/.ssh/authorized_keys (3 keys)");
     let requests = server.requests();
     assert_eq!(
         requests.iter().filter(|r| r.contains("/bob.keys")).count(),

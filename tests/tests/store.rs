@@ -1,6 +1,7 @@
 //! The store in QEMU: the `qemu` profile's synthetic store is copied from the
-//! stick into the pool, read back after an export and import, and must be
-//! the very tree the host generates from the same spec.
+//! stick into the pool and read back after an export and import. The
+//! payload on the ISO must hold the very tree the host generates from the
+//! same spec, and the pool the very tree of the payload.
 
 use std::path::PathBuf;
 
@@ -35,11 +36,33 @@ fn copies_the_store_and_reads_it_back_from_the_pool() {
     )
     .expect("generate");
     let tree = payload::scan(&store, 2).expect("scan");
-    let files = tree
+
+    // The payload on the ISO holds exactly that tree, plus the check system.
+    let packed = dir.path().join("store.nfp");
+    let out = std::process::Command::new("xorriso")
+        .args(["-osirrox", "on", "-indev"])
+        .arg(images_dir().join("qemu.iso"))
+        .args(["-extract", "/nodeflash/store.nfp"])
+        .arg(&packed)
+        .output()
+        .expect("xorriso runs");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let manifest = payload::Payload::open(std::fs::File::open(&packed).expect("payload"))
+        .expect("payload opens")
+        .manifest;
+    let generated: Vec<payload::Entry> = manifest
+        .entries
         .iter()
-        .filter(|e| matches!(e.0, payload::Entry::File { .. }))
-        .count();
-    let digest = payload::digest(tree.iter().map(|e| &e.0));
+        .filter(|e| !e.store_path().ends_with("-nodeflash-check-system"))
+        .cloned()
+        .collect();
+    payload::compare(&generated, &tree, false).expect("the payload holds the generated store");
+    let files = manifest.files();
+    let digest = payload::digest(&manifest.entries);
 
     let disk = Nvme::create(dir.path(), "nvme.img", 2 << 30, "NFTEST0001").expect("disk");
     let mut cfg = VmConfig::new(images_dir().join("qemu.iso"), Boot::UsbStick);
@@ -58,7 +81,7 @@ fn copies_the_store_and_reads_it_back_from_the_pool() {
     assert_eq!(report["files"], files as u64);
     assert_eq!(
         report["tree_digest"], digest,
-        "the tree read back from the pool is the generated one"
+        "the tree read back from the pool is the payload's"
     );
     eprintln!(
         "store copy: {} s, {} MB/s; plain read of the payload {} MB/s; ratio {}",

@@ -1,0 +1,707 @@
+//! The install, step by step. Everything that can fail without writing
+//! (machine identity, disk choice, network and keys, the payload's header
+//! and manifest) is settled before the disk is touched; the pool is checked
+//! by exporting and importing it again and reading the store back; the boot
+//! loader's entry is the last thing written to the ESP; the install report
+//! records each phase.
+
+use std::fs::File;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use nix::mount::{mount, MsFlags};
+
+use crate::facts::Facts;
+use crate::image::{ImageInfo, SYSTEMD_BOOT_PATH};
+use crate::payload::Payload;
+use crate::profile::Profile;
+use crate::report::{InstallReport, Phases};
+use crate::say;
+
+/// The install itself, after PID 1 has loaded the modules.
+pub(crate) fn install(profile: &Profile, info: &ImageInfo, started: Instant) -> Result<()> {
+    let mut phases = Phases::new(started);
+    phases.start("kernel modules");
+    crate::pid1::load_modules(info);
+    crate::pid1::links_up();
+    phases.start("boot medium and disks");
+    let timeout = Duration::from_secs(profile.image.device_timeout_secs.into());
+    let boot = crate::pid1::wait_for_boot_medium(info, timeout);
+    crate::pid1::settle_block_devices(Duration::from_secs(3));
+    let facts = crate::pid1::wait_for_target(profile, boot.as_deref(), timeout);
+    say!(
+        "inventory after {:.1}s:\n{}",
+        started.elapsed().as_secs_f64(),
+        facts.inventory().trim_end()
+    );
+    let mut warnings = Vec::new();
+    if boot.is_none() {
+        warnings.push(format!(
+            "the boot medium (volume set {}) was not found within {}s",
+            info.volume_set_id(),
+            timeout.as_secs()
+        ));
+        say!("warning: {}", warnings[warnings.len() - 1]);
+    }
+    say!(
+        "nodeflash-facts: {}",
+        serde_json::to_string(&facts).context("cannot serialize the facts")?
+    );
+
+    // Who this machine is and everything else that can fail is settled
+    // before the disk is touched.
+    phases.start("identity and plan");
+    let identity = crate::nodes::identify(profile, &facts)?;
+    let select = identity
+        .disk_select
+        .as_ref()
+        .unwrap_or(&profile.disk.select);
+    let plan = crate::plan::plan_with(profile, select, &facts)?;
+    let hostid = crate::zfs::resolve_hostid(identity.hostid, &facts, plan.disk.serial.as_deref())?;
+    say!("node: {} ({})", identity.hostname, identity.reason);
+    say!(
+        "host id: {hostid:08x} (for a Morph/colmena manifest: networking.hostName = \"{}\"; networking.hostId = \"{hostid:08x}\";)",
+        identity.hostname
+    );
+    say!("{}", plan.to_string().trim_end());
+    phases.start("network and keys");
+    let keys = ssh_keys(profile, &identity)?;
+    if keys.is_empty() {
+        warnings.push("no SSH keys: nobody can log in to this node over SSH".into());
+        say!("warning: {}", warnings[warnings.len() - 1]);
+    }
+    phases.start("payload check");
+    let store = open_store(profile, info, boot.as_deref())?;
+    if info.boot.is_none() {
+        warnings.push("the profile has no [boot]: no boot loader is written".into());
+        say!("warning: {}", warnings[warnings.len() - 1]);
+    }
+
+    // The plan names the disk by its kernel name: make sure that name still
+    // is the disk that was chosen (same serial, model and size) right before writing.
+    let now = Facts::read(Path::new("/sys"));
+    let same = now.block_devices.iter().any(|d| {
+        d.name == plan.disk.name
+            && d.serial == plan.disk.serial
+            && d.model == plan.disk.model
+            && d.size_bytes == plan.disk.size_bytes
+    });
+    if !same {
+        bail!(
+            "{} is no longer the disk that was planned for (serial {:?}); nothing was written. Boot the stick again",
+            plan.disk.name,
+            plan.disk.serial.as_deref().unwrap_or("")
+        );
+    }
+    phases.start("partitioning");
+    let dev = Path::new("/dev").join(&plan.disk.name);
+    let old: Vec<(u64, u64)> = crate::disk::old_partitions(Path::new("/sys"), &plan.disk.name)
+        .into_iter()
+        .map(|(_, start, len)| (start, len))
+        .collect();
+    let layout = crate::disk::partition(&plan, &dev, &old)?;
+    say!(
+        "partitioned {}: GPT disk GUID {}, ESP FAT32 volume {}",
+        dev.display(),
+        layout.disk_guid,
+        layout.esp_volume_id
+    );
+    for p in &layout.partitions {
+        say!("  {} {:?} partition GUID {}", p.device, p.kind, p.guid);
+    }
+    let part = |kind: crate::plan::PartKind| {
+        layout
+            .partitions
+            .iter()
+            .find(|p| p.kind == kind)
+            .map(|p| p.device.clone())
+    };
+    let zfs_dev = part(crate::plan::PartKind::Zfs).context("the plan has no ZFS partition")?;
+    let esp_dev = part(crate::plan::PartKind::Esp).context("the plan has no ESP")?;
+
+    phases.start("pool");
+    let pool = profile.pool.name.to_string();
+    let root_mounted = create_pool(profile, &identity.hostname, hostid, &zfs_dev)?;
+    let copied = match store {
+        Some(store) => {
+            phases.start("store copy");
+            let copied = copy_store(store)?;
+            phases.end_bytes(copied.manifest.bytes());
+            Some(copied)
+        }
+        None => None,
+    };
+    phases.start("keys, settings and boot files");
+    if root_mounted {
+        crate::net::keys::write_authorized_keys(Path::new("/mnt"), &keys)?;
+        crate::nixos::write_module(Path::new("/mnt"), &identity.hostname, hostid, &keys)?;
+        say!(
+            "wrote /root/.ssh/authorized_keys ({} keys) and {}",
+            keys.len(),
+            crate::nixos::MODULE_PATH
+        );
+    } else {
+        warnings
+            .push("no dataset is mounted at /: no SSH keys or NixOS settings were written".into());
+        say!("warning: {}", warnings[warnings.len() - 1]);
+    }
+    if let (true, Some(c)) = (root_mounted, &copied) {
+        // For checking the store on the installed system later.
+        crate::check::save_manifest(Path::new("/mnt"), &c.manifest)?;
+    }
+    let staged = info.boot.as_ref().map(stage_boot_files).transpose()?;
+
+    // From here on the pool is imported again as the installed system will
+    // import it, and exported at the end whatever happens.
+    let mut report = InstallReport {
+        nodeflash_version: info.version.clone(),
+        profile: info.profile.clone(),
+        image_id: info.image_id.clone(),
+        node: crate::report::NodeReport {
+            hostname: identity.hostname.clone(),
+            matched_by: identity.reason.clone(),
+        },
+        hostid: format!("{hostid:08x}"),
+        disk: crate::report::DiskReport {
+            name: plan.disk.name.clone(),
+            model: plan.disk.model.clone(),
+            serial: plan.disk.serial.clone(),
+            size_bytes: plan.disk.size_bytes,
+        },
+        gpt_disk_guid: layout.disk_guid.to_string(),
+        partitions: layout.partitions.iter().map(Into::into).collect(),
+        esp_volume_id: layout.esp_volume_id.to_string(),
+        pool: crate::report::PoolReport {
+            name: pool.clone(),
+            ..Default::default()
+        },
+        ssh_keys: keys.keys.iter().map(Into::into).collect(),
+        warnings,
+        ..Default::default()
+    };
+
+    // From here on the pool is imported again, as the installed system will
+    // import it, and exported at the end whatever happens.
+    phases.start("export and import");
+    let facts = check_pool(profile, &zfs_dev)?;
+    report.pool.guid = facts
+        .pool_properties
+        .get("guid")
+        .cloned()
+        .unwrap_or_default();
+    report.pool.datasets = facts.datasets.clone();
+    let finished = finish(
+        profile,
+        info,
+        &mut phases,
+        &mut report,
+        Finishing {
+            copied: copied.as_ref(),
+            staged: staged.as_deref(),
+            esp_dev: &esp_dev,
+            hostid,
+            root_mounted,
+        },
+    );
+    phases.start("final export");
+    let exported = run(Command::new("zpool").args(["export", &pool]));
+    finished?;
+    exported?;
+    let (list, total) = phases.finish();
+    report.phases = list;
+    report.total_secs = total;
+    say!("{}", report.summary().trim_end());
+    Ok(())
+}
+
+/// What [`finish`] needs from the install.
+struct Finishing<'a> {
+    copied: Option<&'a Copied>,
+    staged: Option<&'a Path>,
+    esp_dev: &'a str,
+    hostid: u32,
+    root_mounted: bool,
+}
+
+/// With the pool imported again: the store read back, the payload's read
+/// speed, the boot loader (its entry last) and the install report, which
+/// covers everything but the final export.
+fn finish(
+    profile: &Profile,
+    info: &ImageInfo,
+    phases: &mut Phases,
+    report: &mut InstallReport,
+    f: Finishing,
+) -> Result<()> {
+    if let Some(c) = f.copied {
+        phases.start("store read back");
+        let digest = check_store(profile, &c.manifest)?;
+        phases.start("payload read test");
+        let raw = raw_read_speed(&c.file)?;
+        report.payload = Some(report_store(c, raw, digest)?);
+    }
+    if let (Some(bi), Some(staged)) = (&info.boot, f.staged) {
+        phases.start("boot loader");
+        let mut cmdline = bi.cmdline.clone();
+        if bi.check {
+            cmdline.push_str(&format!(" nodeflash.hostid={:08x}", f.hostid));
+        }
+        let entry = crate::boot::BootEntry {
+            id: "nodeflash".into(),
+            title: format!("{} (installed by nodeflash)", report.node.hostname),
+            kernel: staged.join("vmlinuz"),
+            initrd: staged.join("initrd"),
+            cmdline,
+        };
+        let files = crate::boot::install_systemd_boot(
+            Path::new(f.esp_dev),
+            Path::new(SYSTEMD_BOOT_PATH),
+            &entry,
+        )
+        .with_context(|| format!("cannot install the boot loader on {}", f.esp_dev))?;
+        say!(
+            "boot loader: systemd-boot and entry {:?} on {} ({} files)",
+            entry.title,
+            f.esp_dev,
+            files.files.len()
+        );
+        report.boot = Some(files);
+    }
+    if f.root_mounted {
+        phases.start("report");
+        // Everything until now; the final export is only on the console.
+        let mut list = phases.done().to_vec();
+        let total = phases.elapsed();
+        let sum: f64 = list.iter().map(|p| p.secs).sum();
+        list.push(crate::report::phase(
+            "report and other".into(),
+            (total - sum).max(0.0),
+            None,
+        ));
+        report.phases = list;
+        report.total_secs = total.max(sum);
+        write_report(profile, report)?;
+    }
+    Ok(())
+}
+
+fn run(cmd: &mut Command) -> Result<String> {
+    crate::cmd::run(cmd)
+}
+
+/// Host ID, pool, datasets (mounted under /mnt), `/etc/hostid` and
+/// `/etc/hostname` on the target. True when a dataset is mounted at `/`.
+fn create_pool(profile: &Profile, hostname: &str, hostid: u32, device: &str) -> Result<bool> {
+    use crate::zfs;
+    zfs::set_live_hostid(hostid)?;
+    std::fs::create_dir_all("/mnt").context("cannot create /mnt")?;
+    zfs::run_all(&zfs::create_commands(&profile.pool, device, "/mnt"))?;
+    let root_mounted = profile
+        .pool
+        .datasets
+        .iter()
+        .any(|d| d.mountpoint.as_ref().is_some_and(|m| m.get_ref().0 == "/"));
+    if root_mounted {
+        std::fs::create_dir_all("/mnt/etc")
+            .context("cannot create /mnt/etc on the root dataset")?;
+        std::fs::write("/mnt/etc/hostid", zfs::hostid_file(hostid))
+            .context("cannot write /mnt/etc/hostid")?;
+        std::fs::write("/mnt/etc/hostname", format!("{hostname}\n"))
+            .context("cannot write /mnt/etc/hostname")?;
+    }
+    say!(
+        "pool {} created on {device} with {} datasets",
+        profile.pool.name,
+        profile.pool.datasets.len()
+    );
+    Ok(root_mounted)
+}
+
+/// Exports the pool and imports it again as the installed system will
+/// (without -f); returns its facts. The pool stays imported.
+fn check_pool(profile: &Profile, device: &str) -> Result<crate::zfs::PoolFacts> {
+    let pool = profile.pool.name.to_string();
+    run(Command::new("zpool").args(["export", &pool]))?;
+    run(Command::new("zpool").args([
+        "import",
+        "-N",
+        "-o",
+        "cachefile=none",
+        // Look only at the new partition: another disk may hold a pool of the same name.
+        "-d",
+        device,
+        &pool,
+    ]))
+    .context("the new pool does not import without -f")?;
+    let facts = crate::zfs::pool_facts(&profile.pool, device);
+    let facts = match facts {
+        Ok(f) => f,
+        Err(e) => {
+            let _ = run(Command::new("zpool").args(["export", &pool]));
+            return Err(e);
+        }
+    };
+    say!(
+        "pool {pool} exported; it imports without -f (pool host id {})",
+        facts.hostid.as_deref().unwrap_or("?")
+    );
+    say!(
+        "nodeflash-pool: {}",
+        serde_json::to_string(&facts).context("cannot serialize the pool facts")?
+    );
+    Ok(facts)
+}
+
+/// The dataset whose mountpoint holds `path` (the longest prefix), and that mountpoint.
+fn dataset_holding(profile: &Profile, path: &str) -> Option<(String, String)> {
+    profile
+        .pool
+        .datasets
+        .iter()
+        .filter_map(|d| {
+            let m = d.mountpoint.as_ref()?.get_ref().0.clone();
+            Path::new(path)
+                .starts_with(&m)
+                .then(|| (format!("{}/{}", profile.pool.name, d.name.get_ref()), m))
+        })
+        .max_by_key(|(_, m)| m.len())
+}
+
+/// Writes the install report on the root dataset (the pool is imported).
+fn write_report(profile: &Profile, report: &InstallReport) -> Result<()> {
+    let (root, _) = dataset_holding(profile, "/").context("no dataset is mounted at /")?;
+    mount(
+        Some(root.as_str()),
+        "/mnt",
+        Some("zfs"),
+        MsFlags::empty(),
+        Some("zfsutil"),
+    )
+    .with_context(|| format!("cannot mount {root} on /mnt"))?;
+    let written = report.write(Path::new("/mnt"));
+    let unmounted = nix::mount::umount("/mnt").with_context(|| format!("cannot unmount {root}"));
+    written.context("cannot write the install report")?;
+    unmounted?;
+    say!(
+        "install report: /{}/{}",
+        crate::report::LOG_DIR,
+        crate::report::REPORT_JSON
+    );
+    Ok(())
+}
+
+/// Copies the system's kernel and initrd out of the store before the pool
+/// is exported, for the ESP.
+fn stage_boot_files(boot: &crate::image::BootInfo) -> Result<PathBuf> {
+    let dir = PathBuf::from("/run/nodeflash/boot");
+    std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    for (name, path) in [("vmlinuz", &boot.kernel), ("initrd", &boot.initrd)] {
+        let src = Path::new(STORE_DIR).join(path);
+        std::fs::copy(&src, dir.join(name)).with_context(|| {
+            format!("cannot copy the installed system's {name} /nix/store/{path}")
+        })?;
+    }
+    Ok(dir)
+}
+
+/// The store's line for the console and its part of the report.
+fn report_store(c: &Copied, raw: f64, digest: String) -> Result<crate::report::PayloadReport> {
+    let bytes = c.manifest.bytes();
+    let payload_bytes: u64 = c.manifest.frames.iter().map(|f| f.len).sum();
+    let line = StoreReport {
+        files: c.manifest.files(),
+        bytes,
+        payload_bytes,
+        copy_secs: c.secs,
+        copy_mb_s: bytes as f64 / c.secs.max(1e-6) / 1e6,
+        raw_read_mb_s: raw,
+        copy_to_read_ratio: c.secs / (payload_bytes as f64 / 1e6 / raw.max(1e-6)).max(1e-6),
+        tree_digest: digest,
+        verified: true,
+    };
+    say!(
+        "store verified on the pool: {} files; copy {:.1}s ({:.1} MB/s of store), plain read of the payload {:.1} MB/s, ratio {:.2}",
+        line.files,
+        line.copy_secs,
+        line.copy_mb_s,
+        line.raw_read_mb_s,
+        line.copy_to_read_ratio
+    );
+    say!(
+        "nodeflash-store: {}",
+        serde_json::to_string(&line).context("cannot serialize the store report")?
+    );
+    Ok(crate::report::PayloadReport {
+        manifest_sha256: c.manifest_sha256.clone(),
+        files: line.files,
+        bytes,
+        copy_secs: line.copy_secs,
+        copy_mb_s: line.copy_mb_s,
+        raw_read_mb_s: raw,
+    })
+}
+
+/// Root's SSH keys: the profile's and the node's inline keys, and the
+/// users' keys fetched over HTTPS (network up first), all before the disk
+/// is touched.
+fn ssh_keys(profile: &Profile, identity: &crate::nodes::Identity) -> Result<crate::net::KeySet> {
+    let mut ssh = profile.ssh.clone();
+    ssh.keys.extend(identity.keys.iter().cloned());
+    let mut cas: Vec<std::path::PathBuf> = std::fs::read_dir(crate::image::CA_DIR)
+        .map(|rd| rd.flatten().map(|e| e.path()).collect())
+        .unwrap_or_default();
+    cas.sort();
+    let cas: Vec<Vec<u8>> = cas
+        .iter()
+        .map(|p| std::fs::read(p).with_context(|| format!("cannot read {}", p.display())))
+        .collect::<Result<_>>()?;
+    let not_before = std::time::UNIX_EPOCH + Duration::from_secs(crate::image::NOT_BEFORE_UNIX);
+    let keys = crate::net::fetch_keys(&ssh, &cas, not_before, |l| say!("{l}"))
+        .context("the SSH keys could not be fetched; nothing was written")?;
+    Ok(keys)
+}
+
+/// Where the store goes on the target (under the pool's altroot).
+const STORE_DIR: &str = "/mnt/nix/store";
+/// Where the boot medium is mounted.
+const MEDIUM_DIR: &str = "/run/nodeflash/medium";
+
+/// The store payload on the boot medium, opened and checked (length,
+/// header, manifest and that it belongs to this image) before the disk is touched.
+struct Store {
+    file: PathBuf,
+    payload: Payload<File>,
+    workers: usize,
+}
+
+fn open_store(profile: &Profile, info: &ImageInfo, boot: Option<&str>) -> Result<Option<Store>> {
+    let Some(want) = &info.payload else {
+        return Ok(None);
+    };
+    let Some(boot) = boot else {
+        bail!(
+            "the boot medium (volume set {}) was not found, so the store cannot be copied; nothing was written. \
+             Check that the stick is plugged in and was written with this image",
+            info.volume_set_id()
+        );
+    };
+    let dev = Path::new("/dev").join(boot);
+    std::fs::create_dir_all(MEDIUM_DIR).with_context(|| format!("cannot create {MEDIUM_DIR}"))?;
+    match mount(
+        Some(&dev),
+        MEDIUM_DIR,
+        Some("iso9660"),
+        MsFlags::MS_RDONLY,
+        None::<&str>,
+    ) {
+        Ok(()) | Err(nix::errno::Errno::EBUSY) => {}
+        Err(e) => bail!(
+            "cannot mount the boot medium {} on {MEDIUM_DIR}: {e}",
+            dev.display()
+        ),
+    }
+    let file = Path::new(MEDIUM_DIR).join(want.path.trim_start_matches('/'));
+    let len = std::fs::metadata(&file)
+        .with_context(|| {
+            format!(
+                "cannot find the store payload {} on {}",
+                want.path,
+                dev.display()
+            )
+        })?
+        .len();
+    let damaged = "the stick is damaged or was not written completely: write the image to it again";
+    if len != want.bytes {
+        bail!(
+            "the store payload on {} is {len} bytes instead of {}; {damaged}",
+            dev.display(),
+            want.bytes
+        );
+    }
+    let f = File::open(&file).with_context(|| format!("cannot open {}", file.display()))?;
+    let payload = Payload::open(f)
+        .with_context(|| format!("{} on {}: {damaged}", want.path, dev.display()))?;
+    if payload.manifest_sha256() != want.manifest_sha256 {
+        bail!(
+            "the store payload on {} does not belong to this image; {damaged}",
+            dev.display()
+        );
+    }
+    let workers = profile.payload.workers.map_or_else(
+        // At least two, so that one writes while another waits on the disk.
+        || std::thread::available_parallelism().map_or(2, |n| n.get().max(2)),
+        |w| w as usize,
+    );
+    say!(
+        "store: {} files, {:.1} MiB in {} store paths ({:.1} MiB packed on {}), {workers} workers",
+        payload.manifest.files(),
+        payload.manifest.bytes() as f64 / MIB,
+        payload.manifest.store_paths().len(),
+        len as f64 / MIB,
+        dev.display()
+    );
+    Ok(Some(Store {
+        file,
+        payload,
+        workers,
+    }))
+}
+
+const MIB: f64 = 1024.0 * 1024.0;
+
+/// What the copy did, for the console and the report.
+#[derive(Debug, serde::Serialize)]
+struct StoreReport {
+    files: usize,
+    bytes: u64,
+    payload_bytes: u64,
+    copy_secs: f64,
+    copy_mb_s: f64,
+    /// Sequential read of the payload from the boot medium, caches dropped.
+    raw_read_mb_s: f64,
+    /// Copy time over the time a plain read of the payload takes.
+    copy_to_read_ratio: f64,
+    /// Digest of the tree read back from the imported pool.
+    tree_digest: String,
+    verified: bool,
+}
+
+/// Writes the store into the mounted datasets, every file checked against
+/// the manifest, with a plain progress line every few seconds.
+fn copy_store(store: Store) -> Result<Copied> {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let Store {
+        file,
+        payload,
+        workers,
+    } = store;
+    let manifest = payload.manifest.clone();
+    let manifest_sha256 = payload.manifest_sha256();
+    let (total, files) = (manifest.bytes(), manifest.files() as u64);
+    let counters = crate::payload::Counters::default();
+    let done = AtomicBool::new(false);
+    let t = Instant::now();
+    let result = std::thread::scope(|s| {
+        s.spawn(|| {
+            let mut last = Instant::now();
+            while !done.load(Ordering::Relaxed) {
+                std::thread::sleep(Duration::from_millis(100));
+                if last.elapsed() >= Duration::from_secs(5) {
+                    say!("store: {}", counters.line(total, files, t.elapsed()));
+                    last = Instant::now();
+                }
+            }
+        });
+        let r = payload.extract(Some(Path::new(STORE_DIR)), workers, &counters);
+        done.store(true, Ordering::Relaxed);
+        r
+    });
+    result.context("the store was not copied completely; the disk is not bootable")?;
+    let secs = t.elapsed().as_secs_f64();
+    // As Nix has it: sticky and group-writable.
+    std::fs::set_permissions(
+        STORE_DIR,
+        std::os::unix::fs::PermissionsExt::from_mode(0o1775),
+    )
+    .with_context(|| format!("cannot set the mode of {STORE_DIR}"))?;
+    say!(
+        "store copied in {secs:.1}s: {}",
+        counters.line(total, files, t.elapsed())
+    );
+    if let Some(reg) = &manifest.registration {
+        register(&manifest, reg)?;
+    }
+    Ok(Copied {
+        manifest,
+        manifest_sha256,
+        file,
+        secs,
+    })
+}
+
+/// What [`copy_store`] copied.
+struct Copied {
+    manifest: crate::payload::Manifest,
+    manifest_sha256: String,
+    /// The payload on the boot medium.
+    file: PathBuf,
+    secs: f64,
+}
+
+/// Loads the closure's registration into the installed Nix database with
+/// the store's own `nix-store`, as `nixos-install` does.
+fn register(manifest: &crate::payload::Manifest, registration: &str) -> Result<()> {
+    let nix_store = manifest.entries.iter().find_map(|e| {
+        let p = e.path();
+        (p.ends_with("/bin/nix-store") && p.matches('/').count() == 2).then_some(p)
+    });
+    let Some(nix_store) = nix_store else {
+        say!("store: no nix-store in the closure, so the registration is not loaded");
+        return Ok(());
+    };
+    crate::cmd::run_with_input(
+        std::process::Command::new("chroot").args([
+            "/mnt",
+            &format!("/nix/store/{nix_store}"),
+            "--load-db",
+        ]),
+        registration.as_bytes(),
+    )
+    .context("cannot register the store paths with the installed Nix")?;
+    say!(
+        "store: registered {} store paths",
+        manifest.store_paths().len()
+    );
+    Ok(())
+}
+
+/// Reads the tree back from the freshly imported pool (after an export
+/// dropped its caches) and checks it against the manifest: mounts just the
+/// dataset that holds the store, read-only, on /mnt.
+fn check_store(profile: &Profile, manifest: &crate::payload::Manifest) -> Result<String> {
+    let (dataset, mountpoint) =
+        dataset_holding(profile, "/nix/store").context("no dataset holds /nix/store")?;
+    mount(
+        Some(dataset.as_str()),
+        "/mnt",
+        Some("zfs"),
+        MsFlags::MS_RDONLY,
+        Some("zfsutil"),
+    )
+    .with_context(|| format!("cannot mount {dataset} read-only on /mnt"))?;
+    let dir = Path::new("/mnt").join(
+        Path::new("/nix/store")
+            .strip_prefix(&mountpoint)
+            .unwrap_or(Path::new("")),
+    );
+    let threads = std::thread::available_parallelism().map_or(2, |n| n.get());
+    let result = crate::payload::scan(&dir, threads).and_then(|scanned| {
+        crate::payload::compare(&manifest.entries, &scanned, true)
+            .context("the store read back from the pool is not what was written")?;
+        Ok(crate::payload::digest(scanned.iter().map(|e| &e.0)))
+    });
+    nix::mount::umount("/mnt").with_context(|| format!("cannot unmount {dataset} from /mnt"))?;
+    result
+}
+
+/// MB/s of a plain sequential read of (at most 256 MiB of) `file`, page cache dropped.
+fn raw_read_speed(file: &Path) -> Result<f64> {
+    nix::unistd::sync();
+    std::fs::write("/proc/sys/vm/drop_caches", "3").context("cannot drop the page cache")?;
+    let mut f = File::open(file).with_context(|| format!("cannot open {}", file.display()))?;
+    let mut buf = vec![0u8; 4 << 20];
+    let (mut n, t) = (0u64, Instant::now());
+    while n < 256 << 20 {
+        let r = f
+            .read(&mut buf)
+            .with_context(|| format!("cannot read {}", file.display()))?;
+        if r == 0 {
+            break;
+        }
+        n += r as u64;
+    }
+    Ok(n as f64 / t.elapsed().as_secs_f64().max(1e-6) / 1e6)
+}
