@@ -8,7 +8,7 @@ use std::fs::{File, OpenOptions, Permissions};
 use std::io::{Read, Write};
 use std::os::unix::fs::{FileExt, OpenOptionsExt, PermissionsExt};
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, SystemTime};
 
@@ -90,16 +90,22 @@ impl<R: Read> Payload<R> {
             pieces,
             ..
         } = self;
+        let threads = threads.max(1);
+        let mask = umask();
         if let Some(dest) = dest {
-            prepare(dest, &manifest)?;
+            check_empty(dest)?;
         }
-        let empty = manifest
-            .entries
-            .iter()
-            .filter(|e| matches!(e, Entry::File { size: 0, .. }))
-            .count();
-        counters.files.fetch_add(empty as u64, Ordering::Relaxed);
-        {}
+        // Entries before this index exist (directories, links, empty files):
+        // a worker writes a frame's files once their directories are there.
+        let prepared = AtomicUsize::new(if dest.is_some() { 0 } else { usize::MAX });
+        if dest.is_none() {
+            let empty = manifest
+                .entries
+                .iter()
+                .filter(|e| matches!(e, Entry::File { size: 0, .. }))
+                .count();
+            counters.files.fetch_add(empty as u64, Ordering::Relaxed);
+        }
         let remaining: Vec<AtomicU32> = manifest
             .entries
             .iter()
@@ -116,11 +122,17 @@ impl<R: Read> Payload<R> {
                 f.get_or_insert(e);
             }
         };
-        let threads = threads.max(1);
         let (tx, rx) = std::sync::mpsc::sync_channel::<(usize, Vec<u8>)>(threads * 2);
         let rx = Mutex::new(rx);
         let n = manifest.frames.len();
         std::thread::scope(|s| {
+            if let Some(dest) = dest {
+                s.spawn(|| {
+                    if let Err(e) = prepare(dest, &manifest, mask, &prepared, counters) {
+                        fail(e);
+                    }
+                });
+            }
             for _ in 0..threads {
                 s.spawn(|| {
                     let mut z = match zstd::bulk::Decompressor::new() {
@@ -134,6 +146,12 @@ impl<R: Read> Payload<R> {
                             Err(_) => return,
                         };
                         let Ok((i, data)) = job else { return };
+                        let last = pieces[i].iter().map(|p| p.entry).max().unwrap_or(0);
+                        while prepared.load(Ordering::Acquire) <= last
+                            && !stop.load(Ordering::Relaxed)
+                        {
+                            std::thread::sleep(std::time::Duration::from_micros(200));
+                        }
                         if stop.load(Ordering::Relaxed) {
                             continue;
                         }
@@ -142,6 +160,7 @@ impl<R: Read> Payload<R> {
                             dest,
                             remaining: &remaining,
                             counters,
+                            mask,
                         };
                         if let Err(e) = w.frame(i, &data, &pieces[i], &mut z, &mut out) {
                             return fail(e);
@@ -311,8 +330,16 @@ fn store_time() -> SystemTime {
     SystemTime::UNIX_EPOCH + Duration::from_secs(STORE_MTIME as u64)
 }
 
-/// Creates directories (writable until [`finalize`]), symlinks and empty files.
-fn prepare(dest: &Path, m: &Manifest) -> Result<()> {
+/// The process's umask (read by setting it and setting it back).
+fn umask() -> u32 {
+    use nix::sys::stat::{umask, Mode};
+    let old = umask(Mode::from_bits_truncate(0o022));
+    umask(old);
+    old.bits()
+}
+
+/// The directory to extract into must be new or empty.
+fn check_empty(dest: &Path) -> Result<()> {
     if dest.exists() {
         let mut rd =
             std::fs::read_dir(dest).with_context(|| format!("cannot read {}", dest.display()))?;
@@ -322,13 +349,24 @@ fn prepare(dest: &Path, m: &Manifest) -> Result<()> {
                 dest.display()
             );
         }
+        Ok(())
     } else {
-        std::fs::create_dir_all(dest)
-            .with_context(|| format!("cannot create {}", dest.display()))?;
+        std::fs::create_dir_all(dest).with_context(|| format!("cannot create {}", dest.display()))
     }
+}
+
+/// Creates directories (writable until [`finalize`]), symlinks and empty
+/// files in order, beside the workers, telling them how far it got.
+fn prepare(
+    dest: &Path,
+    m: &Manifest,
+    mask: u32,
+    prepared: &AtomicUsize,
+    counters: &Counters,
+) -> Result<()> {
     let mut builder = std::fs::DirBuilder::new();
     std::os::unix::fs::DirBuilderExt::mode(&mut builder, 0o755);
-    for e in &m.entries {
+    for (i, e) in m.entries.iter().enumerate() {
         let path = dest.join(e.path());
         match e {
             Entry::Dir { .. } => builder
@@ -337,21 +375,36 @@ fn prepare(dest: &Path, m: &Manifest) -> Result<()> {
             Entry::Symlink { target, .. } => std::os::unix::fs::symlink(target, &path)
                 .with_context(|| format!("cannot create symlink {}", path.display()))?,
             Entry::File { mode, size: 0, .. } => {
-                let f = File::create_new(&path)
-                    .with_context(|| format!("cannot create {}", path.display()))?;
-                seal(&f, *mode, &path)?;
+                let f = create(&path, *mode)?;
+                seal(&f, *mode, &path, mode & mask != 0)?;
+                counters.files.fetch_add(1, Ordering::Relaxed);
             }
             Entry::File { .. } => {}
         }
+        prepared.store(i + 1, Ordering::Release);
     }
     Ok(())
 }
 
-/// Gives a written file its mode and the store's modification time.
-fn seal(f: &File, mode: u32, path: &Path) -> Result<()> {
-    f.set_permissions(Permissions::from_mode(mode))
-        .and_then(|()| f.set_modified(store_time()))
-        .with_context(|| format!("cannot set the mode and time of {}", path.display()))
+/// A new file with its final mode (as root, writing it still works).
+fn create(path: &Path, mode: u32) -> Result<File> {
+    OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(mode)
+        .open(path)
+        .with_context(|| format!("cannot create {}", path.display()))
+}
+
+/// Gives a written file the store's modification time, and its mode when
+/// it was not created with it (the umask took bits away, or it was a part).
+fn seal(f: &File, mode: u32, path: &Path, chmod: bool) -> Result<()> {
+    if chmod {
+        f.set_permissions(Permissions::from_mode(mode))
+            .with_context(|| format!("cannot set the mode of {}", path.display()))?;
+    }
+    f.set_modified(store_time())
+        .with_context(|| format!("cannot set the time of {}", path.display()))
 }
 
 /// Directory modes and times (deepest first, after everything is written)
@@ -360,26 +413,28 @@ fn finalize(dest: &Path, m: &Manifest) -> Result<()> {
     use nix::sys::stat::{utimensat, UtimensatFlags};
     use nix::sys::time::TimeSpec;
     let mtime = TimeSpec::new(STORE_MTIME, 0);
-    for e in m.entries.iter().rev() {
+    m.entries.iter().rev().try_for_each(|e| {
         let path = dest.join(e.path());
-        match e {
-            Entry::Dir { mode, .. } => {
-                let f =
-                    File::open(&path).with_context(|| format!("cannot open {}", path.display()))?;
-                seal(&f, *mode, &path)?;
-            }
-            Entry::Symlink { .. } => utimensat(
+        let time = |follow| {
+            utimensat(
                 nix::fcntl::AT_FDCWD,
                 &path,
                 &TimeSpec::UTIME_OMIT,
                 &mtime,
-                UtimensatFlags::NoFollowSymlink,
+                follow,
             )
-            .with_context(|| format!("cannot set the time of {}", path.display()))?,
-            Entry::File { .. } => {}
+            .with_context(|| format!("cannot set the time of {}", path.display()))
+        };
+        match e {
+            Entry::Dir { mode, .. } => {
+                std::fs::set_permissions(&path, Permissions::from_mode(*mode))
+                    .with_context(|| format!("cannot set the mode of {}", path.display()))?;
+                time(UtimensatFlags::FollowSymlink)
+            }
+            Entry::Symlink { .. } => time(UtimensatFlags::NoFollowSymlink),
+            Entry::File { .. } => Ok(()),
         }
-    }
-    Ok(())
+    })
 }
 
 struct Worker<'a> {
@@ -387,6 +442,7 @@ struct Worker<'a> {
     dest: Option<&'a Path>,
     remaining: &'a [AtomicU32],
     counters: &'a Counters,
+    mask: u32,
 }
 
 impl Worker<'_> {
@@ -436,8 +492,7 @@ impl Worker<'_> {
                 (None, _) => None,
                 (Some(dest), None) => {
                     let full = dest.join(path);
-                    let mut f = File::create_new(&full)
-                        .with_context(|| format!("cannot create {}", full.display()))?;
+                    let mut f = create(&full, *mode)?;
                     f.write_all(bytes)
                         .with_context(|| format!("cannot write {}", full.display()))?;
                     Some((f, full))
@@ -461,7 +516,7 @@ impl Worker<'_> {
                 p.chunk.is_none() || self.remaining[p.entry].fetch_sub(1, Ordering::AcqRel) == 1;
             if done {
                 if let Some((f, full)) = &file {
-                    seal(f, *mode, full)?;
+                    seal(f, *mode, full, p.chunk.is_some() || mode & self.mask != 0)?;
                 }
                 self.counters.files.fetch_add(1, Ordering::Relaxed);
             }
