@@ -15,6 +15,45 @@ use anyhow::{bail, Context, Result};
 pub const OVMF_CODE: &str = "/usr/share/OVMF/OVMF_CODE_4M.fd";
 pub const OVMF_VARS: &str = "/usr/share/OVMF/OVMF_VARS_4M.fd";
 
+/// An environment variable `cargo xtask test` sets.
+pub fn env_path(name: &str) -> PathBuf {
+    match std::env::var_os(name) {
+        Some(p) => PathBuf::from(p),
+        None => panic!("{name} is not set: run the tests with `cargo xtask test`"),
+    }
+}
+
+/// Builds a variant of a profile of `profiles/` into `dir`: `edit` changes
+/// its text, `files` are written beside it (e.g. a CA certificate). The
+/// build reuses the cached inputs, so it takes seconds.
+pub fn build_variant(
+    dir: &Path,
+    profile: &str,
+    edit: impl FnOnce(&str) -> String,
+    files: &[(&str, &str)],
+) -> PathBuf {
+    let profiles = env_path("NODEFLASH_PROFILES");
+    let base = std::fs::read_to_string(profiles.join(format!("{profile}.toml")))
+        .unwrap_or_else(|e| panic!("cannot read profile {profile}: {e}"));
+    let text = edit(&base);
+    assert_ne!(text, base, "the edit changed nothing in {profile}.toml");
+    let path = dir.join(format!("{profile}.toml"));
+    std::fs::write(&path, text).expect("write the profile");
+    for (name, content) in files {
+        std::fs::write(dir.join(name), content).expect("write a file beside the profile");
+    }
+    std::fs::copy(profiles.join("inputs.lock"), dir.join("inputs.lock")).expect("copy the lock");
+    nodeflash_builder::build::build(&nodeflash_builder::build::BuildOptions {
+        profile: path,
+        installer: env_path("NODEFLASH_TEST_INSTALLER"),
+        out_dir: dir.join("out"),
+        cache: nodeflash_builder::cache::Cache::from_env().expect("cache"),
+        reuse_artifacts: true,
+    })
+    .unwrap_or_else(|e| panic!("cannot build the {profile} variant: {e:#}"))
+    .iso
+}
+
 /// Where `cargo xtask test` put the built images.
 pub fn images_dir() -> PathBuf {
     match std::env::var_os("NODEFLASH_TEST_IMAGES") {

@@ -1,15 +1,33 @@
-//! README's own image: the `alrest` ISO (the seed's cluster profile) installs
-//! on a node-sized 1 TB NVMe drive (a sparse image file).
+//! README's own image: the `alrest` profile (the seed's cluster) installs on
+//! a node-sized 1 TB NVMe drive (a sparse image file). There is no internet
+//! here, so the image under test differs from README's in one thing: the
+//! GitHub keys of its user come from the test's HTTPS server at 10.0.2.2.
 
-use nodeflash_tests::{assert_console, images_dir, Boot, Nvme, Vm, VmConfig};
+use nodeflash_installer::net::keys::parse_line;
+use nodeflash_tests::https::KeyServer;
+use nodeflash_tests::{assert_console, build_variant, Boot, Nvme, Vm, VmConfig};
+
+const XE: &str =
+    "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIB/oDvZDOvsIcO07yOuLxZOeQQ78UJh0NTARK7EMiUtz xe@test";
 
 /// The byte size of a common 1 TB NVMe drive.
 const ONE_TB_DRIVE: u64 = 1_000_204_886_016;
 
 #[test]
 fn alrest_installs_on_a_1tb_nvme_drive() {
+    let server = KeyServer::start(&[("/Xe.keys", &[(200, XE)])]).expect("key server");
     let dir = tempfile::tempdir().expect("tempdir");
-    let mut cfg = VmConfig::new(images_dir().join("alrest.iso"), Boot::UsbStick);
+    let key_url = format!(
+        "[ssh]\nkey-url = \"https://10.0.2.2:{}/{{user}}.keys\"\nca-certificates = [\"test-ca.pem\"]\n",
+        server.port()
+    );
+    let iso = build_variant(
+        dir.path(),
+        "alrest",
+        |p| p.replace("[ssh]\n", &key_url),
+        &[("test-ca.pem", &server.ca_pem())],
+    );
+    let mut cfg = VmConfig::new(iso, Boot::UsbStick);
     cfg.nvme
         .push(Nvme::create(dir.path(), "nvme.img", ONE_TB_DRIVE, "S4EWNX0R123456").expect("disk"));
     let mut vm = Vm::start(&cfg).expect("qemu starts");
@@ -31,5 +49,10 @@ fn alrest_installs_on_a_1tb_nvme_drive() {
         "pool rpool created on /dev/nvme0n1p3 with 7 datasets",
     );
     assert_console(&console, "it imports without -f");
+    assert_console(
+        &console,
+        &parse_line(XE, "test").expect("key").fingerprint(),
+    );
+    assert_console(&console, "wrote /root/.ssh/authorized_keys (1 keys)");
     assert_console(&console, "nodeflash: done in");
 }

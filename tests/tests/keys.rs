@@ -6,50 +6,29 @@
 
 use std::path::{Path, PathBuf};
 
-use nodeflash_builder::build::{build, BuildOptions};
-use nodeflash_builder::cache::Cache;
 use nodeflash_installer::net::keys::parse_line;
 use nodeflash_tests::https::KeyServer;
-use nodeflash_tests::{assert_console, Boot, Nvme, Vm, VmConfig};
+use nodeflash_tests::{assert_console, build_variant, Boot, Nvme, Vm, VmConfig};
 
 const ALICE: &str =
     "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIB/oDvZDOvsIcO07yOuLxZOeQQ78UJh0NTARK7EMiUtz alice@test";
 const BOB: &str = "ecdsa-sha2-nistp256 AAAAE2VjZHNhLXNoYTItbmlzdHAyNTYAAAAIbmlzdHAyNTYAAABBBDMSgg36lthTqcXd7nckQmmzktYBRLCkKrO3CSElZHo5BQjDqfOP7qqNorvjdxyFQKNifzJ84QBuYV/nwC5Cmzk= bob@test";
 
-fn env_path(name: &str) -> PathBuf {
-    PathBuf::from(
-        std::env::var_os(name).unwrap_or_else(|| panic!("{name} is set by cargo xtask test")),
-    )
-}
-
 /// The `qemu` image, with keys of `users` fetched from `port` on the host and
 /// the test CA trusted.
 fn image(dir: &Path, port: u16, ca_pem: &str, users: &[&str]) -> PathBuf {
-    let profiles = env_path("NODEFLASH_PROFILES");
-    let base = std::fs::read_to_string(profiles.join("qemu.toml")).expect("qemu profile");
     let users: Vec<String> = users.iter().map(|u| format!("\"{u}\"")).collect();
     let ssh = format!(
         "[ssh]\ngithub-users = [{}]\nkey-url = \"https://10.0.2.2:{port}/{{user}}.keys\"\n\
          ca-certificates = [\"test-ca.pem\"]\nfetch-timeout-secs = 10\n",
         users.join(", ")
     );
-    let profile = base.replace("[ssh]\nrequired = false\n", &ssh);
-    assert_ne!(
-        profile, base,
-        "the qemu profile's [ssh] section is as expected"
-    );
-    std::fs::write(dir.join("qemu.toml"), profile).expect("write profile");
-    std::fs::write(dir.join("test-ca.pem"), ca_pem).expect("write CA");
-    std::fs::copy(profiles.join("inputs.lock"), dir.join("inputs.lock")).expect("copy lock");
-    build(&BuildOptions {
-        profile: dir.join("qemu.toml"),
-        installer: env_path("NODEFLASH_TEST_INSTALLER"),
-        out_dir: dir.join("out"),
-        cache: Cache::from_env().expect("cache"),
-        reuse_artifacts: true,
-    })
-    .expect("build the image")
-    .iso
+    build_variant(
+        dir,
+        "qemu",
+        |p| p.replace("[ssh]\nrequired = false\n", &ssh),
+        &[("test-ca.pem", ca_pem)],
+    )
 }
 
 fn boot(iso: PathBuf, disk: &Nvme) -> String {
