@@ -26,6 +26,7 @@ pub const TEST_TOOLS: &[(&str, &str)] = &[
     ("cpio", "cpio"),
     ("sfdisk", "fdisk"),
     ("blkid", "util-linux"),
+    ("mcopy", "mtools"),
     // the DHCP client's test peer, and a reference for key fingerprints
     ("dnsmasq", "dnsmasq-base"),
     ("ip", "iproute2"),

@@ -38,6 +38,8 @@ fn recognises_a_node_by_smbios_serial() {
     let console = boot(Some("NF-ALPHA"), None, &disk(&dir));
     assert_console(&console, "node: alpha (matched dmi-serial=NF-ALPHA)");
     assert_installed_as(&console, "alpha", "0a1b2c3d");
+    // alpha's own key beside the profile's: two keys; other nodes get one.
+    assert_console(&console, "wrote /root/.ssh/authorized_keys (2 keys)");
 }
 
 #[test]
@@ -46,6 +48,7 @@ fn recognises_a_node_by_mac() {
     let console = boot(None, Some("52:54:00:00:be:7a"), &disk(&dir));
     assert_console(&console, "node: beta (matched mac=52:54:00:00:be:7a)");
     assert_installed_as(&console, "beta", "0b2c3d4e");
+    assert_console(&console, "wrote /root/.ssh/authorized_keys (1 keys)");
 }
 
 #[test]
