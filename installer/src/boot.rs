@@ -11,9 +11,9 @@
 //! - `loader/entries/<id>.conf`: the entry, written last.
 
 use std::collections::{btree_map, BTreeMap, BTreeSet};
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::io::{self, Read, Seek, SeekFrom, Write};
-use std::os::unix::fs::{FileExt, FileTypeExt, OpenOptionsExt};
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
@@ -122,17 +122,7 @@ pub fn install_systemd_boot(
     let entry_path = format!("loader/entries/{}.conf", entry.id);
     let entry_tmp = format!("loader/entries/{}.tmp", entry.id);
 
-    let is_block = std::fs::metadata(esp)
-        .with_context(|| format!("cannot stat {}", esp.display()))?
-        .file_type()
-        .is_block_device();
-    let mut file = OpenOptions::new()
-        .read(true)
-        .write(true)
-        // An exclusive open fails while the partition is mounted.
-        .custom_flags(if is_block { nix::libc::O_EXCL } else { 0 })
-        .open(esp)
-        .with_context(|| format!("cannot open {} for writing (is it in use?)", esp.display()))?;
+    let mut file = crate::disk::open_for_writing(esp)?;
     let len = file
         .seek(SeekFrom::End(0))
         .with_context(|| format!("cannot find the size of {}", esp.display()))?;
@@ -633,7 +623,7 @@ mod tests {
         let path = dir.path().join("dev");
         // Not a multiple of the block size: the last block is partial.
         std::fs::write(&path, vec![7u8; 3 * BLOCK + 100]).expect("write");
-        let file = OpenOptions::new()
+        let file = std::fs::OpenOptions::new()
             .read(true)
             .write(true)
             .open(&path)

@@ -194,21 +194,31 @@ pub fn old_partitions(sysfs: &Path, disk: &str) -> Vec<(String, u64, u64)> {
     parts
 }
 
-/// Wipes (if planned) and partitions the disk at `dev` (a block device or an
-/// image file), formats the ESP and writes the swap header.
-/// `old` lists the old partitions (start, length in bytes) to clear.
-pub fn partition(plan: &Plan, dev: &Path, old: &[(u64, u64)]) -> Result<Layout> {
+/// Opens a block device (exclusively: that fails while anything has it
+/// mounted or open) or an image file for reading and writing.
+pub fn open_for_writing(dev: &Path) -> Result<File> {
     let is_block = std::fs::metadata(dev)
         .with_context(|| format!("cannot stat {}", dev.display()))?
         .file_type()
         .is_block_device();
-    let mut file = OpenOptions::new()
+    OpenOptions::new()
         .read(true)
         .write(true)
-        // An exclusive open fails while anything has the disk mounted or open.
         .custom_flags(if is_block { nix::libc::O_EXCL } else { 0 })
         .open(dev)
-        .with_context(|| format!("cannot open {} for writing (is it in use?)", dev.display()))?;
+        .with_context(|| format!("cannot open {} for writing (is it in use?)", dev.display()))
+}
+
+/// Wipes (if planned) and partitions the disk at `dev` (a block device or an
+/// image file), formats the ESP and writes the swap header.
+/// `old` lists the old partitions (start, length in bytes) to clear.
+pub fn partition(plan: &Plan, dev: &Path, old: &[(u64, u64)]) -> Result<Layout> {
+    let mut file = open_for_writing(dev)?;
+    let is_block = file
+        .metadata()
+        .with_context(|| format!("cannot stat {}", dev.display()))?
+        .file_type()
+        .is_block_device();
     let size = plan.disk.size_bytes;
     let lbs = u64::from(plan.logical_block_size);
     // Old labels and tables first: every old partition's ends, then the disk's.

@@ -54,6 +54,16 @@ pub fn build_variant(
     .iso
 }
 
+/// The JSON of the first console line starting with `prefix`, e.g.
+/// `nodeflash-pool: `.
+pub fn console_json(console: &str, prefix: &str) -> serde_json::Value {
+    let line = console
+        .lines()
+        .find_map(|l| l.strip_prefix(prefix))
+        .unwrap_or_else(|| panic!("no {prefix:?} line on the console"));
+    serde_json::from_str(line).unwrap_or_else(|e| panic!("{prefix}: {e}"))
+}
+
 /// Where `cargo xtask test` put the built images.
 pub fn images_dir() -> PathBuf {
     match std::env::var_os("NODEFLASH_TEST_IMAGES") {

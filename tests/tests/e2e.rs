@@ -7,15 +7,7 @@
 use std::path::PathBuf;
 
 use nodeflash_installer::profile::Profile;
-use nodeflash_tests::{assert_console, images_dir, Boot, Nvme, Vm, VmConfig};
-
-fn json_line(console: &str, prefix: &str) -> serde_json::Value {
-    let line = console
-        .lines()
-        .find_map(|l| l.strip_prefix(prefix))
-        .unwrap_or_else(|| panic!("no {prefix:?} line"));
-    serde_json::from_str(line).unwrap_or_else(|e| panic!("{prefix}: {e}"))
-}
+use nodeflash_tests::{assert_console, console_json, images_dir, Boot, Nvme, Vm, VmConfig};
 
 #[test]
 fn installed_disk_boots_and_is_what_was_installed() {
@@ -42,8 +34,8 @@ fn installed_disk_boots_and_is_what_was_installed() {
         .and_then(|l| l.split_whitespace().next())
         .expect("the host ID is printed")
         .to_string();
-    let store = json_line(&install, "nodeflash-store: ");
-    let facts = json_line(&install, "nodeflash-pool: ");
+    let store = console_json(&install, "nodeflash-store: ");
+    let facts = console_json(&install, "nodeflash-pool: ");
 
     // 2. Boot the disk alone.
     let mut cfg = VmConfig::new(PathBuf::new(), Boot::Disk);
@@ -51,7 +43,7 @@ fn installed_disk_boots_and_is_what_was_installed() {
     let mut vm = Vm::start(&cfg).expect("qemu starts");
     let boot = vm.wait_for_poweroff().unwrap_or_else(|e| panic!("{e:#}"));
     eprintln!("{boot}");
-    let check = json_line(&boot, "nodeflash-check: ");
+    let check = console_json(&boot, "nodeflash-check: ");
     assert_eq!(check["problems"], serde_json::json!([]), "{check:#}");
     assert_eq!(check["ok"], true);
     assert_eq!(

@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use nodeflash_builder::synthetic;
 use nodeflash_installer::payload;
 use nodeflash_installer::profile::Profile;
-use nodeflash_tests::{assert_console, images_dir, Boot, Nvme, Vm, VmConfig};
+use nodeflash_tests::{assert_console, console_json, images_dir, Boot, Nvme, Vm, VmConfig};
 
 #[test]
 fn copies_the_store_and_reads_it_back_from_the_pool() {
@@ -72,11 +72,7 @@ fn copies_the_store_and_reads_it_back_from_the_pool() {
     eprintln!("{console}");
     assert_console(&console, "nodeflash: done in");
     assert_console(&console, "store copied in");
-    let report: serde_json::Value = console
-        .lines()
-        .find_map(|l| l.strip_prefix("nodeflash-store: "))
-        .map(|j| serde_json::from_str(j).expect("store report is JSON"))
-        .expect("the store report is printed");
+    let report = console_json(&console, "nodeflash-store: ");
     assert_eq!(report["verified"], true);
     assert_eq!(report["files"], files as u64);
     assert_eq!(

@@ -5,7 +5,7 @@
 use std::path::PathBuf;
 
 use nodeflash_installer::profile::Profile;
-use nodeflash_tests::{assert_console, images_dir, Boot, Nvme, Vm, VmConfig};
+use nodeflash_tests::{assert_console, console_json, images_dir, Boot, Nvme, Vm, VmConfig};
 
 /// ZFS prints some values in another spelling than it accepts.
 fn canonical(property: &str, value: &str) -> String {
@@ -24,14 +24,6 @@ fn install(image: &str, disk: &Nvme) -> String {
     eprintln!("{console}");
     assert_console(&console, "nodeflash: done in");
     console
-}
-
-fn pool_facts(console: &str) -> serde_json::Value {
-    let json = console
-        .lines()
-        .find_map(|l| l.strip_prefix("nodeflash-pool: "))
-        .expect("the pool facts are printed");
-    serde_json::from_str(json).expect("pool facts are JSON")
 }
 
 #[test]
@@ -55,7 +47,7 @@ fn creates_the_profiles_pool_and_datasets() {
         &console,
         &format!("it imports without -f (pool host id {hostid})"),
     );
-    let facts = pool_facts(&console);
+    let facts = console_json(&console, "nodeflash-pool: ");
     assert_eq!(
         facts["hostid"], hostid,
         "the label's host ID is the reported one"
@@ -130,14 +122,14 @@ fn creates_the_profiles_pool_and_datasets() {
 fn reinstall_with_wipe_always_replaces_the_old_pool() {
     let dir = tempfile::tempdir().expect("tempdir");
     let disk = Nvme::create(dir.path(), "nvme.img", 2 << 30, "NFTEST0001").expect("disk");
-    let first = pool_facts(&install("qemu", &disk));
+    let first = console_json(&install("qemu", &disk), "nodeflash-pool: ");
     // `qemu-bus` has `wipe = "always"`: the installed disk is taken again.
     let console = install("qemu-bus", &disk);
     assert_console(
         &console,
         "plan: wipe what is there: partitions nvme0n1p1 nvme0n1p2 nvme0n1p3, GPT partition table",
     );
-    let second = pool_facts(&console);
+    let second = console_json(&console, "nodeflash-pool: ");
     assert_ne!(
         first["pool_properties"]["guid"], second["pool_properties"]["guid"],
         "a new pool replaced the old one"
