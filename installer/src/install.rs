@@ -21,7 +21,7 @@ use crate::profile::Profile;
 use crate::report::{InstallReport, Phases};
 use crate::say;
 
-/// The install itself, after PID 1 has loaded the modules.
+/// The install, from loading the kernel modules to the final export.
 pub(crate) fn install(profile: &Profile, info: &ImageInfo, started: Instant) -> Result<()> {
     let mut phases = Phases::new(started);
     phases.start("kernel modules");
@@ -39,12 +39,14 @@ pub(crate) fn install(profile: &Profile, info: &ImageInfo, started: Instant) -> 
     );
     let mut warnings = Vec::new();
     if boot.is_none() {
-        warnings.push(format!(
-            "the boot medium (volume set {}) was not found within {}s",
-            info.volume_set_id(),
-            timeout.as_secs()
-        ));
-        say!("warning: {}", warnings[warnings.len() - 1]);
+        warn(
+            &mut warnings,
+            format!(
+                "the boot medium (volume set {}) was not found within {}s",
+                info.volume_set_id(),
+                timeout.as_secs()
+            ),
+        );
     }
     say!(
         "nodeflash-facts: {}",
@@ -70,14 +72,18 @@ pub(crate) fn install(profile: &Profile, info: &ImageInfo, started: Instant) -> 
     phases.start("network and keys");
     let keys = ssh_keys(profile, &identity)?;
     if keys.is_empty() {
-        warnings.push("no SSH keys: nobody can log in to this node over SSH".into());
-        say!("warning: {}", warnings[warnings.len() - 1]);
+        warn(
+            &mut warnings,
+            "no SSH keys: nobody can log in to this node over SSH",
+        );
     }
     phases.start("payload check");
     let store = open_store(profile, info, boot.as_deref())?;
     if info.boot.is_none() {
-        warnings.push("the profile has no [boot]: no boot loader is written".into());
-        say!("warning: {}", warnings[warnings.len() - 1]);
+        warn(
+            &mut warnings,
+            "the profile has no [boot]: no boot loader is written",
+        );
     }
 
     // The plan names the disk by its kernel name: make sure that name still
@@ -144,9 +150,10 @@ pub(crate) fn install(profile: &Profile, info: &ImageInfo, started: Instant) -> 
             crate::nixos::MODULE_PATH
         );
     } else {
-        warnings
-            .push("no dataset is mounted at /: no SSH keys or NixOS settings were written".into());
-        say!("warning: {}", warnings[warnings.len() - 1]);
+        warn(
+            &mut warnings,
+            "no dataset is mounted at /: no SSH keys or NixOS settings were written",
+        );
     }
     if let (true, Some(c)) = (root_mounted, &copied) {
         // For checking the store on the installed system later.
@@ -154,8 +161,6 @@ pub(crate) fn install(profile: &Profile, info: &ImageInfo, started: Instant) -> 
     }
     let staged = info.boot.as_ref().map(stage_boot_files).transpose()?;
 
-    // From here on the pool is imported again as the installed system will
-    // import it, and exported at the end whatever happens.
     let mut report = InstallReport {
         nodeflash_version: info.version.clone(),
         profile: info.profile.clone(),
@@ -286,6 +291,13 @@ fn finish(
         write_report(profile, report)?;
     }
     Ok(())
+}
+
+/// A warning: on the console now, and in the report.
+fn warn(warnings: &mut Vec<String>, msg: impl Into<String>) {
+    let msg = msg.into();
+    say!("warning: {msg}");
+    warnings.push(msg);
 }
 
 fn run(cmd: &mut Command) -> Result<String> {
