@@ -611,7 +611,7 @@ fn copy_store(store: Store) -> Result<Copied> {
         done.store(true, Ordering::Relaxed);
         r
     });
-    result.context("the store was not copied completely; the disk is not bootable")?;
+    result.context("the store was not copied completely, so the disk was not made bootable; if the payload is damaged, write the image to the stick again")?;
     let secs = t.elapsed().as_secs_f64();
     // As Nix has it: sticky and group-writable.
     std::fs::set_permissions(
