@@ -135,15 +135,19 @@ impl Write for Slice<'_> {
 
 impl Seek for Slice<'_> {
     fn seek(&mut self, to: SeekFrom) -> io::Result<u64> {
-        let new = match to {
-            SeekFrom::Start(p) => Some(p),
-            SeekFrom::End(d) => self.len.checked_add_signed(d),
-            SeekFrom::Current(d) => self.pos.checked_add_signed(d),
-        };
-        self.pos = new
-            .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "seek before the start"))?;
+        self.pos = seek_position(self.pos, self.len, to)?;
         Ok(self.pos)
     }
+}
+
+/// Where a seek from `pos` in a window of `len` bytes lands.
+pub(crate) fn seek_position(pos: u64, len: u64, to: SeekFrom) -> io::Result<u64> {
+    match to {
+        SeekFrom::Start(p) => Some(p),
+        SeekFrom::End(d) => len.checked_add_signed(d),
+        SeekFrom::Current(d) => pos.checked_add_signed(d),
+    }
+    .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "seek before the start"))
 }
 
 fn zero(file: &mut File, what: &str, offset: u64, len: u64) -> Result<()> {

@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use nix::mount::{mount, MsFlags};
 
+use crate::cmd::run;
 use crate::facts::Facts;
 use crate::image::{ImageInfo, SYSTEMD_BOOT_PATH};
 use crate::payload::Payload;
@@ -300,10 +301,6 @@ fn warn(warnings: &mut Vec<String>, msg: impl Into<String>) {
     warnings.push(msg);
 }
 
-fn run(cmd: &mut Command) -> Result<String> {
-    crate::cmd::run(cmd)
-}
-
 /// Host ID, pool, datasets (mounted under /mnt), `/etc/hostid` and
 /// `/etc/hostname` on the target. True when a dataset is mounted at `/`.
 fn create_pool(profile: &Profile, hostname: &str, hostid: u32, device: &str) -> Result<bool> {
@@ -423,7 +420,8 @@ fn stage_boot_files(boot: &crate::image::BootInfo) -> Result<PathBuf> {
 fn report_store(c: &Copied, raw: f64, digest: String) -> Result<crate::report::PayloadReport> {
     let bytes = c.manifest.bytes();
     let payload_bytes: u64 = c.manifest.frames.iter().map(|f| f.len).sum();
-    let line = StoreReport {
+    let line = crate::report::PayloadReport {
+        manifest_sha256: c.manifest_sha256.clone(),
         files: c.manifest.files(),
         bytes,
         payload_bytes,
@@ -446,14 +444,7 @@ fn report_store(c: &Copied, raw: f64, digest: String) -> Result<crate::report::P
         "nodeflash-store: {}",
         serde_json::to_string(&line).context("cannot serialize the store report")?
     );
-    Ok(crate::report::PayloadReport {
-        manifest_sha256: c.manifest_sha256.clone(),
-        files: line.files,
-        bytes,
-        copy_secs: line.copy_secs,
-        copy_mb_s: line.copy_mb_s,
-        raw_read_mb_s: raw,
-    })
+    Ok(line)
 }
 
 /// Root's SSH keys: the profile's and the node's inline keys, and the
@@ -563,23 +554,6 @@ fn open_store(profile: &Profile, info: &ImageInfo, boot: Option<&str>) -> Result
 }
 
 const MIB: f64 = 1024.0 * 1024.0;
-
-/// What the copy did, for the console and the report.
-#[derive(Debug, serde::Serialize)]
-struct StoreReport {
-    files: usize,
-    bytes: u64,
-    payload_bytes: u64,
-    copy_secs: f64,
-    copy_mb_s: f64,
-    /// Sequential read of the payload from the boot medium, caches dropped.
-    raw_read_mb_s: f64,
-    /// Copy time over the time a plain read of the payload takes.
-    copy_to_read_ratio: f64,
-    /// Digest of the tree read back from the imported pool.
-    tree_digest: String,
-    verified: bool,
-}
 
 /// Writes the store into the mounted datasets, every file checked against
 /// the manifest, with a plain progress line every few seconds.

@@ -187,10 +187,18 @@ pub struct PayloadReport {
     pub manifest_sha256: String,
     pub files: usize,
     pub bytes: u64,
+    /// Compressed bytes read from the boot medium.
+    pub payload_bytes: u64,
     pub copy_secs: f64,
     pub copy_mb_s: f64,
-    /// Sequential read of the payload from the boot medium.
+    /// Sequential read of the payload from the boot medium, caches dropped.
     pub raw_read_mb_s: f64,
+    /// Copy time over the time a plain read of the payload takes.
+    pub copy_to_read_ratio: f64,
+    /// Digest of the tree read back from the imported pool.
+    pub tree_digest: String,
+    /// The tree read back is exactly the manifest's.
+    pub verified: bool,
 }
 
 /// Everything about one install.
@@ -428,6 +436,7 @@ mod tests {
                 copy_secs: 10.0,
                 copy_mb_s: 250.0,
                 raw_read_mb_s: 400.0,
+                ..Default::default()
             }),
             boot: Some(BootFiles {
                 esp: "/dev/nvme0n1p1".into(),

@@ -23,6 +23,13 @@ pub fn env_path(name: &str) -> PathBuf {
     }
 }
 
+/// A profile of `profiles/`, as the tests' images were built from it.
+pub fn load_profile(name: &str) -> nodeflash_installer::profile::Profile {
+    let path = env_path("NODEFLASH_PROFILES").join(format!("{name}.toml"));
+    nodeflash_installer::profile::Profile::load(&path)
+        .unwrap_or_else(|e| panic!("cannot load {}: {e:#}", path.display()))
+}
+
 /// Builds a variant of a profile of `profiles/` into `dir`: `edit` changes
 /// its text, `files` are written beside it (e.g. a CA certificate). The
 /// build reuses the cached inputs, so it takes seconds.

@@ -6,16 +6,13 @@
 
 use std::path::PathBuf;
 
-use nodeflash_installer::profile::Profile;
-use nodeflash_tests::{assert_console, console_json, images_dir, Boot, Nvme, Vm, VmConfig};
+use nodeflash_tests::{
+    assert_console, console_json, images_dir, load_profile, Boot, Nvme, Vm, VmConfig,
+};
 
 #[test]
 fn installed_disk_boots_and_is_what_was_installed() {
-    let profiles = PathBuf::from(
-        std::env::var_os("NODEFLASH_PROFILES")
-            .expect("NODEFLASH_PROFILES is set by cargo xtask test"),
-    );
-    let profile = Profile::load(&profiles.join("qemu.toml")).expect("qemu profile");
+    let profile = load_profile("qemu");
     let dir = tempfile::tempdir().expect("tempdir");
     let disk = Nvme::create(dir.path(), "nvme.img", 2 << 30, "NFTEST0001").expect("disk");
 

@@ -1,7 +1,6 @@
 //! Partitioning in QEMU: the planned table lands on the NVMe disk, and every
 //! refusal leaves every disk byte-for-byte unchanged.
 
-use std::path::PathBuf;
 use std::process::Command;
 
 use nodeflash_installer::facts::{BlockDevice, Facts};
@@ -24,11 +23,7 @@ fn install_with(profile: &str, disks: &[Nvme]) -> String {
 }
 
 fn profile() -> Profile {
-    let dir = PathBuf::from(
-        std::env::var_os("NODEFLASH_PROFILES")
-            .expect("NODEFLASH_PROFILES is set by cargo xtask test"),
-    );
-    Profile::load(&dir.join("qemu.toml")).expect("qemu profile")
+    nodeflash_tests::load_profile("qemu")
 }
 
 /// The partitions the installer must write on `disk`, from the same plan code.

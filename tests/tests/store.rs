@@ -3,20 +3,15 @@
 //! payload on the ISO must hold the very tree the host generates from the
 //! same spec, and the pool the very tree of the payload.
 
-use std::path::PathBuf;
-
 use nodeflash_builder::synthetic;
 use nodeflash_installer::payload;
-use nodeflash_installer::profile::Profile;
-use nodeflash_tests::{assert_console, console_json, images_dir, Boot, Nvme, Vm, VmConfig};
+use nodeflash_tests::{
+    assert_console, console_json, images_dir, load_profile, Boot, Nvme, Vm, VmConfig,
+};
 
 #[test]
 fn copies_the_store_and_reads_it_back_from_the_pool() {
-    let profiles = PathBuf::from(
-        std::env::var_os("NODEFLASH_PROFILES")
-            .expect("NODEFLASH_PROFILES is set by cargo xtask test"),
-    );
-    let profile = Profile::load(&profiles.join("qemu.toml")).expect("qemu profile");
+    let profile = load_profile("qemu");
     let s = profile
         .payload
         .synthetic

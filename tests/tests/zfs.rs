@@ -2,10 +2,9 @@
 //! compression, the reported host ID in the pool's label, an import without
 //! `-f` after the export, and a reinstall over an old pool.
 
-use std::path::PathBuf;
-
-use nodeflash_installer::profile::Profile;
-use nodeflash_tests::{assert_console, console_json, images_dir, Boot, Nvme, Vm, VmConfig};
+use nodeflash_tests::{
+    assert_console, console_json, images_dir, load_profile, Boot, Nvme, Vm, VmConfig,
+};
 
 /// ZFS prints some values in another spelling than it accepts.
 fn canonical(property: &str, value: &str) -> String {
@@ -28,11 +27,7 @@ fn install(image: &str, disk: &Nvme) -> String {
 
 #[test]
 fn creates_the_profiles_pool_and_datasets() {
-    let profiles = PathBuf::from(
-        std::env::var_os("NODEFLASH_PROFILES")
-            .expect("NODEFLASH_PROFILES is set by cargo xtask test"),
-    );
-    let profile = Profile::load(&profiles.join("qemu.toml")).expect("qemu profile");
+    let profile = load_profile("qemu");
     let dir = tempfile::tempdir().expect("tempdir");
     let disk = Nvme::create(dir.path(), "nvme.img", 2 << 30, "NFTEST0001").expect("disk");
     let console = install("qemu", &disk);
