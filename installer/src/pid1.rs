@@ -5,7 +5,6 @@
 
 use std::fs::File;
 use std::io::{Read, Seek, SeekFrom};
-use std::os::fd::AsRawFd;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
@@ -244,48 +243,10 @@ pub(crate) fn links_up() {
     };
     for entry in entries.flatten() {
         let name = entry.file_name().to_string_lossy().into_owned();
-        if let Err(e) = link_up(&name) {
-            say!("warning: cannot bring up {name}: {e}");
+        if let Err(e) = crate::net::link::set_up(&name) {
+            say!("warning: {e:#}");
         }
     }
-}
-
-fn link_up(name: &str) -> Result<()> {
-    use nix::libc;
-    use nix::sys::socket::{socket, AddressFamily, SockFlag, SockType};
-    let sock = socket(
-        AddressFamily::Inet,
-        SockType::Datagram,
-        SockFlag::SOCK_CLOEXEC,
-        None,
-    )?;
-    // SAFETY: ifreq is plain old data; all zeroes is a valid value.
-    let mut ifr: libc::ifreq = unsafe { std::mem::zeroed() };
-    if name.len() >= ifr.ifr_name.len() {
-        bail!("interface name too long");
-    }
-    for (dst, src) in ifr.ifr_name.iter_mut().zip(name.bytes()) {
-        *dst = src as libc::c_char;
-    }
-    // SAFETY: ifr is a valid ifreq with a NUL-terminated name; the kernel
-    // writes only the flags union member.
-    if unsafe {
-        libc::ioctl(
-            sock.as_raw_fd(),
-            libc::SIOCGIFFLAGS as libc::Ioctl,
-            &mut ifr,
-        )
-    } < 0
-    {
-        return Err(std::io::Error::last_os_error().into());
-    }
-    // SAFETY: SIOCGIFFLAGS filled ifru_flags.
-    unsafe { ifr.ifr_ifru.ifru_flags |= libc::IFF_UP as libc::c_short };
-    // SAFETY: as above.
-    if unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCSIFFLAGS as libc::Ioctl, &ifr) } < 0 {
-        return Err(std::io::Error::last_os_error().into());
-    }
-    Ok(())
 }
 
 /// Reads the ISO9660 primary volume descriptor of a device and returns its
