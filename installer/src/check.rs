@@ -78,6 +78,10 @@ pub struct CheckReport {
     pub install_phases: Vec<Phase>,
     /// None when the install copied no store (no saved manifest).
     pub store: Option<StoreCheck>,
+    /// Lines of the successful install's console log on the disk.
+    pub install_log_lines: Option<usize>,
+    /// The console of a failed install left on the disk, if any.
+    pub failed_install_log: Option<Vec<String>>,
     pub check_secs: f64,
 }
 
@@ -219,6 +223,9 @@ pub struct Gathered {
     pub install: Option<Result<InstallReport, String>>,
     /// None: no saved manifest, no store was installed.
     pub store: Option<Result<StoreCheck, String>>,
+    pub install_log: Option<Result<String, String>>,
+    /// None: no failed install left its console.
+    pub failed_log: Option<Result<String, String>>,
 }
 
 /// The report and its problems from what was gathered. `expected_datasets`
@@ -265,6 +272,18 @@ pub fn build_report(
     if keys.as_ref().is_some_and(Vec::is_empty) {
         problems.push("root's authorized_keys holds no key: nobody can log in over SSH".into());
     }
+    let install_log: Option<String> = take(&mut problems, "install log", g.install_log);
+    let failed: Option<Vec<String>> = g
+        .failed_log
+        .and_then(|r| take(&mut problems, "failed install log", Some(r)))
+        .map(|t| t.lines().map(str::to_string).collect());
+    if let Some(lines) = &failed {
+        let why = lines
+            .iter()
+            .find(|l| l.starts_with("nodeflash: FAILED"))
+            .map_or("no FAILED line", String::as_str);
+        problems.push(format!("an install failed on this disk: {why}"));
+    }
     if let Some(s) = store.as_ref().filter(|s| !s.verified) {
         problems.push(format!(
             "the store differs from the installed manifest: {}",
@@ -288,6 +307,8 @@ pub fn build_report(
         install_total_secs: install.as_ref().map(|r| r.total_secs),
         install_phases: install.map(|r| r.phases).unwrap_or_default(),
         store,
+        install_log_lines: install_log.map(|t| t.lines().count()),
+        failed_install_log: failed,
         check_secs,
     }
 }
@@ -359,6 +380,23 @@ pub fn gather_files(root: &Path, threads: usize) -> Gathered {
         ssh_keys: Some(ssh_keys.map_err(text)),
         install: Some(InstallReport::read(root).map_err(text)),
         store: check_store(root, threads).map_err(text).transpose(),
+        install_log: Some(
+            read(&format!(
+                "{}/{}",
+                crate::report::LOG_DIR,
+                crate::report::INSTALL_LOG
+            ))
+            .map(|b| String::from_utf8_lossy(&b).into_owned())
+            .map_err(text),
+        ),
+        failed_log: {
+            let rel = format!("{}/{}", crate::report::LOG_DIR, crate::report::FAILED_LOG);
+            root.join(&rel).exists().then(|| {
+                read(&rel)
+                    .map(|b| String::from_utf8_lossy(&b).into_owned())
+                    .map_err(text)
+            })
+        },
         ..Gathered::default()
     }
 }
@@ -624,6 +662,8 @@ mod tests {
                 ..InstallReport::default()
             })),
             store: None,
+            install_log: Some(Ok("nodeflash 0.1.0\nnodeflash: done in 1.0s\n".into())),
+            failed_log: None,
         }
     }
 
@@ -638,6 +678,8 @@ mod tests {
         assert_eq!(r.bootfs.as_deref(), Some("rpool/safe/root"));
         assert_eq!(r.install_total_secs, Some(42.0));
         assert_eq!(r.install_phases.len(), 1);
+        assert_eq!(r.install_log_lines, Some(2));
+        assert_eq!(r.failed_install_log, None);
         let line = serde_json::to_string(&r).expect("json");
         assert!(line.starts_with("{\"ok\":true,\"problems\":[]"), "{line}");
     }
@@ -661,6 +703,9 @@ mod tests {
             bytes: 1,
             differences: Some("missing: abc-foo".into()),
         }));
+        g.failed_log = Some(Ok(
+            "partitioned\nnodeflash: FAILED: the store was not copied\n  caused by: x\n".into(),
+        ));
         let r = build_report("rpool", 0x472479d4, &["safe/home".to_string()], g, 1.0);
         assert!(!r.ok);
         assert_eq!(
@@ -672,9 +717,11 @@ mod tests {
                 "pool rpool is DEGRADED, not ONLINE",
                 "dataset rpool/safe/home is missing",
                 "root's authorized_keys holds no key: nobody can log in over SSH",
+                "an install failed on this disk: nodeflash: FAILED: the store was not copied",
                 "the store differs from the installed manifest: missing: abc-foo",
             ]
         );
+        assert_eq!(r.failed_install_log.map(|l| l.len()), Some(3));
     }
 
     #[test]

@@ -379,6 +379,66 @@ fn dataset_holding(profile: &Profile, path: &str) -> Option<(String, String)> {
         .max_by_key(|(_, m)| m.len())
 }
 
+/// After a failure: when the pool is imported, writes the console (the
+/// failure included) to `/var/log/nodeflash/install-failed.log` on its
+/// root dataset and exports the pool, so that the disk holds the reason and
+/// the pool imports without `-f` on the next attempt. Returns the log's
+/// path on the pool; an error when the pool was there but the log could
+/// not be written. Nothing is made bootable here.
+pub(crate) fn keep_failure_log(profile: &Profile) -> Result<Option<String>> {
+    let pool = profile.pool.name.to_string();
+    let imported = Command::new("zpool")
+        .args(["list", "-H", "-o", "name", &pool])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !imported {
+        return Ok(None);
+    }
+    let written = write_failure_log(profile);
+    let exported = run(Command::new("zpool").args(["export", &pool]));
+    let path = written?;
+    exported?;
+    Ok(Some(path))
+}
+
+/// The console on the root dataset of the imported pool, mounted for it
+/// when it is not; returns where it is on the pool.
+fn write_failure_log(profile: &Profile) -> Result<String> {
+    let (root, mountpoint) = dataset_holding(profile, "/").context("no dataset is mounted at /")?;
+    let out =
+        run(Command::new("zfs").args(["get", "-H", "-o", "value", "mounted,mountpoint", &root]))?;
+    let mut values = out.lines();
+    let (mounted, at) = (values.next() == Some("yes"), values.next().unwrap_or(""));
+    let dir = if mounted {
+        PathBuf::from(at)
+    } else {
+        let dir = PathBuf::from("/run/nodeflash/failed");
+        std::fs::create_dir_all(&dir)
+            .with_context(|| format!("cannot create {}", dir.display()))?;
+        mount(
+            Some(root.as_str()),
+            &dir,
+            Some("zfs"),
+            MsFlags::empty(),
+            Some("zfsutil"),
+        )
+        .with_context(|| format!("cannot mount {root} on {}", dir.display()))?;
+        dir
+    };
+    let path = crate::report::write_log(&dir, crate::report::FAILED_LOG, &crate::console::log());
+    if !mounted {
+        nix::mount::umount(&dir).with_context(|| format!("cannot unmount {root}"))?;
+    }
+    path?;
+    Ok(format!(
+        "{root}:{}",
+        Path::new(&mountpoint)
+            .join(crate::report::LOG_DIR)
+            .join(crate::report::FAILED_LOG)
+            .display()
+    ))
+}
+
 /// Writes the install report on the root dataset (the pool is imported).
 fn write_report(profile: &Profile, report: &InstallReport) -> Result<()> {
     let (root, _) = dataset_holding(profile, "/").context("no dataset is mounted at /")?;
@@ -390,7 +450,10 @@ fn write_report(profile: &Profile, report: &InstallReport) -> Result<()> {
         Some("zfsutil"),
     )
     .with_context(|| format!("cannot mount {root} on /mnt"))?;
-    let written = report.write(Path::new("/mnt"));
+    let written = report.write(Path::new("/mnt")).and_then(|()| {
+        let log = crate::console::log();
+        crate::report::write_log(Path::new("/mnt"), crate::report::INSTALL_LOG, &log).map(drop)
+    });
     let unmounted = nix::mount::umount("/mnt").with_context(|| format!("cannot unmount {root}"));
     written.context("cannot write the install report")?;
     unmounted?;

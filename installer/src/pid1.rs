@@ -29,27 +29,22 @@ pub fn main() -> ! {
         crate::console::say(&format!("nodeflash: internal error: {info}"));
     }));
     let started = Instant::now();
-    let outcome = std::panic::catch_unwind(|| run(started));
-    let (finish, result) = match outcome {
-        Ok((finish, result)) => (finish, result),
-        Err(_) => (
-            Finish::Fail(OnFailure::Halt),
-            Err(anyhow::anyhow!(
-                "the installer panicked (see the message above)"
-            )),
-        ),
-    };
-    match result {
-        Ok(()) => say!("nodeflash: done in {:.1}s", started.elapsed().as_secs_f64()),
-        Err(e) => {
-            say!("nodeflash: FAILED: {e}");
-            for cause in e.chain().skip(1) {
-                say!("  caused by: {cause}");
-            }
-            say!("nodeflash: nothing more will be done; fix the cause above and boot the stick again");
-        }
-    }
+    let finish = std::panic::catch_unwind(|| run(started)).unwrap_or_else(|_| {
+        print_failure(&anyhow::anyhow!(
+            "the installer panicked (see the message above)"
+        ));
+        Finish::Fail(OnFailure::Halt)
+    });
     finish.apply()
+}
+
+/// The failure and its causes on the console, and what to do.
+fn print_failure(e: &anyhow::Error) {
+    say!("nodeflash: FAILED: {e}");
+    for cause in e.chain().skip(1) {
+        say!("  caused by: {cause}");
+    }
+    say!("nodeflash: nothing more will be done; fix the cause above and boot the stick again");
 }
 
 /// What to do at the end: the profile's policies, or safe defaults when the
@@ -87,10 +82,12 @@ impl Finish {
     }
 }
 
-fn run(started: Instant) -> (Finish, Result<()>) {
+/// Everything but the final policy; prints the outcome.
+fn run(started: Instant) -> Finish {
     if let Err(e) = early_mounts() {
         crate::console::open();
-        return (Finish::Fail(OnFailure::Halt), Err(e));
+        print_failure(&e);
+        return Finish::Fail(OnFailure::Halt);
     }
     crate::console::open();
     crate::cmd::set_logger(crate::console::say);
@@ -112,10 +109,8 @@ fn run(started: Instant) -> (Finish, Result<()>) {
     let (profile, info) = match loaded {
         Ok(v) => v,
         Err(e) => {
-            return (
-                Finish::Fail(OnFailure::Halt),
-                Err(e.context("the image is damaged")),
-            )
+            print_failure(&e.context("the image is damaged"));
+            return Finish::Fail(OnFailure::Halt);
         }
     };
     say!(
@@ -130,8 +125,23 @@ fn run(started: Instant) -> (Finish, Result<()>) {
         crate::image::Mode::Check => check(&profile, &info),
     };
     match result {
-        Ok(()) => (Finish::Done(profile.finish.on_success), Ok(())),
-        Err(e) => (Finish::Fail(profile.finish.on_failure), Err(e)),
+        Ok(()) => {
+            say!("nodeflash: done in {:.1}s", started.elapsed().as_secs_f64());
+            Finish::Done(profile.finish.on_success)
+        }
+        Err(e) => {
+            print_failure(&e);
+            if info.mode == crate::image::Mode::Install {
+                match crate::install::keep_failure_log(&profile) {
+                    Ok(Some(path)) => say!(
+                        "nodeflash: this console is saved on the disk as {path}; the pool is exported"
+                    ),
+                    Ok(None) => {}
+                    Err(e) => say!("nodeflash: cannot save this console on the disk: {e:#}"),
+                }
+            }
+            Finish::Fail(profile.finish.on_failure)
+        }
     }
 }
 

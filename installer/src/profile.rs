@@ -968,6 +968,15 @@ impl Profile {
             .select
             .check()
             .map_err(|(sub, msg)| (None, format!("disk.select{sub}"), msg))?;
+        if self.disk.wipe == Wipe::Always && self.finish.on_success == OnSuccess::Reboot {
+            return Err((
+                None,
+                "finish.on-success".into(),
+                "`reboot` with `disk.wipe = \"always\"` installs again at every boot while the \
+                 stick is in (a reboot loop): use `poweroff` or `halt`, or `wipe = \"if-empty\"`"
+                    .into(),
+            ));
+        }
         let p = &self.payload;
         let sources = [
             p.closure.is_some(),
@@ -1198,6 +1207,12 @@ select = { serial = "S1" }
         let e = err(&MINIMAL.replace("select =", "esp-size = \"1 parsec\"\nselect ="));
         assert_eq!(e.key, "disk.esp-size", "{e}");
         assert!(e.message.contains("unit"), "{e}");
+        let e = err(&format!(
+            "{}\n[finish]\non-success = \"reboot\"\n",
+            MINIMAL.replace("select =", "wipe = \"always\"\nselect =")
+        ));
+        assert_eq!(e.key, "finish.on-success");
+        assert!(e.message.contains("reboot loop"), "{}", e.message);
         let e = err(&MINIMAL.replace("select =", "wipe = \"sometimes\"\nselect ="));
         assert_eq!(e.key, "disk.wipe", "{e}");
     }

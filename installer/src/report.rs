@@ -20,6 +20,10 @@ use crate::boot::BootFiles;
 pub const LOG_DIR: &str = "var/log/nodeflash";
 pub const REPORT_JSON: &str = "install.json";
 pub const REPORT_TXT: &str = "install.txt";
+/// Everything the installer said on the console, for a successful install.
+pub const INSTALL_LOG: &str = "install.log";
+/// The console of a failed install, written to the pool when it exists.
+pub const FAILED_LOG: &str = "install-failed.log";
 
 /// One timed phase of the install.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -307,6 +311,15 @@ impl InstallReport {
         let text = fs::read(&path).with_context(|| format!("cannot read {}", path.display()))?;
         serde_json::from_slice(&text).with_context(|| format!("cannot parse {}", path.display()))
     }
+}
+
+/// Writes the console's lines to `<root>/var/log/nodeflash/<name>`.
+pub fn write_log(root: &Path, name: &str, lines: &[String]) -> Result<PathBuf> {
+    let path = log_dir(root)?.join(name);
+    let mut text = lines.join("\n");
+    text.push('\n');
+    write_file(&path, text.as_bytes())?;
+    Ok(path)
 }
 
 /// `<root>/var/log/nodeflash`, its missing components created with mode 0755

@@ -71,6 +71,77 @@ pub fn console_json(console: &str, prefix: &str) -> serde_json::Value {
     serde_json::from_str(line).unwrap_or_else(|e| panic!("{prefix}: {e}"))
 }
 
+/// Copies the file at `path` in an ISO to `dest` (with xorriso).
+pub fn extract_from_iso(iso: &Path, path: &str, dest: &Path) {
+    let out = Command::new("xorriso")
+        .args(["-osirrox", "on", "-indev"])
+        .arg(iso)
+        .args(["-extract", path])
+        .arg(dest)
+        .output()
+        .expect("xorriso runs");
+    assert!(
+        out.status.success(),
+        "cannot extract {path} from {}: {}",
+        iso.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// The host ID the installer printed (`host id: 0a1b2c3d (…`).
+pub fn printed_hostid(console: &str) -> String {
+    console
+        .lines()
+        .find_map(|l| l.strip_prefix("host id: "))
+        .and_then(|l| l.split_whitespace().next())
+        .expect("the host ID is printed")
+        .to_string()
+}
+
+/// Boots `disk` alone, as an installed node, and returns what its check
+/// system prints (`nodeflash-check:`).
+pub fn boot_installed(disk: &Nvme) -> serde_json::Value {
+    let mut cfg = VmConfig::new(PathBuf::new(), Boot::Disk);
+    cfg.nvme.push(disk.clone());
+    check_console(cfg)
+}
+
+/// Starts the check system that `iso`'s payload carries directly (QEMU's
+/// `-kernel`, not the disk's boot loader) on `disk`, with `hostid`: it
+/// reports what is on a disk that was left unbootable on purpose.
+pub fn check_unbootable(iso: &Path, disk: &Nvme, hostid: &str) -> serde_json::Value {
+    use nodeflash_installer::payload;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let packed = dir.path().join("store.nfp");
+    extract_from_iso(iso, "/nodeflash/store.nfp", &packed);
+    let store = dir.path().join("store");
+    payload::Payload::open(std::fs::File::open(&packed).expect("payload"))
+        .expect("the payload opens")
+        .extract(Some(&store), 2, &payload::Counters::default())
+        .expect("the payload extracts");
+    let system = std::fs::read_dir(&store)
+        .expect("store")
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| p.to_string_lossy().ends_with("-nodeflash-check-system"))
+        .expect("the payload holds the check system");
+    let mut cfg = VmConfig::new(PathBuf::new(), Boot::Disk);
+    cfg.nvme.push(disk.clone());
+    cfg.kernel = Some((
+        system.join("kernel"),
+        system.join("initrd"),
+        format!("console=ttyS0,115200 quiet nodeflash.hostid={hostid}"),
+    ));
+    check_console(cfg)
+}
+
+fn check_console(cfg: VmConfig) -> serde_json::Value {
+    let mut vm = Vm::start(&cfg).expect("qemu starts");
+    let console = vm.wait_for_poweroff().unwrap_or_else(|e| panic!("{e:#}"));
+    eprintln!("{console}");
+    console_json(&console, "nodeflash-check: ")
+}
+
 /// Where `cargo xtask test` put the built images.
 pub fn images_dir() -> PathBuf {
     match std::env::var_os("NODEFLASH_TEST_IMAGES") {
@@ -138,6 +209,10 @@ pub struct VmConfig {
     pub smbios_serial: Option<String>,
     /// MAC address of the NIC (QEMU's default otherwise).
     pub mac: Option<String>,
+    /// With [`Boot::Disk`]: start this kernel and initrd with this command
+    /// line instead of the disk's boot loader (QEMU's `-kernel`), e.g. to
+    /// look at a disk that was deliberately left unbootable.
+    pub kernel: Option<(PathBuf, PathBuf, String)>,
 }
 
 impl VmConfig {
@@ -150,6 +225,7 @@ impl VmConfig {
             timeout: Duration::from_secs(300),
             smbios_serial: None,
             mac: None,
+            kernel: None,
         }
     }
 }
@@ -304,7 +380,15 @@ impl Vm {
                     ))
                     .args(["-device", "ide-cd,drive=cd,bootindex=1"]);
             }
-            Boot::Disk => {}
+            Boot::Disk => {
+                if let Some((kernel, initrd, append)) = &cfg.kernel {
+                    c.arg("-kernel")
+                        .arg(kernel)
+                        .arg("-initrd")
+                        .arg(initrd)
+                        .args(["-append", append]);
+                }
+            }
         }
         for (i, d) in cfg.nvme.iter().enumerate() {
             c.arg("-drive")
@@ -344,6 +428,36 @@ impl Vm {
         let text = self.console();
         let all: Vec<&str> = text.lines().collect();
         all[all.len().saturating_sub(lines)..].join("\n")
+    }
+
+    /// Waits until the console shows `needle` (the VM keeps running).
+    pub fn wait_for_console(&mut self, needle: &str) -> Result<()> {
+        loop {
+            if self.console().contains(needle) {
+                return Ok(());
+            }
+            if let Some(status) = self.child.try_wait()? {
+                bail!(
+                    "qemu exited ({status}) before the console showed {needle:?}; console tail:\n{}",
+                    self.console_tail(60)
+                );
+            }
+            if self.started.elapsed() > self.timeout {
+                bail!(
+                    "the console did not show {needle:?} within {}s; console tail:\n{}",
+                    self.timeout.as_secs(),
+                    self.console_tail(60)
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Cuts the power: kills QEMU at once, whatever the guest is doing.
+    pub fn power_cut(mut self) -> String {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        self.console()
     }
 
     /// Waits until QEMU exits on its own (the guest powered off) or the
@@ -390,6 +504,85 @@ impl Drop for Vm {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// The boot entries on the ESP of an installed disk (partition 1, at
+/// 1 MiB), read with mtools: empty when there are none or no
+/// `loader/entries` directory; None when there is no FAT file system.
+pub fn esp_boot_entries(disk: &Nvme) -> Option<Vec<String>> {
+    let mdir = |dir: &str| {
+        Command::new("mdir")
+            .env("MTOOLS_SKIP_CHECK", "1")
+            .args(["-b", "-i"])
+            .arg(format!("{}@@1M", disk.image.display()))
+            .arg(dir)
+            .output()
+            .expect("mdir runs (package mtools)")
+    };
+    if !mdir("::/").status.success() {
+        return None;
+    }
+    let out = mdir("::/loader/entries");
+    Some(
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter(|l| l.ends_with(".conf"))
+            .map(str::to_string)
+            .collect(),
+    )
+}
+
+/// Asserts that a check report (`nodeflash-check:`) shows the `qemu`
+/// profile installed as asked: no problems, the host name and ID, every
+/// dataset with its mountpoint, the profile's key, and a store whose tree
+/// is exactly `store_digest` (the payload's, as the host reads it).
+#[track_caller]
+pub fn assert_installed(
+    check: &serde_json::Value,
+    hostname: &str,
+    hostid: &str,
+    store_digest: &str,
+) {
+    let profile = load_profile("qemu");
+    assert_eq!(check["problems"], serde_json::json!([]), "{check:#}");
+    assert_eq!(check["ok"], true);
+    assert_eq!(check["hostname"], hostname);
+    assert_eq!(check["hostid"], hostid);
+    assert_eq!(check["hostid_live"], hostid);
+    assert_eq!(check["hostid_etc"], hostid);
+    assert_eq!(check["pool"], profile.pool.name.to_string());
+    assert_eq!(check["health"], "ONLINE");
+    for d in &profile.pool.datasets {
+        let name = format!("{}/{}", profile.pool.name, d.name.get_ref());
+        let got = &check["datasets"][&name];
+        assert!(
+            got.is_object(),
+            "dataset {name} on the installed pool: {check:#}"
+        );
+        if let Some(m) = &d.mountpoint {
+            assert_eq!(got["mountpoint"], m.get_ref().0.as_str(), "{name}");
+        }
+    }
+    // The profile's inline key, as `ssh-keygen -lf` prints it.
+    assert_eq!(
+        check["ssh_keys"],
+        serde_json::json!(["SHA256:+DiY3wvvV6TuJJhbpZisF/zLDA0zPMSvHdkr4UvCOqU"])
+    );
+    assert_eq!(check["store"]["verified"], true, "{check:#}");
+    assert_eq!(check["store"]["digest"], store_digest);
+    assert_eq!(check["failed_install_log"], serde_json::Value::Null);
+}
+
+/// The tree digest of the payload on an ISO, read on the host.
+pub fn payload_digest(iso: &Path) -> String {
+    use nodeflash_installer::payload;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let packed = dir.path().join("store.nfp");
+    extract_from_iso(iso, "/nodeflash/store.nfp", &packed);
+    let manifest = payload::Payload::open(std::fs::File::open(&packed).expect("payload"))
+        .expect("the payload opens")
+        .manifest;
+    payload::digest(&manifest.entries)
 }
 
 /// Asserts that the console holds `needle`, showing its tail otherwise.

@@ -1,12 +1,15 @@
-//! Faults: a stick whose store payload is damaged. The damage is found while
-//! the store is copied, the install stops naming it, and nothing is made
-//! bootable: the target's ESP gets no boot entry.
+//! Faults: a stick whose store payload is damaged (found while the store is
+//! copied; nothing is made bootable; the console is kept on the pool), and a
+//! machine with no disk but the stick.
 
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::process::Command;
 
 use nodeflash_installer::payload::{Header, HEADER_LEN};
-use nodeflash_tests::{assert_console, images_dir, Boot, Nvme, Vm, VmConfig};
+use nodeflash_tests::{
+    assert_console, build_variant, check_unbootable, esp_boot_entries, images_dir, printed_hostid,
+    Boot, Nvme, Vm, VmConfig,
+};
 
 /// Byte offset of a file in an ISO image, from xorriso's report.
 fn offset_in_iso(iso: &std::path::Path, path: &str) -> u64 {
@@ -80,30 +83,77 @@ fn a_damaged_payload_is_found_and_nothing_is_made_bootable() {
         "no boot loader was written"
     );
 
-    // The ESP (partition 1, at 1 MiB) holds no boot entry: read it with mtools.
-    let out = Command::new("mdir")
-        .env("MTOOLS_SKIP_CHECK", "1")
-        .arg("-i")
-        .arg(format!("{}@@1M", disk.image.display()))
-        .arg("::/loader/entries")
-        .output()
-        .expect("mdir runs (package mtools)");
-    assert!(
-        !out.status.success() || !String::from_utf8_lossy(&out.stdout).contains("conf"),
-        "the ESP has a boot entry: {}",
-        String::from_utf8_lossy(&out.stdout)
+    // The ESP is a FAT file system the installer made, with no boot entry.
+    assert_eq!(esp_boot_entries(&disk), Some(Vec::new()), "no boot entry");
+
+    // The pool existed: the console of the failed install is on it, and the
+    // pool was exported. The disk cannot boot, so the check system of the
+    // (undamaged) image is started directly to look.
+    assert_console(
+        &console,
+        "this console is saved on the disk as rpool/safe/root:/var/log/nodeflash/install-failed.log",
     );
-    // …and it is a FAT file system the installer made, not an empty disk.
-    let out = Command::new("mdir")
-        .env("MTOOLS_SKIP_CHECK", "1")
-        .arg("-i")
-        .arg(format!("{}@@1M", disk.image.display()))
-        .arg("::/")
-        .output()
-        .expect("mdir runs");
+    let check = check_unbootable(
+        &images_dir().join("qemu.iso"),
+        &disk,
+        &printed_hostid(&console),
+    );
+    assert_eq!(check["ok"], false);
+    let log: Vec<&str> = check["failed_install_log"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no failed install log on the disk: {check:#}"))
+        .iter()
+        .filter_map(|l| l.as_str())
+        .collect();
     assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+        log.iter()
+            .any(|l| l.starts_with("nodeflash: FAILED: the store was not copied completely")),
+        "{log:#?}"
+    );
+    assert!(log
+        .iter()
+        .any(|l| l.starts_with("partitioned /dev/nvme0n1")));
+    assert!(
+        check["problems"]
+            .as_array()
+            .expect("problems")
+            .iter()
+            .any(|p| p
+                .as_str()
+                .is_some_and(|p| p.starts_with("an install failed on this disk"))),
+        "{check:#}"
+    );
+}
+
+/// No disk but the stick: the stick matches the size rule but is never a
+/// candidate (it is the boot medium, and removable); the installer waits for
+/// a disk, then lists what it saw and stops.
+#[test]
+fn without_a_disk_nothing_is_chosen_not_even_the_stick() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let iso = build_variant(
+        dir.path(),
+        "qemu",
+        |p| {
+            p.replace(
+                "select = { serial = \"NFTEST0001\", bus = \"nvme\", max-size = \"8GiB\" }",
+                "select = { max-size = \"8GiB\" }",
+            )
+            .replace("device-timeout-secs = 60", "device-timeout-secs = 10")
+        },
+        &[],
+    );
+    let mut vm = Vm::start(&VmConfig::new(iso, Boot::UsbStick)).expect("qemu starts");
+    let console = vm.wait_for_poweroff().unwrap_or_else(|e| panic!("{e:#}"));
+    eprintln!("{console}");
+    assert_console(
+        &console,
+        "nodeflash: FAILED: no disk matches the profile's [disk] select rules",
+    );
+    assert_console(&console, "not chosen, it is the boot medium");
+    assert!(!console.contains("partitioned"), "nothing was written");
+    assert!(
+        !console.contains("this console is saved on the disk"),
+        "there is no pool to keep the console"
     );
 }

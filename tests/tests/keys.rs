@@ -104,3 +104,29 @@ fn keys_that_cannot_be_had_leave_the_disk_unchanged() {
     assert_console(&console, "cannot get the SSH keys of carol");
     assert_eq!(disk.sha256(), before, "the disk is unchanged");
 }
+
+/// A server whose certificate the image does not trust (its CA is another
+/// one): the handshake is refused at once, not retried, and nothing is
+/// written.
+#[test]
+fn an_untrusted_certificate_is_refused_and_the_disk_unchanged() {
+    let server = KeyServer::start(&[("/alice.keys", &[(200, ALICE)])]).expect("key server");
+    let other = KeyServer::start(&[]).expect("another CA");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let iso = image(dir.path(), server.port(), &other.ca_pem(), &["alice"]);
+    let disk = Nvme::create(dir.path(), "nvme.img", 2 << 30, "NFTEST0001").expect("disk");
+    let before = disk.sha256();
+    let console = boot(iso, &disk);
+    assert_console(&console, "cannot get the SSH keys of alice");
+    assert_console(
+        &console,
+        "certificate not trusted: its CA is unknown (add it to `ca-certificates`)",
+    );
+    assert_console(&console, "nodeflash: FAILED");
+    assert_eq!(
+        server.requests(),
+        Vec::<String>::new(),
+        "no request was sent"
+    );
+    assert_eq!(disk.sha256(), before, "the disk is unchanged");
+}

@@ -6,7 +6,8 @@
 use nodeflash_builder::synthetic;
 use nodeflash_installer::payload;
 use nodeflash_tests::{
-    assert_console, console_json, images_dir, load_profile, Boot, Nvme, Vm, VmConfig,
+    assert_console, console_json, extract_from_iso, images_dir, load_profile, Boot, Nvme, Vm,
+    VmConfig,
 };
 
 #[test]
@@ -34,17 +35,10 @@ fn copies_the_store_and_reads_it_back_from_the_pool() {
 
     // The payload on the ISO holds exactly that tree, plus the check system.
     let packed = dir.path().join("store.nfp");
-    let out = std::process::Command::new("xorriso")
-        .args(["-osirrox", "on", "-indev"])
-        .arg(images_dir().join("qemu.iso"))
-        .args(["-extract", "/nodeflash/store.nfp"])
-        .arg(&packed)
-        .output()
-        .expect("xorriso runs");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    extract_from_iso(
+        &images_dir().join("qemu.iso"),
+        "/nodeflash/store.nfp",
+        &packed,
     );
     let manifest = payload::Payload::open(std::fs::File::open(&packed).expect("payload"))
         .expect("payload opens")
