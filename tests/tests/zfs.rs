@@ -1,6 +1,6 @@
 //! The pool in QEMU: every property and dataset of the profile, zstd
 //! compression, the reported host ID in the pool's label, an import without
-//! `-f` after the export, and a reinstall over an old pool.
+//! `-f` after the export (reinstalling: reinstall.rs).
 
 use nodeflash_tests::{
     assert_console, console_json, images_dir, load_profile, Boot, Nvme, Vm, VmConfig,
@@ -111,23 +111,4 @@ fn creates_the_profiles_pool_and_datasets() {
         props["bootfs"],
         format!("{pool}/{}", root_ds.name.get_ref()).as_str()
     );
-}
-
-#[test]
-fn reinstall_with_wipe_always_replaces_the_old_pool() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let disk = Nvme::create(dir.path(), "nvme.img", 2 << 30, "NFTEST0001").expect("disk");
-    let first = console_json(&install("qemu", &disk), "nodeflash-pool: ");
-    // `qemu-bus` has `wipe = "always"`: the installed disk is taken again.
-    let console = install("qemu-bus", &disk);
-    assert_console(
-        &console,
-        "plan: wipe what is there: partitions nvme0n1p1 nvme0n1p2 nvme0n1p3, GPT partition table",
-    );
-    let second = console_json(&console, "nodeflash-pool: ");
-    assert_ne!(
-        first["pool_properties"]["guid"], second["pool_properties"]["guid"],
-        "a new pool replaced the old one"
-    );
-    assert_eq!(second["pool_properties"]["health"], "ONLINE");
 }

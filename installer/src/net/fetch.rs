@@ -325,6 +325,9 @@ fn tls_words(e: &rustls::Error) -> String {
             CertificateError::UnknownIssuer => {
                 "certificate not trusted: its CA is unknown (add it to `ca-certificates`)"
             }
+            CertificateError::BadSignature => {
+                "certificate not trusted: it is not signed by the trusted CA of its issuer's name"
+            }
             CertificateError::NotValidYet | CertificateError::NotValidYetContext { .. } => {
                 "certificate not valid yet"
             }
