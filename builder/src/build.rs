@@ -85,7 +85,46 @@ pub struct BuildSummary {
     pub modules: usize,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub payload: Option<PayloadInfo>,
-    pub nodes: Vec<String>,
+    /// The profile's `[[nodes]]`.
+    pub nodes: Vec<NodeSummary>,
+    /// What a machine that matches no node becomes (`[default-node]`);
+    /// none when such a machine is refused.
+    pub default_node: Option<NodeSummary>,
+}
+
+/// A node the image knows, with the host ID to put into its NixOS
+/// configuration (`networking.hostId`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeSummary {
+    /// The host name (for the default node, its template).
+    pub name: String,
+    /// 8 hex digits, or `derive` / `random`: chosen on the machine, and
+    /// printed on its console.
+    pub hostid: String,
+    /// Whether it has `match` rules, without which the stick never chooses it.
+    pub recognisable: bool,
+}
+
+impl NodeSummary {
+    /// The nodes and the default node of a profile.
+    pub fn of(profile: &Profile) -> (Vec<NodeSummary>, Option<NodeSummary>) {
+        let nodes = profile
+            .nodes
+            .iter()
+            .map(|n| NodeSummary {
+                name: n.name.get_ref().to_string(),
+                hostid: String::from(n.hostid),
+                recognisable: n.matches != Default::default(),
+            })
+            .collect();
+        let d = &profile.default_node;
+        let default = d.install.then(|| NodeSummary {
+            name: d.hostname.clone(),
+            hostid: String::from(d.hostid),
+            recognisable: true,
+        });
+        (nodes, default)
+    }
 }
 
 /// Resolves `NAME` to `profiles/NAME.toml`, or takes a path as it is.
@@ -95,6 +134,38 @@ pub fn profile_path(name_or_path: &str, profiles_dir: &Path) -> PathBuf {
     } else {
         profiles_dir.join(format!("{name_or_path}.toml"))
     }
+}
+
+/// [`profile_path`], with an error listing the profiles there when a
+/// profile name has no file.
+pub fn find_profile(name_or_path: &str, profiles_dir: &Path) -> Result<PathBuf> {
+    let path = profile_path(name_or_path, profiles_dir);
+    if path.exists() || path != profiles_dir.join(format!("{name_or_path}.toml")) {
+        return Ok(path);
+    }
+    let mut names: Vec<String> = std::fs::read_dir(profiles_dir)
+        .map(|d| {
+            d.flatten()
+                .filter_map(|e| {
+                    let name = e.file_name().to_string_lossy().into_owned();
+                    name.strip_suffix(".toml").map(str::to_string)
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    names.sort();
+    if names.is_empty() {
+        bail!(
+            "no profile `{name_or_path}`: {} holds no profiles (*.toml); \
+             give --profiles-dir, or a path to a .toml file",
+            profiles_dir.display()
+        );
+    }
+    bail!(
+        "no profile `{name_or_path}` in {}; the profiles there: {}",
+        profiles_dir.display(),
+        names.join(", ")
+    )
 }
 
 /// The provider a profile asks for.
@@ -182,7 +253,7 @@ pub fn build(opts: &BuildOptions) -> Result<BuildSummary> {
     std::fs::create_dir_all(&opts.out_dir)
         .with_context(|| format!("cannot create {}", opts.out_dir.display()))?;
     let iso_path = opts.out_dir.join(format!("{name}.iso"));
-    let cached_iso = steps::step("Writing ISO", || {
+    let cached_iso = steps::long_step("Writing ISO", || {
         artefact("iso", "iso", &|p| {
             let root = tempfile::tempdir().context("cannot create the ISO root directory")?;
             let dir = root.path().join("nodeflash");
@@ -217,6 +288,7 @@ pub fn build(opts: &BuildOptions) -> Result<BuildSummary> {
         format!("{sha}  {name}.iso\n"),
     )
     .context("cannot write the ISO's sha256 file")?;
+    let (nodes, default_node) = NodeSummary::of(&profile);
     let summary = BuildSummary {
         profile: name.clone(),
         iso_bytes: std::fs::metadata(&iso_path).map(|m| m.len()).unwrap_or(0),
@@ -227,11 +299,8 @@ pub fn build(opts: &BuildOptions) -> Result<BuildSummary> {
         initrd_bytes: std::fs::metadata(&initrd).map(|m| m.len()).unwrap_or(0),
         modules: info.modules.len(),
         payload: info.payload.clone(),
-        nodes: profile
-            .nodes
-            .iter()
-            .map(|n| n.name.get_ref().to_string())
-            .collect(),
+        nodes,
+        default_node,
     };
     let json =
         serde_json::to_string_pretty(&summary).context("cannot serialize the build summary")?;

@@ -7,16 +7,37 @@ use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 use nodeflash_installer::profile::Profile;
 
-use crate::build::{build, profile_path, provider, BuildOptions};
+use crate::build::{build, find_profile, provider, BuildOptions};
 use crate::cache::Cache;
 use crate::steps;
+
+/// `Examples:` lines, then the exit status, for a command's `--help`.
+macro_rules! examples {
+    ($($line:literal),+ $(,)?) => {
+        concat!(
+            "Examples:\n",
+            $("  ", $line, "\n",)+
+            "\nExit status: 0 success, 1 error, 2 bad usage."
+        )
+    };
+}
 
 /// Build unattended installer images for homelab nodes.
 #[derive(Debug, Parser)]
 #[command(
     name = "nodeflash",
     version,
-    after_help = "Examples:\n  nodeflash profile check\n  nodeflash profile show alrest\n  nodeflash facts > node.json && nodeflash plan --profile alrest --machine node.json\n  nodeflash build --profile alrest --installer target/x86_64-unknown-linux-musl/release/nodeflash-installer\n\nExit status: 0 success, 1 error, 2 bad usage."
+    after_help = concat!(
+        "Output: step lines with their durations on stderr, results on stdout;\n",
+        "-v also shows every command that is run, -q only errors.\n\n",
+        examples!(
+        "nodeflash profile check",
+        "nodeflash profile show alrest",
+        "nodeflash facts > node.json",
+        "nodeflash plan --profile alrest --machine node.json",
+        "nodeflash build --profile alrest --installer target/x86_64-unknown-linux-musl/release/nodeflash-installer",
+        "cargo xtask build-iso --profile alrest   # compiles the installer, then runs the build",
+    ))
 )]
 pub struct Cli {
     /// Show every command that is run.
@@ -34,7 +55,13 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Build the ISO of a profile.
+    /// Build the ISO of a profile: NAME.iso, NAME.iso.sha256 and NAME.json
+    /// (the summary) in the output directory.
+    #[command(after_help = examples!(
+        "nodeflash build --profile alrest --installer target/x86_64-unknown-linux-musl/release/nodeflash-installer",
+        "nodeflash build --profile ./lab.toml --installer INSTALLER --json > summary.json",
+        "cargo xtask build-iso --profile alrest   # the same, with the installer compiled first",
+    ))]
     Build {
         /// Profile name (in the profiles directory) or path to a .toml file.
         #[arg(long)]
@@ -42,38 +69,63 @@ enum Command {
         /// The installer binary that becomes /init.
         #[arg(long)]
         installer: PathBuf,
+        /// Where the ISO, its .sha256 and the summary .json are written.
         #[arg(long, default_value = "target/nodeflash")]
         out_dir: PathBuf,
         /// Print the build summary as JSON on stdout.
         #[arg(long)]
         json: bool,
     },
-    /// Inspect and validate profiles.
+    /// Inspect and validate profiles (the format is in docs/profile.md).
+    #[command(after_help = examples!(
+        "nodeflash profile check",
+        "nodeflash profile show alrest",
+        "nodeflash profile show ./lab.toml --json",
+    ))]
     Profile {
         #[command(subcommand)]
         command: ProfileCommand,
     },
     /// Show what the installer would do on a machine, from its facts (JSON as
     /// printed by `nodeflash facts`), without touching anything.
+    #[command(after_help = examples!(
+        "nodeflash facts > node.json   # on the machine, or the stick's `nodeflash-facts:` line",
+        "nodeflash plan --profile alrest --machine node.json",
+        "nodeflash plan --profile alrest --machine node.json --json",
+    ))]
     Plan {
+        /// Profile name (in the profiles directory) or path to a .toml file.
         #[arg(long)]
         profile: String,
         /// Machine facts as JSON.
         #[arg(long)]
         machine: PathBuf,
-        /// Print the plan as JSON.
+        /// Print the node and the plan as JSON.
         #[arg(long)]
         json: bool,
     },
-    /// Print this machine's facts (disks, NICs, DMI) as JSON.
+    /// Print this machine's facts (disks, NICs, DMI) as JSON, always.
+    #[command(after_help = examples!(
+        "nodeflash facts > node.json",
+        "nodeflash facts | jq '.dmi.product_serial'   # for a node's `match = { dmi-serial = … }`",
+    ))]
     Facts,
     /// Pack, extract and check store payloads (docs/payload.md).
+    #[command(after_help = examples!(
+        "nodeflash payload pack ./store store.nfp --registration ./registration",
+        "nodeflash payload verify store.nfp",
+    ))]
     Payload {
         #[command(subcommand)]
         command: PayloadCommand,
     },
     /// Pin the newest available build inputs in the profile's lock file.
+    #[command(after_help = examples!(
+        "nodeflash update-inputs",
+        "cargo xtask update-inputs   # the same for profiles/inputs.lock",
+    ))]
     UpdateInputs {
+        /// Profile name (in the profiles directory) or path to a .toml file.
         #[arg(long, default_value = "alrest")]
         profile: String,
     },
@@ -82,9 +134,10 @@ enum Command {
 #[derive(Debug, Subcommand)]
 enum PayloadCommand {
     /// Pack a store directory (its entries are store paths) into a payload.
-    #[command(
-        after_help = "Example:\n  nodeflash payload pack ./store store.nfp --registration ./registration"
-    )]
+    #[command(after_help = examples!(
+        "nodeflash payload pack ./store store.nfp --registration ./registration",
+        "nodeflash payload pack /tmp/store store.nfp --level 3 --json",
+    ))]
     Pack {
         src: PathBuf,
         out: PathBuf,
@@ -102,22 +155,33 @@ enum PayloadCommand {
         json: bool,
     },
     /// Extract a payload into a new or empty directory, checking every file.
+    #[command(after_help = examples!(
+        "nodeflash payload unpack store.nfp ./unpacked",
+        "nodeflash payload unpack store.nfp ./unpacked --jobs 2 --json",
+    ))]
     Unpack {
         payload: PathBuf,
         dir: PathBuf,
         /// Worker threads (default: one per CPU).
         #[arg(long)]
         jobs: Option<usize>,
+        /// Print the result as JSON on stdout.
         #[arg(long)]
         json: bool,
     },
     /// Check every frame and file of a payload; with DIR, check that the tree
     /// in DIR is exactly what the payload holds.
+    #[command(after_help = examples!(
+        "nodeflash payload verify store.nfp",
+        "nodeflash payload verify store.nfp ./unpacked --json",
+    ))]
     Verify {
         payload: PathBuf,
         dir: Option<PathBuf>,
+        /// Worker threads (default: one per CPU).
         #[arg(long)]
         jobs: Option<usize>,
+        /// Print the result as JSON on stdout.
         #[arg(long)]
         json: bool,
     },
@@ -126,9 +190,27 @@ enum PayloadCommand {
 #[derive(Debug, Subcommand)]
 enum ProfileCommand {
     /// Print the fully resolved profile (every default filled in).
-    Show { name: String },
+    #[command(after_help = examples!(
+        "nodeflash profile show alrest",
+        "nodeflash profile show ./lab.toml --json",
+    ))]
+    Show {
+        /// Profile name (in the profiles directory) or path to a .toml file.
+        name: String,
+        /// Print it as JSON instead of TOML.
+        #[arg(long)]
+        json: bool,
+    },
     /// Validate every profile in the profiles directory.
-    Check,
+    #[command(after_help = examples!(
+        "nodeflash profile check",
+        "nodeflash profile check --profiles-dir ~/lab/profiles --json",
+    ))]
+    Check {
+        /// Print one JSON object per profile (path, name, error) as a list.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 pub fn main() -> ExitCode {
@@ -160,7 +242,7 @@ fn run(cli: Cli) -> Result<()> {
             json,
         } => {
             let summary = build(&BuildOptions {
-                profile: profile_path(&profile, &cli.profiles_dir),
+                profile: find_profile(&profile, &cli.profiles_dir)?,
                 installer,
                 out_dir,
                 cache: Cache::from_env()?,
@@ -173,20 +255,24 @@ fn run(cli: Cli) -> Result<()> {
             }
         }
         Command::Profile {
-            command: ProfileCommand::Show { name },
+            command: ProfileCommand::Show { name, json },
         } => {
-            let p = Profile::load(&profile_path(&name, &cli.profiles_dir))?;
-            print!("{}", p.to_toml());
+            let p = Profile::load(&find_profile(&name, &cli.profiles_dir)?)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&p)?);
+            } else {
+                print!("{}", p.to_toml());
+            }
         }
         Command::Profile {
-            command: ProfileCommand::Check,
-        } => check_profiles(&cli.profiles_dir)?,
+            command: ProfileCommand::Check { json },
+        } => check_profiles(&cli.profiles_dir, json)?,
         Command::Plan {
             profile,
             machine,
             json,
         } => {
-            let p = Profile::load(&profile_path(&profile, &cli.profiles_dir))?;
+            let p = Profile::load(&find_profile(&profile, &cli.profiles_dir)?)?;
             let text = std::fs::read_to_string(&machine)
                 .with_context(|| format!("cannot read machine facts {}", machine.display()))?;
             let facts: nodeflash_installer::facts::Facts = serde_json::from_str(&text)
@@ -208,7 +294,7 @@ fn run(cli: Cli) -> Result<()> {
         }
         Command::Payload { command } => payload_command(command, cli.quiet)?,
         Command::UpdateInputs { profile } => {
-            let path = profile_path(&profile, &cli.profiles_dir);
+            let path = find_profile(&profile, &cli.profiles_dir)?;
             let p = Profile::load(&path)?;
             provider(&p, &path).update_lock(&Cache::from_env()?)?;
         }
@@ -216,40 +302,92 @@ fn run(cli: Cli) -> Result<()> {
     Ok(())
 }
 
+/// Prints the closing summary of a build on stdout.
 pub fn print_summary(s: &crate::build::BuildSummary) {
-    println!(
-        "ISO:     {} ({:.1} MiB)",
+    print!("{}", summary_text(s));
+}
+
+/// The closing summary of a build: the ISO, its size and sha256, the
+/// payload, and the nodes with the host IDs to put into their NixOS
+/// configurations (`networking.hostId`).
+pub fn summary_text(s: &crate::build::BuildSummary) -> String {
+    use std::fmt::Write;
+    let mib = |b: u64| b as f64 / 1048576.0;
+    let mut t = String::new();
+    let _ = writeln!(
+        t,
+        "ISO:      {} ({:.1} MiB)",
         s.iso.display(),
-        s.iso_bytes as f64 / 1048576.0
+        mib(s.iso_bytes)
     );
-    println!("sha256:  {}", s.iso_sha256);
-    println!(
-        "image:   {} (kernel {}, {} modules, initramfs {:.1} MiB)",
-        &s.image_id[..12],
+    let _ = writeln!(t, "sha256:   {}", s.iso_sha256);
+    let _ = writeln!(
+        t,
+        "image:    {} (kernel {}, {} modules, initramfs {:.1} MiB)",
+        &s.image_id[..s.image_id.len().min(12)],
         s.kernel_release,
         s.modules,
-        s.initrd_bytes as f64 / 1048576.0
+        mib(s.initrd_bytes)
     );
-    if let Some(p) = &s.payload {
-        println!(
-            "store:   {} files, {:.1} MiB, packed {:.1} MiB ({})",
-            p.files,
-            p.store_bytes as f64 / 1048576.0,
-            p.bytes as f64 / 1048576.0,
-            &p.manifest_sha256[..12]
+    match &s.payload {
+        Some(p) => {
+            let _ = writeln!(
+                t,
+                "payload:  {:.1} MiB packed from {} files, {:.1} MiB (manifest {})",
+                mib(p.bytes),
+                p.files,
+                mib(p.store_bytes),
+                &p.manifest_sha256[..p.manifest_sha256.len().min(12)]
+            );
+        }
+        None => {
+            let _ = writeln!(t, "payload:  none (the profile has no [payload])");
+        }
+    }
+    let width = s
+        .nodes
+        .iter()
+        .chain(&s.default_node)
+        .map(|n| n.name.len())
+        .max()
+        .unwrap_or(0);
+    for (i, n) in s.nodes.iter().enumerate() {
+        let _ = writeln!(
+            t,
+            "{}{:width$}  host ID {}{}",
+            if i == 0 { "nodes:    " } else { "          " },
+            n.name,
+            n.hostid,
+            if n.recognisable {
+                ""
+            } else {
+                "  (no `match` rules: the stick cannot recognise it)"
+            }
         );
     }
-    if !s.nodes.is_empty() {
-        println!("nodes:   {}", s.nodes.join(", "));
+    match &s.default_node {
+        Some(n) => {
+            let _ = writeln!(
+                t,
+                "other:    {:width$}  host ID {}  (any machine that matches no node)",
+                n.name, n.hostid
+            );
+        }
+        None => {
+            let _ = writeln!(t, "other:    refused (`[default-node] install = false`)");
+        }
     }
-    println!(
+    let _ = writeln!(
+        t,
         "write it: sudo dd if={} of=/dev/sdX bs=4M conv=fsync status=progress",
         s.iso.display()
     );
+    t
 }
 
-/// Validates every `*.toml` in `dir`, reporting all errors.
-pub fn check_profiles(dir: &std::path::Path) -> Result<()> {
+/// Validates every `*.toml` in `dir`, reporting all errors; with `json`, as
+/// a list of `{path, name, error}` on stdout.
+pub fn check_profiles(dir: &std::path::Path, json: bool) -> Result<()> {
     let mut paths: Vec<PathBuf> = std::fs::read_dir(dir)
         .with_context(|| format!("cannot list profiles in {}", dir.display()))?
         .flatten()
@@ -261,14 +399,25 @@ pub fn check_profiles(dir: &std::path::Path) -> Result<()> {
         bail!("no profiles (*.toml) in {}", dir.display());
     }
     let mut failed = 0;
+    let mut list = Vec::new();
     for p in &paths {
-        match Profile::load(p) {
-            Ok(profile) => println!("ok      {} ({})", p.display(), profile.name),
+        let (name, error) = match Profile::load(p) {
+            Ok(profile) => (Some(profile.name.to_string()), None),
             Err(e) => {
                 failed += 1;
-                println!("FAILED  {e:#}");
+                (None, Some(format!("{e:#}")))
             }
+        };
+        if json {
+            list.push(serde_json::json!({ "path": p, "name": name, "error": error }));
+        } else if let Some(e) = &error {
+            println!("FAILED  {e}");
+        } else {
+            println!("ok      {} ({})", p.display(), name.unwrap_or_default());
         }
+    }
+    if json {
+        println!("{}", serde_json::to_string_pretty(&list)?);
     }
     if failed > 0 {
         bail!("{failed} of {} profiles are invalid", paths.len());
@@ -388,6 +537,76 @@ fn payload_command(command: PayloadCommand, quiet: bool) -> Result<()> {
                 text.push_str(&format!("\n{}: matches the payload", dir.display()));
             }
             report(json, value, text)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::build::{BuildSummary, NodeSummary};
+
+    fn alrest_summary() -> BuildSummary {
+        let profile = Profile::parse(
+            include_str!("../../profiles/alrest.toml"),
+            "profiles/alrest.toml",
+        )
+        .expect("alrest parses");
+        let (nodes, default_node) = NodeSummary::of(&profile);
+        BuildSummary {
+            profile: "alrest".into(),
+            iso: "target/nodeflash/alrest.iso".into(),
+            iso_bytes: 75 * 1048576 + 524288,
+            iso_sha256: "ab".repeat(32),
+            image_id: "0123456789abcdef0123".into(),
+            kernel_release: "6.1.0-40-amd64".into(),
+            initrd_bytes: 30 * 1048576,
+            modules: 41,
+            payload: None,
+            nodes,
+            default_node,
+        }
+    }
+
+    #[test]
+    fn summary_shows_the_iso_its_sha256_the_payload_and_every_host_id() {
+        let warn = "  (no `match` rules: the stick cannot recognise it)";
+        let want = format!(
+            "ISO:      target/nodeflash/alrest.iso (75.5 MiB)\n\
+             sha256:   {sha}\n\
+             image:    0123456789ab (kernel 6.1.0-40-amd64, 41 modules, initramfs 30.0 MiB)\n\
+             payload:  none (the profile has no [payload])\n\
+             nodes:    kos-mos  host ID 472479d4{warn}\n          \
+                       logos    host ID aeace675{warn}\n          \
+                       ontos    host ID 07602ecc{warn}\n          \
+                       pneuma   host ID 34fbd94b{warn}\n\
+             other:    install  host ID derive  (any machine that matches no node)\n\
+             write it: sudo dd if=target/nodeflash/alrest.iso of=/dev/sdX bs=4M conv=fsync status=progress\n",
+            sha = "ab".repeat(32)
+        );
+        assert_eq!(summary_text(&alrest_summary()), want);
+    }
+
+    #[test]
+    fn summary_with_a_payload_recognised_nodes_and_no_default_node() {
+        let mut s = alrest_summary();
+        s.payload = Some(nodeflash_installer::image::PayloadInfo {
+            path: "/nodeflash/store.nfp".into(),
+            bytes: 300 * 1048576,
+            manifest_sha256: "cd".repeat(32),
+            files: 40_000,
+            store_bytes: 1024 * 1048576,
+        });
+        s.nodes.truncate(1);
+        s.nodes[0].recognisable = true;
+        s.default_node = None;
+        let text = summary_text(&s);
+        for want in [
+            "payload:  300.0 MiB packed from 40000 files, 1024.0 MiB (manifest cdcdcdcdcdcd)\n",
+            "nodes:    kos-mos  host ID 472479d4\n",
+            "other:    refused (`[default-node] install = false`)\n",
+        ] {
+            assert!(text.contains(want), "{want:?} not in\n{text}");
         }
     }
 }

@@ -453,7 +453,7 @@ impl Provider for Debian {
                 .context("pinned package")
         };
         let mut apt = None;
-        let debs = steps::step("Fetching inputs", || {
+        let debs = steps::long_step("Fetching inputs", || {
             lock.packages
                 .iter()
                 .map(|p| Ok((p.name.clone(), self.fetch(cache, &mut apt, p)?)))
@@ -497,17 +497,15 @@ impl Provider for Debian {
                 .chain([compiler.lines().next().unwrap_or(""), "zfs-modules-v1"]),
         );
         let zfs_modules = cache.dir("zfs-modules", &zfs_key, |out| {
-            steps::step(
-                "Compiling ZFS modules (first build only, a few minutes)",
-                || {
-                    let debs: Vec<PathBuf> = header_pkgs
-                        .iter()
-                        .chain([&zfs_src])
-                        .map(|p| deb(&p.name))
-                        .collect::<Result<_>>()?;
-                    build_zfs(cache, &release, &debs, out)
-                },
-            )
+            steps::long_step("Compiling ZFS modules", || {
+                steps::note("once per kernel: about 4 to 6 minutes on 2 cores");
+                let debs: Vec<PathBuf> = header_pkgs
+                    .iter()
+                    .chain([&zfs_src])
+                    .map(|p| deb(&p.name))
+                    .collect::<Result<_>>()?;
+                build_zfs(cache, &release, &debs, out)
+            })
         })?;
 
         let id = key_of(

@@ -122,7 +122,7 @@ pub fn prepare(
             .chain(settings.iter()),
         ),
     };
-    let path = steps::step("Packing the store", || {
+    let path = steps::step("Packing store", || {
         cache.file("payload", &format!("{key}.nfp"), |out| {
             pack_source(&source, system, out, p.level)
         })

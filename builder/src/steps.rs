@@ -1,12 +1,16 @@
-//! Step lines with durations on the build host (`==> Fetching inputs`).
+//! Step lines with durations on the build host (`==> Fetching inputs`),
+//! and a spinner with the elapsed time under the long ones.
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Instant;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
 use anyhow::Result;
 
 static QUIET: AtomicBool = AtomicBool::new(false);
 static VERBOSE: AtomicBool = AtomicBool::new(false);
+/// The spinner of the long step under way, which notes print above.
+static SPINNER: Mutex<Option<indicatif::ProgressBar>> = Mutex::new(None);
 
 /// Quiet hides step lines; verbose also shows every command that is run.
 pub fn configure(quiet: bool, verbose: bool) {
@@ -27,8 +31,12 @@ pub fn verbose() -> bool {
 
 /// Prints a note under the current step.
 pub fn note(msg: &str) {
-    if !QUIET.load(Ordering::Relaxed) {
-        eprintln!("    {msg}");
+    if QUIET.load(Ordering::Relaxed) {
+        return;
+    }
+    match SPINNER.lock().ok().as_deref().and_then(Option::as_ref) {
+        Some(bar) => bar.suspend(|| eprintln!("    {msg}")),
+        None => eprintln!("    {msg}"),
     }
 }
 
@@ -44,4 +52,32 @@ pub fn step<T>(name: &str, f: impl FnOnce() -> Result<T>) -> Result<T> {
         eprintln!("    {name}: done in {:.1}s", t.elapsed().as_secs_f64());
     }
     r
+}
+
+/// A step that can take minutes: as [`step`], with a spinner and the
+/// elapsed time while it runs when stderr is a terminal (not with `-v`,
+/// whose command lines would break it, nor `-q`).
+pub fn long_step<T>(name: &str, f: impl FnOnce() -> Result<T>) -> Result<T> {
+    use std::io::IsTerminal;
+    if quiet() || verbose() || !std::io::stderr().is_terminal() {
+        return step(name, f);
+    }
+    step(name, || {
+        let bar = indicatif::ProgressBar::new_spinner();
+        bar.set_style(
+            indicatif::ProgressStyle::with_template("    {spinner} {msg} {elapsed}")
+                .unwrap_or_else(|_| indicatif::ProgressStyle::default_spinner()),
+        );
+        bar.set_message(name.to_string());
+        bar.enable_steady_tick(Duration::from_millis(200));
+        if let Ok(mut s) = SPINNER.lock() {
+            *s = Some(bar.clone());
+        }
+        let r = f();
+        if let Ok(mut s) = SPINNER.lock() {
+            *s = None;
+        }
+        bar.finish_and_clear();
+        r
+    })
 }

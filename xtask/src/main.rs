@@ -8,13 +8,14 @@ use std::process::{Command, ExitCode};
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
-use nodeflash_builder::build::{build, profile_path, provider, BuildOptions};
+use nodeflash_builder::build::{build, find_profile, provider, BuildOptions};
 use nodeflash_builder::cache::Cache;
 use nodeflash_builder::{cli, steps, synthetic, tools};
 use nodeflash_installer::cmd;
 use nodeflash_installer::profile::{Profile, Size};
 
 mod bench;
+mod readme;
 
 const MUSL: &str = "x86_64-unknown-linux-musl";
 const GNU: &str = "x86_64-unknown-linux-gnu";
@@ -217,7 +218,7 @@ fn build_iso(profile: &str) -> Result<nodeflash_builder::build::BuildSummary> {
     ensure_packages(tools::BUILD_TOOLS)?;
     let installer = build_installer()?;
     build(&BuildOptions {
-        profile: profile_path(profile, &root().join("profiles")),
+        profile: find_profile(profile, &root().join("profiles"))?,
         installer,
         out_dir: target_dir().join("nodeflash"),
         cache: Cache::from_env()?,
@@ -255,9 +256,39 @@ fn test() -> Result<()> {
             "warnings",
         ]))
     })?;
-    // README's image too: its QEMU test installs it on a 1 TB disk.
-    for profile in ["qemu", "qemu-bus", "alrest"] {
+    let [readme_build, readme_test] = readme_commands()?;
+    if readme_test != ["cargo", "xtask", "test"] {
+        bail!(
+            "README.md's test command is `{}`, not this one (`cargo xtask test`)",
+            readme_test.join(" ")
+        );
+    }
+    for profile in ["qemu", "qemu-bus"] {
         cli::print_summary(&build_iso(profile)?);
+    }
+    // README's image, built by README's command as written: its QEMU test
+    // installs it on a 1 TB disk.
+    let profile = readme_build_profile(&readme_build)?;
+    let summary = target_dir().join(format!("nodeflash/{profile}.json"));
+    let started = std::time::SystemTime::now();
+    steps::step(
+        &format!("Running README's build command: {}", readme_build.join(" ")),
+        || {
+            run_visible(
+                Command::new(&readme_build[0])
+                    .args(&readme_build[1..])
+                    .current_dir(root()),
+            )
+        },
+    )?;
+    let written = std::fs::metadata(&summary)
+        .and_then(|m| m.modified())
+        .with_context(|| format!("README's build command wrote no {}", summary.display()))?;
+    if written < started {
+        bail!(
+            "README's build command did not write {}: it is older than the command",
+            summary.display()
+        );
     }
     let installer = build_installer()?;
     steps::step("Running the tests (unit and QEMU)", || {
@@ -269,4 +300,90 @@ fn test() -> Result<()> {
                 .env("NODEFLASH_PROFILES", root().join("profiles")),
         )
     })
+}
+
+/// README's two commands (see `readme.rs`).
+fn readme_commands() -> Result<[Vec<String>; 2]> {
+    let path = root().join("README.md");
+    let text = std::fs::read_to_string(&path)
+        .with_context(|| format!("cannot read {}", path.display()))?;
+    readme::two_commands(&text)
+}
+
+/// The profile README's build command builds, checked to be `cargo xtask
+/// build-iso` with arguments this xtask accepts.
+fn readme_build_profile(command: &[String]) -> Result<String> {
+    let args = readme::xtask_args(command).with_context(|| {
+        format!(
+            "README.md's build command `{}` is not `cargo xtask …`",
+            command.join(" ")
+        )
+    })?;
+    let parsed =
+        Args::try_parse_from(std::iter::once("cargo xtask").chain(args.iter().map(String::as_str)))
+            .with_context(|| {
+                format!(
+                    "README.md's build command `{}` is not valid",
+                    command.join(" ")
+                )
+            })?;
+    match parsed.command {
+        Cmd::BuildIso { profile } => Ok(profile),
+        _ => bail!(
+            "README.md's build command `{}` is not `cargo xtask build-iso`",
+            command.join(" ")
+        ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// README's two commands are the ones this xtask runs: the build command
+    /// is a valid `build-iso` of the seed's cluster, which `cargo xtask test`
+    /// runs as written, and the test command is `cargo xtask test`, which is
+    /// what CI (`.ci/run`) runs.
+    #[test]
+    fn readme_commands_are_what_ci_runs() {
+        let [build, test] = readme_commands().expect("README's two commands");
+        assert_eq!(
+            readme_build_profile(&build).expect("a build-iso command"),
+            "alrest"
+        );
+        assert_eq!(build.join(" "), "cargo xtask build-iso --profile alrest");
+        assert_eq!(test, ["cargo", "xtask", "test"]);
+        let args = readme::xtask_args(&test).expect("cargo xtask");
+        let parsed = Args::try_parse_from(
+            std::iter::once("cargo xtask").chain(args.iter().map(String::as_str)),
+        )
+        .expect("valid xtask arguments");
+        assert!(matches!(parsed.command, Cmd::Test));
+        let ci = std::fs::read_to_string(root().join(".ci/run")).expect(".ci/run");
+        assert!(
+            ci.lines().any(|l| l.trim() == test.join(" ")),
+            ".ci/run does not run README's `{}`:\n{ci}",
+            test.join(" ")
+        );
+    }
+
+    #[test]
+    fn a_build_command_that_is_not_build_iso_is_refused() {
+        let words = |s: &str| s.split_whitespace().map(str::to_string).collect::<Vec<_>>();
+        for (cmd, want) in [
+            ("cargo build --release", "is not `cargo xtask …`"),
+            ("cargo xtask build-iso --profil alrest", "is not valid"),
+            (
+                "cargo xtask update-inputs",
+                "is not `cargo xtask build-iso`",
+            ),
+        ] {
+            let err = readme_build_profile(&words(cmd)).expect_err(cmd);
+            assert!(format!("{err:#}").contains(want), "{err:#}");
+        }
+        assert_eq!(
+            readme_build_profile(&words("cargo xtask build-iso")).expect("default"),
+            "alrest"
+        );
+    }
 }
