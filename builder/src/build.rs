@@ -33,6 +33,12 @@ pub const DEFAULT_MODULES: &[&str] = &[
     "sd_mod",
     "sr_mod",
     "isofs",
+    // the target's ESP on /boot, and EFI variables, for a NixOS system's
+    // own boot loader installation
+    "vfat",
+    "nls_cp437",
+    "nls_utf8",
+    "efivarfs",
     // target disks
     "crc64_rocksoft_generic",
     "nvme",
@@ -204,14 +210,19 @@ pub fn build(opts: &BuildOptions) -> Result<BuildSummary> {
             initrd: format!("{}/initrd", sys.name),
             cmdline: b.cmdline.clone(),
             check: true,
+            nixos: None,
         },
         None => BootInfo {
             kernel: b.kernel.clone().unwrap_or_default(),
             initrd: b.initrd.clone().unwrap_or_default(),
             cmdline: b.cmdline.clone(),
             check: false,
+            nixos: b.nixos_toplevel(&profile.payload),
         },
     });
+    if let (Some(b), Some(p)) = (&boot, &packed) {
+        check_boot_paths(b, &p.path, &opts.profile)?;
+    }
     let (initramfs, info) = steps::step("Assembling initramfs", || {
         assemble(
             &opts.installer,
@@ -349,6 +360,35 @@ struct Extras<'a> {
     packed: Option<&'a crate::payload::Packed>,
     boot: Option<BootInfo>,
     mode: Mode,
+}
+
+/// The files `[boot]` names must be in the payload, so that a wrong path
+/// fails the build and not the install.
+fn check_boot_paths(boot: &BootInfo, payload: &Path, profile: &Path) -> Result<()> {
+    let file = std::fs::File::open(payload)
+        .with_context(|| format!("cannot open {}", payload.display()))?;
+    let manifest = nodeflash_installer::payload::Payload::open(file)
+        .with_context(|| format!("cannot read {}", payload.display()))?
+        .manifest;
+    let wanted: Vec<(&str, String)> = match &boot.nixos {
+        Some(top) => vec![
+            ("toplevel", format!("{top}/bin/switch-to-configuration")),
+            ("toplevel", format!("{top}/activate")),
+        ],
+        None => vec![
+            ("kernel", boot.kernel.clone()),
+            ("initrd", boot.initrd.clone()),
+        ],
+    };
+    for (key, path) in wanted {
+        if !manifest.entries.iter().any(|e| e.path() == path) {
+            bail!(
+                "{}: `boot.{key}`: the payload has no /nix/store/{path}",
+                profile.display()
+            );
+        }
+    }
+    Ok(())
 }
 
 /// nodeflash's check system, a store path of the payload: the kernel, and

@@ -31,6 +31,8 @@ pub const TEST_TOOLS: &[(&str, &str)] = &[
     ("dnsmasq", "dnsmasq-base"),
     ("ip", "iproute2"),
     ("ssh-keygen", "openssh-client"),
+    // the shell of the stand-in NixOS system's scripts (static)
+    ("/bin/busybox", "busybox-static"),
 ];
 
 /// (program, Debian package) `cargo xtask bench store` compares against.

@@ -82,6 +82,8 @@ pub struct CheckReport {
     pub install_log_lines: Option<usize>,
     /// The console of a failed install left on the disk, if any.
     pub failed_install_log: Option<Vec<String>>,
+    /// The store path the NixOS system profile points at, when there is one.
+    pub nixos_system: Option<String>,
     pub check_secs: f64,
 }
 
@@ -226,6 +228,8 @@ pub struct Gathered {
     pub install_log: Option<Result<String, String>>,
     /// None: no failed install left its console.
     pub failed_log: Option<Result<String, String>>,
+    /// Where the NixOS system profile points (through its generation link).
+    pub nixos_system: Option<String>,
 }
 
 /// The report and its problems from what was gathered. `expected_datasets`
@@ -309,6 +313,7 @@ pub fn build_report(
         store,
         install_log_lines: install_log.map(|t| t.lines().count()),
         failed_install_log: failed,
+        nixos_system: g.nixos_system,
         check_secs,
     }
 }
@@ -396,6 +401,13 @@ pub fn gather_files(root: &Path, threads: usize) -> Gathered {
                     .map(|b| String::from_utf8_lossy(&b).into_owned())
                     .map_err(text)
             })
+        },
+        nixos_system: {
+            let profile = root.join(crate::nixos::SYSTEM_PROFILE.trim_start_matches('/'));
+            std::fs::read_link(&profile)
+                .and_then(|generation| std::fs::read_link(profile.with_file_name(generation)))
+                .ok()
+                .map(|t| t.display().to_string())
         },
         ..Gathered::default()
     }
@@ -664,6 +676,7 @@ mod tests {
             store: None,
             install_log: Some(Ok("nodeflash 0.1.0\nnodeflash: done in 1.0s\n".into())),
             failed_log: None,
+            nixos_system: None,
         }
     }
 

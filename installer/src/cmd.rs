@@ -4,6 +4,7 @@
 //! with `-v` on the build host), its stdout is returned, and a failure carries
 //! the command line, the exit status and the captured stderr.
 
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::sync::OnceLock;
 
@@ -29,6 +30,27 @@ fn argv(cmd: &Command) -> String {
         })
         .collect::<Vec<_>>()
         .join(" ")
+}
+
+/// Makes `cmd` run with `root` as its root directory (`chroot(2)` and
+/// `chdir("/")` in the child, so no `chroot` program is needed); its
+/// program is then a path inside `root`.
+pub fn in_root<'a>(cmd: &'a mut Command, root: &Path) -> &'a mut Command {
+    use std::os::unix::ffi::OsStrExt;
+    use std::os::unix::process::CommandExt;
+    // Allocated before the fork: the child may only make system calls.
+    let root = std::ffi::CString::new(root.as_os_str().as_bytes())
+        .unwrap_or_else(|_| c"/nonexistent".to_owned());
+    // SAFETY: between fork and exec only async-signal-safe system calls
+    // (chroot, chdir) run, on memory allocated before the fork.
+    unsafe {
+        cmd.pre_exec(move || {
+            if nix::libc::chroot(root.as_ptr()) != 0 || nix::libc::chdir(c"/".as_ptr()) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        })
+    }
 }
 
 /// Runs `cmd` to completion and returns its stdout.

@@ -56,6 +56,10 @@ pub struct BootInfo {
     /// nodeflash's check system: its entry also carries the node's host ID
     /// (`nodeflash.hostid=`), as a NixOS initrd has it built in.
     pub check: bool,
+    /// A NixOS system's top-level store path name: the installer runs its
+    /// own boot loader installation instead of writing an entry itself.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nixos: Option<String>,
 }
 
 /// Where the builder puts systemd-boot in the install initramfs.

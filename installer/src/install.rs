@@ -160,7 +160,13 @@ pub(crate) fn install(profile: &Profile, info: &ImageInfo, started: Instant) -> 
         // For checking the store on the installed system later.
         crate::check::save_manifest(Path::new("/mnt"), &c.manifest)?;
     }
-    let staged = info.boot.as_ref().map(stage_boot_files).transpose()?;
+    // A NixOS system installs its own kernel and initrd.
+    let staged = info
+        .boot
+        .as_ref()
+        .filter(|b| b.nixos.is_none())
+        .map(stage_boot_files)
+        .transpose()?;
 
     let mut report = InstallReport {
         nodeflash_version: info.version.clone(),
@@ -248,6 +254,25 @@ fn finish(
         phases.start("payload read test");
         let raw = raw_read_speed(&c.file)?;
         report.payload = Some(report_store(c, raw, digest)?);
+    }
+    if let Some(toplevel) = info.boot.as_ref().and_then(|b| b.nixos.as_deref()) {
+        phases.start("boot loader");
+        say!("boot loader: the NixOS system {toplevel} installs its own");
+        let mounted = mount_system(profile)?;
+        let done = crate::nixos::set_system_profile(Path::new("/mnt"), toplevel).and_then(|()| {
+            crate::nixos::install_boot_loader(Path::new("/mnt"), Path::new(f.esp_dev), &|l| {
+                say!("  {l}")
+            })
+        });
+        let unmounted = unmount_all(mounted);
+        for w in done? {
+            warn(&mut report.warnings, w);
+        }
+        unmounted?;
+        say!(
+            "boot loader: installed by {toplevel}'s switch-to-configuration on {}",
+            f.esp_dev
+        );
     }
     if let (Some(bi), Some(staged)) = (&info.boot, f.staged) {
         phases.start("boot loader");
@@ -437,6 +462,55 @@ fn write_failure_log(profile: &Profile) -> Result<String> {
             .join(crate::report::FAILED_LOG)
             .display()
     ))
+}
+
+/// Mounts every dataset with a mountpoint under /mnt, parents first (the
+/// pool is imported without mounting); returns the mounts in order.
+fn mount_system(profile: &Profile) -> Result<Vec<PathBuf>> {
+    let mut datasets: Vec<(String, String)> = profile
+        .pool
+        .datasets
+        .iter()
+        .filter_map(|d| {
+            let m = d.mountpoint.as_ref()?.get_ref().0.clone();
+            m.starts_with('/')
+                .then(|| (format!("{}/{}", profile.pool.name, d.name.get_ref()), m))
+        })
+        .collect();
+    datasets.sort_by_key(|(_, m)| Path::new(m).components().count());
+    let mut mounted = Vec::new();
+    for (dataset, mountpoint) in datasets {
+        let target = Path::new("/mnt").join(mountpoint.trim_start_matches('/'));
+        let r = std::fs::create_dir_all(&target)
+            .with_context(|| format!("cannot create {}", target.display()))
+            .and_then(|()| {
+                mount(
+                    Some(dataset.as_str()),
+                    &target,
+                    Some("zfs"),
+                    MsFlags::empty(),
+                    Some("zfsutil"),
+                )
+                .with_context(|| format!("cannot mount {dataset} on {}", target.display()))
+            });
+        if let Err(e) = r {
+            let _ = unmount_all(mounted);
+            return Err(e);
+        }
+        mounted.push(target);
+    }
+    Ok(mounted)
+}
+
+/// Unmounts in reverse order.
+fn unmount_all(mut mounted: Vec<PathBuf>) -> Result<()> {
+    let mut result = Ok(());
+    while let Some(target) = mounted.pop() {
+        if let Err(e) = nix::mount::umount(&target) {
+            result = Err(anyhow::anyhow!("cannot unmount {}: {e}", target.display()));
+        }
+    }
+    result
 }
 
 /// Writes the install report on the root dataset (the pool is imported).
@@ -692,11 +766,11 @@ fn register(manifest: &crate::payload::Manifest, registration: &str) -> Result<(
         return Ok(());
     };
     crate::cmd::run_with_input(
-        std::process::Command::new("chroot").args([
-            "/mnt",
-            &format!("/nix/store/{nix_store}"),
-            "--load-db",
-        ]),
+        crate::cmd::in_root(
+            &mut Command::new(format!("/nix/store/{nix_store}")),
+            Path::new("/mnt"),
+        )
+        .arg("--load-db"),
         registration.as_bytes(),
     )
     .context("cannot register the store paths with the installed Nix")?;

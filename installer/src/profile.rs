@@ -466,7 +466,11 @@ pub struct Boot {
     /// For `generic`: the initrd, as a path in the store.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub initrd: Option<String>,
-    /// Kernel command line of the installed system.
+    /// For `nixos`: the system's top-level store path (`HASH-nixos-system-…`);
+    /// by default the payload's `closure`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub toplevel: Option<String>,
+    /// Kernel command line of the installed system (`generic` and `check`).
     #[serde(default = "default_boot_cmdline")]
     pub cmdline: String,
 }
@@ -483,6 +487,22 @@ pub enum BootSystem {
     /// nodeflash's own small system, added to the store by the builder: its
     /// stage 1 imports the pool, mounts it and prints what it finds (tests).
     Check,
+    /// A NixOS system: the installer does what `nixos-install` does once the
+    /// store is in place and runs the system's own `switch-to-configuration
+    /// boot` in a chroot of the installed root, with the ESP on `/boot`.
+    Nixos,
+}
+
+impl Boot {
+    /// The NixOS top-level store path name, for `system = "nixos"`.
+    pub fn nixos_toplevel(&self, payload: &Payload) -> Option<String> {
+        (self.system == BootSystem::Nixos).then(|| {
+            self.toplevel.clone().unwrap_or_else(|| {
+                let closure = payload.closure.as_deref().unwrap_or_default();
+                closure.trim_start_matches("/nix/store/").to_string()
+            })
+        })
+    }
 }
 
 /// What the installer does when it is done, and when it fails.
@@ -1015,6 +1035,31 @@ impl Profile {
                             "boot".into(),
                             "a `generic` system needs `kernel` and `initrd` from the payload"
                                 .into(),
+                        ));
+                    }
+                }
+                BootSystem::Nixos => {
+                    if boot.kernel.is_some() || boot.initrd.is_some() {
+                        return Err((
+                            None,
+                            "boot".into(),
+                            "a `nixos` system installs its own kernel and initrd: \
+                             give `toplevel` (or a `closure`), not `kernel` or `initrd`"
+                                .into(),
+                        ));
+                    }
+                    let toplevel = boot.nixos_toplevel(p).unwrap_or_default();
+                    if p.is_empty()
+                        || toplevel.contains('/')
+                        || crate::payload::check_path(&toplevel).is_err()
+                    {
+                        return Err((
+                            None,
+                            "boot.toplevel".into(),
+                            format!(
+                                "{toplevel:?} is not a store path name (`HASH-nixos-system-…`); \
+                                 a `nixos` system needs `toplevel` or a `closure` in [payload]"
+                            ),
                         ));
                     }
                 }

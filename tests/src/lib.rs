@@ -110,11 +110,26 @@ pub fn boot_installed(disk: &Nvme) -> serde_json::Value {
 /// `-kernel`, not the disk's boot loader) on `disk`, with `hostid`: it
 /// reports what is on a disk that was left unbootable on purpose.
 pub fn check_unbootable(iso: &Path, disk: &Nvme, hostid: &str) -> serde_json::Value {
-    use nodeflash_installer::payload;
     let dir = tempfile::tempdir().expect("tempdir");
-    let packed = dir.path().join("store.nfp");
+    let (kernel, initrd) = check_system(iso, dir.path());
+    let mut cfg = VmConfig::new(PathBuf::new(), Boot::Disk);
+    cfg.nvme.push(disk.clone());
+    cfg.kernel = Some((
+        kernel,
+        initrd,
+        format!("console=ttyS0,115200 quiet nodeflash.hostid={hostid}"),
+    ));
+    check_console(cfg)
+}
+
+/// Copies the kernel and initrd of the check system in `iso`'s payload
+/// into `dir`.
+pub fn check_system(iso: &Path, dir: &Path) -> (PathBuf, PathBuf) {
+    use nodeflash_installer::payload;
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let packed = tmp.path().join("store.nfp");
     extract_from_iso(iso, "/nodeflash/store.nfp", &packed);
-    let store = dir.path().join("store");
+    let store = tmp.path().join("store");
     payload::Payload::open(std::fs::File::open(&packed).expect("payload"))
         .expect("the payload opens")
         .extract(Some(&store), 2, &payload::Counters::default())
@@ -125,14 +140,11 @@ pub fn check_unbootable(iso: &Path, disk: &Nvme, hostid: &str) -> serde_json::Va
         .map(|e| e.path())
         .find(|p| p.to_string_lossy().ends_with("-nodeflash-check-system"))
         .expect("the payload holds the check system");
-    let mut cfg = VmConfig::new(PathBuf::new(), Boot::Disk);
-    cfg.nvme.push(disk.clone());
-    cfg.kernel = Some((
-        system.join("kernel"),
-        system.join("initrd"),
-        format!("console=ttyS0,115200 quiet nodeflash.hostid={hostid}"),
-    ));
-    check_console(cfg)
+    std::fs::create_dir_all(dir).expect("mkdir");
+    for name in ["kernel", "initrd"] {
+        std::fs::copy(system.join(name), dir.join(name)).expect("copy");
+    }
+    (dir.join("kernel"), dir.join("initrd"))
 }
 
 fn check_console(cfg: VmConfig) -> serde_json::Value {
