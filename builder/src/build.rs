@@ -37,7 +37,7 @@ pub const DEFAULT_MODULES: &[&str] = &[
     // own boot loader installation
     "vfat",
     "nls_cp437",
-    "nls_utf8",
+    "nls_ascii",
     "efivarfs",
     // target disks
     "crc64_rocksoft_generic",

@@ -218,10 +218,11 @@ pub(crate) fn install(profile: &Profile, info: &ImageInfo, started: Instant) -> 
             root_mounted,
         },
     );
-    phases.start("final export");
-    let exported = run(Command::new("zpool").args(["export", &pool]));
+    // On a failure the pool stays imported: PID 1 saves the console on it,
+    // then exports it.
     finished?;
-    exported?;
+    phases.start("final export");
+    run(Command::new("zpool").args(["export", &pool]))?;
     let (list, total) = phases.finish();
     report.phases = list;
     report.total_secs = total;
