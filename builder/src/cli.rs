@@ -72,11 +72,54 @@ enum Command {
         #[command(subcommand)]
         command: PayloadCommand,
     },
+    /// Write an ISO onto a USB stick and read it back; without DEVICE, list
+    /// the disks it would accept and refuse.
+    #[command(after_help = FLASH_HELP)]
+    Flash(FlashArgs),
     /// Pin the newest available build inputs in the profile's lock file.
     UpdateInputs {
         #[arg(long, default_value = "alrest")]
         profile: String,
     },
+}
+
+const FLASH_HELP: &str = "Examples:
+  nodeflash flash                                   # list the disks, accepted and refused
+  nodeflash flash target/nodeflash/alrest.iso       # the same, checking they can hold it
+  nodeflash flash target/nodeflash/alrest.iso /dev/sdb
+  nodeflash flash target/nodeflash/alrest.iso /dev/sdb --force /dev/sdb   # an internal or large disk
+  nodeflash flash target/nodeflash/alrest.iso copy.img                    # a file works too
+
+Accepted: a whole disk that is removable (sysfs removable=1) or on USB, at most
+--max-size, not mounted, not swap, not held (LUKS, LVM, RAID), writable.
+--force DEVICE (the same device again) overrides only \"not removable\" and
+\"too large\". The written bytes are read back (O_DIRECT) and compared.
+
+Exit status: 0 written and verified (or: at least one disk listed as accepted),
+1 refused, failed or no acceptable disk, 2 bad usage.";
+
+#[derive(Debug, clap::Args)]
+struct FlashArgs {
+    /// The image, e.g. target/nodeflash/alrest.iso.
+    iso: Option<PathBuf>,
+    /// The stick: a whole disk such as /dev/sdb (or a regular file).
+    device: Option<PathBuf>,
+    /// Write to DEVICE although it is not removable or larger than
+    /// --max-size: name the same device again.
+    #[arg(long, value_name = "DEVICE")]
+    force: Option<PathBuf>,
+    /// Refuse disks larger than this.
+    #[arg(long, default_value = "128GiB")]
+    max_size: nodeflash_installer::profile::Size,
+    /// Print the listing or the result as JSON.
+    #[arg(long)]
+    json: bool,
+    /// sysfs root (tests point this at a captured tree).
+    #[arg(long, default_value = "/sys", hide = true)]
+    sysfs: PathBuf,
+    /// procfs root (tests point this at captured files).
+    #[arg(long, default_value = "/proc", hide = true)]
+    proc: PathBuf,
 }
 
 #[derive(Debug, Subcommand)]
@@ -207,6 +250,27 @@ fn run(cli: Cli) -> Result<()> {
             println!("{}", serde_json::to_string_pretty(&facts)?);
         }
         Command::Payload { command } => payload_command(command, cli.quiet)?,
+        Command::Flash(a) => {
+            let forced = match (&a.force, &a.device) {
+                (None, _) => false,
+                (Some(f), Some(d)) if crate::flash::same_device(f, d) => true,
+                (Some(f), d) => usage_error(&format!(
+                    "--force {} must name the DEVICE being written again{}",
+                    f.display(),
+                    d.as_ref()
+                        .map_or(String::new(), |d| format!(" ({})", d.display()))
+                )),
+            };
+            crate::flash::command(&crate::flash::Options {
+                iso: a.iso,
+                device: a.device,
+                forced,
+                max_size: a.max_size.0,
+                json: a.json,
+                sysfs: a.sysfs,
+                proc: a.proc,
+            })?
+        }
         Command::UpdateInputs { profile } => {
             let path = profile_path(&profile, &cli.profiles_dir);
             let p = Profile::load(&path)?;
@@ -214,6 +278,14 @@ fn run(cli: Cli) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// Exits with status 2 and clap's usage message.
+fn usage_error(msg: &str) -> ! {
+    use clap::CommandFactory;
+    Cli::command()
+        .error(clap::error::ErrorKind::ArgumentConflict, msg)
+        .exit()
 }
 
 pub fn print_summary(s: &crate::build::BuildSummary) {

@@ -7,6 +7,7 @@ pub mod cli;
 pub mod debian;
 pub mod efi;
 pub mod elf;
+pub mod flash;
 pub mod initramfs;
 pub mod inputs;
 pub mod iso;
