@@ -16,3 +16,4 @@ pub mod payload;
 pub mod steps;
 pub mod synthetic;
 pub mod tools;
+pub mod vm;
