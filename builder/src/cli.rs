@@ -76,6 +76,10 @@ enum Command {
     /// the disks it would accept and refuse.
     #[command(after_help = FLASH_HELP)]
     Flash(FlashArgs),
+    /// Boot an ISO in QEMU with the serial console on this terminal: the
+    /// stick installs a fresh NVMe disk, then the disk boots alone.
+    #[command(after_help = crate::vm::RUN_VM_HELP)]
+    RunVm(crate::vm::RunVmArgs),
     /// Pin the newest available build inputs in the profile's lock file.
     UpdateInputs {
         #[arg(long, default_value = "alrest")]
@@ -270,6 +274,12 @@ fn run(cli: Cli) -> Result<()> {
                 sysfs: a.sysfs,
                 proc: a.proc,
             })?
+        }
+        Command::RunVm(a) => {
+            if a.boot == crate::vm::Boots::Disk && a.disk.is_none() {
+                usage_error("--boot disk needs --disk PATH (a disk installed by an earlier run)");
+            }
+            crate::vm::run_command(&a, &cli.profiles_dir)?
         }
         Command::UpdateInputs { profile } => {
             let path = profile_path(&profile, &cli.profiles_dir);
