@@ -72,11 +72,29 @@ pub struct DeviceFacts {
     /// The disk's partitions (kernel names).
     pub partitions: Vec<String>,
     /// `(device, mount point)` for the disk and its partitions.
+    #[serde(serialize_with = "mount_objects")]
     pub mounts: Vec<(String, String)>,
     /// Active swap on the disk or its partitions (device names).
     pub swaps: Vec<String>,
     /// `(device, holder)`: device-mapper, RAID or LUKS on top of them.
+    #[serde(serialize_with = "holder_objects")]
     pub holders: Vec<(String, String)>,
+}
+
+/// `[{"device": …, "mount_point": …}]` in JSON.
+fn mount_objects<S: serde::Serializer>(v: &[(String, String)], s: S) -> Result<S::Ok, S::Error> {
+    s.collect_seq(
+        v.iter()
+            .map(|(d, m)| serde_json::json!({ "device": d, "mount_point": m })),
+    )
+}
+
+/// `[{"device": …, "holder": …}]` in JSON.
+fn holder_objects<S: serde::Serializer>(v: &[(String, String)], s: S) -> Result<S::Ok, S::Error> {
+    s.collect_seq(
+        v.iter()
+            .map(|(d, h)| serde_json::json!({ "device": d, "holder": h })),
+    )
 }
 
 fn read_trimmed(path: &Path) -> Option<String> {
@@ -248,7 +266,8 @@ impl DeviceFacts {
             removable: num("removable") == Some(1),
             read_only: num("ro") == Some(1),
             transport: transport(name, &real.to_string_lossy()).to_string(),
-            vendor: read_trimmed(&device.join("vendor")),
+            // virtio and NVMe put a PCI vendor ID (`0x1af4`) there, not a name.
+            vendor: read_trimmed(&device.join("vendor")).filter(|v| !v.starts_with("0x")),
             model: read_trimmed(&device.join("model")),
             serial,
             partitions,

@@ -113,6 +113,16 @@ fn listing_of_a_captured_machine() {
     assert_eq!(sde["transport"], "usb");
     assert_eq!(sde["refusals"][0]["rule"], "read-only");
     assert_eq!(sde["refusals"][0]["forcible"], false);
+    let sdc = rows.iter().find(|r| r["name"] == "sdc").expect("sdc");
+    assert_eq!(
+        sdc["mounts"],
+        serde_json::json!([{ "device": "sdc1", "mount_point": "/media/alice/MY STICK" }])
+    );
+    let sdf = rows.iter().find(|r| r["name"] == "sdf").expect("sdf");
+    assert_eq!(
+        sdf["holders"],
+        serde_json::json!([{ "device": "sdf1", "holder": "dm-0" }])
+    );
 
     // Nothing acceptable: the listing, then exit status 1.
     let out = nodeflash(&[
