@@ -119,6 +119,14 @@ enum Command {
         #[command(subcommand)]
         command: PayloadCommand,
     },
+    /// Write an ISO onto a USB stick and read it back; without DEVICE, list
+    /// the disks it would accept and refuse.
+    #[command(after_help = FLASH_HELP)]
+    Flash(FlashArgs),
+    /// Boot an ISO in QEMU with the serial console on this terminal: the
+    /// stick installs a fresh NVMe disk, then the disk boots alone.
+    #[command(after_help = crate::vm::RUN_VM_HELP)]
+    RunVm(crate::vm::RunVmArgs),
     /// Pin the newest available build inputs in the profile's lock file.
     #[command(after_help = examples!(
         "nodeflash update-inputs",
@@ -129,6 +137,45 @@ enum Command {
         #[arg(long, default_value = "alrest")]
         profile: String,
     },
+}
+
+const FLASH_HELP: &str = "Examples:
+  nodeflash flash                                   # list the disks, accepted and refused
+  nodeflash flash target/nodeflash/alrest.iso       # the same, checking they can hold it
+  nodeflash flash target/nodeflash/alrest.iso /dev/sdb
+  nodeflash flash target/nodeflash/alrest.iso /dev/sdb --force /dev/sdb   # an internal or large disk
+  nodeflash flash target/nodeflash/alrest.iso copy.img                    # a file works too
+
+Accepted: a whole disk that is removable (sysfs removable=1) or on USB, at most
+--max-size, not mounted, not swap, not held (LUKS, LVM, RAID), writable.
+--force DEVICE (the same device again) overrides only \"not removable\" and
+\"too large\". The written bytes are read back (O_DIRECT) and compared.
+
+Exit status: 0 written and verified (or: at least one disk listed as accepted),
+1 refused, failed or no acceptable disk, 2 bad usage.";
+
+#[derive(Debug, clap::Args)]
+struct FlashArgs {
+    /// The image, e.g. target/nodeflash/alrest.iso.
+    iso: Option<PathBuf>,
+    /// The stick: a whole disk such as /dev/sdb (or a regular file).
+    device: Option<PathBuf>,
+    /// Write to DEVICE although it is not removable or larger than
+    /// --max-size: name the same device again.
+    #[arg(long, value_name = "DEVICE")]
+    force: Option<PathBuf>,
+    /// Refuse disks larger than this.
+    #[arg(long, default_value = "128GiB")]
+    max_size: nodeflash_installer::profile::Size,
+    /// Print the listing or the result as JSON.
+    #[arg(long)]
+    json: bool,
+    /// sysfs root (tests point this at a captured tree).
+    #[arg(long, default_value = "/sys", hide = true)]
+    sysfs: PathBuf,
+    /// procfs root (tests point this at captured files).
+    #[arg(long, default_value = "/proc", hide = true)]
+    proc: PathBuf,
 }
 
 #[derive(Debug, Subcommand)]
@@ -293,6 +340,33 @@ fn run(cli: Cli) -> Result<()> {
             println!("{}", serde_json::to_string_pretty(&facts)?);
         }
         Command::Payload { command } => payload_command(command, cli.quiet)?,
+        Command::Flash(a) => {
+            let forced = match (&a.force, &a.device) {
+                (None, _) => false,
+                (Some(f), Some(d)) if crate::flash::same_device(f, d) => true,
+                (Some(f), d) => usage_error(&format!(
+                    "--force {} must name the DEVICE being written again{}",
+                    f.display(),
+                    d.as_ref()
+                        .map_or(String::new(), |d| format!(" ({})", d.display()))
+                )),
+            };
+            crate::flash::command(&crate::flash::Options {
+                iso: a.iso,
+                device: a.device,
+                forced,
+                max_size: a.max_size.0,
+                json: a.json,
+                sysfs: a.sysfs,
+                proc: a.proc,
+            })?
+        }
+        Command::RunVm(a) => {
+            if a.boot == crate::vm::Boots::Disk && a.disk.is_none() {
+                usage_error("--boot disk needs --disk PATH (a disk installed by an earlier run)");
+            }
+            crate::vm::run_command(&a, &cli.profiles_dir)?
+        }
         Command::UpdateInputs { profile } => {
             let path = find_profile(&profile, &cli.profiles_dir)?;
             let p = Profile::load(&path)?;
@@ -300,6 +374,14 @@ fn run(cli: Cli) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// Exits with status 2 and clap's usage message.
+fn usage_error(msg: &str) -> ! {
+    use clap::CommandFactory;
+    Cli::command()
+        .error(clap::error::ErrorKind::ArgumentConflict, msg)
+        .exit()
 }
 
 /// Prints the closing summary of a build on stdout.
@@ -379,7 +461,7 @@ pub fn summary_text(s: &crate::build::BuildSummary) -> String {
     }
     let _ = writeln!(
         t,
-        "write it: sudo dd if={} of=/dev/sdX bs=4M conv=fsync status=progress",
+        "write it: nodeflash flash {}   (lists the sticks it accepts; add the device)",
         s.iso.display()
     );
     t
@@ -581,7 +663,7 @@ mod tests {
                        ontos    host ID 07602ecc{warn}\n          \
                        pneuma   host ID 34fbd94b{warn}\n\
              other:    install  host ID derive  (any machine that matches no node)\n\
-             write it: sudo dd if=target/nodeflash/alrest.iso of=/dev/sdX bs=4M conv=fsync status=progress\n",
+             write it: nodeflash flash target/nodeflash/alrest.iso   (lists the sticks it accepts; add the device)\n",
             sha = "ab".repeat(32)
         );
         assert_eq!(summary_text(&alrest_summary()), want);

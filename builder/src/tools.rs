@@ -18,6 +18,12 @@ pub const BUILD_TOOLS: &[(&str, &str)] = &[
 ];
 
 /// (program or file, Debian package) the QEMU tests need.
+/// What `run-vm` needs: QEMU and the UEFI firmware.
+pub const VM_TOOLS: &[(&str, &str)] = &[
+    ("qemu-system-x86_64", "qemu-system-x86"),
+    ("/usr/share/OVMF/OVMF_CODE_4M.fd", "ovmf"),
+];
+
 pub const TEST_TOOLS: &[(&str, &str)] = &[
     ("qemu-system-x86_64", "qemu-system-x86"),
     ("/usr/share/OVMF/OVMF_CODE_4M.fd", "ovmf"),

@@ -111,6 +111,27 @@ pub fn run_with_input(cmd: &mut Command, input: &[u8]) -> Result<String> {
         .with_context(|| format!("`{line}` printed output that is not UTF-8"))
 }
 
+/// Runs `cmd` attached to this process's stdin, stdout and stderr (an
+/// interactive program such as QEMU with its console on the terminal);
+/// fails when it exits unsuccessfully. Its output is not captured: it has
+/// already been shown.
+pub fn run_attached(cmd: &mut Command) -> Result<()> {
+    let line = argv(cmd);
+    if let Some(log) = LOGGER.get() {
+        log(&format!("$ {line}"));
+    }
+    let status = cmd
+        .stdin(Stdio::inherit())
+        .stdout(Stdio::inherit())
+        .stderr(Stdio::inherit())
+        .status()
+        .with_context(|| format!("cannot run `{line}`"))?;
+    if !status.success() {
+        bail!("`{line}` failed ({status}); its messages are above");
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -136,6 +157,17 @@ mod tests {
         assert_eq!(
             run(Command::new("echo").arg("hi")).expect("echo runs"),
             "hi\n"
+        );
+    }
+
+    #[test]
+    fn attached_failure_carries_argv_and_status() {
+        run_attached(Command::new("true").arg("ok")).expect("true runs");
+        let err = run_attached(Command::new("sh").args(["-c", "exit 4"])).expect_err("must fail");
+        let msg = format!("{err:#}");
+        assert!(
+            msg.contains("sh -c 'exit 4'") && msg.contains("exit status: 4"),
+            "{msg}"
         );
     }
 

@@ -2,18 +2,16 @@
 //!
 //! A [`Vm`] boots an image under OVMF with the serial console captured to a
 //! file. It is always killed when dropped, and every failure carries the tail
-//! of its console. KVM is used only when a short probe shows that it works
-//! (on some hosts a KVM guest hangs); otherwise TCG.
+//! of its console. The QEMU command line is the builder's
+//! (`nodeflash_builder::vm`, shared with `nodeflash run-vm`), KVM included
+//! only when its probe shows that it works.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-
-pub const OVMF_CODE: &str = "/usr/share/OVMF/OVMF_CODE_4M.fd";
-pub const OVMF_VARS: &str = "/usr/share/OVMF/OVMF_VARS_4M.fd";
+use nodeflash_builder::vm::{self, Machine};
 
 /// An environment variable `cargo xtask test` sets.
 pub fn env_path(name: &str) -> PathBuf {
@@ -162,44 +160,15 @@ pub fn images_dir() -> PathBuf {
     }
 }
 
-/// How the ISO is attached.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Boot {
-    /// A USB stick on an xHCI controller (what `dd` onto a stick gives).
-    UsbStick,
-    /// A CD-ROM drive.
-    Cdrom,
-    /// No stick: the firmware boots the first NVMe disk (an installed node).
-    Disk,
+pub use nodeflash_builder::vm::{Boot, Nvme};
+
+/// The sha256 of a disk image, to show that a refusal left it unchanged.
+pub trait DiskImage {
+    fn sha256(&self) -> String;
 }
 
-/// An NVMe disk backed by a raw image file.
-#[derive(Debug, Clone)]
-pub struct Nvme {
-    pub image: PathBuf,
-    pub serial: String,
-    pub logical_block_size: u32,
-}
-
-impl Nvme {
-    /// Creates an empty (sparse) disk image of `size` bytes.
-    pub fn create(dir: &Path, name: &str, size: u64, serial: &str) -> Result<Self> {
-        let image = dir.join(name);
-        let f = std::fs::File::create(&image)
-            .with_context(|| format!("cannot create {}", image.display()))?;
-        f.set_len(size)
-            .with_context(|| format!("cannot size {}", image.display()))?;
-        Ok(Self {
-            image,
-            serial: serial.to_string(),
-            logical_block_size: 512,
-        })
-    }
-}
-
-impl Nvme {
-    /// sha256 of the whole disk image, to show that a refusal left it unchanged.
-    pub fn sha256(&self) -> String {
+impl DiskImage for Nvme {
+    fn sha256(&self) -> String {
         use sha2::{Digest, Sha256};
         let mut h = Sha256::new();
         let mut f = std::fs::File::open(&self.image)
@@ -221,9 +190,7 @@ pub struct VmConfig {
     pub smbios_serial: Option<String>,
     /// MAC address of the NIC (QEMU's default otherwise).
     pub mac: Option<String>,
-    /// With [`Boot::Disk`]: start this kernel and initrd with this command
-    /// line instead of the disk's boot loader (QEMU's `-kernel`), e.g. to
-    /// look at a disk that was deliberately left unbootable.
+    /// See [`nodeflash_builder::vm::Machine::kernel`].
     pub kernel: Option<(PathBuf, PathBuf, String)>,
 }
 
@@ -251,168 +218,24 @@ pub struct Vm {
     _dir: tempfile::TempDir,
 }
 
-/// Whether KVM works here: OVMF under `-accel kvm` must print on the serial
-/// port within a few seconds.
-pub fn kvm_works() -> bool {
-    static KVM: OnceLock<bool> = OnceLock::new();
-    *KVM.get_or_init(|| match std::env::var("NODEFLASH_ACCEL").as_deref() {
-        Ok("tcg") => false,
-        Ok("kvm") => true,
-        _ => probe_kvm().unwrap_or(false),
-    })
-}
-
-fn probe_kvm() -> Result<bool> {
-    if std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-        .is_err()
-    {
-        return Ok(false);
-    }
-    // The probe boots the same firmware, machine and CPU as the tests: on some
-    // hosts a KVM guest starts but OVMF hangs, or QEMU refuses the host CPU.
-    let dir = tempfile::tempdir()?;
-    let serial = dir.path().join("serial.log");
-    let mut child = Command::new("qemu-system-x86_64")
-        .args([
-            "-accel",
-            "kvm",
-            "-cpu",
-            "host",
-            "-machine",
-            "q35",
-            "-nodefaults",
-            "-display",
-            "none",
-            "-m",
-            "256",
-        ])
-        .args(firmware_and_serial(dir.path(), &serial)?)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()?;
-    // OVMF prints on the serial port within a second or two under KVM.
-    let deadline = Instant::now() + Duration::from_secs(8);
-    let mut ok = false;
-    while Instant::now() < deadline {
-        if std::fs::metadata(&serial).is_ok_and(|m| m.len() > 0) {
-            ok = true;
-            break;
-        }
-        if child.try_wait()?.is_some() {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    let _ = child.kill();
-    let _ = child.wait();
-    eprintln!(
-        "harness: KVM probe {}",
-        if ok {
-            "passed: using KVM"
-        } else {
-            "failed: using TCG"
-        }
-    );
-    Ok(ok)
-}
-
-/// OVMF (code read-only, a fresh copy of the variables in `dir`) and the
-/// serial port captured to `serial`.
-fn firmware_and_serial(dir: &Path, serial: &Path) -> Result<Vec<String>> {
-    let vars = dir.join("OVMF_VARS.fd");
-    std::fs::copy(OVMF_VARS, &vars)
-        .with_context(|| format!("cannot copy {OVMF_VARS} (package ovmf)"))?;
-    Ok(vec![
-        "-drive".into(),
-        format!("if=pflash,format=raw,unit=0,readonly=on,file={OVMF_CODE}"),
-        "-drive".into(),
-        format!("if=pflash,format=raw,unit=1,file={}", vars.display()),
-        "-serial".into(),
-        format!("file:{}", serial.display()),
-    ])
-}
-
 impl Vm {
     pub fn start(cfg: &VmConfig) -> Result<Vm> {
         let dir = tempfile::tempdir().context("cannot create the VM directory")?;
         let console = dir.path().join("console.log");
-        let mut c = Command::new("qemu-system-x86_64");
-        if kvm_works() {
-            c.args(["-accel", "kvm", "-cpu", "host"]);
-        } else {
-            c.args(["-accel", "tcg", "-cpu", "max"]);
-        }
-        c.args([
-            "-machine",
-            "q35",
-            "-smp",
-            "1",
-            "-m",
-            &cfg.memory_mib.to_string(),
-        ])
-        .args([
-            "-nodefaults",
-            "-display",
-            "none",
-            "-no-reboot",
-            "-vga",
-            "none",
-        ])
-        .args(firmware_and_serial(dir.path(), &console)?);
-        let mut nic = "user,model=virtio-net-pci".to_string();
-        if let Some(mac) = &cfg.mac {
-            nic.push_str(&format!(",mac={mac}"));
-        }
-        c.args(["-nic", &nic]);
-        if let Some(serial) = &cfg.smbios_serial {
-            c.args(["-smbios", &format!("type=1,serial={serial}")]);
-        }
-        match cfg.boot {
-            Boot::UsbStick => {
-                c.args(["-device", "qemu-xhci,id=xhci"])
-                    .arg("-drive")
-                    .arg(format!(
-                        "if=none,id=stick,format=raw,readonly=on,file={}",
-                        cfg.iso.display()
-                    ))
-                    .args([
-                        "-device",
-                        "usb-storage,bus=xhci.0,drive=stick,removable=on,bootindex=1",
-                    ]);
-            }
-            Boot::Cdrom => {
-                c.arg("-drive")
-                    .arg(format!(
-                        "if=none,id=cd,media=cdrom,readonly=on,file={}",
-                        cfg.iso.display()
-                    ))
-                    .args(["-device", "ide-cd,drive=cd,bootindex=1"]);
-            }
-            Boot::Disk => {
-                if let Some((kernel, initrd, append)) = &cfg.kernel {
-                    c.arg("-kernel")
-                        .arg(kernel)
-                        .arg("-initrd")
-                        .arg(initrd)
-                        .args(["-append", append]);
-                }
-            }
-        }
-        for (i, d) in cfg.nvme.iter().enumerate() {
-            c.arg("-drive")
-                .arg(format!("if=none,id=nvme{i},format=raw,file={}", d.image.display()))
-                .arg("-device")
-                .arg(format!(
-                    "nvme,drive=nvme{i},serial={},logical_block_size={lbs},physical_block_size={lbs}{boot}",
-                    d.serial,
-                    lbs = d.logical_block_size,
-                    boot = if cfg.boot == Boot::Disk && i == 0 { ",bootindex=1" } else { "" }
-                ));
-        }
+        let machine = Machine {
+            nvme: cfg.nvme.clone(),
+            memory_mib: cfg.memory_mib,
+            smbios_serial: cfg.smbios_serial.clone(),
+            mac: cfg.mac.clone(),
+            kernel: cfg.kernel.clone(),
+            ..Machine::new(cfg.iso.clone(), cfg.boot)
+        };
+        let mut c = vm::command(
+            &machine,
+            vm::kvm_works(),
+            &vm::Console::File(console.clone()),
+            dir.path(),
+        )?;
         let child = c
             .stdin(Stdio::null())
             .stdout(Stdio::null())

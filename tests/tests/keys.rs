@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 
 use nodeflash_installer::net::keys::parse_line;
 use nodeflash_tests::https::KeyServer;
-use nodeflash_tests::{assert_console, build_variant, Boot, Nvme, Vm, VmConfig};
+use nodeflash_tests::{assert_console, build_variant, Boot, DiskImage, Nvme, Vm, VmConfig};
 
 const ALICE: &str =
     "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIB/oDvZDOvsIcO07yOuLxZOeQQ78UJh0NTARK7EMiUtz alice@test";

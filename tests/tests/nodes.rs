@@ -2,7 +2,7 @@
 //! SMBIOS serial and by MAC, the generic fallback, and the refusal when two
 //! nodes match.
 
-use nodeflash_tests::{assert_console, images_dir, Boot, Nvme, Vm, VmConfig};
+use nodeflash_tests::{assert_console, images_dir, Boot, DiskImage, Nvme, Vm, VmConfig};
 
 fn boot(serial: Option<&str>, mac: Option<&str>, disk: &Nvme) -> String {
     let mut cfg = VmConfig::new(images_dir().join("qemu.iso"), Boot::UsbStick);

@@ -5,7 +5,7 @@ use std::process::Command;
 
 use nodeflash_installer::facts::{BlockDevice, Facts};
 use nodeflash_installer::profile::Profile;
-use nodeflash_tests::{assert_console, images_dir, Boot, Nvme, Vm, VmConfig};
+use nodeflash_tests::{assert_console, images_dir, Boot, DiskImage, Nvme, Vm, VmConfig};
 
 const GIB: u64 = 1 << 30;
 

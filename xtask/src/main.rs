@@ -37,6 +37,13 @@ enum Cmd {
         #[arg(long, default_value = "alrest")]
         profile: String,
     },
+    /// Build `target/nodeflash/<profile>.iso`, then boot it in QEMU with the
+    /// console on this terminal (`nodeflash run-vm`; Ctrl-A X quits).
+    #[command(after_help = nodeflash_builder::vm::RUN_VM_HELP)]
+    RunVm {
+        #[command(flatten)]
+        vm: nodeflash_builder::vm::RunVmArgs,
+    },
     /// Pin the newest Debian packages in profiles/inputs.lock.
     UpdateInputs,
     /// The whole test suite: format, lints, unit tests, and the QEMU tests on the built `qemu` image.
@@ -83,6 +90,7 @@ fn main() -> ExitCode {
     steps::configure(false, args.verbose);
     let result = match args.command {
         Cmd::BuildIso { profile } => build_iso(&profile).map(|s| cli::print_summary(&s)),
+        Cmd::RunVm { vm } => run_vm(vm),
         Cmd::UpdateInputs => update_inputs(),
         Cmd::Test => test(),
         Cmd::GenStore {
@@ -224,6 +232,25 @@ fn build_iso(profile: &str) -> Result<nodeflash_builder::build::BuildSummary> {
         cache: Cache::from_env()?,
         reuse_artifacts: true,
     })
+}
+
+/// Builds the profile's ISO, then boots it as `nodeflash run-vm` does.
+fn run_vm(mut vm: nodeflash_builder::vm::RunVmArgs) -> Result<()> {
+    let Some(profile) = vm.profile.clone() else {
+        bail!("give the profile to build and boot: --profile NAME");
+    };
+    if vm.boot != nodeflash_builder::vm::Boots::Disk {
+        let all: Vec<(&str, &str)> = tools::BUILD_TOOLS
+            .iter()
+            .chain(tools::VM_TOOLS)
+            .copied()
+            .collect();
+        ensure_packages(&all)?;
+        let summary = build_iso(&profile)?;
+        cli::print_summary(&summary);
+        vm.iso = Some(summary.iso);
+    }
+    nodeflash_builder::vm::run_command(&vm, &root().join("profiles"))
 }
 
 fn update_inputs() -> Result<()> {
