@@ -15,6 +15,7 @@ use nodeflash_installer::cmd;
 use nodeflash_installer::profile::{Profile, Size};
 
 mod bench;
+mod fuzz;
 
 const MUSL: &str = "x86_64-unknown-linux-musl";
 const GNU: &str = "x86_64-unknown-linux-gnu";
@@ -53,6 +54,14 @@ enum Cmd {
         /// Output directory (must not exist or be empty).
         out: PathBuf,
     },
+    /// Fuzz the parsers with `cargo fuzz` (nightly), SECONDS per target; not
+    /// part of `test`. Crashes are left in fuzz/artifacts/TARGET/.
+    Fuzz {
+        /// One of profile, payload, dhcp, http (default: all, one after the other).
+        target: Option<String>,
+        #[arg(long, default_value_t = 600)]
+        seconds: u64,
+    },
     /// Benchmarks; results go to target/bench/.
     Bench {
         #[command(subcommand)]
@@ -84,6 +93,7 @@ fn main() -> ExitCode {
         Cmd::BuildIso { profile } => build_iso(&profile).map(|s| cli::print_summary(&s)),
         Cmd::UpdateInputs => update_inputs(),
         Cmd::Test => test(),
+        Cmd::Fuzz { target, seconds } => fuzz::run(&root(), target.as_deref(), seconds),
         Cmd::GenStore {
             files,
             bytes,
