@@ -402,3 +402,4 @@ pub fn assert_console(console: &str, needle: &str) {
     }
 }
 pub mod https;
+pub mod scan;

@@ -205,18 +205,56 @@ fn installer_target() -> &'static str {
     }
 }
 
+/// The user's rustflags, and build-host paths rewritten to fixed ones: the
+/// installer's panic messages name the sources of its dependencies (under
+/// the cargo home) and generated code (under the target directory), and the
+/// image must carry no path of the build host (tests/tests/secrets.rs), nor
+/// depend on where the repository or the cargo home are.
+fn installer_rustflags() -> String {
+    let mut flags: Vec<String> = match std::env::var("CARGO_ENCODED_RUSTFLAGS") {
+        Ok(f) if !f.is_empty() => f.split('\x1f').map(String::from).collect(),
+        _ => std::env::var("RUSTFLAGS")
+            .map(|f| f.split_whitespace().map(String::from).collect())
+            .unwrap_or_default(),
+    };
+    let home = std::env::var_os("HOME").map(PathBuf::from);
+    let dir = |var: &str, default: &str| {
+        std::env::var_os(var)
+            .map(PathBuf::from)
+            .or_else(|| home.as_ref().map(|h| h.join(default)))
+    };
+    // When several prefixes match, rustc applies the last one given: the
+    // deeper directories come after the repository.
+    let remaps = [
+        (Some(root()), "/nodeflash"),
+        (Some(target_dir()), "/nodeflash/target"),
+        (dir("CARGO_HOME", ".cargo"), "/cargo"),
+        (dir("RUSTUP_HOME", ".rustup"), "/rustup"),
+    ];
+    for (from, to) in remaps {
+        if let Some(from) = from {
+            flags.push(format!("--remap-path-prefix={}={to}", from.display()));
+        }
+    }
+    flags.join("\x1f")
+}
+
 fn build_installer() -> Result<PathBuf> {
     let target = installer_target();
     steps::step(&format!("Compiling the installer ({target})"), || {
-        run_visible(cargo().args([
-            "build",
-            "--quiet",
-            "--release",
-            "-p",
-            "nodeflash-installer",
-            "--target",
-            target,
-        ]))
+        run_visible(
+            cargo()
+                .args([
+                    "build",
+                    "--quiet",
+                    "--release",
+                    "-p",
+                    "nodeflash-installer",
+                    "--target",
+                    target,
+                ])
+                .env("CARGO_ENCODED_RUSTFLAGS", installer_rustflags()),
+        )
     })?;
     Ok(target_dir()
         .join(target)
