@@ -494,7 +494,7 @@ impl Provider for Debian {
                 .iter()
                 .chain([&zfs_src])
                 .map(|p| p.sha256.as_str())
-                .chain([compiler.lines().next().unwrap_or(""), "zfs-modules-v1"]),
+                .chain([compiler.lines().next().unwrap_or(""), "zfs-modules-v2"]),
         );
         let zfs_modules = cache.dir("zfs-modules", &zfs_key, |out| {
             steps::long_step("Compiling ZFS modules", || {
@@ -563,9 +563,13 @@ fn build_zfs(cache: &Cache, release: &str, debs: &[PathBuf], out: &Path) -> Resu
     )
     .context("cannot configure OpenZFS for the kernel headers")?;
     let jobs = std::thread::available_parallelism().map_or(2, |n| n.get());
+    // Assertion messages carry `__FILE__`: the sources' path below the
+    // temporary directory becomes `/usr/src/zfs-…`, as in a DKMS build, so
+    // the modules hold no path of the build host and do not depend on it.
     cmd::run(
         Command::new("make")
             .arg(format!("-j{jobs}"))
+            .env("KCFLAGS", format!("-ffile-prefix-map={}=", root.display()))
             .current_dir(&src),
     )
     .context("cannot compile OpenZFS")?;

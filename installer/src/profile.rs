@@ -582,8 +582,11 @@ impl std::str::FromStr for Size {
         };
         let bytes = if let Some((int, frac)) = num.split_once('.') {
             let int: u64 = int.parse().map_err(|_| format!("invalid size `{s}`"))?;
-            let scale =
-                10u64.pow(u32::try_from(frac.len()).map_err(|_| format!("invalid size `{s}`"))?);
+            // 10^20 does not fit in a u64: more decimals than that are refused.
+            let scale = u32::try_from(frac.len())
+                .ok()
+                .and_then(|n| 10u64.checked_pow(n))
+                .ok_or_else(|| format!("invalid size `{s}`: too many decimals"))?;
             let frac: u64 = frac.parse().map_err(|_| format!("invalid size `{s}`"))?;
             int.checked_mul(mult)
                 .and_then(|v| v.checked_add(frac.checked_mul(mult)? / scale))
@@ -1311,6 +1314,17 @@ select = { serial = "S1" }
         assert_eq!("4096".parse::<Size>(), Ok(Size(4096)));
         assert!("-1G".parse::<Size>().is_err());
         assert!("99999999999TiB".parse::<Size>().is_err());
+        // Found while writing the `profile` fuzz target: 20 decimals overflowed
+        // the scale (a panic with overflow checks, a wrong size without).
+        assert_eq!(
+            "1.0000000000000000000GiB".parse::<Size>(),
+            Ok(Size(1 << 30)),
+            "19 decimals"
+        );
+        let e = "1.00000000000000000000GiB"
+            .parse::<Size>()
+            .expect_err("20 decimals");
+        assert!(e.contains("too many decimals"), "{e}");
         assert_eq!(Size(1 << 30).to_string(), "1GiB");
         assert_eq!(Size(900_000_000_000).to_string(), "900GB");
     }

@@ -328,3 +328,62 @@ fn a_manifest_that_does_not_match_the_data_is_refused() {
         "{err:#}"
     );
 }
+
+/// Found while writing the `payload` fuzz target (docs/fuzzing.md), and
+/// reproduced with it: manifests whose frames the header's length cannot hold
+/// (lengths that add up only by overflowing) or that are empty (an extract
+/// then waited forever for entries that do not exist) are refused up front.
+#[test]
+fn impossible_frames_are_refused_before_anything_is_read() {
+    use nodeflash_installer::payload::Frame;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let out = packed(dir.path());
+    let bytes = std::fs::read(&out).expect("read");
+    let total: u64 = Header::parse(bytes[..HEADER_LEN].try_into().expect("header"))
+        .expect("header")
+        .frames_len;
+
+    // Frame lengths that wrap around to the header's length.
+    let wrapping = with_manifest(&bytes, |m| {
+        m.frames[0].len = u64::MAX;
+        let rest: u64 = m.frames[1..].iter().map(|f| f.len).sum();
+        m.frames[1].len += total - rest + 1;
+    });
+    // One empty frame and no entries: all the data, belonging to nothing.
+    let empty = with_manifest(&bytes, |m| {
+        m.frames = vec![Frame {
+            len: total,
+            size: 0,
+        }];
+        m.entries.clear();
+    });
+    // A compressed length no frame of that size can have, which the header
+    // agrees with (the reader would allocate it before reading).
+    let mut huge = with_manifest(&bytes, |m| m.frames[0].len += 1 << 40);
+    huge[56..64].copy_from_slice(&(total + (1 << 40)).to_le_bytes());
+    for (name, payload, want) in [
+        ("wrapping", wrapping, "do not add up"),
+        ("empty", empty, "frame 0 has an impossible size"),
+        ("huge", huge, "has an impossible size"),
+    ] {
+        let path = dir.path().join(name);
+        std::fs::write(&path, payload).expect("write");
+        let dest = dir.path().join(format!("{name}.out"));
+        // A hang is a failure too, not a test that never ends.
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let _ = tx.send(extract(&path, Some(&dest)).map_err(|e| format!("{e:#}")));
+        });
+        let result = match rx.recv_timeout(std::time::Duration::from_secs(60)) {
+            Ok(r) => r,
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+                panic!("{name}: the extract did not end within 60 s")
+            }
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+                panic!("{name}: the extract panicked")
+            }
+        };
+        let err = result.expect_err(name);
+        assert!(err.contains(want), "{name}: {err}");
+    }
+}

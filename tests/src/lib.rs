@@ -430,3 +430,4 @@ pub fn assert_console(console: &str, needle: &str) {
     }
 }
 pub mod https;
+pub mod scan;

@@ -15,6 +15,7 @@ use nodeflash_installer::cmd;
 use nodeflash_installer::profile::{Profile, Size};
 
 mod bench;
+mod fuzz;
 mod readme;
 
 const MUSL: &str = "x86_64-unknown-linux-musl";
@@ -61,6 +62,14 @@ enum Cmd {
         /// Output directory (must not exist or be empty).
         out: PathBuf,
     },
+    /// Fuzz the parsers with `cargo fuzz` (nightly), SECONDS per target; not
+    /// part of `test`. Crashes are left in fuzz/artifacts/TARGET/.
+    Fuzz {
+        /// One of profile, payload, dhcp, http (default: all, one after the other).
+        target: Option<String>,
+        #[arg(long, default_value_t = 600)]
+        seconds: u64,
+    },
     /// Benchmarks; results go to target/bench/.
     Bench {
         #[command(subcommand)]
@@ -93,6 +102,7 @@ fn main() -> ExitCode {
         Cmd::RunVm { vm } => run_vm(vm),
         Cmd::UpdateInputs => update_inputs(),
         Cmd::Test => test(),
+        Cmd::Fuzz { target, seconds } => fuzz::run(&root(), target.as_deref(), seconds),
         Cmd::GenStore {
             files,
             bytes,
@@ -204,18 +214,56 @@ fn installer_target() -> &'static str {
     }
 }
 
+/// The user's rustflags, and build-host paths rewritten to fixed ones: the
+/// installer's panic messages name the sources of its dependencies (under
+/// the cargo home) and generated code (under the target directory), and the
+/// image must carry no path of the build host (tests/tests/secrets.rs), nor
+/// depend on where the repository or the cargo home are.
+fn installer_rustflags() -> String {
+    let mut flags: Vec<String> = match std::env::var("CARGO_ENCODED_RUSTFLAGS") {
+        Ok(f) if !f.is_empty() => f.split('\x1f').map(String::from).collect(),
+        _ => std::env::var("RUSTFLAGS")
+            .map(|f| f.split_whitespace().map(String::from).collect())
+            .unwrap_or_default(),
+    };
+    let home = std::env::var_os("HOME").map(PathBuf::from);
+    let dir = |var: &str, default: &str| {
+        std::env::var_os(var)
+            .map(PathBuf::from)
+            .or_else(|| home.as_ref().map(|h| h.join(default)))
+    };
+    // When several prefixes match, rustc applies the last one given: the
+    // deeper directories come after the repository.
+    let remaps = [
+        (Some(root()), "/nodeflash"),
+        (Some(target_dir()), "/nodeflash/target"),
+        (dir("CARGO_HOME", ".cargo"), "/cargo"),
+        (dir("RUSTUP_HOME", ".rustup"), "/rustup"),
+    ];
+    for (from, to) in remaps {
+        if let Some(from) = from {
+            flags.push(format!("--remap-path-prefix={}={to}", from.display()));
+        }
+    }
+    flags.join("\x1f")
+}
+
 fn build_installer() -> Result<PathBuf> {
     let target = installer_target();
     steps::step(&format!("Compiling the installer ({target})"), || {
-        run_visible(cargo().args([
-            "build",
-            "--quiet",
-            "--release",
-            "-p",
-            "nodeflash-installer",
-            "--target",
-            target,
-        ]))
+        run_visible(
+            cargo()
+                .args([
+                    "build",
+                    "--quiet",
+                    "--release",
+                    "-p",
+                    "nodeflash-installer",
+                    "--target",
+                    target,
+                ])
+                .env("CARGO_ENCODED_RUSTFLAGS", installer_rustflags()),
+        )
     })?;
     Ok(target_dir()
         .join(target)

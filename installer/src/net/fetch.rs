@@ -129,7 +129,7 @@ impl Url {
     }
 
     /// Resolves a `Location` header against this URL.
-    fn join(&self, location: &str) -> Result<Url, String> {
+    pub fn join(&self, location: &str) -> Result<Url, String> {
         if location.starts_with("https://") || location.starts_with("http://") {
             Url::parse(location)
         } else if location.starts_with('/') && !location.starts_with("//") {

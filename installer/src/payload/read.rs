@@ -214,11 +214,22 @@ fn check(header: &Header, m: &Manifest) -> Result<Vec<Vec<Piece>>> {
     if m.version != header.version || m.frame_size != header.frame_size {
         bail!("the payload manifest does not match its header");
     }
-    if m.frames.iter().map(|f| f.len).sum::<u64>() != header.frames_len {
+    let total = m
+        .frames
+        .iter()
+        .try_fold(0u64, |sum, f| sum.checked_add(f.len));
+    if total != Some(header.frames_len) {
         bail!("the payload manifest's frames do not add up to the header's length");
     }
     let fs = u64::from(m.frame_size);
-    if let Some(i) = m.frames.iter().position(|f| f.size > fs || f.len == 0) {
+    // A frame is never empty, and zstd never makes it larger than this (the
+    // reader allocates a frame's compressed length before reading it).
+    let max_len = zstd::zstd_safe::compress_bound(m.frame_size as usize) as u64;
+    if let Some(i) = m
+        .frames
+        .iter()
+        .position(|f| f.size > fs || f.size == 0 || f.len == 0 || f.len > max_len)
+    {
         bail!("payload frame {i} has an impossible size");
     }
     let mut pieces: Vec<Vec<Piece>> = vec![Vec::new(); m.frames.len()];
