@@ -413,11 +413,8 @@ fn dataset_holding(profile: &Profile, path: &str) -> Option<(String, String)> {
 /// not be written. Nothing is made bootable here.
 pub(crate) fn keep_failure_log(profile: &Profile) -> Result<Option<String>> {
     let pool = profile.pool.name.to_string();
-    let imported = Command::new("zpool")
-        .args(["list", "-H", "-o", "name", &pool])
-        .output()
-        .is_ok_and(|o| o.status.success());
-    if !imported {
+    // Fails when the pool is not imported (it was exported, or never made).
+    if run(Command::new("zpool").args(["list", "-H", "-o", "name", &pool])).is_err() {
         return Ok(None);
     }
     let written = write_failure_log(profile);
