@@ -37,7 +37,9 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use nodeflash_installer::facts::human_bytes;
+use nodeflash_installer::facts::{
+    bus_from_path, human_bytes, read_trimmed, sorted_entries, vpd_serial,
+};
 use serde::Serialize;
 use sha2::{Digest, Sha256};
 
@@ -97,24 +99,6 @@ fn holder_objects<S: serde::Serializer>(v: &[(String, String)], s: S) -> Result<
     )
 }
 
-fn read_trimmed(path: &Path) -> Option<String> {
-    let s = fs::read_to_string(path).ok()?;
-    let s = s.trim_matches(|c: char| c.is_whitespace() || c == '\0');
-    (!s.is_empty()).then(|| s.to_string())
-}
-
-fn entries(dir: &Path) -> Vec<String> {
-    let mut names: Vec<String> = fs::read_dir(dir)
-        .map(|rd| {
-            rd.filter_map(|e| e.ok())
-                .map(|e| e.file_name().to_string_lossy().into_owned())
-                .collect()
-        })
-        .unwrap_or_default();
-    names.sort();
-    names
-}
-
 /// Mount points in `/proc/self/mountinfo` text: `(major:minor, source, mount point)`.
 pub fn parse_mountinfo(text: &str) -> Vec<(String, String, String)> {
     text.lines()
@@ -160,32 +144,6 @@ pub fn parse_swaps(text: &str) -> Vec<String> {
         .collect()
 }
 
-/// The transport of a disk from where it hangs in the device tree.
-fn transport(name: &str, device_path: &str) -> &'static str {
-    if device_path.contains("/usb") {
-        "usb"
-    } else if name.starts_with("nvme") || device_path.contains("/nvme/") {
-        "nvme"
-    } else if name.starts_with("mmcblk") || device_path.contains("/mmc") {
-        "mmc"
-    } else if name.starts_with("vd") || device_path.contains("/virtio") {
-        "virtio"
-    } else if device_path.contains("/ata") {
-        "ata"
-    } else if name.starts_with("sd") {
-        "scsi"
-    } else {
-        "other"
-    }
-}
-
-/// The serial number of a SCSI/ATA device from VPD page 0x80 (4-byte header).
-fn vpd_serial(path: &Path) -> Option<String> {
-    let page = fs::read(path).ok()?;
-    let s = String::from_utf8_lossy(page.get(4..)?).trim().to_string();
-    (!s.is_empty()).then_some(s)
-}
-
 /// The `serial` of the nearest USB device above `dir` in the device tree.
 fn usb_serial(sysfs: &Path, dir: &Path) -> Option<String> {
     let top = fs::canonicalize(sysfs.join("devices")).ok()?;
@@ -215,7 +173,7 @@ impl DeviceFacts {
             fs::canonicalize(&dir).with_context(|| format!("cannot resolve {}", dir.display()))?;
         let num = |p: &str| read_trimmed(&dir.join(p)).and_then(|s| s.parse::<u64>().ok());
         let devno = |d: &Path| read_trimmed(&d.join("dev")).unwrap_or_default();
-        let partitions: Vec<String> = entries(&dir)
+        let partitions: Vec<String> = sorted_entries(&dir)
             .into_iter()
             .filter(|e| dir.join(e).join("partition").exists())
             .collect();
@@ -248,7 +206,7 @@ impl DeviceFacts {
             } else {
                 dir.join(member)
             };
-            for h in entries(&member_dir.join("holders")) {
+            for h in sorted_entries(&member_dir.join("holders")) {
                 holders.push((member.clone(), h));
             }
         }
@@ -265,7 +223,7 @@ impl DeviceFacts {
                 .unwrap_or(512),
             removable: num("removable") == Some(1),
             read_only: num("ro") == Some(1),
-            transport: transport(name, &real.to_string_lossy()).to_string(),
+            transport: bus_from_path(name, &real.to_string_lossy()).to_string(),
             // virtio and NVMe put a PCI vendor ID (`0x1af4`) there, not a name.
             vendor: read_trimmed(&device.join("vendor")).filter(|v| !v.starts_with("0x")),
             model: read_trimmed(&device.join("model")),
@@ -457,7 +415,7 @@ pub fn list(sysfs: &Path, mountinfo: &str, swaps: &str, policy: &Policy) -> Resu
         forced: false,
         ..policy.clone()
     };
-    entries(&sysfs.join("block"))
+    sorted_entries(&sysfs.join("block"))
         .into_iter()
         .filter(|n| is_listed(n))
         .map(|name| {

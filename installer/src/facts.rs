@@ -33,7 +33,7 @@ pub struct BlockDevice {
     pub serial: Option<String>,
     /// WWN, or the NVMe EUI/NGUID (`/sys/block/X/wwid`).
     pub wwn: Option<String>,
-    /// `nvme`, `usb`, `virtio`, `ata`, `scsi` or `other`.
+    /// `nvme`, `usb`, `mmc`, `virtio`, `ata`, `scsi` or `other`.
     pub bus: String,
     pub removable: bool,
     pub read_only: bool,
@@ -79,13 +79,16 @@ pub struct NetInterface {
     pub carrier: Option<bool>,
 }
 
-fn read_trimmed(path: &Path) -> Option<String> {
+/// A sysfs attribute without surrounding whitespace and NULs; None when
+/// it cannot be read or is empty.
+pub fn read_trimmed(path: &Path) -> Option<String> {
     let s = fs::read_to_string(path).ok()?;
     let s = s.trim_matches(|c: char| c.is_whitespace() || c == '\0');
     (!s.is_empty()).then(|| s.to_string())
 }
 
-fn sorted_entries(dir: &Path) -> Vec<String> {
+/// The names in a directory, sorted; empty when it cannot be read.
+pub fn sorted_entries(dir: &Path) -> Vec<String> {
     let mut names: Vec<String> = fs::read_dir(dir)
         .map(|rd| {
             rd.filter_map(|e| e.ok())
@@ -105,7 +108,7 @@ fn is_virtual(name: &str) -> bool {
 }
 
 /// The serial number of a SCSI/ATA device from VPD page 0x80 (4-byte header).
-fn vpd_serial(path: &Path) -> Option<String> {
+pub fn vpd_serial(path: &Path) -> Option<String> {
     let page = fs::read(path).ok()?;
     let s = String::from_utf8_lossy(page.get(4..)?).trim().to_string();
     (!s.is_empty()).then_some(s)
@@ -116,20 +119,28 @@ fn bus_of(sysfs: &Path, name: &str) -> String {
     let target = fs::read_link(sysfs.join("block").join(name))
         .map(|p| p.to_string_lossy().into_owned())
         .unwrap_or_default();
-    let bus = if name.starts_with("nvme") || target.contains("/nvme") {
-        "nvme"
-    } else if target.contains("/usb") {
+    bus_from_path(name, &target).to_string()
+}
+
+/// The bus of disk `name` from its path in the device tree
+/// (`…/devices/pci…/usb2/…/block/sda`).
+pub fn bus_from_path(name: &str, device_path: &str) -> &'static str {
+    // USB first: whatever is behind a USB port is removable in practice.
+    if device_path.contains("/usb") {
         "usb"
-    } else if name.starts_with("vd") || target.contains("/virtio") {
+    } else if name.starts_with("nvme") || device_path.contains("/nvme") {
+        "nvme"
+    } else if name.starts_with("mmcblk") || device_path.contains("/mmc") {
+        "mmc"
+    } else if name.starts_with("vd") || device_path.contains("/virtio") {
         "virtio"
-    } else if target.contains("/ata") {
+    } else if device_path.contains("/ata") {
         "ata"
     } else if name.starts_with("sd") || name.starts_with("sr") {
         "scsi"
     } else {
         "other"
-    };
-    bus.to_string()
+    }
 }
 
 impl Facts {

@@ -96,6 +96,17 @@ pub fn printed_hostid(console: &str) -> String {
         .to_string()
 }
 
+/// Boots `iso` as a USB stick with `disk` until it powers off; returns the
+/// console (also printed, for a failing test's output).
+pub fn boot_stick(iso: &Path, disk: &Nvme) -> String {
+    let mut cfg = VmConfig::new(iso.to_path_buf(), Boot::UsbStick);
+    cfg.nvme.push(disk.clone());
+    let mut vm = Vm::start(&cfg).expect("qemu starts");
+    let console = vm.wait_for_poweroff().unwrap_or_else(|e| panic!("{e:#}"));
+    eprintln!("{console}");
+    console
+}
+
 /// Boots `disk` alone, as an installed node, and returns what its check
 /// system prints (`nodeflash-check:`).
 pub fn boot_installed(disk: &Nvme) -> serde_json::Value {

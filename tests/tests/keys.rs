@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 
 use nodeflash_installer::net::keys::parse_line;
 use nodeflash_tests::https::KeyServer;
-use nodeflash_tests::{assert_console, build_variant, Boot, DiskImage, Nvme, Vm, VmConfig};
+use nodeflash_tests::{assert_console, boot_stick, build_variant, DiskImage, Nvme};
 
 const ALICE: &str =
     "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIB/oDvZDOvsIcO07yOuLxZOeQQ78UJh0NTARK7EMiUtz alice@test";
@@ -31,15 +31,6 @@ fn image(dir: &Path, port: u16, ca_pem: &str, users: &[&str]) -> PathBuf {
     )
 }
 
-fn boot(iso: PathBuf, disk: &Nvme) -> String {
-    let mut cfg = VmConfig::new(iso, Boot::UsbStick);
-    cfg.nvme.push(disk.clone());
-    let mut vm = Vm::start(&cfg).expect("qemu starts");
-    let console = vm.wait_for_poweroff().unwrap_or_else(|e| panic!("{e:#}"));
-    eprintln!("{console}");
-    console
-}
-
 #[test]
 fn keys_are_fetched_with_retries_and_installed() {
     let bob_twice = format!("{BOB}\n{ALICE}\n");
@@ -57,7 +48,7 @@ fn keys_are_fetched_with_retries_and_installed() {
         &["alice", "bob"],
     );
     let disk = Nvme::create(dir.path(), "nvme.img", 2 << 30, "NFTEST0001").expect("disk");
-    let console = boot(iso, &disk);
+    let console = boot_stick(&iso, &disk);
     assert_console(&console, "nodeflash: done in");
     for key in [ALICE, BOB] {
         let fp = parse_line(key, "test").expect("key").fingerprint();
@@ -90,7 +81,7 @@ fn keys_that_cannot_be_had_leave_the_disk_unchanged() {
 
     // An HTML page instead of keys is refused, not installed.
     let iso = image(dir.path(), server.port(), &server.ca_pem(), &["carol"]);
-    let console = boot(iso.clone(), &disk);
+    let console = boot_stick(&iso, &disk);
     assert_console(&console, "nodeflash: FAILED");
     assert_console(&console, "cannot get the SSH keys of carol");
     assert_console(&console, "nothing was written");
@@ -98,7 +89,7 @@ fn keys_that_cannot_be_had_leave_the_disk_unchanged() {
 
     // The server gone: connection refused, retried within the time bound.
     drop(server);
-    let console = boot(iso, &disk);
+    let console = boot_stick(&iso, &disk);
     assert_console(&console, "refused");
     assert_console(&console, "nodeflash: FAILED");
     assert_console(&console, "cannot get the SSH keys of carol");
@@ -116,7 +107,7 @@ fn an_untrusted_certificate_is_refused_and_the_disk_unchanged() {
     let iso = image(dir.path(), server.port(), &other.ca_pem(), &["alice"]);
     let disk = Nvme::create(dir.path(), "nvme.img", 2 << 30, "NFTEST0001").expect("disk");
     let before = disk.sha256();
-    let console = boot(iso, &disk);
+    let console = boot_stick(&iso, &disk);
     assert_console(
         &console,
         "nodeflash: FAILED: the SSH keys could not be fetched; nothing was written",

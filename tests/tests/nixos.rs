@@ -15,9 +15,8 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use nodeflash_tests::{
-    assert_console, assert_installed, boot_installed, build_variant, check_system,
-    check_unbootable, esp_boot_entries, images_dir, payload_digest, printed_hostid, Boot, Nvme, Vm,
-    VmConfig,
+    assert_console, assert_installed, boot_installed, boot_stick, build_variant, check_system,
+    check_unbootable, esp_boot_entries, images_dir, payload_digest, printed_hostid, Nvme,
 };
 
 const BUSYBOX: &str = "0000000000000000000000000000000b-busybox";
@@ -179,21 +178,12 @@ fn image(dir: &Path, toplevel: &str) -> PathBuf {
     )
 }
 
-fn install(iso: &Path, disk: &Nvme) -> String {
-    let mut cfg = VmConfig::new(iso.to_path_buf(), Boot::UsbStick);
-    cfg.nvme.push(disk.clone());
-    let mut vm = Vm::start(&cfg).expect("qemu starts");
-    let console = vm.wait_for_poweroff().unwrap_or_else(|e| panic!("{e:#}"));
-    eprintln!("{console}");
-    console
-}
-
 #[test]
 fn a_nixos_system_installs_its_own_boot_loader_and_boots() {
     let dir = tempfile::tempdir().expect("tempdir");
     let iso = image(dir.path(), SYSTEM);
     let disk = Nvme::create(dir.path(), "nvme.img", 2 << 30, "NFTEST0001").expect("disk");
-    let console = install(&iso, &disk);
+    let console = boot_stick(&iso, &disk);
     assert_console(&console, "nodeflash: done in");
     assert_console(&console, "standin: activated");
     assert_console(&console, "standin: environment ok");
@@ -227,7 +217,7 @@ fn a_failed_nixos_boot_loader_installation_is_a_failed_install() {
     let dir = tempfile::tempdir().expect("tempdir");
     let iso = image(dir.path(), BROKEN);
     let disk = Nvme::create(dir.path(), "nvme.img", 2 << 30, "NFTEST0001").expect("disk");
-    let console = install(&iso, &disk);
+    let console = boot_stick(&iso, &disk);
     assert_console(
         &console,
         "nodeflash: FAILED: the system's boot loader installation (`switch-to-configuration boot`) failed",

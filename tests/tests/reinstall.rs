@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use nodeflash_tests::{
-    assert_console, assert_installed, boot_installed, build_variant, esp_boot_entries,
+    assert_console, assert_installed, boot_installed, boot_stick, build_variant, esp_boot_entries,
     payload_digest, printed_hostid, Boot, Nvme, Vm, VmConfig,
 };
 
@@ -21,11 +21,7 @@ fn image(dir: &Path) -> PathBuf {
 }
 
 fn install(iso: &Path, disk: &Nvme) -> String {
-    let mut cfg = VmConfig::new(iso.to_path_buf(), Boot::UsbStick);
-    cfg.nvme.push(disk.clone());
-    let mut vm = Vm::start(&cfg).expect("qemu starts");
-    let console = vm.wait_for_poweroff().unwrap_or_else(|e| panic!("{e:#}"));
-    eprintln!("{console}");
+    let console = boot_stick(iso, disk);
     assert_console(&console, "nodeflash: done in");
     console
 }

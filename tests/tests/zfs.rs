@@ -2,9 +2,7 @@
 //! compression, the reported host ID in the pool's label, an import without
 //! `-f` after the export (reinstalling: reinstall.rs).
 
-use nodeflash_tests::{
-    assert_console, console_json, images_dir, load_profile, Boot, Nvme, Vm, VmConfig,
-};
+use nodeflash_tests::{assert_console, boot_stick, console_json, images_dir, load_profile, Nvme};
 
 /// ZFS prints some values in another spelling than it accepts.
 fn canonical(property: &str, value: &str) -> String {
@@ -16,11 +14,7 @@ fn canonical(property: &str, value: &str) -> String {
 
 /// Installs the image on `disk`; the install must succeed.
 fn install(image: &str, disk: &Nvme) -> String {
-    let mut cfg = VmConfig::new(images_dir().join(format!("{image}.iso")), Boot::UsbStick);
-    cfg.nvme.push(disk.clone());
-    let mut vm = Vm::start(&cfg).expect("qemu starts");
-    let console = vm.wait_for_poweroff().unwrap_or_else(|e| panic!("{e:#}"));
-    eprintln!("{console}");
+    let console = boot_stick(&images_dir().join(format!("{image}.iso")), disk);
     assert_console(&console, "nodeflash: done in");
     console
 }
