@@ -18,7 +18,7 @@ use crate::cache::{key_of, sha256_file, Cache};
 use crate::debian::Debian;
 use crate::efi::{write_fat_image, FatFile};
 use crate::initramfs::{Initramfs, Source};
-use crate::inputs::{BuildInputs, Provider};
+use crate::inputs::{BuildInputs, LockMode, PackageVersion, Provider};
 use crate::kmod::ModuleIndex;
 use crate::{elf, iso, steps, tools};
 
@@ -64,7 +64,7 @@ const INITRD_ZSTD_LEVEL: i32 = 10;
 /// the image ID, so cached artefacts are not reused across a change: bump it
 /// whenever a writer's output changes (the reproducibility test catches a
 /// forgotten bump: the rebuilt ISO then differs from the cached one).
-const ARTEFACT_FORMAT: &str = "3";
+const ARTEFACT_FORMAT: &str = "4";
 
 #[derive(Debug)]
 pub struct BuildOptions {
@@ -76,6 +76,9 @@ pub struct BuildOptions {
     /// Take the initramfs, EFI image and ISO from the cache when their
     /// inputs are unchanged (false rebuilds them from the cached inputs).
     pub reuse_artifacts: bool,
+    /// Whether the build may re-pin packages the archive has dropped and
+    /// rewrite the lock (cargo's `--locked` is [`LockMode::Locked`]).
+    pub lock_mode: LockMode,
 }
 
 /// What a build made; also written next to the ISO as `<profile>.json`.
@@ -89,6 +92,9 @@ pub struct BuildSummary {
     pub kernel_release: String,
     pub initrd_bytes: u64,
     pub modules: usize,
+    /// The packages the image was made from, with their exact versions.
+    #[serde(default)]
+    pub packages: Vec<PackageVersion>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub payload: Option<PayloadInfo>,
     /// The profile's `[[nodes]]`.
@@ -175,20 +181,36 @@ pub fn find_profile(name_or_path: &str, profiles_dir: &Path) -> Result<PathBuf> 
 }
 
 /// The provider a profile asks for.
+///
+/// The lock is `[inputs] lock` (default `inputs.lock`) in the profile's
+/// directory, as Cargo.lock sits beside Cargo.toml; a build creates it when
+/// it is missing (unless `--locked`), and `update-inputs --profile P`
+/// updates the lock that profile uses.
 pub fn provider(profile: &Profile, profile_path: &Path) -> Box<dyn Provider> {
     let dir = profile_path.parent().unwrap_or(Path::new("."));
     match profile.inputs.provider {
         nodeflash_installer::profile::Provider::Debian => Box::new(Debian {
             lock_path: dir.join(&profile.inputs.lock),
+            profile_arg: shown_path(profile_path),
         }),
     }
+}
+
+/// `path` relative to the current directory when it is below it, for
+/// messages that give a command to type.
+fn shown_path(path: &Path) -> String {
+    let cwd = std::env::current_dir().unwrap_or_default();
+    path.strip_prefix(&cwd)
+        .unwrap_or(path)
+        .display()
+        .to_string()
 }
 
 pub fn build(opts: &BuildOptions) -> Result<BuildSummary> {
     tools::require(tools::BUILD_TOOLS)?;
     let profile = Profile::load(&opts.profile)?;
     let name = profile.name.to_string();
-    let inputs = provider(&profile, &opts.profile).provide(&opts.cache)?;
+    let inputs = provider(&profile, &opts.profile).provide(&opts.cache, opts.lock_mode)?;
 
     let modules = steps::step("Resolving kernel modules", || {
         module_order(&opts.cache, &inputs, &profile)
@@ -309,6 +331,7 @@ pub fn build(opts: &BuildOptions) -> Result<BuildSummary> {
         kernel_release: info.kernel_release.clone(),
         initrd_bytes: std::fs::metadata(&initrd).map(|m| m.len()).unwrap_or(0),
         modules: info.modules.len(),
+        packages: info.packages.clone(),
         payload: info.payload.clone(),
         nodes,
         default_node,
@@ -540,7 +563,8 @@ fn assemble(
         &sha256_file(&inputs.systemd_boot)?,
         &profile.image.cmdline,
         &INITRD_ZSTD_LEVEL.to_string(),
-        &serde_json::to_string(&(&boot, mode)).context("cannot serialize the boot info")?,
+        &serde_json::to_string(&(&boot, mode, &inputs.packages))
+            .context("cannot serialize the boot info")?,
         ARTEFACT_FORMAT,
         env!("CARGO_PKG_VERSION"),
     ]);
@@ -553,6 +577,7 @@ fn assemble(
         payload,
         boot,
         mode,
+        packages: inputs.packages.clone(),
     };
     fs.add_file(
         IMAGE_INFO_PATH,

@@ -46,6 +46,11 @@ impl Cache {
         Ok((parent.join(key), parent))
     }
 
+    /// Whether entry `kind/key` is in the cache.
+    pub fn has(&self, kind: &str, key: &str) -> bool {
+        self.root.join(kind).join(key).exists()
+    }
+
     /// The directory `kind/key`, made by `build` if it is not in the cache yet.
     /// `build` gets an empty directory to fill.
     pub fn dir(
@@ -69,8 +74,16 @@ impl Cache {
             })?;
         build(tmp.path())?;
         let tmp = tmp.keep();
-        std::fs::rename(&tmp, &dest)
-            .with_context(|| format!("cannot move {} to {}", tmp.display(), dest.display()))?;
+        if let Err(e) = std::fs::rename(&tmp, &dest) {
+            // Another build made the same entry meanwhile: same key, same
+            // content, so keep theirs.
+            let _ = std::fs::remove_dir_all(&tmp);
+            if !dest.is_dir() {
+                return Err(e).with_context(|| {
+                    format!("cannot move {} to {}", tmp.display(), dest.display())
+                });
+            }
+        }
         Ok(dest)
     }
 

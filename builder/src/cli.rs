@@ -9,6 +9,7 @@ use nodeflash_installer::profile::Profile;
 
 use crate::build::{build, find_profile, provider, BuildOptions};
 use crate::cache::Cache;
+use crate::inputs::LockMode;
 use crate::steps;
 
 /// `Examples:` lines, then the exit status, for a command's `--help`.
@@ -60,6 +61,7 @@ enum Command {
     #[command(after_help = examples!(
         "nodeflash build --profile alrest --installer target/x86_64-unknown-linux-musl/release/nodeflash-installer",
         "nodeflash build --profile ./lab.toml --installer INSTALLER --json > summary.json",
+        "nodeflash build --profile alrest --installer INSTALLER --locked   # exactly the pinned packages",
         "cargo xtask build-iso --profile alrest   # the same, with the installer compiled first",
     ))]
     Build {
@@ -75,6 +77,11 @@ enum Command {
         /// Print the build summary as JSON on stdout.
         #[arg(long)]
         json: bool,
+        /// Build exactly what the inputs lock pins: fail instead of
+        /// re-pinning a package Debian no longer publishes, or creating a
+        /// missing lock (cargo's `--locked`).
+        #[arg(long)]
+        locked: bool,
     },
     /// Inspect and validate profiles (the format is in docs/profile.md).
     #[command(after_help = examples!(
@@ -127,15 +134,25 @@ enum Command {
     /// stick installs a fresh NVMe disk, then the disk boots alone.
     #[command(after_help = crate::vm::RUN_VM_HELP)]
     RunVm(crate::vm::RunVmArgs),
-    /// Pin the newest available build inputs in the profile's lock file.
+    /// Pin the newest available build inputs in the lock the profile uses.
+    ///
+    /// The lock is `[inputs] lock`, default `inputs.lock` beside the
+    /// profile. A build re-pins only what Debian no longer publishes; this
+    /// moves every pin, the kernel included, to the newest version.
     #[command(after_help = examples!(
-        "nodeflash update-inputs",
-        "cargo xtask update-inputs   # the same for profiles/inputs.lock",
+        "nodeflash update-inputs --profile alrest",
+        "nodeflash update-inputs --profile ./lab.toml   # ./inputs.lock",
+        "nodeflash update-inputs --check   # what a build would re-pin now; writes nothing",
+        "cargo xtask update-inputs --profile alrest   # the same from the repository",
     ))]
     UpdateInputs {
         /// Profile name (in the profiles directory) or path to a .toml file.
         #[arg(long, default_value = "alrest")]
         profile: String,
+        /// Only check the lock against today's archive with fresh package
+        /// lists, and print what a build would re-pin; change nothing.
+        #[arg(long)]
+        check: bool,
     },
 }
 
@@ -287,6 +304,7 @@ fn run(cli: Cli) -> Result<()> {
             installer,
             out_dir,
             json,
+            locked,
         } => {
             let summary = build(&BuildOptions {
                 profile: find_profile(&profile, &cli.profiles_dir)?,
@@ -294,6 +312,11 @@ fn run(cli: Cli) -> Result<()> {
                 out_dir,
                 cache: Cache::from_env()?,
                 reuse_artifacts: true,
+                lock_mode: if locked {
+                    LockMode::Locked
+                } else {
+                    LockMode::Update
+                },
             })?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&summary)?);
@@ -367,11 +390,30 @@ fn run(cli: Cli) -> Result<()> {
             }
             crate::vm::run_command(&a, &cli.profiles_dir)?
         }
-        Command::UpdateInputs { profile } => {
+        Command::UpdateInputs { profile, check } => {
             let path = find_profile(&profile, &cli.profiles_dir)?;
             let p = Profile::load(&path)?;
-            provider(&p, &path).update_lock(&Cache::from_env()?)?;
+            if check {
+                check_inputs(&p, &path)?;
+            } else {
+                provider(&p, &path).update_lock(&Cache::from_env()?)?;
+            }
         }
+    }
+    Ok(())
+}
+
+/// Checks a profile's lock against today's archive, as a new machine with an
+/// empty cache sees it (package lists fetched into a temporary directory),
+/// and prints what a build would re-pin, one line each, on stdout.
+pub fn check_inputs(profile: &Profile, path: &std::path::Path) -> Result<()> {
+    let tmp = tempfile::tempdir().context("cannot create a temporary cache")?;
+    let changes = provider(profile, path).check(&Cache::at(tmp.path().to_path_buf())?)?;
+    if changes.is_empty() {
+        println!("every pin is published: a build with an empty cache fetches exactly them");
+    }
+    for c in &changes {
+        println!("would re-pin {c}");
     }
     Ok(())
 }
@@ -411,6 +453,23 @@ pub fn summary_text(s: &crate::build::BuildSummary) -> String {
         s.modules,
         mib(s.initrd_bytes)
     );
+    let shown: Vec<String> = s
+        .packages
+        .iter()
+        .filter(|p| {
+            p.name.starts_with("linux-image-")
+                || ["zfs-dkms", "systemd-boot-efi"].contains(&p.name.as_str())
+        })
+        .map(|p| p.to_string())
+        .collect();
+    if !shown.is_empty() {
+        let _ = writeln!(
+            t,
+            "inputs:   {} (all {} packages in the .json)",
+            shown.join(", "),
+            s.packages.len()
+        );
+    }
     match &s.payload {
         Some(p) => {
             let _ = writeln!(
@@ -627,6 +686,7 @@ fn payload_command(command: PayloadCommand, quiet: bool) -> Result<()> {
 mod tests {
     use super::*;
     use crate::build::{BuildSummary, NodeSummary};
+    use crate::inputs::PackageVersion;
 
     fn alrest_summary() -> BuildSummary {
         let profile = Profile::parse(
@@ -644,6 +704,18 @@ mod tests {
             kernel_release: "6.1.0-40-amd64".into(),
             initrd_bytes: 30 * 1048576,
             modules: 41,
+            packages: [
+                ("linux-image-6.1.0-40-amd64", "6.1.153-1"),
+                ("linux-kbuild-6.1", "6.1.153-1"),
+                ("zfs-dkms", "2.1.11-1+deb12u1"),
+                ("systemd-boot-efi", "252.39-1~deb12u1"),
+                ("libc6", "2.36-9+deb12u13"),
+            ]
+            .map(|(name, version)| PackageVersion {
+                name: name.into(),
+                version: version.into(),
+            })
+            .to_vec(),
             payload: None,
             nodes,
             default_node,
@@ -657,6 +729,8 @@ mod tests {
             "ISO:      target/nodeflash/alrest.iso (75.5 MiB)\n\
              sha256:   {sha}\n\
              image:    0123456789ab (kernel 6.1.0-40-amd64, 41 modules, initramfs 30.0 MiB)\n\
+             inputs:   linux-image-6.1.0-40-amd64 6.1.153-1, zfs-dkms 2.1.11-1+deb12u1, \
+             systemd-boot-efi 252.39-1~deb12u1 (all 5 packages in the .json)\n\
              payload:  none (the profile has no [payload])\n\
              nodes:    kos-mos  host ID 472479d4{warn}\n          \
                        logos    host ID aeace675{warn}\n          \

@@ -11,7 +11,7 @@ use nodeflash_installer::cmd;
 use serde::{Deserialize, Serialize};
 
 use crate::cache::{key_of, sha256_file, Cache};
-use crate::inputs::{BuildInputs, Lock, Provider};
+use crate::inputs::{BuildInputs, Lock, LockMode, PackageVersion, Provider, Repin};
 use crate::steps;
 
 pub const SUITE: &str = "bookworm";
@@ -59,7 +59,13 @@ pub struct Package {
     pub sha256: String,
 }
 
-/// Every package an image needs for a kernel release.
+/// How many of [`package_names`]' first names belong to the kernel: its
+/// image, headers, common headers (these three carry the ABI in their
+/// names) and kbuild.
+const KERNEL_PACKAGES: usize = 4;
+
+/// Every package an image needs for a kernel release, the kernel's
+/// [`KERNEL_PACKAGES`] first.
 fn package_names(release: &str) -> Result<Vec<String>> {
     let base = release.strip_suffix("-amd64").with_context(|| {
         format!("unexpected kernel release `{release}`: expected an -amd64 flavour")
@@ -116,41 +122,10 @@ impl Apt {
         c
     }
 
-    fn has_lists(&self) -> bool {
-        std::fs::read_dir(self.dir.join("lists"))
-            .map(|rd| {
-                rd.flatten()
-                    .any(|e| e.file_name().to_string_lossy().ends_with("_Packages"))
-            })
-            .unwrap_or(false)
-    }
-
     fn update(&self) -> Result<()> {
         cmd::run(self.command("apt-get").args(["-q", "update"]))
             .context("cannot read the Debian package lists")?;
         Ok(())
-    }
-
-    /// The candidate (newest) version record of a package.
-    fn show(&self, name: &str) -> Result<(String, String, String)> {
-        let out = cmd::run(
-            self.command("apt-cache")
-                .args(["show", "--no-all-versions", name]),
-        )
-        .with_context(|| {
-            format!("package {name} is not in the Debian archive ({SUITE}, main and contrib)")
-        })?;
-        let field = |f: &str| {
-            out.lines()
-                .find_map(|l| l.strip_prefix(&format!("{f}: ")))
-                .map(str::to_string)
-                .with_context(|| format!("apt-cache gives no {f} for {name}"))
-        };
-        Ok((
-            field("Version")?,
-            field("SHA256")?,
-            field("Depends").unwrap_or_default(),
-        ))
     }
 
     fn download(&self, pkg: &Package, into: &Path) -> Result<PathBuf> {
@@ -319,50 +294,357 @@ fn parse_one_line(text: &str) -> Vec<HostSource> {
     out
 }
 
+/// One version of a package as the archive's signed indices list it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Record {
+    package: String,
+    version: String,
+    sha256: String,
+    depends: String,
+}
+
+/// The records of `apt-cache show` output (deb822 paragraphs); a paragraph
+/// without `Package`, `Version` or `SHA256` is skipped.
+fn parse_records(text: &str) -> Vec<Record> {
+    text.split("\n\n")
+        .filter_map(|para| {
+            let field = |f: &str| {
+                para.lines()
+                    .find_map(|l| l.strip_prefix(f)?.strip_prefix(": "))
+                    .map(str::to_string)
+            };
+            Some(Record {
+                package: field("Package")?,
+                version: field("Version")?,
+                sha256: field("SHA256")?,
+                depends: field("Depends").unwrap_or_default(),
+            })
+        })
+        .collect()
+}
+
+/// What resolving pins needs of the archive. [`Apt`] answers from the live
+/// archive's signed indices (apt checks their signatures, as for any
+/// `apt-get install`); the re-pinning rules below are written against this
+/// trait so they can be unit-tested.
+trait Archive {
+    /// Every published version of each of `names` (one query for all); a
+    /// name the archive does not have is absent or empty.
+    fn published(&self, names: &[&str]) -> Result<Vec<Record>>;
+    /// The version `apt-get install` would take of each of `names`
+    /// (highest priority, then newest); a name the archive lacks is absent.
+    fn candidates(&self, names: &[&str]) -> Result<Vec<Record>>;
+
+    /// The candidate of `name`, or an error naming it.
+    fn candidate(&self, name: &str) -> Result<Record> {
+        self.candidates(&[name])?
+            .into_iter()
+            .find(|r| r.package == name)
+            .with_context(|| {
+                format!("package {name} is not in the Debian archive ({SUITE}, main and contrib)")
+            })
+    }
+}
+
+impl Apt {
+    /// `apt-cache show ARGS… NAMES…`; no output when none of the names is known.
+    fn show(&self, args: &[&str], names: &[&str]) -> Result<Vec<Record>> {
+        match cmd::run(self.command("apt-cache").arg("show").args(args).args(names)) {
+            Ok(out) => Ok(parse_records(&out)),
+            Err(e) if format!("{e:#}").contains("No packages found") => Ok(Vec::new()),
+            Err(e) => Err(e).context("cannot look packages up in the Debian archive"),
+        }
+    }
+}
+
+impl Archive for Apt {
+    fn published(&self, names: &[&str]) -> Result<Vec<Record>> {
+        self.show(&[], names)
+    }
+
+    fn candidates(&self, names: &[&str]) -> Result<Vec<Record>> {
+        self.show(&["--no-all-versions"], names)
+    }
+}
+
+/// The kernel release the archive's `linux-image-amd64` points at now.
+fn current_kernel_release(archive: &dyn Archive) -> Result<String> {
+    let depends = archive.candidate("linux-image-amd64")?.depends;
+    depends
+        .split(',')
+        .find_map(|d| d.trim().strip_prefix("linux-image-"))
+        .and_then(|d| d.split_whitespace().next())
+        .map(str::to_string)
+        .with_context(|| {
+            format!("cannot find the kernel release in linux-image-amd64's Depends: {depends}")
+        })
+}
+
+/// A lock pinning the archive's current versions of everything an image
+/// needs, for the kernel `linux-image-amd64` points at.
+fn newest(archive: &dyn Archive) -> Result<DebianLock> {
+    let release = current_kernel_release(archive)?;
+    let names = package_names(&release)?;
+    let found = archive.candidates(&names.iter().map(String::as_str).collect::<Vec<_>>())?;
+    let packages = names
+        .into_iter()
+        .map(|name| {
+            let r = found.iter().find(|r| r.package == name).with_context(|| {
+                format!("package {name} is not in the Debian archive ({SUITE}, main and contrib)")
+            })?;
+            Ok(Package {
+                name,
+                version: r.version.clone(),
+                sha256: r.sha256.clone(),
+            })
+        })
+        .collect::<Result<_>>()?;
+    Ok(DebianLock {
+        suite: SUITE.to_string(),
+        kernel_release: release,
+        packages,
+    })
+}
+
+/// The pins among `pins` whose version the archive no longer publishes.
+///
+/// Errors when the archive publishes a pinned version with another sha256
+/// than the lock's: that is never re-pinned (the lock or the archive has
+/// been tampered with, or the mirror is broken).
+fn unpublished(archive: &dyn Archive, pins: &[&Package], lock_path: &Path) -> Result<Vec<Package>> {
+    let names: Vec<&str> = pins.iter().map(|p| p.name.as_str()).collect();
+    let records = archive.published(&names)?;
+    let mut gone = Vec::new();
+    for pkg in pins {
+        let same = |r: &&Record| r.package == pkg.name && r.version == pkg.version;
+        match records.iter().find(same) {
+            Some(r) if r.sha256 != pkg.sha256 => bail!(
+                "the Debian archive lists {} {} with sha256 {}, but {} pins {}: refusing it",
+                pkg.name,
+                pkg.version,
+                r.sha256,
+                lock_path.display(),
+                pkg.sha256
+            ),
+            Some(_) => {}
+            None => gone.push((*pkg).clone()),
+        }
+    }
+    Ok(gone)
+}
+
+/// `lock` with every package of `gone` pinned again, and one [`Repin`] per
+/// change. Packages the lock's kernel needs but does not pin are pinned too.
+///
+/// Rules: the kernel ABI (`kernel-release`) is kept while the archive still
+/// publishes its image, headers and common headers, since modules built for
+/// one ABI load into every upload of it (Debian's kernel ABI policy); a
+/// package is then pinned to the archive's candidate of the same name. When
+/// the ABI itself is gone, the kernel follows `linux-image-amd64` and its
+/// four packages are pinned together. Other pins are kept.
+fn repin(
+    lock: &DebianLock,
+    gone: &[Package],
+    archive: &dyn Archive,
+) -> Result<(DebianLock, Vec<Repin>)> {
+    let old_names = package_names(&lock.kernel_release)?;
+    let abi_names = &old_names[..KERNEL_PACKAGES - 1];
+    let abi_published =
+        archive.published(&abi_names.iter().map(String::as_str).collect::<Vec<_>>())?;
+    let abi_gone = abi_names.iter().any(|name| {
+        gone.iter().any(|p| &p.name == name) && !abi_published.iter().any(|r| &r.package == name)
+    });
+    let release = if abi_gone {
+        current_kernel_release(archive)?
+    } else {
+        lock.kernel_release.clone()
+    };
+    let names = package_names(&release)?;
+    let mut packages = Vec::new();
+    let mut changes = Vec::new();
+    for (i, name) in names.iter().enumerate() {
+        // The package this one replaces: same name, or same kernel role.
+        let old = lock.packages.iter().find(|p| &p.name == name).or_else(|| {
+            (i < KERNEL_PACKAGES)
+                .then(|| lock.packages.iter().find(|p| p.name == old_names[i]))
+                .flatten()
+        });
+        let reason = match old {
+            Some(_) if abi_gone && i < KERNEL_PACKAGES => format!(
+                "kernel ABI {} is no longer published; the kernel follows linux-image-amd64",
+                lock.kernel_release
+            ),
+            Some(o) if gone.iter().any(|g| g.name == o.name) => {
+                "the pinned version is no longer published".to_string()
+            }
+            Some(o) => {
+                packages.push(o.clone());
+                continue;
+            }
+            None => "not pinned before".to_string(),
+        };
+        let r = archive.candidate(name).with_context(|| {
+            format!("cannot pin {name} again: the archive has no version of it")
+        })?;
+        let to = Package {
+            name: name.clone(),
+            version: r.version,
+            sha256: r.sha256,
+        };
+        changes.push(Repin {
+            from: old.map(|o| PackageVersion {
+                name: o.name.clone(),
+                version: o.version.clone(),
+            }),
+            to: PackageVersion {
+                name: to.name.clone(),
+                version: to.version.clone(),
+            },
+            reason,
+        });
+        packages.push(to);
+    }
+    Ok((
+        DebianLock {
+            suite: lock.suite.clone(),
+            kernel_release: release,
+            packages,
+        },
+        changes,
+    ))
+}
+
+/// The changes from `old` to `new`, for `update-inputs`.
+fn differences(old: Option<&DebianLock>, new: &DebianLock, reason: &str) -> Vec<Repin> {
+    new.packages
+        .iter()
+        .filter_map(|p| {
+            let before = old.and_then(|o| o.packages.iter().find(|q| q.name == p.name));
+            if before.is_some_and(|b| b == p) {
+                return None;
+            }
+            Some(Repin {
+                from: before.map(|b| PackageVersion {
+                    name: b.name.clone(),
+                    version: b.version.clone(),
+                }),
+                to: PackageVersion {
+                    name: p.name.clone(),
+                    version: p.version.clone(),
+                },
+                reason: reason.to_string(),
+            })
+        })
+        .collect()
+}
+
 /// The Debian provider for one lock file.
 #[derive(Debug)]
 pub struct Debian {
     pub lock_path: PathBuf,
+    /// How the user names the profile, for the `update-inputs` command in
+    /// messages (`--profile` takes the same).
+    pub profile_arg: String,
 }
 
 impl Debian {
-    fn lock(&self) -> Result<DebianLock> {
-        Lock::load(&self.lock_path)?.debian.with_context(|| {
-            format!(
-                "{} pins no Debian packages; run `cargo xtask update-inputs`",
-                self.lock_path.display()
-            )
-        })
+    /// The command that re-pins this lock.
+    fn update_command(&self) -> String {
+        format!("cargo xtask update-inputs --profile {}", self.profile_arg)
+    }
+
+    /// The lock, complete and with every pin obtainable: from the file,
+    /// created when missing, and re-pinned where the archive has dropped a
+    /// version (unless `mode` is [`LockMode::Locked`]). Opens the archive
+    /// (refreshing its lists once) only when a pin is not in the cache.
+    fn settle(
+        &self,
+        cache: &Cache,
+        mode: LockMode,
+        apt: &mut Option<Apt>,
+    ) -> Result<(DebianLock, Vec<Repin>)> {
+        let locked = mode == LockMode::Locked;
+        let lock = Lock::load_if_present(&self.lock_path)?.and_then(|l| l.debian);
+        let lock = match lock {
+            Some(l) => l,
+            None if locked => bail!(
+                "{} pins no Debian packages, and --locked forbids creating them: run `{}`",
+                self.lock_path.display(),
+                self.update_command()
+            ),
+            None => {
+                let new = newest(open(cache, apt)?)?;
+                self.save(&new)?;
+                steps::note(&format!(
+                    "inputs: created {} (kernel {}, {} packages)",
+                    self.lock_path.display(),
+                    new.kernel_release,
+                    new.packages.len()
+                ));
+                return Ok((new, Vec::new()));
+            }
+        };
+        let needed = package_names(&lock.kernel_release)?;
+        let unpinned: Vec<&String> = needed
+            .iter()
+            .filter(|n| !lock.packages.iter().any(|p| &&p.name == n))
+            .collect();
+        let absent: Vec<&Package> = lock
+            .packages
+            .iter()
+            .filter(|p| !cache.has("debs", &deb_key(p)))
+            .collect();
+        if absent.is_empty() && unpinned.is_empty() {
+            return Ok((lock, Vec::new()));
+        }
+        let archive = open(cache, apt)?;
+        let gone = unpublished(archive, &absent, &self.lock_path)?;
+        if gone.is_empty() && unpinned.is_empty() {
+            return Ok((lock, Vec::new()));
+        }
+        if locked {
+            let what: Vec<String> = gone
+                .iter()
+                .map(|p| format!("{} {}", p.name, p.version))
+                .chain(unpinned.iter().map(|n| format!("{n} (not pinned)")))
+                .collect();
+            bail!(
+                "cannot download {} pinned in {}: Debian no longer publishes that version \
+                 (security updates replace old ones), and --locked forbids re-pinning; \
+                 run `{}` to pin the current versions, or build without --locked",
+                what.join(", "),
+                self.lock_path.display(),
+                self.update_command()
+            );
+        }
+        let (new, changes) = repin(&lock, &gone, archive)?;
+        for c in &changes {
+            steps::note(&format!("inputs: {c}"));
+        }
+        self.save(&new)?;
+        steps::note(&format!("inputs: updated {}", self.lock_path.display()));
+        Ok((new, changes))
+    }
+
+    fn save(&self, debian: &DebianLock) -> Result<()> {
+        let mut lock = Lock::load_if_present(&self.lock_path)?.unwrap_or_default();
+        lock.debian = Some(debian.clone());
+        lock.save(&self.lock_path)
     }
 
     /// The verified `.deb` of a pinned package, downloaded if not cached.
     fn fetch(&self, cache: &Cache, apt: &mut Option<Apt>, pkg: &Package) -> Result<PathBuf> {
-        let name = format!("{}.deb", pkg.sha256);
-        cache.file("debs", &name, |dest| {
-            let apt = match apt {
-                Some(a) => a,
-                None => {
-                    let a = Apt::new(cache)?;
-                    if !a.has_lists() {
-                        a.update()?;
-                    }
-                    apt.insert(a)
-                }
-            };
+        cache.file("debs", &deb_key(pkg), |dest| {
+            let apt = open(cache, apt)?;
             steps::note(&format!("downloading {} {}", pkg.name, pkg.version));
-            let tmp = tempfile::tempdir_in(cache.root()).context("cannot create a download directory")?;
-            let deb = apt.download(pkg, tmp.path()).or_else(|_| {
-                // The lists may be older than the lock: refresh once and retry.
-                apt.update()?;
-                apt.download(pkg, tmp.path())
-            });
-            let deb = deb.with_context(|| {
+            let tmp =
+                tempfile::tempdir_in(cache.root()).context("cannot create a download directory")?;
+            let deb = apt.download(pkg, tmp.path()).with_context(|| {
                 format!(
-                    "cannot download {} {} pinned in {}: Debian may have dropped that version \
-                     (security updates replace old ones); run `cargo xtask update-inputs` to pin the current versions",
+                    "cannot download {} {} pinned in {}",
                     pkg.name,
                     pkg.version,
-                    self.lock_path.display()
+                    self.lock_path.display(),
                 )
             })?;
             let got = sha256_file(&deb)?;
@@ -375,10 +657,27 @@ impl Debian {
                     pkg.sha256
                 );
             }
-            std::fs::copy(&deb, dest).with_context(|| format!("cannot copy {} to {}", deb.display(), dest.display()))?;
+            std::fs::copy(&deb, dest)
+                .with_context(|| format!("cannot copy {} to {}", deb.display(), dest.display()))?;
             Ok(())
         })
     }
+}
+
+/// The cache key of a package's `.deb`: its sha256, so a package once
+/// fetched is never fetched again, even after the archive drops it.
+fn deb_key(pkg: &Package) -> String {
+    format!("{}.deb", pkg.sha256)
+}
+
+/// The archive with lists refreshed once per build, opened on first use.
+fn open<'a>(cache: &Cache, apt: &'a mut Option<Apt>) -> Result<&'a Apt> {
+    if apt.is_none() {
+        let a = Apt::new(cache)?;
+        a.update()?;
+        *apt = Some(a);
+    }
+    apt.as_ref().context("the archive is open")
 }
 
 fn extract(deb: &Path, into: &Path) -> Result<()> {
@@ -388,77 +687,61 @@ fn extract(deb: &Path, into: &Path) -> Result<()> {
 }
 
 impl Provider for Debian {
-    fn update_lock(&self, cache: &Cache) -> Result<()> {
-        let apt = Apt::new(cache)?;
-        apt.update()?;
-        let (_, _, depends) = apt.show("linux-image-amd64")?;
-        let release = depends
-            .split(',')
-            .find_map(|d| d.trim().strip_prefix("linux-image-"))
-            .and_then(|d| d.split_whitespace().next())
-            .with_context(|| {
-                format!("cannot find the kernel release in linux-image-amd64's Depends: {depends}")
-            })?
-            .to_string();
-        let mut packages = Vec::new();
-        for name in package_names(&release)? {
-            let (version, sha256, _) = apt.show(&name)?;
-            packages.push(Package {
-                name,
-                version,
-                sha256,
-            });
-        }
-        let mut lock = Lock::load(&self.lock_path).unwrap_or_default();
-        let new = DebianLock {
-            suite: SUITE.to_string(),
-            kernel_release: release,
-            packages,
-        };
-        if lock.debian.as_ref() == Some(&new) {
+    fn update_lock(&self, cache: &Cache) -> Result<Vec<Repin>> {
+        let mut apt = None;
+        let new = newest(open(cache, &mut apt)?)?;
+        let old = Lock::load_if_present(&self.lock_path)?.and_then(|l| l.debian);
+        let changes = differences(old.as_ref(), &new, "the newest published version");
+        if old.as_ref() == Some(&new) {
             steps::note(&format!(
                 "{} is up to date (kernel {})",
                 self.lock_path.display(),
                 new.kernel_release
             ));
         } else {
+            for c in &changes {
+                steps::note(&format!("inputs: {c}"));
+            }
+            self.save(&new)?;
             steps::note(&format!(
                 "pinned kernel {} in {}",
                 new.kernel_release,
                 self.lock_path.display()
             ));
-            lock.debian = Some(new);
-            lock.save(&self.lock_path)?;
         }
-        Ok(())
+        Ok(changes)
     }
 
-    fn provide(&self, cache: &Cache) -> Result<BuildInputs> {
-        let lock = self.lock()?;
+    fn check(&self, cache: &Cache) -> Result<Vec<Repin>> {
+        let lock = Lock::load(&self.lock_path)?
+            .debian
+            .with_context(|| format!("{} pins no Debian packages", self.lock_path.display()))?;
+        let mut apt = None;
+        let archive = open(cache, &mut apt)?;
+        let pins: Vec<&Package> = lock.packages.iter().collect();
+        let gone = unpublished(archive, &pins, &self.lock_path)?;
+        Ok(repin(&lock, &gone, archive)?.1)
+    }
+
+    fn provide(&self, cache: &Cache, mode: LockMode) -> Result<BuildInputs> {
+        let mut apt = None;
+        let (lock, changes, debs) = steps::long_step("Fetching inputs", || {
+            let (lock, changes) = self.settle(cache, mode, &mut apt)?;
+            let debs = lock
+                .packages
+                .iter()
+                .map(|p| Ok((p.name.clone(), self.fetch(cache, &mut apt, p)?)))
+                .collect::<Result<Vec<_>>>()?;
+            Ok((lock, changes, debs))
+        })?;
         let release = lock.kernel_release.clone();
         let expected = package_names(&release)?;
-        let pinned: Vec<&str> = lock.packages.iter().map(|p| p.name.as_str()).collect();
-        for name in &expected {
-            if !pinned.contains(&name.as_str()) {
-                bail!(
-                    "{} does not pin {name}; run `cargo xtask update-inputs`",
-                    self.lock_path.display()
-                );
-            }
-        }
         let pkg = |name: &str| {
             lock.packages
                 .iter()
                 .find(|p| p.name == name)
-                .context("pinned package")
+                .with_context(|| format!("{} does not pin {name}", self.lock_path.display()))
         };
-        let mut apt = None;
-        let debs = steps::long_step("Fetching inputs", || {
-            lock.packages
-                .iter()
-                .map(|p| Ok((p.name.clone(), self.fetch(cache, &mut apt, p)?)))
-                .collect::<Result<Vec<_>>>()
-        })?;
         let deb = |name: &str| {
             debs.iter()
                 .find(|(n, _)| n == name)
@@ -496,8 +779,22 @@ impl Provider for Debian {
                 .map(|p| p.sha256.as_str())
                 .chain([compiler.lines().next().unwrap_or(""), "zfs-modules-v2"]),
         );
+        // Say why the modules are compiled again when a re-pin caused it.
+        let why: Vec<String> = changes
+            .iter()
+            .filter(|c| header_pkgs.iter().any(|p| p.name == c.to.name))
+            .map(|c| c.to.to_string())
+            .collect();
+        let title = if why.is_empty() {
+            format!("Compiling ZFS modules for {release}")
+        } else {
+            format!(
+                "Compiling ZFS modules for {release} (re-pinned {})",
+                why.join(", ")
+            )
+        };
         let zfs_modules = cache.dir("zfs-modules", &zfs_key, |out| {
-            steps::long_step("Compiling ZFS modules", || {
+            steps::long_step(&title, || {
                 steps::note("once per kernel: about 4 to 6 minutes on 2 cores");
                 let debs: Vec<PathBuf> = header_pkgs
                     .iter()
@@ -523,6 +820,14 @@ impl Provider for Debian {
             systemd_boot: boot_tree.join("usr/lib/systemd/boot/efi/systemd-bootx64.efi"),
             kernel_release: release,
             id,
+            packages: lock
+                .packages
+                .iter()
+                .map(|p| PackageVersion {
+                    name: p.name.clone(),
+                    version: p.version.clone(),
+                })
+                .collect(),
         })
     }
 }
@@ -677,5 +982,218 @@ mod tests {
         assert_eq!(Lock::load(&p).expect("load"), lock);
         let err = Lock::load(&t.path().join("missing.lock")).expect_err("missing");
         assert!(format!("{err:#}").contains("cargo xtask update-inputs"));
+    }
+}
+
+#[cfg(test)]
+mod repin_tests {
+    use std::collections::BTreeMap;
+
+    use super::*;
+
+    /// An archive as a table: name → published (version, sha256), the
+    /// candidate being the last one listed.
+    struct Table(BTreeMap<String, Vec<Record>>);
+
+    impl Table {
+        fn new(rows: &[(&str, &str, &str)]) -> Self {
+            let mut t: BTreeMap<String, Vec<Record>> = BTreeMap::new();
+            for (name, version, sha) in rows {
+                let depends = match name.strip_prefix("linux-image-amd64") {
+                    Some("") => format!("linux-image-{sha} (= {version})"),
+                    _ => String::new(),
+                };
+                t.entry(name.to_string()).or_default().push(Record {
+                    package: name.to_string(),
+                    version: version.to_string(),
+                    sha256: sha.to_string(),
+                    depends,
+                });
+            }
+            Self(t)
+        }
+    }
+
+    impl Archive for Table {
+        fn published(&self, names: &[&str]) -> Result<Vec<Record>> {
+            Ok(names
+                .iter()
+                .flat_map(|n| self.0.get(*n).cloned().unwrap_or_default())
+                .collect())
+        }
+        fn candidates(&self, names: &[&str]) -> Result<Vec<Record>> {
+            Ok(names
+                .iter()
+                .filter_map(|n| self.0.get(*n)?.last().cloned())
+                .collect())
+        }
+    }
+
+    /// The lock as landed before Debian replaced linux-kbuild-6.1
+    /// 6.1.192-2 (issue 15), reduced to what the rules look at.
+    fn landed() -> DebianLock {
+        let mut packages: Vec<Package> = package_names("6.1.0-56-amd64")
+            .expect("names")
+            .into_iter()
+            .map(|name| Package {
+                sha256: format!("{name}-old"),
+                version: "1".into(),
+                name,
+            })
+            .collect();
+        for p in &mut packages[..KERNEL_PACKAGES] {
+            p.version = "6.1.192-2".into();
+        }
+        DebianLock {
+            suite: SUITE.into(),
+            kernel_release: "6.1.0-56-amd64".into(),
+            packages,
+        }
+    }
+
+    /// The archive: everything of `lock` still published but `except`,
+    /// plus `more`.
+    fn archive(lock: &DebianLock, except: &[&str], more: &[(&str, &str, &str)]) -> Table {
+        let mut rows: Vec<(&str, &str, &str)> = lock
+            .packages
+            .iter()
+            .filter(|p| !except.contains(&p.name.as_str()))
+            .map(|p| (p.name.as_str(), p.version.as_str(), p.sha256.as_str()))
+            .collect();
+        rows.extend_from_slice(more);
+        Table::new(&rows)
+    }
+
+    #[test]
+    fn a_dropped_package_is_repinned_in_the_same_abi() {
+        let lock = landed();
+        let table = archive(
+            &lock,
+            &["linux-kbuild-6.1"],
+            &[
+                ("linux-kbuild-6.1", "6.1.176-1", "kb-176"),
+                ("linux-kbuild-6.1", "6.1.192-3", "kb-new"),
+                // A newer ABI exists, but the pinned one is still published.
+                ("linux-image-amd64", "6.1.192-3", "6.1.0-57-amd64"),
+            ],
+        );
+        let pins: Vec<&Package> = lock.packages.iter().collect();
+        let gone = unpublished(&table, &pins, Path::new("inputs.lock")).expect("checked");
+        assert_eq!(
+            gone.iter().map(|p| p.name.as_str()).collect::<Vec<_>>(),
+            ["linux-kbuild-6.1"]
+        );
+        let (new, changes) = repin(&lock, &gone, &table).expect("re-pinned");
+        assert_eq!(
+            changes.iter().map(|c| c.to_string()).collect::<Vec<_>>(),
+            ["linux-kbuild-6.1 6.1.192-2 → 6.1.192-3 (the pinned version is no longer published)"]
+        );
+        assert_eq!(new.kernel_release, "6.1.0-56-amd64");
+        for (old, new) in lock.packages.iter().zip(&new.packages) {
+            if old.name == "linux-kbuild-6.1" {
+                assert_eq!(
+                    (new.version.as_str(), new.sha256.as_str()),
+                    ("6.1.192-3", "kb-new")
+                );
+            } else {
+                assert_eq!(old, new);
+            }
+        }
+    }
+
+    #[test]
+    fn a_dropped_abi_moves_the_kernel_to_linux_image_amd64s() {
+        let lock = landed();
+        let abi = [
+            "linux-image-6.1.0-56-amd64",
+            "linux-headers-6.1.0-56-amd64",
+            "linux-headers-6.1.0-56-common",
+            "linux-kbuild-6.1",
+        ];
+        let table = archive(
+            &lock,
+            &abi,
+            &[
+                ("linux-image-amd64", "6.1.200-1", "6.1.0-60-amd64"),
+                ("linux-image-6.1.0-60-amd64", "6.1.200-1", "img"),
+                ("linux-headers-6.1.0-60-amd64", "6.1.200-1", "hdr"),
+                ("linux-headers-6.1.0-60-common", "6.1.200-1", "common"),
+                ("linux-kbuild-6.1", "6.1.200-1", "kb"),
+            ],
+        );
+        let pins: Vec<&Package> = lock.packages.iter().collect();
+        let gone = unpublished(&table, &pins, Path::new("inputs.lock")).expect("checked");
+        let (new, changes) = repin(&lock, &gone, &table).expect("re-pinned");
+        assert_eq!(new.kernel_release, "6.1.0-60-amd64");
+        assert_eq!(changes.len(), KERNEL_PACKAGES);
+        assert_eq!(
+            changes[0].to_string(),
+            "linux-image-6.1.0-56-amd64 6.1.192-2 → linux-image-6.1.0-60-amd64 6.1.200-1 \
+             (kernel ABI 6.1.0-56-amd64 is no longer published; the kernel follows linux-image-amd64)"
+        );
+        assert_eq!(
+            new.packages
+                .iter()
+                .map(|p| p.name.clone())
+                .collect::<Vec<_>>(),
+            package_names("6.1.0-60-amd64").expect("names")
+        );
+        assert_eq!(
+            new.packages[KERNEL_PACKAGES..],
+            lock.packages[KERNEL_PACKAGES..]
+        );
+    }
+
+    #[test]
+    fn a_pinned_version_with_another_sha256_is_refused_not_repinned() {
+        let lock = landed();
+        let table = archive(&lock, &["zfs-dkms"], &[("zfs-dkms", "1", "tampered")]);
+        let pins: Vec<&Package> = lock.packages.iter().collect();
+        let err = unpublished(&table, &pins, Path::new("inputs.lock")).expect_err("refused");
+        assert!(
+            format!("{err:#}").contains("lists zfs-dkms 1 with sha256 tampered, but inputs.lock pins zfs-dkms-old: refusing it"),
+            "{err:#}"
+        );
+    }
+
+    #[test]
+    fn a_package_the_lock_lacks_is_pinned_and_one_not_published_at_all_is_an_error() {
+        let mut lock = landed();
+        lock.packages.retain(|p| p.name != "libssl3");
+        let table = archive(&lock, &[], &[("libssl3", "3.0.22", "ssl")]);
+        let (new, changes) = repin(&lock, &[], &table).expect("pinned");
+        assert_eq!(
+            changes.iter().map(|c| c.to_string()).collect::<Vec<_>>(),
+            ["libssl3 3.0.22 (not pinned before)"]
+        );
+        assert!(new.packages.iter().any(|p| p.name == "libssl3"));
+        let table = archive(&lock, &[], &[]);
+        let err = repin(&lock, &[], &table).expect_err("nothing to pin");
+        assert!(
+            format!("{err:#}").contains("cannot pin libssl3 again"),
+            "{err:#}"
+        );
+    }
+
+    #[test]
+    fn apt_cache_records_are_parsed_per_paragraph() {
+        let text = "Package: linux-kbuild-6.1\nVersion: 6.1.192-3\nDepends: libc6 (>= 2.34)\nSHA256: aa\n\nPackage: linux-kbuild-6.1\nVersion: 6.1.176-1\nSHA256: bb\nDescription-md5: x\n\nPackage: broken\n";
+        assert_eq!(
+            parse_records(text),
+            vec![
+                Record {
+                    package: "linux-kbuild-6.1".into(),
+                    version: "6.1.192-3".into(),
+                    sha256: "aa".into(),
+                    depends: "libc6 (>= 2.34)".into()
+                },
+                Record {
+                    package: "linux-kbuild-6.1".into(),
+                    version: "6.1.176-1".into(),
+                    sha256: "bb".into(),
+                    depends: String::new()
+                },
+            ]
+        );
     }
 }

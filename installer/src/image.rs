@@ -36,6 +36,24 @@ pub struct ImageInfo {
     /// Install, or check an installed disk (the `check` system's stage 1).
     #[serde(default)]
     pub mode: Mode,
+    /// The packages the image was made from (kernel, OpenZFS, systemd-boot
+    /// and the ZFS tools' libraries), with their exact versions.
+    #[serde(default)]
+    pub packages: Vec<PackageVersion>,
+}
+
+/// A package and its exact version, e.g. `zfs-dkms` `2.1.11-1+deb12u1`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PackageVersion {
+    pub name: String,
+    pub version: String,
+}
+
+impl std::fmt::Display for PackageVersion {
+    /// `name version`.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} {}", self.name, self.version)
+    }
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -83,6 +101,29 @@ pub struct PayloadInfo {
 pub const PAYLOAD_ISO_PATH: &str = "/nodeflash/store.nfp";
 
 impl ImageInfo {
+    /// The version of package `name` in the image, if it was made from it.
+    pub fn package_version(&self, name: &str) -> Option<&str> {
+        self.packages
+            .iter()
+            .find(|p| p.name == name)
+            .map(|p| p.version.as_str())
+    }
+
+    /// The kernel release with its package version, e.g. `6.1.0-56-amd64
+    /// (6.1.192-2)`; the release alone when the image names no packages.
+    pub fn kernel(&self) -> String {
+        match self.package_version(&format!("linux-image-{}", self.kernel_release)) {
+            Some(v) => format!("{} ({v})", self.kernel_release),
+            None => self.kernel_release.clone(),
+        }
+    }
+
+    /// The OpenZFS version the image's modules were compiled from
+    /// (`zfs-dkms`), or `unknown`.
+    pub fn openzfs(&self) -> &str {
+        self.package_version("zfs-dkms").unwrap_or("unknown")
+    }
+
     /// The ISO9660 volume set ID that marks the boot medium of this image.
     pub fn volume_set_id(&self) -> String {
         volume_set_id(&self.image_id)

@@ -172,6 +172,8 @@ pub(crate) fn install(profile: &Profile, info: &ImageInfo, started: Instant) -> 
         nodeflash_version: info.version.clone(),
         profile: info.profile.clone(),
         image_id: info.image_id.clone(),
+        kernel: info.kernel(),
+        openzfs: info.openzfs().to_string(),
         node: crate::report::NodeReport {
             hostname: identity.hostname.clone(),
             matched_by: identity.reason.clone(),

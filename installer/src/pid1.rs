@@ -114,11 +114,12 @@ fn run(started: Instant) -> Finish {
         }
     };
     say!(
-        "nodeflash {} · profile {} · image {} · kernel {}",
+        "nodeflash {} · profile {} · image {} · kernel {} · OpenZFS {}",
         info.version,
         info.profile,
         info.short_id(),
-        info.kernel_release
+        info.kernel(),
+        info.openzfs()
     );
     let result = match info.mode {
         crate::image::Mode::Install => crate::install::install(&profile, &info, started),

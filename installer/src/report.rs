@@ -211,6 +211,12 @@ pub struct InstallReport {
     pub nodeflash_version: String,
     pub profile: String,
     pub image_id: String,
+    /// Kernel release and package version, e.g. `6.1.0-56-amd64 (6.1.192-2)`.
+    #[serde(default)]
+    pub kernel: String,
+    /// OpenZFS version of the image's modules and tools, e.g. `2.1.11-1+deb12u1`.
+    #[serde(default)]
+    pub openzfs: String,
     pub node: NodeReport,
     /// 8 hex digits.
     pub hostid: String,
@@ -237,8 +243,8 @@ impl InstallReport {
         let mut s = String::new();
         let _ = writeln!(
             s,
-            "nodeflash {}: profile {}, image {}",
-            self.nodeflash_version, self.profile, self.image_id
+            "nodeflash {}: profile {}, image {}, kernel {}, OpenZFS {}",
+            self.nodeflash_version, self.profile, self.image_id, self.kernel, self.openzfs
         );
         let _ = writeln!(s, "node: {} ({})", self.node.hostname, self.node.matched_by);
         let _ = writeln!(s, "host id: {}", self.hostid);
@@ -412,6 +418,8 @@ mod tests {
             nodeflash_version: "0.1.0".into(),
             profile: "alrest".into(),
             image_id: "ab12".into(),
+            kernel: "6.1.0-56-amd64 (6.1.192-2)".into(),
+            openzfs: "2.1.11-1+deb12u1".into(),
             node: NodeReport {
                 hostname: "alrest-1".into(),
                 matched_by: "dmi serial ABC".into(),
@@ -472,6 +480,7 @@ mod tests {
     fn summary_reads_plainly() {
         let s = sample().summary();
         for want in [
+            "nodeflash 0.1.0: profile alrest, image ab12, kernel 6.1.0-56-amd64 (6.1.192-2), OpenZFS 2.1.11-1+deb12u1\n",
             "node: alrest-1 (dmi serial ABC)\n",
             "host id: 472479d4\n",
             "disk: nvme0n1 Samsung SSD 980 (serial S1), 500.1 GB, GPT A-B\n",

@@ -54,6 +54,7 @@ pub fn build_variant(
         out_dir: dir.join("out"),
         cache: nodeflash_builder::cache::Cache::from_env().expect("cache"),
         reuse_artifacts: true,
+        lock_mode: nodeflash_builder::inputs::LockMode::Locked,
     })
     .unwrap_or_else(|e| panic!("cannot build the {profile} variant: {e:#}"))
     .iso

@@ -34,6 +34,26 @@ fn alrest_installs_on_a_1tb_nvme_drive() {
     let console = vm.wait_for_poweroff().unwrap_or_else(|e| panic!("{e:#}"));
     eprintln!("{console}");
     assert_console(&console, "nodeflash 0.1.0 · profile alrest");
+    // The console and the install report name the exact kernel and OpenZFS
+    // packages the image was made from: the lock's, as the build used it.
+    let lock = nodeflash_builder::inputs::Lock::load(
+        &nodeflash_tests::env_path("NODEFLASH_PROFILES").join("inputs.lock"),
+    )
+    .expect("the lock");
+    let debian = lock.debian.expect("Debian pins");
+    let version = |name: &str| {
+        debian
+            .packages
+            .iter()
+            .find(|p| p.name == name)
+            .map(|p| p.version.clone())
+            .unwrap_or_else(|| panic!("the lock pins no {name}"))
+    };
+    let release = &debian.kernel_release;
+    let kernel = format!("{release} ({})", version(&format!("linux-image-{release}")));
+    let zfs = version("zfs-dkms");
+    assert_console(&console, &format!("· kernel {kernel} · OpenZFS {zfs}"));
+    assert_console(&console, &format!(", kernel {kernel}, OpenZFS {zfs}"));
     // No node has match rules yet: the generic node of the seed's stick.
     assert_console(
         &console,

@@ -19,6 +19,7 @@ fn rebuilding_gives_identical_iso_bytes() {
         out_dir: out.path().to_path_buf(),
         cache: Cache::from_env().expect("cache"),
         reuse_artifacts: false,
+        lock_mode: nodeflash_builder::inputs::LockMode::Locked,
     })
     .expect("rebuild");
     assert_eq!(

@@ -10,6 +10,7 @@ use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 use nodeflash_builder::build::{build, find_profile, provider, BuildOptions};
 use nodeflash_builder::cache::Cache;
+use nodeflash_builder::inputs::LockMode;
 use nodeflash_builder::{cli, steps, synthetic, tools};
 use nodeflash_installer::cmd;
 use nodeflash_installer::profile::{Profile, Size};
@@ -37,6 +38,10 @@ enum Cmd {
     BuildIso {
         #[arg(long, default_value = "alrest")]
         profile: String,
+        /// Build exactly what the inputs lock pins: fail instead of
+        /// re-pinning a package Debian no longer publishes (cargo's meaning).
+        #[arg(long)]
+        locked: bool,
     },
     /// Build `target/nodeflash/<profile>.iso`, then boot it in QEMU with the
     /// console on this terminal (`nodeflash run-vm`; Ctrl-A X quits).
@@ -45,8 +50,16 @@ enum Cmd {
         #[command(flatten)]
         vm: nodeflash_builder::vm::RunVmArgs,
     },
-    /// Pin the newest Debian packages in profiles/inputs.lock.
-    UpdateInputs,
+    /// Pin the newest Debian packages in the lock the profile uses
+    /// (`profiles/inputs.lock` for the profiles here).
+    UpdateInputs {
+        /// Profile name (in profiles/) or path to a .toml file.
+        #[arg(long, default_value = "alrest")]
+        profile: String,
+        /// Only print what a build would re-pin today; change nothing.
+        #[arg(long)]
+        check: bool,
+    },
     /// The whole test suite: format, lints, unit tests, and the QEMU tests on the built `qemu` image.
     Test,
     /// Write a deterministic synthetic Nix store: exactly FILES regular files
@@ -98,9 +111,11 @@ fn main() -> ExitCode {
     let args = Args::parse();
     steps::configure(false, args.verbose);
     let result = match args.command {
-        Cmd::BuildIso { profile } => build_iso(&profile).map(|s| cli::print_summary(&s)),
+        Cmd::BuildIso { profile, locked } => {
+            build_iso(&profile, lock_mode(locked)).map(|s| cli::print_summary(&s))
+        }
         Cmd::RunVm { vm } => run_vm(vm),
-        Cmd::UpdateInputs => update_inputs(),
+        Cmd::UpdateInputs { profile, check } => update_inputs(&profile, check),
         Cmd::Test => test(),
         Cmd::Fuzz { target, seconds } => fuzz::run(&root(), target.as_deref(), seconds),
         Cmd::GenStore {
@@ -270,7 +285,7 @@ fn build_installer() -> Result<PathBuf> {
         .join("release/nodeflash-installer"))
 }
 
-fn build_iso(profile: &str) -> Result<nodeflash_builder::build::BuildSummary> {
+fn build_iso(profile: &str, lock_mode: LockMode) -> Result<nodeflash_builder::build::BuildSummary> {
     ensure_packages(tools::BUILD_TOOLS)?;
     let installer = build_installer()?;
     build(&BuildOptions {
@@ -279,6 +294,7 @@ fn build_iso(profile: &str) -> Result<nodeflash_builder::build::BuildSummary> {
         out_dir: target_dir().join("nodeflash"),
         cache: Cache::from_env()?,
         reuse_artifacts: true,
+        lock_mode,
     })
 }
 
@@ -294,19 +310,34 @@ fn run_vm(mut vm: nodeflash_builder::vm::RunVmArgs) -> Result<()> {
             .copied()
             .collect();
         ensure_packages(&all)?;
-        let summary = build_iso(&profile)?;
+        let summary = build_iso(&profile, LockMode::Update)?;
         cli::print_summary(&summary);
         vm.iso = Some(summary.iso);
     }
     nodeflash_builder::vm::run_command(&vm, &root().join("profiles"))
 }
 
-fn update_inputs() -> Result<()> {
+fn lock_mode(locked: bool) -> LockMode {
+    if locked {
+        LockMode::Locked
+    } else {
+        LockMode::Update
+    }
+}
+
+fn update_inputs(profile: &str, check: bool) -> Result<()> {
     ensure_packages(&[("apt-get", "apt")])?;
-    let path = root().join("profiles/alrest.toml");
+    let path = find_profile(profile, &root().join("profiles"))?;
     let profile = Profile::load(&path)?;
-    steps::step("Updating profiles/inputs.lock", || {
-        provider(&profile, &path).update_lock(&Cache::from_env()?)
+    if check {
+        return steps::step("Checking the inputs lock against the archive", || {
+            cli::check_inputs(&profile, &path)
+        });
+    }
+    steps::step("Updating the inputs lock", || {
+        provider(&profile, &path)
+            .update_lock(&Cache::from_env()?)
+            .map(drop)
     })
 }
 
@@ -338,8 +369,12 @@ fn test() -> Result<()> {
             readme_test.join(" ")
         );
     }
+    // What a new machine meets: every pin resolved against today's archive
+    // with empty package lists and cache; prints what a build would re-pin,
+    // and fails when something can no longer be had at all.
+    update_inputs("alrest", true)?;
     for profile in ["qemu", "qemu-bus"] {
-        cli::print_summary(&build_iso(profile)?);
+        cli::print_summary(&build_iso(profile, LockMode::Update)?);
     }
     // README's image, built by README's command as written: its QEMU test
     // installs it on a 1 TB disk.
@@ -403,7 +438,7 @@ fn readme_build_profile(command: &[String]) -> Result<String> {
                 )
             })?;
     match parsed.command {
-        Cmd::BuildIso { profile } => Ok(profile),
+        Cmd::BuildIso { profile, .. } => Ok(profile),
         _ => bail!(
             "README.md's build command `{}` is not `cargo xtask build-iso`",
             command.join(" ")
