@@ -87,6 +87,10 @@ pub struct Nvme {
     pub image: PathBuf,
     pub serial: String,
     pub logical_block_size: u32,
+    /// A disk that answers every request only after this many seconds and
+    /// holds nothing (QEMU's `null-co` driver with `latency-ns`; `image` is
+    /// then not used): a disk that has all but stopped answering.
+    pub latency_secs: Option<u64>,
 }
 
 impl Nvme {
@@ -101,6 +105,7 @@ impl Nvme {
             image,
             serial: serial.to_string(),
             logical_block_size: 512,
+            latency_secs: None,
         })
     }
 }
@@ -314,8 +319,15 @@ pub fn command(m: &Machine, kvm: bool, console: &Console, dir: &Path) -> Result<
     for (i, d) in m.nvme.iter().enumerate() {
         c.arg("-drive")
             .arg(format!(
-                "if=none,id=nvme{i},format=raw,file={}",
-                d.image.display()
+                "if=none,id=nvme{i},format=raw,{}",
+                match d.latency_secs {
+                    Some(s) => format!(
+                        "file=null-co://,file.size={},file.latency-ns={}",
+                        std::fs::metadata(&d.image).map_or(0, |m| m.len()),
+                        s * 1_000_000_000
+                    ),
+                    None => format!("file={}", d.image.display()),
+                }
             ))
             .arg("-device")
             .arg(format!(
@@ -466,6 +478,7 @@ pub fn run_command(a: &RunVmArgs, profiles_dir: &Path) -> Result<()> {
             image: disk_path,
             serial,
             logical_block_size: 512,
+            latency_secs: None,
         }
     } else {
         if a.boot == Boots::Disk {
@@ -554,6 +567,7 @@ mod tests {
                 image: PathBuf::from("/d/n.img"),
                 serial: "NFTEST0001".into(),
                 logical_block_size: 4096,
+                latency_secs: None,
             });
             let c = command(&m, false, &Console::Terminal, dir.path()).expect("command");
             let a = args(&c).join(" ");

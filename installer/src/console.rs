@@ -5,16 +5,21 @@
 use std::fs::{File, OpenOptions};
 use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
 struct State {
     outputs: Vec<File>,
     log: Vec<String>,
+    /// When the last line was said.
+    last: Option<Instant>,
 }
 
 static STATE: Mutex<State> = Mutex::new(State {
     outputs: Vec::new(),
     log: Vec::new(),
+    last: None,
 });
 
 /// Opens every console the kernel lists as active (`console=` on the command
@@ -46,6 +51,7 @@ pub fn open() {
 /// Prints one or more lines on every console.
 pub fn say(text: &str) {
     let Ok(mut s) = STATE.lock() else { return };
+    s.last = Some(Instant::now());
     for line in text.lines() {
         s.log.push(line.to_string());
     }
@@ -59,6 +65,76 @@ pub fn say(text: &str) {
     for out in &mut s.outputs {
         let _ = out.write_all(&bytes);
     }
+}
+
+/// Watches for a stall: when nothing has been said for `after`, asks the
+/// kernel for the stacks of every blocked (D state) task (SysRq `w`, written
+/// to `/proc/sysrq-trigger`, which works whatever `kernel.sysrq` allows;
+/// see the kernel's admin-guide/sysrq.rst) and prints them on every console
+/// as `kernel: …` lines, taken from `/dev/kmsg`. The kernel's own console
+/// output is not used: with `quiet` it hides the stacks, and its lines
+/// would cut into ours. At most `reports` times per boot.
+pub fn watch_for_stalls(after: Duration, reports: usize) {
+    WATCHING.store(true, Ordering::Relaxed);
+    std::thread::spawn(move || {
+        let mut left = reports;
+        while left > 0 && WATCHING.load(Ordering::Relaxed) {
+            std::thread::sleep(Duration::from_secs(5));
+            let silent = WATCHING.load(Ordering::Relaxed)
+                && STATE
+                    .lock()
+                    .ok()
+                    .and_then(|s| s.last)
+                    .is_some_and(|l| l.elapsed() >= after);
+            if silent {
+                left -= 1;
+                report_stall(after);
+            }
+        }
+    });
+}
+
+/// Ends [`watch_for_stalls`]: the silence that follows is on purpose (a
+/// halt after the outcome was printed).
+pub fn stop_watching() {
+    WATCHING.store(false, Ordering::Relaxed);
+}
+
+static WATCHING: AtomicBool = AtomicBool::new(false);
+
+fn report_stall(after: Duration) {
+    use std::io::{Read, Seek, SeekFrom};
+    say(&format!(
+        "stall: nothing happened for {} s; the kernel's blocked tasks follow",
+        after.as_secs()
+    ));
+    let kmsg = OpenOptions::new()
+        .read(true)
+        .custom_flags(nix::libc::O_NONBLOCK)
+        .open("/dev/kmsg");
+    let mut kmsg = match kmsg {
+        Ok(mut k) => {
+            // Only what the trigger adds.
+            let _ = k.seek(SeekFrom::End(0));
+            k
+        }
+        Err(e) => return say(&format!("stall: cannot open /dev/kmsg: {e}")),
+    };
+    if let Err(e) = std::fs::write("/proc/sysrq-trigger", "w") {
+        return say(&format!("stall: cannot write /proc/sysrq-trigger: {e}"));
+    }
+    std::thread::sleep(Duration::from_secs(1));
+    // One record per read: "PRIORITY,SEQ,USEC,FLAGS;TEXT", then
+    // " KEY=VALUE" lines (Documentation/ABI/testing/dev-kmsg).
+    let mut buf = vec![0u8; 8192];
+    for _ in 0..2000 {
+        let Ok(n) = kmsg.read(&mut buf) else { break };
+        let record = String::from_utf8_lossy(&buf[..n]);
+        if let Some((_, text)) = record.lines().next().and_then(|l| l.split_once(';')) {
+            say(&format!("kernel: {text}"));
+        }
+    }
+    say("stall: end of the kernel's report");
 }
 
 /// Everything said so far.

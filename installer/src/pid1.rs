@@ -16,6 +16,12 @@ use crate::image::{ImageInfo, IMAGE_INFO_PATH, PROFILE_PATH};
 use crate::profile::{OnFailure, OnSuccess, Profile};
 use crate::say;
 
+/// Seconds without a console line after which the kernel's blocked tasks
+/// are printed: longer than any quiet phase of an install (progress lines
+/// come every 5 s), shorter than the kernel's 120 s hung-task report and
+/// the tests' VM timeouts.
+const STALL_SECS: u64 = 60;
+
 /// Entry point of `/init`.
 pub fn main() -> ! {
     if std::process::id() != 1 {
@@ -57,6 +63,7 @@ enum Finish {
 impl Finish {
     fn apply(self) -> ! {
         use nix::sys::reboot::{reboot, RebootMode};
+        crate::console::stop_watching();
         nix::unistd::sync();
         let mode = match self {
             Finish::Done(OnSuccess::Poweroff) | Finish::Fail(OnFailure::Poweroff) => {
@@ -90,6 +97,7 @@ fn run(started: Instant) -> Finish {
         return Finish::Fail(OnFailure::Halt);
     }
     crate::console::open();
+    crate::console::watch_for_stalls(std::time::Duration::from_secs(STALL_SECS), 3);
     crate::cmd::set_logger(crate::console::say);
     // The kernel starts /init with an empty environment.
     std::env::set_var("PATH", "/sbin:/usr/sbin:/bin:/usr/bin");

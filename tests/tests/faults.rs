@@ -157,3 +157,43 @@ fn without_a_disk_nothing_is_chosen_not_even_the_stick() {
         "there is no pool to keep the console"
     );
 }
+
+/// A disk that has all but stopped answering (QEMU's null-co driver, each
+/// request answered after 200 s):
+/// the installer blocks in the kernel, and after a minute of silence the
+/// console shows the kernel's blocked tasks with their stacks, instead of
+/// hanging without a word (nixos-anywhere #368; issue 19's one hang).
+#[test]
+fn a_stalled_disk_gets_the_kernels_blocked_tasks_on_the_console() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut disk = Nvme::create(dir.path(), "slow.img", 2 << 30, "NFTEST0001").expect("disk image");
+    disk.latency_secs = Some(200);
+    let mut cfg = VmConfig::new(images_dir().join("qemu.iso"), Boot::UsbStick);
+    cfg.nvme.push(disk);
+    cfg.timeout = std::time::Duration::from_secs(420);
+    let mut vm = Vm::start(&cfg).expect("qemu starts");
+    vm.wait_for_console("stall: end of the kernel's report")
+        .unwrap_or_else(|e| panic!("{e:#}"));
+    let console = vm.console();
+    eprintln!("{console}");
+    assert_console(
+        &console,
+        "stall: nothing happened for 60 s; the kernel's blocked tasks follow",
+    );
+    // SysRq w lists the tasks in uninterruptible sleep (D), PID 1 among
+    // them, with their kernel stacks.
+    let blocked: Vec<&str> = console
+        .lines()
+        .filter(|l| l.starts_with("kernel: task:") && l.contains("state:D"))
+        .collect();
+    assert!(
+        blocked.iter().any(|l| l.contains(" pid:1 ")),
+        "PID 1 is not among the blocked tasks: {blocked:?}"
+    );
+    assert!(
+        console
+            .lines()
+            .any(|l| l.starts_with("kernel:  ") && l.contains("+0x")),
+        "no stack frames on the console"
+    );
+}
