@@ -426,6 +426,7 @@ pub fn summary_text(s: &crate::build::BuildSummary) -> String {
             let _ = writeln!(t, "payload:  none (the profile has no [payload])");
         }
     }
+    let _ = writeln!(t, "boot:     {}", s.boot.what);
     let width = s
         .nodes
         .iter()
@@ -459,11 +460,59 @@ pub fn summary_text(s: &crate::build::BuildSummary) -> String {
             let _ = writeln!(t, "other:    refused (`[default-node] install = false`)");
         }
     }
+    t.push_str(&root_ssh_text(s));
+    for w in &s.warnings {
+        let _ = writeln!(t, "warning:  {w}");
+    }
     let _ = writeln!(
         t,
         "write it: nodeflash flash {}   (lists the sticks it accepts; add the device)",
         s.iso.display()
     );
+    t
+}
+
+/// The `root SSH:` lines of the summary: who gets root's SSH access, the
+/// nodes with the same access grouped.
+fn root_ssh_text(s: &crate::build::BuildSummary) -> String {
+    use std::fmt::Write;
+    let all: Vec<_> = s.nodes.iter().chain(&s.default_node).collect();
+    let mut groups: Vec<(Vec<&str>, &crate::build::RootSsh)> = Vec::new();
+    for n in &all {
+        match groups.iter_mut().find(|(_, r)| **r == n.root_ssh) {
+            Some((names, _)) => names.push(&n.name),
+            None => groups.push((vec![&n.name], &n.root_ssh)),
+        }
+    }
+    let mut t = String::new();
+    for (i, (names, r)) in groups.iter().enumerate() {
+        let label = if groups.len() == 1 {
+            "every node".to_string()
+        } else {
+            names.join(", ")
+        };
+        let head = if i == 0 { "root SSH: " } else { "          " };
+        if r.is_nobody() {
+            let _ = writeln!(t, "{head}{label}: nobody (no [ssh] github-users or keys)");
+            continue;
+        }
+        let _ = writeln!(t, "{head}{label}:");
+        for (user, url) in r.github_users.iter().zip(&r.key_urls) {
+            let _ = writeln!(
+                t,
+                "            GitHub user {user}: the keys {url} lists when the node installs"
+            );
+        }
+        for k in &r.keys {
+            let _ = writeln!(
+                t,
+                "            {} {}{}",
+                k.kind,
+                k.fingerprint,
+                k.comment.as_ref().map_or(String::new(), |c| format!(" {c}"))
+            );
+        }
+    }
     t
 }
 
@@ -626,7 +675,7 @@ fn payload_command(command: PayloadCommand, quiet: bool) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::build::{BuildSummary, NodeSummary};
+    use crate::build::{node_warnings, BootSummary, BuildSummary, NodeSummary};
 
     fn alrest_summary() -> BuildSummary {
         let profile = Profile::parse(
@@ -635,7 +684,10 @@ mod tests {
         )
         .expect("alrest parses");
         let (nodes, default_node) = NodeSummary::of(&profile);
+        let warnings = node_warnings(&nodes, default_node.as_ref());
         BuildSummary {
+            boot: BootSummary::of(&profile),
+            warnings,
             profile: "alrest".into(),
             iso: "target/nodeflash/alrest.iso".into(),
             iso_bytes: 75 * 1048576 + 524288,
@@ -651,22 +703,113 @@ mod tests {
     }
 
     #[test]
-    fn summary_shows_the_iso_its_sha256_the_payload_and_every_host_id() {
+    fn summary_shows_the_iso_its_sha256_the_payload_boot_ssh_and_every_host_id() {
         let warn = "  (no `match` rules: the stick cannot recognise it)";
         let want = format!(
             "ISO:      target/nodeflash/alrest.iso (75.5 MiB)\n\
              sha256:   {sha}\n\
              image:    0123456789ab (kernel 6.1.0-40-amd64, 41 modules, initramfs 30.0 MiB)\n\
              payload:  none (the profile has no [payload])\n\
+             boot:     nothing: the disk will not boot, because the profile has no [boot] \
+             (no boot loader is written; see docs/flake.md)\n\
              nodes:    kos-mos  host ID 472479d4{warn}\n          \
                        logos    host ID aeace675{warn}\n          \
                        ontos    host ID 07602ecc{warn}\n          \
                        pneuma   host ID 34fbd94b{warn}\n\
              other:    install  host ID derive  (any machine that matches no node)\n\
+             root SSH: every node: nobody (no [ssh] github-users or keys)\n\
+             warning:  nobody gets root SSH on kos-mos, logos, ontos, pneuma, install: \
+             no one can log in to them over SSH; set `[ssh] github-users = [\"YOUR-GITHUB-USER\"]` \
+             or `keys = [\"ssh-ed25519 …\"]` in the profile\n\
              write it: nodeflash flash target/nodeflash/alrest.iso   (lists the sticks it accepts; add the device)\n",
             sha = "ab".repeat(32)
         );
         assert_eq!(summary_text(&alrest_summary()), want);
+    }
+
+    /// An inline key of a node.
+    const KEY: &str =
+        "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIB/oDvZDOvsIcO07yOuLxZOeQQ78UJh0NTARK7EMiUtz me@laptop";
+
+    #[test]
+    fn summary_names_who_gets_root_ssh_per_node_with_fingerprints() {
+        let text = include_str!("../../profiles/alrest.toml")
+            .replace("github-users = []", "github-users = [\"alice\"]")
+            .replace(
+                "hostid = \"aeace675\"\n",
+                &format!("hostid = \"aeace675\"\nkeys = [\"{KEY}\"]\n"),
+            );
+        let profile = Profile::parse(&text, "alrest.toml").expect("parses");
+        let (nodes, default_node) = NodeSummary::of(&profile);
+        assert!(node_warnings(&nodes, default_node.as_ref()).is_empty());
+        let mut s = alrest_summary();
+        s.nodes = nodes;
+        s.default_node = default_node;
+        s.warnings.clear();
+        // `ssh-keygen -lf` of KEY.
+        let fp = "SHA256:xWzAJybFebxdhfHdF12q1D4VL0DSM/kBS5LmZIRqXt4";
+        let got = summary_text(&s);
+        let want = format!(
+            "root SSH: kos-mos, ontos, pneuma, install:\n\
+             \x20           GitHub user alice: the keys https://github.com/alice.keys lists when the node installs\n\
+             \x20         logos:\n\
+             \x20           GitHub user alice: the keys https://github.com/alice.keys lists when the node installs\n\
+             \x20           ssh-ed25519 {fp} me@laptop\n\
+             write it:"
+        );
+        assert!(got.contains(&want), "{want}\nnot in\n{got}");
+        assert!(!got.contains("warning:"), "{got}");
+        // The JSON (and `<profile>.json`) says the same per node.
+        let json = serde_json::to_value(&s).expect("json");
+        assert_eq!(json["nodes"][1]["root_ssh"]["keys"][0]["fingerprint"], fp);
+        assert_eq!(json["nodes"][0]["root_ssh"]["github_users"][0], "alice");
+        assert_eq!(
+            json["default_node"]["root_ssh"]["key_urls"][0],
+            "https://github.com/alice.keys"
+        );
+        assert_eq!(json["boot"]["bootable"], false);
+    }
+
+    #[test]
+    fn a_node_with_keys_of_its_own_is_not_warned_about() {
+        let text = include_str!("../../profiles/alrest.toml").replace(
+            "hostid = \"aeace675\"\n",
+            &format!("hostid = \"aeace675\"\nkeys = [\"{KEY}\"]\n"),
+        );
+        let profile = Profile::parse(&text, "alrest.toml").expect("parses");
+        let (nodes, default_node) = NodeSummary::of(&profile);
+        let w = node_warnings(&nodes, default_node.as_ref());
+        assert_eq!(w.len(), 1);
+        assert!(
+            w[0].starts_with("nobody gets root SSH on kos-mos, ontos, pneuma, install:"),
+            "{w:?}"
+        );
+    }
+
+    #[test]
+    fn boot_line_names_what_boots() {
+        let qemu = Profile::load(
+            &std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../profiles/qemu.toml"),
+        )
+        .expect("qemu profile");
+        let b = BootSummary::of(&qemu);
+        assert!(b.bootable);
+        assert!(b.what.starts_with("systemd-boot, with nodeflash's check system"), "{b:?}");
+        let nixos = Profile::parse(
+            &include_str!("../../profiles/alrest.toml").replace(
+                "[finish]",
+                "[payload]\nclosure = \"/nix/store/aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa-nixos-system-x\"\n\
+                 [boot]\nsystem = \"nixos\"\n[finish]",
+            ),
+            "alrest.toml",
+        )
+        .expect("parses");
+        let b = BootSummary::of(&nixos);
+        assert!(b.bootable);
+        assert!(
+            b.what.starts_with("the NixOS system aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa-nixos-system-x, whose own boot loader"),
+            "{b:?}"
+        );
     }
 
     #[test]
