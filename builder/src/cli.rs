@@ -365,7 +365,12 @@ fn run(cli: Cli) -> Result<()> {
             if a.boot == crate::vm::Boots::Disk && a.disk.is_none() {
                 usage_error("--boot disk needs --disk PATH (a disk installed by an earlier run)");
             }
-            crate::vm::run_command(&a, &cli.profiles_dir)?
+            if !crate::vm::run_command(&a, &cli.profiles_dir)? {
+                // The verdict line said why; no second message.
+                use std::io::Write;
+                let _ = std::io::stdout().flush();
+                std::process::exit(1);
+            }
         }
         Command::UpdateInputs { profile } => {
             let path = find_profile(&profile, &cli.profiles_dir)?;
@@ -509,7 +514,9 @@ fn root_ssh_text(s: &crate::build::BuildSummary) -> String {
                 "            {} {}{}",
                 k.kind,
                 k.fingerprint,
-                k.comment.as_ref().map_or(String::new(), |c| format!(" {c}"))
+                k.comment
+                    .as_ref()
+                    .map_or(String::new(), |c| format!(" {c}"))
             );
         }
     }
@@ -794,7 +801,11 @@ mod tests {
         .expect("qemu profile");
         let b = BootSummary::of(&qemu);
         assert!(b.bootable);
-        assert!(b.what.starts_with("systemd-boot, with nodeflash's check system"), "{b:?}");
+        assert!(
+            b.what
+                .starts_with("systemd-boot, with nodeflash's check system"),
+            "{b:?}"
+        );
         let nixos = Profile::parse(
             &include_str!("../../profiles/alrest.toml").replace(
                 "[finish]",

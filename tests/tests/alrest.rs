@@ -28,11 +28,12 @@ fn alrest_installs_on_a_1tb_nvme_drive() {
         |p| {
             // As shipped, nobody gets root's SSH access (README's step 1
             // has the reader put their own user in).
-            assert!(p.contains("github-users = []"), "alrest.toml grants no one SSH");
-            p.replace("[ssh]\n", &key_url).replace(
-                "github-users = []",
-                "github-users = [\"alrest-admin\"]",
-            )
+            assert!(
+                p.contains("github-users = []"),
+                "alrest.toml grants no one SSH"
+            );
+            p.replace("[ssh]\n", &key_url)
+                .replace("github-users = []", "github-users = [\"alrest-admin\"]")
         },
         &[("test-ca.pem", &server.ca_pem())],
     );
