@@ -281,6 +281,12 @@ pub fn find_profile(name_or_path: &str, profiles_dir: &Path) -> Result<PathBuf> 
     if path.exists() || path != profiles_dir.join(format!("{name_or_path}.toml")) {
         return Ok(path);
     }
+    if !profiles_dir.is_dir() {
+        bail!(
+            "no profile `{name_or_path}`: {}",
+            no_profiles_dir(profiles_dir)
+        );
+    }
     let mut names: Vec<String> = std::fs::read_dir(profiles_dir)
         .map(|d| {
             d.flatten()
@@ -303,6 +309,16 @@ pub fn find_profile(name_or_path: &str, profiles_dir: &Path) -> Result<PathBuf> 
         "no profile `{name_or_path}` in {}; the profiles there: {}",
         profiles_dir.display(),
         names.join(", ")
+    )
+}
+
+/// Why a profiles directory that is not there holds no profiles, and how
+/// to point at the right one.
+pub fn no_profiles_dir(profiles_dir: &Path) -> String {
+    format!(
+        "the profiles directory `{}` does not exist here; run from the repository's root, \
+         give --profiles-dir DIR, or a path to a .toml file",
+        profiles_dir.display()
     )
 }
 

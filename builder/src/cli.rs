@@ -105,11 +105,20 @@ enum Command {
         json: bool,
     },
     /// Print this machine's facts (disks, NICs, DMI) as JSON, always.
-    #[command(after_help = examples!(
-        "nodeflash facts > node.json",
-        "nodeflash facts | jq '.dmi.product_serial'   # for a node's `match = { dmi-serial = … }`",
-    ))]
-    Facts,
+    #[command(after_help = concat!(
+        "Run it as root: the DMI serial and product UUID are readable by root only\n",
+        "(as a user they are null). Many consumer boards report the same placeholder\n",
+        "serial on every unit (\"To Be Filled By O.E.M.\", \"Default string\"); for\n",
+        "identical machines match on the NIC's `mac` or the disk's `disk-serial`.\n\n",
+        examples!(
+        "sudo nodeflash facts > node.json",
+        "sudo nodeflash facts | jq '.dmi.product_serial'   # for a node's `match = { dmi-serial = … }`",
+    )))]
+    Facts {
+        /// Accepted for symmetry with the other commands: the output is JSON anyway.
+        #[arg(long)]
+        json: bool,
+    },
     /// Pack, extract and check store payloads (docs/payload.md).
     #[command(after_help = examples!(
         "nodeflash payload pack ./store store.nfp --registration ./registration",
@@ -248,12 +257,17 @@ enum ProfileCommand {
         #[arg(long)]
         json: bool,
     },
-    /// Validate every profile in the profiles directory.
+    /// Validate profiles: the ones named, or every one in the profiles
+    /// directory.
     #[command(after_help = examples!(
         "nodeflash profile check",
+        "nodeflash profile check alrest ./lab.toml",
         "nodeflash profile check --profiles-dir ~/lab/profiles --json",
     ))]
     Check {
+        /// Profile names (in the profiles directory) or paths to .toml files
+        /// [default: every *.toml in the profiles directory].
+        profiles: Vec<String>,
         /// Print one JSON object per profile (path, name, error) as a list.
         #[arg(long)]
         json: bool,
@@ -312,8 +326,18 @@ fn run(cli: Cli) -> Result<()> {
             }
         }
         Command::Profile {
-            command: ProfileCommand::Check { json },
-        } => check_profiles(&cli.profiles_dir, json)?,
+            command: ProfileCommand::Check { profiles, json },
+        } => {
+            if profiles.is_empty() {
+                check_profiles(&cli.profiles_dir, json)?
+            } else {
+                let paths = profiles
+                    .iter()
+                    .map(|p| find_profile(p, &cli.profiles_dir))
+                    .collect::<Result<Vec<_>>>()?;
+                check_paths(&paths, json)?
+            }
+        }
         Command::Plan {
             profile,
             machine,
@@ -335,7 +359,7 @@ fn run(cli: Cli) -> Result<()> {
                 print!("{plan}");
             }
         }
-        Command::Facts => {
+        Command::Facts { json: _ } => {
             let facts = nodeflash_installer::facts::Facts::read(std::path::Path::new("/sys"));
             println!("{}", serde_json::to_string_pretty(&facts)?);
         }
@@ -526,6 +550,9 @@ fn root_ssh_text(s: &crate::build::BuildSummary) -> String {
 /// Validates every `*.toml` in `dir`, reporting all errors; with `json`, as
 /// a list of `{path, name, error}` on stdout.
 pub fn check_profiles(dir: &std::path::Path, json: bool) -> Result<()> {
+    if !dir.is_dir() {
+        bail!("{}", crate::build::no_profiles_dir(dir));
+    }
     let mut paths: Vec<PathBuf> = std::fs::read_dir(dir)
         .with_context(|| format!("cannot list profiles in {}", dir.display()))?
         .flatten()
@@ -536,9 +563,15 @@ pub fn check_profiles(dir: &std::path::Path, json: bool) -> Result<()> {
     if paths.is_empty() {
         bail!("no profiles (*.toml) in {}", dir.display());
     }
+    check_paths(&paths, json)
+}
+
+/// Validates the profiles at `paths`, reporting all errors; with `json`, as
+/// a list of `{path, name, error}` on stdout.
+pub fn check_paths(paths: &[PathBuf], json: bool) -> Result<()> {
     let mut failed = 0;
     let mut list = Vec::new();
-    for p in &paths {
+    for p in paths {
         let (name, error) = match Profile::load(p) {
             Ok(profile) => (Some(profile.name.to_string()), None),
             Err(e) => {
@@ -791,6 +824,19 @@ mod tests {
             w[0].starts_with("nobody gets root SSH on kos-mos, ontos, pneuma, install:"),
             "{w:?}"
         );
+    }
+
+    #[test]
+    fn what_people_type_is_accepted() {
+        for args in [
+            &["nodeflash", "facts", "--json"][..],
+            &["nodeflash", "profile", "check", "alrest"],
+            &["nodeflash", "profile", "check", "./a.toml", "b", "--json"],
+        ] {
+            if let Err(e) = Cli::try_parse_from(args) {
+                panic!("{args:?} is refused: {e}");
+            }
+        }
     }
 
     #[test]
