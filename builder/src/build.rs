@@ -182,7 +182,7 @@ pub struct KeySummary {
 impl RootSsh {
     /// Root's access on a node with `node_keys` of its own. Keys that do not
     /// parse (the profile check refuses them) are left out.
-    fn of(ssh: &nodeflash_installer::profile::Ssh, node_keys: &[String]) -> Self {
+    pub fn of(ssh: &nodeflash_installer::profile::Ssh, node_keys: &[String]) -> Self {
         let keys = ssh
             .keys
             .iter()

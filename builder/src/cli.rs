@@ -351,16 +351,18 @@ fn run(cli: Cli) -> Result<()> {
             let node = nodeflash_installer::nodes::identify(&p, &facts)?;
             let select = node.disk_select.as_ref().unwrap_or(&p.disk.select);
             let plan = nodeflash_installer::plan::plan_with(&p, select, &facts)?;
+            let install = InstallPreview::of(&p, &node, &plan, &facts);
             if json {
-                let out = serde_json::json!({ "node": node, "plan": plan });
+                let out = serde_json::json!({ "node": node, "plan": plan, "install": install });
                 println!("{}", serde_json::to_string_pretty(&out)?);
             } else {
                 println!("node: {} ({})", node.hostname, node.reason);
                 print!("{plan}");
+                print!("{}", install.text());
             }
         }
         Command::Facts { json: _ } => {
-            let facts = nodeflash_installer::facts::Facts::read(std::path::Path::new("/sys"));
+            let facts = read_facts(std::path::Path::new("/sys"), std::path::Path::new("/dev"));
             println!("{}", serde_json::to_string_pretty(&facts)?);
         }
         Command::Payload { command } => payload_command(command, cli.quiet)?,
@@ -403,6 +405,166 @@ fn run(cli: Cli) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// This machine's facts, with what is on each fixed disk when it can be
+/// read (as root): the installer's own way of looking
+/// (`nodeflash_installer::disk::look_at`). A disk that cannot be read keeps
+/// `contents_read = false`, and a note on stderr says why.
+fn read_facts(sys: &std::path::Path, dev: &std::path::Path) -> nodeflash_installer::facts::Facts {
+    let mut facts = nodeflash_installer::facts::Facts::read(sys);
+    let mut unread = Vec::new();
+    for b in &mut facts.block_devices {
+        if !b.removable && b.size_bytes > 0 {
+            if let Err(e) = nodeflash_installer::disk::look_at(sys, dev, b) {
+                unread.push(format!("{}: {e:#}", b.name));
+            }
+        }
+    }
+    // SAFETY: geteuid(2) has no preconditions and cannot fail.
+    let root = unsafe { nix::libc::geteuid() } == 0;
+    let as_user = if root {
+        ""
+    } else {
+        " (run as root to read them)"
+    };
+    if !unread.is_empty() {
+        steps::note(&format!(
+            "not recorded what these disks hold{as_user}: {}",
+            unread.join("; ")
+        ));
+    }
+    if !root {
+        steps::note("not root: the DMI serial and product UUID are readable by root only");
+    }
+    facts
+}
+
+/// What an install will do besides partitioning, for `nodeflash plan`:
+/// the host ID, the pool and its datasets, who gets root SSH, the payload
+/// and the boot. The plan's JSON carries it as `install`.
+#[derive(Debug, serde::Serialize)]
+struct InstallPreview {
+    /// 8 hex digits, or why it is not known before the install.
+    hostid: String,
+    pool: String,
+    /// `zpool create -o` options.
+    pool_options: std::collections::BTreeMap<String, String>,
+    /// Options of the pool's root dataset.
+    root_options: std::collections::BTreeMap<String, String>,
+    /// `(name, mountpoint)` of each dataset.
+    datasets: Vec<(String, Option<String>)>,
+    root_ssh: crate::build::RootSsh,
+    payload: String,
+    boot: crate::build::BootSummary,
+}
+
+impl InstallPreview {
+    fn of(
+        p: &Profile,
+        node: &nodeflash_installer::nodes::Identity,
+        plan: &nodeflash_installer::plan::Plan,
+        facts: &nodeflash_installer::facts::Facts,
+    ) -> Self {
+        use nodeflash_installer::profile::HostId;
+        let hostid = match node.hostid {
+            HostId::Random => "random: chosen on the machine, printed on its console".into(),
+            want => match nodeflash_installer::zfs::resolve_hostid(
+                want,
+                facts,
+                plan.disk.serial.as_deref(),
+            ) {
+                Ok(id) => format!("{id:08x}"),
+                Err(e) => format!("unknown: {e:#}"),
+            },
+        };
+        let payload = &p.payload;
+        let payload = if let Some(c) = &payload.closure {
+            format!("the Nix closure of {c}")
+        } else if let Some(d) = &payload.store {
+            format!("the store directory {d}")
+        } else if let Some(s) = &payload.synthetic {
+            format!(
+                "a synthetic store of {} files, {} (tests)",
+                s.files, s.bytes
+            )
+        } else {
+            "none (the profile has no [payload])".into()
+        };
+        InstallPreview {
+            hostid,
+            pool: p.pool.name.to_string(),
+            pool_options: p.pool.options.clone(),
+            root_options: p.pool.root_options.clone(),
+            datasets: p
+                .pool
+                .datasets
+                .iter()
+                .map(|d| {
+                    (
+                        d.name.get_ref().to_string(),
+                        d.mountpoint.as_ref().map(|m| m.get_ref().to_string()),
+                    )
+                })
+                .collect(),
+            root_ssh: crate::build::RootSsh::of(&p.ssh, &node.keys),
+            payload,
+            boot: crate::build::BootSummary::of(p),
+        }
+    }
+
+    /// The preview as `key: value` lines.
+    fn text(&self) -> String {
+        use std::fmt::Write;
+        let opts = |m: &std::collections::BTreeMap<String, String>| {
+            m.iter()
+                .map(|(k, v)| format!("{k}={v}"))
+                .collect::<Vec<_>>()
+                .join(" ")
+        };
+        let mut t = String::new();
+        let _ = writeln!(t, "host id: {} (networking.hostId)", self.hostid);
+        let _ = writeln!(
+            t,
+            "pool: {} on the last partition, {}; root dataset {}",
+            self.pool,
+            opts(&self.pool_options),
+            opts(&self.root_options)
+        );
+        let datasets: Vec<String> = self
+            .datasets
+            .iter()
+            .map(|(n, m)| match m {
+                Some(m) => format!("{}/{n} at {m}", self.pool),
+                None => format!("{}/{n}", self.pool),
+            })
+            .collect();
+        let _ = writeln!(t, "datasets: {}", datasets.join(", "));
+        let r = &self.root_ssh;
+        if r.is_nobody() {
+            let _ = writeln!(
+                t,
+                "root SSH: nobody (no [ssh] github-users or keys): no one can log in over SSH"
+            );
+        }
+        for url in &r.key_urls {
+            let _ = writeln!(t, "root SSH: the keys {url} lists when the node installs");
+        }
+        for k in &r.keys {
+            let _ = writeln!(
+                t,
+                "root SSH: {} {}{}",
+                k.kind,
+                k.fingerprint,
+                k.comment
+                    .as_ref()
+                    .map_or(String::new(), |c| format!(" {c}"))
+            );
+        }
+        let _ = writeln!(t, "payload: {}", self.payload);
+        let _ = writeln!(t, "boot: {}", self.boot.what);
+        t
+    }
 }
 
 /// Exits with status 2 and clap's usage message.
