@@ -470,7 +470,11 @@ impl ConsoleWatch {
     /// The verdict on an install (`run-vm: …`), and whether it succeeded.
     pub fn install_verdict(&self) -> (bool, String) {
         match (&self.failed, self.done) {
-            (Some(e), _) => (false, format!("the install FAILED: {e}")),
+            // A message that goes on below (`…; the disks here:`) points up.
+            (Some(e), _) => match e.strip_suffix(':') {
+                Some(e) => (false, format!("the install FAILED: {e} (above)")),
+                None => (false, format!("the install FAILED: {e}")),
+            },
             (None, true) => (true, "the install succeeded".into()),
             (None, false) => (
                 false,
@@ -811,7 +815,7 @@ mod tests {
             w.install_verdict(),
             (
                 false,
-                "the install FAILED: no disk matches the profile's [disk] select rules; the disks here:"
+                "the install FAILED: no disk matches the profile's [disk] select rules; the disks here (above)"
                     .into()
             )
         );

@@ -182,7 +182,7 @@ fn run_vm_stops_a_failed_install_and_does_not_boot_the_disk() {
     assert!(
         last.starts_with(
             "run-vm: the install FAILED: no disk matches the profile's [disk] select rules"
-        ) && last.ends_with("; the disk was not booted"),
+        ) && last.ends_with("; the disks here (above); the disk was not booted"),
         "the last line is not the verdict: {last:?}\n{all}"
     );
     assert_eq!(console.matches("run-vm: ").count(), 1, "{all}");
