@@ -1,7 +1,8 @@
 //! `nodeflash run-vm` boots the built `qemu` image: the stick installs the
 //! disk the profile's rules accept and powers off, then the disk boots
-//! alone; and README's `alrest` image on a disk it refuses: the failed
-//! install is reported and the disk is not booted. Needs the images
+//! alone; README's `alrest` image on a disk it refuses: the failed install
+//! is reported and the disk is not booted; and README's step 3 as written.
+//! Needs the images
 //! `cargo xtask test` builds (NODEFLASH_TEST_IMAGES).
 
 use std::io::Read;
@@ -186,4 +187,54 @@ fn run_vm_stops_a_failed_install_and_does_not_boot_the_disk() {
         "the last line is not the verdict: {last:?}\n{all}"
     );
     assert_eq!(console.matches("run-vm: ").count(), 1, "{all}");
+}
+
+/// README's step 3 as written, `nodeflash run-vm --iso
+/// target/nodeflash/alrest.iso --disk-size 1TB`: the install succeeds, the
+/// disk is not booted (Alrest has no [boot]), and the verdict is the line
+/// README shows.
+#[test]
+fn readme_step_3_installs_alrest_and_says_the_disk_does_not_boot() {
+    let Some((images, profiles)) = env() else {
+        return;
+    };
+    let readme = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../README.md"),
+    )
+    .expect("README.md");
+    assert!(
+        readme.contains("nodeflash run-vm --iso target/nodeflash/alrest.iso --disk-size 1TB\n"),
+        "README's step 3 command changed"
+    );
+    let want = "run-vm: the install succeeded; the disk was not booted: \
+                the install wrote no boot loader (the profile has no [boot])";
+    assert!(
+        readme.contains(&format!("\n{want}\n")),
+        "README does not show {want:?}"
+    );
+    let iso = images.join("alrest.iso");
+    let (status, notes, console) = run_vm(
+        &profiles,
+        &[
+            "--iso".as_ref(),
+            iso.as_os_str(),
+            "--disk-size".as_ref(),
+            "1TB".as_ref(),
+            "--cpus".as_ref(),
+            "1".as_ref(),
+        ],
+    );
+    let all = format!("{notes}\n{console}");
+    let status = status.unwrap_or_else(|| panic!("run-vm did not finish in 900s:\n{all}"));
+    assert!(status.success(), "run-vm failed ({status}):\n{all}");
+    assert!(console.contains("nodeflash: done in"), "{all}");
+    assert!(
+        console.contains("warning: no SSH keys: nobody can log in to this node over SSH"),
+        "{all}"
+    );
+    assert!(
+        !notes.contains("booting the disk"),
+        "the disk was booted:\n{all}"
+    );
+    assert_eq!(console.lines().last(), Some(want), "{all}");
 }
