@@ -448,6 +448,8 @@ struct InstallPreview {
     /// 8 hex digits, or why it is not known before the install.
     hostid: String,
     pool: String,
+    /// The pool's partition, e.g. `/dev/nvme0n1p3`.
+    device: String,
     /// `zpool create -o` options.
     pool_options: std::collections::BTreeMap<String, String>,
     /// Options of the pool's root dataset.
@@ -474,6 +476,13 @@ impl InstallPreview {
                 facts,
                 plan.disk.serial.as_deref(),
             ) {
+                // `resolve_hostid` takes the DMI product UUID first, which
+                // facts captured without root lack.
+                Ok(id) if want == HostId::Derive && facts.dmi.product_uuid.is_none() => format!(
+                    "{id:08x}, derived from the disk serial: these facts have no DMI product \
+                     UUID, which the stick uses instead when the machine has one \
+                     (capture the facts as root)"
+                ),
                 Ok(id) => format!("{id:08x}"),
                 Err(e) => format!("unknown: {e:#}"),
             },
@@ -491,8 +500,17 @@ impl InstallPreview {
         } else {
             "none (the profile has no [payload])".into()
         };
+        // The kernel's partition names: `nvme0n1p3`, `sda3`.
+        let disk = &plan.disk.name;
+        let sep = if disk.ends_with(|c: char| c.is_ascii_digit()) {
+            "p"
+        } else {
+            ""
+        };
+        let device = format!("/dev/{disk}{sep}{}", plan.partitions.len());
         InstallPreview {
             hostid,
+            device,
             pool: p.pool.name.to_string(),
             pool_options: p.pool.options.clone(),
             root_options: p.pool.root_options.clone(),
@@ -523,11 +541,12 @@ impl InstallPreview {
                 .join(" ")
         };
         let mut t = String::new();
-        let _ = writeln!(t, "host id: {} (networking.hostId)", self.hostid);
+        let _ = writeln!(t, "host id (networking.hostId): {}", self.hostid);
         let _ = writeln!(
             t,
-            "pool: {} on the last partition, {}; root dataset {}",
+            "pool: {} on {}, {}; root dataset {}",
             self.pool,
+            self.device,
             opts(&self.pool_options),
             opts(&self.root_options)
         );

@@ -167,8 +167,8 @@ fn plan_from_captured_facts() {
     // What the install does besides partitioning, as disko's dry run shows it.
     for line in [
         // derived from the disk serial (no DMI UUID in these facts)
-        "host id: ",
-        "pool: rpool on the last partition, ashift=12 autotrim=on; root dataset acltype=posixacl",
+        "host id (networking.hostId): ",
+        "pool: rpool on /dev/nvme0n1p3, ashift=12 autotrim=on; root dataset acltype=posixacl",
         "datasets: rpool/local, rpool/local/nix at /nix, rpool/local/vms, rpool/safe, \
          rpool/safe/home at /home, rpool/safe/root at /, rpool/safe/vms\n",
         "root SSH: nobody (no [ssh] github-users or keys): no one can log in over SSH\n",
@@ -179,7 +179,10 @@ fn plan_from_captured_facts() {
     }
     let hostid = nodeflash_installer::zfs::derive_hostid("disk-serial:21045X800123");
     assert!(
-        stdout.contains(&format!("host id: {hostid:08x} (networking.hostId)\n")),
+        stdout.contains(&format!(
+            "host id (networking.hostId): {hostid:08x}, derived from the disk serial: \
+             these facts have no DMI product UUID"
+        )),
         "{stdout}"
     );
     // With the disk's contents captured (facts as root), a disk that holds
