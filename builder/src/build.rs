@@ -102,6 +102,133 @@ pub struct BuildSummary {
     /// What a machine that matches no node becomes (`[default-node]`);
     /// none when such a machine is refused.
     pub default_node: Option<NodeSummary>,
+    /// What the installed disk boots (`[boot]`), or that it boots nothing.
+    #[serde(default)]
+    pub boot: BootSummary,
+    /// What the build found worth a warning (also printed on stderr), e.g.
+    /// nodes that nobody can log in to.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub warnings: Vec<String>,
+}
+
+/// What the installed disk will boot, from the profile's `[boot]`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BootSummary {
+    /// Whether the installer makes the disk bootable.
+    pub bootable: bool,
+    /// In words: the system and its boot loader, or why nothing boots.
+    pub what: String,
+}
+
+impl BootSummary {
+    /// The summary of a profile's `[boot]` (docs/profile.md, `[boot]`).
+    pub fn of(profile: &Profile) -> Self {
+        let Some(b) = &profile.boot else {
+            return Self {
+                bootable: false,
+                what: "nothing: the disk will not boot, because the profile has no [boot] \
+                       (no boot loader is written; see docs/flake.md)"
+                    .into(),
+            };
+        };
+        let what = match b.system {
+            BootSystem::Nixos => format!(
+                "the NixOS system {}, whose own boot loader installation \
+                 (switch-to-configuration boot) runs on the node",
+                b.nixos_toplevel(&profile.payload).unwrap_or_default()
+            ),
+            BootSystem::Generic => format!(
+                "systemd-boot, with the kernel {} and initrd {} of the store",
+                b.kernel.as_deref().unwrap_or("?"),
+                b.initrd.as_deref().unwrap_or("?")
+            ),
+            BootSystem::Check => {
+                "systemd-boot, with nodeflash's check system (a test system that reports on the pool)"
+                    .into()
+            }
+        };
+        Self {
+            bootable: true,
+            what,
+        }
+    }
+}
+
+/// Who gets root's SSH access on a node: `[ssh]`'s users and inline keys,
+/// and the node's own `keys`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RootSsh {
+    /// Users whose keys the node fetches from `key-url` when it installs.
+    pub github_users: Vec<String>,
+    /// Where each user's keys come from (`key-url` with `{user}` replaced),
+    /// in the order of `github_users`.
+    pub key_urls: Vec<String>,
+    /// The inline keys, `[ssh] keys` then the node's `keys`.
+    pub keys: Vec<KeySummary>,
+}
+
+impl RootSsh {
+    /// Whether nobody gets access.
+    pub fn is_nobody(&self) -> bool {
+        self.github_users.is_empty() && self.keys.is_empty()
+    }
+}
+
+/// An inline SSH key, as `ssh-keygen -l` names it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KeySummary {
+    /// The key type, e.g. `ssh-ed25519`.
+    pub kind: String,
+    /// `SHA256:…`.
+    pub fingerprint: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub comment: Option<String>,
+}
+
+impl RootSsh {
+    /// Root's access on a node with `node_keys` of its own. Keys that do not
+    /// parse (the profile check refuses them) are left out.
+    pub fn of(ssh: &nodeflash_installer::profile::Ssh, node_keys: &[String]) -> Self {
+        let keys = ssh
+            .keys
+            .iter()
+            .chain(node_keys)
+            .filter_map(|k| nodeflash_installer::net::keys::parse_line(k, "").ok())
+            .map(|k| KeySummary {
+                fingerprint: k.fingerprint(),
+                kind: k.kind,
+                comment: k.comment,
+            })
+            .collect();
+        Self {
+            github_users: ssh.github_users.clone(),
+            key_urls: ssh
+                .github_users
+                .iter()
+                .map(|u| ssh.key_url.replace("{user}", u))
+                .collect(),
+            keys,
+        }
+    }
+}
+
+/// Warnings about a profile's nodes: those that nobody can log in to.
+pub fn node_warnings(nodes: &[NodeSummary], default_node: Option<&NodeSummary>) -> Vec<String> {
+    let nobody: Vec<&str> = nodes
+        .iter()
+        .chain(default_node)
+        .filter(|n| n.root_ssh.is_nobody())
+        .map(|n| n.name.as_str())
+        .collect();
+    if nobody.is_empty() {
+        return Vec::new();
+    }
+    vec![format!(
+        "nobody gets root SSH on {}: no one can log in to {} over SSH; \
+         set `[ssh] github-users = [\"YOUR-GITHUB-USER\"]` or `keys = [\"ssh-ed25519 …\"]` in the profile",
+        nobody.join(", "),
+        if nobody.len() == 1 { "it" } else { "them" }
+    )]
 }
 
 /// A node the image knows, with the host ID to put into its NixOS
@@ -115,6 +242,9 @@ pub struct NodeSummary {
     pub hostid: String,
     /// Whether it has `match` rules, without which the stick never chooses it.
     pub recognisable: bool,
+    /// Who gets root's SSH access on it.
+    #[serde(default)]
+    pub root_ssh: RootSsh,
 }
 
 impl NodeSummary {
@@ -127,6 +257,7 @@ impl NodeSummary {
                 name: n.name.get_ref().to_string(),
                 hostid: String::from(n.hostid),
                 recognisable: n.matches != Default::default(),
+                root_ssh: RootSsh::of(&profile.ssh, &n.keys),
             })
             .collect();
         let d = &profile.default_node;
@@ -134,6 +265,7 @@ impl NodeSummary {
             name: d.hostname.clone(),
             hostid: String::from(d.hostid),
             recognisable: true,
+            root_ssh: RootSsh::of(&profile.ssh, &[]),
         });
         (nodes, default)
     }
@@ -154,6 +286,12 @@ pub fn find_profile(name_or_path: &str, profiles_dir: &Path) -> Result<PathBuf> 
     let path = profile_path(name_or_path, profiles_dir);
     if path.exists() || path != profiles_dir.join(format!("{name_or_path}.toml")) {
         return Ok(path);
+    }
+    if !profiles_dir.is_dir() {
+        bail!(
+            "no profile `{name_or_path}`: {}",
+            no_profiles_dir(profiles_dir)
+        );
     }
     let mut names: Vec<String> = std::fs::read_dir(profiles_dir)
         .map(|d| {
@@ -177,6 +315,16 @@ pub fn find_profile(name_or_path: &str, profiles_dir: &Path) -> Result<PathBuf> 
         "no profile `{name_or_path}` in {}; the profiles there: {}",
         profiles_dir.display(),
         names.join(", ")
+    )
+}
+
+/// Why a profiles directory that is not there holds no profiles, and how
+/// to point at the right one.
+pub fn no_profiles_dir(profiles_dir: &Path) -> String {
+    format!(
+        "the profiles directory `{}` does not exist here; run from the repository's root, \
+         give --profiles-dir DIR, or a path to a .toml file",
+        profiles_dir.display()
     )
 }
 
@@ -322,6 +470,10 @@ pub fn build(opts: &BuildOptions) -> Result<BuildSummary> {
     )
     .context("cannot write the ISO's sha256 file")?;
     let (nodes, default_node) = NodeSummary::of(&profile);
+    let warnings = node_warnings(&nodes, default_node.as_ref());
+    for w in &warnings {
+        steps::note(&format!("warning: {w}"));
+    }
     let summary = BuildSummary {
         profile: name.clone(),
         iso_bytes: std::fs::metadata(&iso_path).map(|m| m.len()).unwrap_or(0),
@@ -335,6 +487,8 @@ pub fn build(opts: &BuildOptions) -> Result<BuildSummary> {
         payload: info.payload.clone(),
         nodes,
         default_node,
+        boot: BootSummary::of(&profile),
+        warnings,
     };
     let json =
         serde_json::to_string_pretty(&summary).context("cannot serialize the build summary")?;

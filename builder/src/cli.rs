@@ -112,11 +112,20 @@ enum Command {
         json: bool,
     },
     /// Print this machine's facts (disks, NICs, DMI) as JSON, always.
-    #[command(after_help = examples!(
-        "nodeflash facts > node.json",
-        "nodeflash facts | jq '.dmi.product_serial'   # for a node's `match = { dmi-serial = … }`",
-    ))]
-    Facts,
+    #[command(after_help = concat!(
+        "Run it as root: the DMI serial and product UUID are readable by root only\n",
+        "(as a user they are null). Many consumer boards report the same placeholder\n",
+        "serial on every unit (\"To Be Filled By O.E.M.\", \"Default string\"); for\n",
+        "identical machines match on the NIC's `mac` or the disk's `disk-serial`.\n\n",
+        examples!(
+        "sudo nodeflash facts > node.json",
+        "sudo nodeflash facts | jq '.dmi.product_serial'   # for a node's `match = { dmi-serial = … }`",
+    )))]
+    Facts {
+        /// Accepted for symmetry with the other commands: the output is JSON anyway.
+        #[arg(long)]
+        json: bool,
+    },
     /// Pack, extract and check store payloads (docs/payload.md).
     #[command(after_help = examples!(
         "nodeflash payload pack ./store store.nfp --registration ./registration",
@@ -265,12 +274,17 @@ enum ProfileCommand {
         #[arg(long)]
         json: bool,
     },
-    /// Validate every profile in the profiles directory.
+    /// Validate profiles: the ones named, or every one in the profiles
+    /// directory.
     #[command(after_help = examples!(
         "nodeflash profile check",
+        "nodeflash profile check alrest ./lab.toml",
         "nodeflash profile check --profiles-dir ~/lab/profiles --json",
     ))]
     Check {
+        /// Profile names (in the profiles directory) or paths to .toml files
+        /// [default: every *.toml in the profiles directory].
+        profiles: Vec<String>,
         /// Print one JSON object per profile (path, name, error) as a list.
         #[arg(long)]
         json: bool,
@@ -335,8 +349,18 @@ fn run(cli: Cli) -> Result<()> {
             }
         }
         Command::Profile {
-            command: ProfileCommand::Check { json },
-        } => check_profiles(&cli.profiles_dir, json)?,
+            command: ProfileCommand::Check { profiles, json },
+        } => {
+            if profiles.is_empty() {
+                check_profiles(&cli.profiles_dir, json)?
+            } else {
+                let paths = profiles
+                    .iter()
+                    .map(|p| find_profile(p, &cli.profiles_dir))
+                    .collect::<Result<Vec<_>>>()?;
+                check_paths(&paths, json)?
+            }
+        }
         Command::Plan {
             profile,
             machine,
@@ -350,16 +374,18 @@ fn run(cli: Cli) -> Result<()> {
             let node = nodeflash_installer::nodes::identify(&p, &facts)?;
             let select = node.disk_select.as_ref().unwrap_or(&p.disk.select);
             let plan = nodeflash_installer::plan::plan_with(&p, select, &facts)?;
+            let install = InstallPreview::of(&p, &node, &plan, &facts);
             if json {
-                let out = serde_json::json!({ "node": node, "plan": plan });
+                let out = serde_json::json!({ "node": node, "plan": plan, "install": install });
                 println!("{}", serde_json::to_string_pretty(&out)?);
             } else {
                 println!("node: {} ({})", node.hostname, node.reason);
                 print!("{plan}");
+                print!("{}", install.text());
             }
         }
-        Command::Facts => {
-            let facts = nodeflash_installer::facts::Facts::read(std::path::Path::new("/sys"));
+        Command::Facts { json: _ } => {
+            let facts = read_facts(std::path::Path::new("/sys"), std::path::Path::new("/dev"));
             println!("{}", serde_json::to_string_pretty(&facts)?);
         }
         Command::Payload { command } => payload_command(command, cli.quiet)?,
@@ -388,7 +414,12 @@ fn run(cli: Cli) -> Result<()> {
             if a.boot == crate::vm::Boots::Disk && a.disk.is_none() {
                 usage_error("--boot disk needs --disk PATH (a disk installed by an earlier run)");
             }
-            crate::vm::run_command(&a, &cli.profiles_dir)?
+            if !crate::vm::run_command(&a, &cli.profiles_dir)? {
+                // The verdict line said why; no second message.
+                use std::io::Write;
+                let _ = std::io::stdout().flush();
+                std::process::exit(1);
+            }
         }
         Command::UpdateInputs { profile, check } => {
             let path = find_profile(&profile, &cli.profiles_dir)?;
@@ -416,6 +447,185 @@ pub fn check_inputs(profile: &Profile, path: &std::path::Path) -> Result<()> {
         println!("would re-pin {c}");
     }
     Ok(())
+}
+
+/// This machine's facts, with what is on each fixed disk when it can be
+/// read (as root): the installer's own way of looking
+/// (`nodeflash_installer::disk::look_at`). A disk that cannot be read keeps
+/// `contents_read = false`, and a note on stderr says why.
+fn read_facts(sys: &std::path::Path, dev: &std::path::Path) -> nodeflash_installer::facts::Facts {
+    let mut facts = nodeflash_installer::facts::Facts::read(sys);
+    let mut unread = Vec::new();
+    for b in &mut facts.block_devices {
+        if !b.removable && b.size_bytes > 0 {
+            if let Err(e) = nodeflash_installer::disk::look_at(sys, dev, b) {
+                unread.push(format!("{}: {e:#}", b.name));
+            }
+        }
+    }
+    // SAFETY: geteuid(2) has no preconditions and cannot fail.
+    let root = unsafe { nix::libc::geteuid() } == 0;
+    let as_user = if root {
+        ""
+    } else {
+        " (run as root to read them)"
+    };
+    if !unread.is_empty() {
+        steps::note(&format!(
+            "not recorded what these disks hold{as_user}: {}",
+            unread.join("; ")
+        ));
+    }
+    if !root {
+        steps::note("not root: the DMI serial and product UUID are readable by root only");
+    }
+    facts
+}
+
+/// What an install will do besides partitioning, for `nodeflash plan`:
+/// the host ID, the pool and its datasets, who gets root SSH, the payload
+/// and the boot. The plan's JSON carries it as `install`.
+#[derive(Debug, serde::Serialize)]
+struct InstallPreview {
+    /// 8 hex digits, or why it is not known before the install.
+    hostid: String,
+    pool: String,
+    /// The pool's partition, e.g. `/dev/nvme0n1p3`.
+    device: String,
+    /// `zpool create -o` options.
+    pool_options: std::collections::BTreeMap<String, String>,
+    /// Options of the pool's root dataset.
+    root_options: std::collections::BTreeMap<String, String>,
+    /// `(name, mountpoint)` of each dataset.
+    datasets: Vec<(String, Option<String>)>,
+    root_ssh: crate::build::RootSsh,
+    payload: String,
+    boot: crate::build::BootSummary,
+}
+
+impl InstallPreview {
+    fn of(
+        p: &Profile,
+        node: &nodeflash_installer::nodes::Identity,
+        plan: &nodeflash_installer::plan::Plan,
+        facts: &nodeflash_installer::facts::Facts,
+    ) -> Self {
+        use nodeflash_installer::profile::HostId;
+        let hostid = match node.hostid {
+            HostId::Random => "random: chosen on the machine, printed on its console".into(),
+            want => match nodeflash_installer::zfs::resolve_hostid(
+                want,
+                facts,
+                plan.disk.serial.as_deref(),
+            ) {
+                // `resolve_hostid` takes the DMI product UUID first, which
+                // facts captured without root lack.
+                Ok(id) if want == HostId::Derive && facts.dmi.product_uuid.is_none() => format!(
+                    "{id:08x}, derived from the disk serial: these facts have no DMI product \
+                     UUID, which the stick uses instead when the machine has one \
+                     (capture the facts as root)"
+                ),
+                Ok(id) => format!("{id:08x}"),
+                Err(e) => format!("unknown: {e:#}"),
+            },
+        };
+        let payload = &p.payload;
+        let payload = if let Some(c) = &payload.closure {
+            format!("the Nix closure of {c}")
+        } else if let Some(d) = &payload.store {
+            format!("the store directory {d}")
+        } else if let Some(s) = &payload.synthetic {
+            format!(
+                "a synthetic store of {} files, {} (tests)",
+                s.files, s.bytes
+            )
+        } else {
+            "none (the profile has no [payload])".into()
+        };
+        // The kernel's partition names: `nvme0n1p3`, `sda3`.
+        let disk = &plan.disk.name;
+        let sep = if disk.ends_with(|c: char| c.is_ascii_digit()) {
+            "p"
+        } else {
+            ""
+        };
+        let device = format!("/dev/{disk}{sep}{}", plan.partitions.len());
+        InstallPreview {
+            hostid,
+            device,
+            pool: p.pool.name.to_string(),
+            pool_options: p.pool.options.clone(),
+            root_options: p.pool.root_options.clone(),
+            datasets: p
+                .pool
+                .datasets
+                .iter()
+                .map(|d| {
+                    (
+                        d.name.get_ref().to_string(),
+                        d.mountpoint.as_ref().map(|m| m.get_ref().to_string()),
+                    )
+                })
+                .collect(),
+            root_ssh: crate::build::RootSsh::of(&p.ssh, &node.keys),
+            payload,
+            boot: crate::build::BootSummary::of(p),
+        }
+    }
+
+    /// The preview as `key: value` lines.
+    fn text(&self) -> String {
+        use std::fmt::Write;
+        let opts = |m: &std::collections::BTreeMap<String, String>| {
+            m.iter()
+                .map(|(k, v)| format!("{k}={v}"))
+                .collect::<Vec<_>>()
+                .join(" ")
+        };
+        let mut t = String::new();
+        let _ = writeln!(t, "host id (networking.hostId): {}", self.hostid);
+        let _ = writeln!(
+            t,
+            "pool: {} on {}, {}; root dataset {}",
+            self.pool,
+            self.device,
+            opts(&self.pool_options),
+            opts(&self.root_options)
+        );
+        let datasets: Vec<String> = self
+            .datasets
+            .iter()
+            .map(|(n, m)| match m {
+                Some(m) => format!("{}/{n} at {m}", self.pool),
+                None => format!("{}/{n}", self.pool),
+            })
+            .collect();
+        let _ = writeln!(t, "datasets: {}", datasets.join(", "));
+        let r = &self.root_ssh;
+        if r.is_nobody() {
+            let _ = writeln!(
+                t,
+                "root SSH: nobody (no [ssh] github-users or keys): no one can log in over SSH"
+            );
+        }
+        for url in &r.key_urls {
+            let _ = writeln!(t, "root SSH: the keys {url} lists when the node installs");
+        }
+        for k in &r.keys {
+            let _ = writeln!(
+                t,
+                "root SSH: {} {}{}",
+                k.kind,
+                k.fingerprint,
+                k.comment
+                    .as_ref()
+                    .map_or(String::new(), |c| format!(" {c}"))
+            );
+        }
+        let _ = writeln!(t, "payload: {}", self.payload);
+        let _ = writeln!(t, "boot: {}", self.boot.what);
+        t
+    }
 }
 
 /// Exits with status 2 and clap's usage message.
@@ -485,6 +695,7 @@ pub fn summary_text(s: &crate::build::BuildSummary) -> String {
             let _ = writeln!(t, "payload:  none (the profile has no [payload])");
         }
     }
+    let _ = writeln!(t, "boot:     {}", s.boot.what);
     let width = s
         .nodes
         .iter()
@@ -518,6 +729,10 @@ pub fn summary_text(s: &crate::build::BuildSummary) -> String {
             let _ = writeln!(t, "other:    refused (`[default-node] install = false`)");
         }
     }
+    t.push_str(&root_ssh_text(s));
+    for w in &s.warnings {
+        let _ = writeln!(t, "warning:  {w}");
+    }
     let _ = writeln!(
         t,
         "write it: nodeflash flash {}   (lists the sticks it accepts; add the device)",
@@ -526,9 +741,58 @@ pub fn summary_text(s: &crate::build::BuildSummary) -> String {
     t
 }
 
+/// The `root SSH:` lines of the summary: who gets root's SSH access, the
+/// nodes with the same access grouped.
+fn root_ssh_text(s: &crate::build::BuildSummary) -> String {
+    use std::fmt::Write;
+    let all: Vec<_> = s.nodes.iter().chain(&s.default_node).collect();
+    let mut groups: Vec<(Vec<&str>, &crate::build::RootSsh)> = Vec::new();
+    for n in &all {
+        match groups.iter_mut().find(|(_, r)| **r == n.root_ssh) {
+            Some((names, _)) => names.push(&n.name),
+            None => groups.push((vec![&n.name], &n.root_ssh)),
+        }
+    }
+    let mut t = String::new();
+    for (i, (names, r)) in groups.iter().enumerate() {
+        let label = if groups.len() == 1 {
+            "every node".to_string()
+        } else {
+            names.join(", ")
+        };
+        let head = if i == 0 { "root SSH: " } else { "          " };
+        if r.is_nobody() {
+            let _ = writeln!(t, "{head}{label}: nobody (no [ssh] github-users or keys)");
+            continue;
+        }
+        let _ = writeln!(t, "{head}{label}:");
+        for (user, url) in r.github_users.iter().zip(&r.key_urls) {
+            let _ = writeln!(
+                t,
+                "            GitHub user {user}: the keys {url} lists when the node installs"
+            );
+        }
+        for k in &r.keys {
+            let _ = writeln!(
+                t,
+                "            {} {}{}",
+                k.kind,
+                k.fingerprint,
+                k.comment
+                    .as_ref()
+                    .map_or(String::new(), |c| format!(" {c}"))
+            );
+        }
+    }
+    t
+}
+
 /// Validates every `*.toml` in `dir`, reporting all errors; with `json`, as
 /// a list of `{path, name, error}` on stdout.
 pub fn check_profiles(dir: &std::path::Path, json: bool) -> Result<()> {
+    if !dir.is_dir() {
+        bail!("{}", crate::build::no_profiles_dir(dir));
+    }
     let mut paths: Vec<PathBuf> = std::fs::read_dir(dir)
         .with_context(|| format!("cannot list profiles in {}", dir.display()))?
         .flatten()
@@ -539,9 +803,15 @@ pub fn check_profiles(dir: &std::path::Path, json: bool) -> Result<()> {
     if paths.is_empty() {
         bail!("no profiles (*.toml) in {}", dir.display());
     }
+    check_paths(&paths, json)
+}
+
+/// Validates the profiles at `paths`, reporting all errors; with `json`, as
+/// a list of `{path, name, error}` on stdout.
+pub fn check_paths(paths: &[PathBuf], json: bool) -> Result<()> {
     let mut failed = 0;
     let mut list = Vec::new();
-    for p in &paths {
+    for p in paths {
         let (name, error) = match Profile::load(p) {
             Ok(profile) => (Some(profile.name.to_string()), None),
             Err(e) => {
@@ -685,7 +955,7 @@ fn payload_command(command: PayloadCommand, quiet: bool) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::build::{BuildSummary, NodeSummary};
+    use crate::build::{node_warnings, BootSummary, BuildSummary, NodeSummary};
     use crate::inputs::PackageVersion;
 
     fn alrest_summary() -> BuildSummary {
@@ -695,7 +965,10 @@ mod tests {
         )
         .expect("alrest parses");
         let (nodes, default_node) = NodeSummary::of(&profile);
+        let warnings = node_warnings(&nodes, default_node.as_ref());
         BuildSummary {
+            boot: BootSummary::of(&profile),
+            warnings,
             profile: "alrest".into(),
             iso: "target/nodeflash/alrest.iso".into(),
             iso_bytes: 75 * 1048576 + 524288,
@@ -723,7 +996,7 @@ mod tests {
     }
 
     #[test]
-    fn summary_shows_the_iso_its_sha256_the_payload_and_every_host_id() {
+    fn summary_shows_the_iso_its_sha256_the_payload_boot_ssh_and_every_host_id() {
         let warn = "  (no `match` rules: the stick cannot recognise it)";
         let want = format!(
             "ISO:      target/nodeflash/alrest.iso (75.5 MiB)\n\
@@ -732,15 +1005,123 @@ mod tests {
              inputs:   linux-image-6.1.0-40-amd64 6.1.153-1, zfs-dkms 2.1.11-1+deb12u1, \
              systemd-boot-efi 252.39-1~deb12u1 (all 5 packages in the .json)\n\
              payload:  none (the profile has no [payload])\n\
+             boot:     nothing: the disk will not boot, because the profile has no [boot] \
+             (no boot loader is written; see docs/flake.md)\n\
              nodes:    kos-mos  host ID 472479d4{warn}\n          \
                        logos    host ID aeace675{warn}\n          \
                        ontos    host ID 07602ecc{warn}\n          \
                        pneuma   host ID 34fbd94b{warn}\n\
              other:    install  host ID derive  (any machine that matches no node)\n\
+             root SSH: every node: nobody (no [ssh] github-users or keys)\n\
+             warning:  nobody gets root SSH on kos-mos, logos, ontos, pneuma, install: \
+             no one can log in to them over SSH; set `[ssh] github-users = [\"YOUR-GITHUB-USER\"]` \
+             or `keys = [\"ssh-ed25519 …\"]` in the profile\n\
              write it: nodeflash flash target/nodeflash/alrest.iso   (lists the sticks it accepts; add the device)\n",
             sha = "ab".repeat(32)
         );
         assert_eq!(summary_text(&alrest_summary()), want);
+    }
+
+    /// An inline key of a node.
+    const KEY: &str =
+        "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIB/oDvZDOvsIcO07yOuLxZOeQQ78UJh0NTARK7EMiUtz me@laptop";
+
+    #[test]
+    fn summary_names_who_gets_root_ssh_per_node_with_fingerprints() {
+        let text = include_str!("../../profiles/alrest.toml")
+            .replace("github-users = []", "github-users = [\"alice\"]")
+            .replace(
+                "hostid = \"aeace675\"\n",
+                &format!("hostid = \"aeace675\"\nkeys = [\"{KEY}\"]\n"),
+            );
+        let profile = Profile::parse(&text, "alrest.toml").expect("parses");
+        let (nodes, default_node) = NodeSummary::of(&profile);
+        assert!(node_warnings(&nodes, default_node.as_ref()).is_empty());
+        let mut s = alrest_summary();
+        s.nodes = nodes;
+        s.default_node = default_node;
+        s.warnings.clear();
+        // `ssh-keygen -lf` of KEY.
+        let fp = "SHA256:xWzAJybFebxdhfHdF12q1D4VL0DSM/kBS5LmZIRqXt4";
+        let got = summary_text(&s);
+        let want = format!(
+            "root SSH: kos-mos, ontos, pneuma, install:\n\
+             \x20           GitHub user alice: the keys https://github.com/alice.keys lists when the node installs\n\
+             \x20         logos:\n\
+             \x20           GitHub user alice: the keys https://github.com/alice.keys lists when the node installs\n\
+             \x20           ssh-ed25519 {fp} me@laptop\n\
+             write it:"
+        );
+        assert!(got.contains(&want), "{want}\nnot in\n{got}");
+        assert!(!got.contains("warning:"), "{got}");
+        // The JSON (and `<profile>.json`) says the same per node.
+        let json = serde_json::to_value(&s).expect("json");
+        assert_eq!(json["nodes"][1]["root_ssh"]["keys"][0]["fingerprint"], fp);
+        assert_eq!(json["nodes"][0]["root_ssh"]["github_users"][0], "alice");
+        assert_eq!(
+            json["default_node"]["root_ssh"]["key_urls"][0],
+            "https://github.com/alice.keys"
+        );
+        assert_eq!(json["boot"]["bootable"], false);
+    }
+
+    #[test]
+    fn a_node_with_keys_of_its_own_is_not_warned_about() {
+        let text = include_str!("../../profiles/alrest.toml").replace(
+            "hostid = \"aeace675\"\n",
+            &format!("hostid = \"aeace675\"\nkeys = [\"{KEY}\"]\n"),
+        );
+        let profile = Profile::parse(&text, "alrest.toml").expect("parses");
+        let (nodes, default_node) = NodeSummary::of(&profile);
+        let w = node_warnings(&nodes, default_node.as_ref());
+        assert_eq!(w.len(), 1);
+        assert!(
+            w[0].starts_with("nobody gets root SSH on kos-mos, ontos, pneuma, install:"),
+            "{w:?}"
+        );
+    }
+
+    #[test]
+    fn what_people_type_is_accepted() {
+        for args in [
+            &["nodeflash", "facts", "--json"][..],
+            &["nodeflash", "profile", "check", "alrest"],
+            &["nodeflash", "profile", "check", "./a.toml", "b", "--json"],
+        ] {
+            if let Err(e) = Cli::try_parse_from(args) {
+                panic!("{args:?} is refused: {e}");
+            }
+        }
+    }
+
+    #[test]
+    fn boot_line_names_what_boots() {
+        let qemu = Profile::load(
+            &std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../profiles/qemu.toml"),
+        )
+        .expect("qemu profile");
+        let b = BootSummary::of(&qemu);
+        assert!(b.bootable);
+        assert!(
+            b.what
+                .starts_with("systemd-boot, with nodeflash's check system"),
+            "{b:?}"
+        );
+        let nixos = Profile::parse(
+            &include_str!("../../profiles/alrest.toml").replace(
+                "[finish]",
+                "[payload]\nclosure = \"/nix/store/aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa-nixos-system-x\"\n\
+                 [boot]\nsystem = \"nixos\"\n[finish]",
+            ),
+            "alrest.toml",
+        )
+        .expect("parses");
+        let b = BootSummary::of(&nixos);
+        assert!(b.bootable);
+        assert!(
+            b.what.starts_with("the NixOS system aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa-nixos-system-x, whose own boot loader"),
+            "{b:?}"
+        );
     }
 
     #[test]

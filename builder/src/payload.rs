@@ -144,12 +144,29 @@ pub fn prepare(
 
 /// The closure of a store path, from the build host's Nix.
 fn closure(top: &str) -> Result<Source> {
+    closure_with("nix-store", top)
+}
+
+/// [`closure`] with the `nix-store` program named (tests give one that is
+/// missing, or one that fails). The error says which of the two happened:
+/// no Nix on the build host, or a path this host's Nix does not know.
+fn closure_with(nix_store: &str, top: &str) -> Result<Source> {
     let nix = |args: &[&str]| {
-        cmd::run(Command::new("nix-store").args(args)).with_context(|| {
-            format!(
-                "cannot list the closure of {top}: packing a Nix closure needs Nix on the build host \
-                 (or give `store = DIR` with a registration file in the profile)"
-            )
+        let mut c = Command::new(nix_store);
+        c.args(args);
+        cmd::run(&mut c).with_context(|| {
+            if crate::tools::missing_packages(&[(nix_store, "nix-bin")]).is_empty() {
+                format!(
+                    "cannot list the closure of {top}: `{nix_store}` refuses it; is it a store path \
+                     that exists on this host (built here, e.g. `readlink -f result` after `nix build`)?"
+                )
+            } else {
+                format!(
+                    "cannot list the closure of {top}: packing a Nix closure needs Nix on the build host \
+                     (or copy the closure as a directory and give `store = DIR`, `registration` and \
+                     `[boot] toplevel`, see docs/flake.md)"
+                )
+            }
         })
     };
     let out = nix(&["-qR", top])?;
@@ -281,4 +298,29 @@ pub fn with_progress<T>(
         done.store(true, Ordering::Relaxed);
         r
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_closure_without_nix_and_a_path_nix_refuses_are_told_apart() {
+        let top = "/nix/store/aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa-nixos-system-x";
+        let e = format!(
+            "{:#}",
+            closure_with("nodeflash-no-such-nix-store", top)
+                .err()
+                .expect("fails")
+        );
+        assert!(e.contains("needs Nix on the build host"), "{e}");
+        assert!(e.contains("[boot] toplevel"), "{e}");
+        // `false` is there and fails, as nix-store does on a path it does not know.
+        let e = format!("{:#}", closure_with("false", top).err().expect("fails"));
+        assert!(!e.contains("needs Nix"), "{e}");
+        assert!(
+            e.contains("`false` refuses it; is it a store path that exists on this host"),
+            "{e}"
+        );
+    }
 }

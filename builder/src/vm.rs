@@ -14,7 +14,6 @@ use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use nodeflash_installer::cmd;
 use nodeflash_installer::facts::human_bytes;
 use nodeflash_installer::profile::{Profile, Size};
 
@@ -369,7 +368,13 @@ The disk is a sparse NVMe image (a fresh temporary one unless --disk); with
 KVM is used when a short probe shows it works, else TCG (NODEFLASH_ACCEL=kvm|tcg
 forces one). Needs qemu-system-x86 and ovmf.
 
-Exit status: 0 the VMs ran and QEMU exited normally, 1 error, 2 bad usage.";
+The installer's outcome is read from its console: after `nodeflash: FAILED` the VM is
+stopped (also when the profile halts on failure) and the disk is not booted; a halt
+after success stops the VM too. The disk is not booted either when the install wrote
+no boot loader (a profile without [boot]). The last line is the verdict (`run-vm: …`).
+
+Exit status: 0 the install succeeded (and the disk's check system, if any, reports
+ok), 1 the install failed or did not finish, or an error, 2 bad usage.";
 
 /// The options of `nodeflash run-vm` (and `cargo xtask run-vm`).
 #[derive(Debug, Clone, clap::Args)]
@@ -416,9 +421,146 @@ pub fn disk_for_profile(p: &Profile) -> (u64, Option<String>) {
     (size & !((1 << 20) - 1), s.serial.clone())
 }
 
+/// The console lines of the installer that `run-vm` reads. They are written
+/// by `installer/src/pid1.rs` (`print_failure`, `Finish::apply`, `check`)
+/// and `installer/src/install.rs` (the warning of a profile without
+/// `[boot]`); a unit test checks that those files still print them.
+pub mod protocol {
+    /// The install failed; the rest of the line is the error.
+    pub const FAILED: &str = "nodeflash: FAILED: ";
+    /// The install finished (`nodeflash: done in 12.3s`).
+    pub const DONE: &str = "nodeflash: done in ";
+    /// The installer halted (the machine stays on).
+    pub const HALTED: &str = "nodeflash: halted; the machine can be switched off";
+    /// The installer could not power off or reboot and halted.
+    pub const HALTED_INSTEAD: &str = "halted instead";
+    /// The installer wrote no boot loader.
+    pub const NO_BOOT_LOADER: &str = "no boot loader is written";
+    /// The check system's report on an installed disk (JSON follows).
+    pub const CHECK: &str = "nodeflash-check: ";
+}
+
+/// What a VM's console said, read line by line.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ConsoleWatch {
+    /// The `nodeflash: FAILED: …` message.
+    pub failed: Option<String>,
+    /// `nodeflash: done in …` was printed.
+    pub done: bool,
+    /// The installer said it writes no boot loader.
+    pub no_boot_loader: bool,
+    /// The guest halted: it will never end by itself.
+    pub halted: bool,
+    /// The check system's report (`nodeflash-check:`), as JSON.
+    pub check: Option<serde_json::Value>,
+}
+
+impl ConsoleWatch {
+    /// Takes one console line (without its line end); true when the VM
+    /// should be stopped now (the guest halted).
+    pub fn line(&mut self, line: &str) -> bool {
+        use protocol::*;
+        let line = line.trim_end_matches('\r');
+        if let Some(i) = line.find(FAILED) {
+            self.failed
+                .get_or_insert_with(|| line[i + FAILED.len()..].trim().to_string());
+        } else if line.contains(DONE) {
+            self.done = true;
+        } else if line.contains(NO_BOOT_LOADER) {
+            self.no_boot_loader = true;
+        } else if let Some(i) = line.find(CHECK) {
+            self.check = serde_json::from_str(&line[i + CHECK.len()..]).ok();
+        }
+        if line.contains(HALTED)
+            || (line.contains("nodeflash: cannot power off") && line.contains(HALTED_INSTEAD))
+        {
+            self.halted = true;
+        }
+        self.halted
+    }
+
+    /// The verdict on an install (`run-vm: …`), and whether it succeeded.
+    pub fn install_verdict(&self) -> (bool, String) {
+        match (&self.failed, self.done) {
+            // A message that goes on below (`…; the disks here:`) points up.
+            (Some(e), _) => match e.strip_suffix(':') {
+                Some(e) => (false, format!("the install FAILED: {e} (above)")),
+                None => (false, format!("the install FAILED: {e}")),
+            },
+            (None, true) => (true, "the install succeeded".into()),
+            (None, false) => (
+                false,
+                "the install did not finish: the VM ended before the installer printed \
+                 `nodeflash: done` or `nodeflash: FAILED`"
+                    .into(),
+            ),
+        }
+    }
+}
+
+/// Runs QEMU with the serial console (and monitor) on this terminal: the
+/// guest's output is copied to stdout as it comes and read by a
+/// [`ConsoleWatch`]. When the guest halts, QEMU is stopped with SIGTERM
+/// (QEMU then restores the terminal). Errors: QEMU cannot be started, or
+/// exits with a failure status that is not the stop.
+fn run_watched(c: &mut Command) -> Result<ConsoleWatch> {
+    use std::io::{Read, Write};
+    let line = format!("{c:?}");
+    let mut child = c
+        .stdin(Stdio::inherit())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .context("cannot start qemu-system-x86_64 (package qemu-system-x86)")?;
+    let mut out = child.stdout.take().context("qemu's stdout")?;
+    let mut watch = ConsoleWatch::default();
+    let mut stopped = false;
+    let mut pending: Vec<u8> = Vec::new();
+    let mut buf = [0u8; 4096];
+    let stdout = std::io::stdout();
+    loop {
+        let n = match out.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e).context("cannot read the VM's console"),
+        };
+        {
+            let mut o = stdout.lock();
+            let _ = o.write_all(&buf[..n]);
+            let _ = o.flush();
+        }
+        pending.extend_from_slice(&buf[..n]);
+        while let Some(i) = pending.iter().position(|&b| b == b'\n') {
+            let l: Vec<u8> = pending.drain(..=i).collect();
+            let stop = watch.line(String::from_utf8_lossy(&l[..l.len() - 1]).as_ref());
+            if stop && !stopped {
+                stopped = true;
+                steps::note("the guest halted: stopping the VM");
+                // SIGTERM: QEMU shuts down cleanly and restores the terminal.
+                // SAFETY: kill(2) on our own child, which has not been
+                // waited for yet, so its pid is not reused.
+                unsafe { nix::libc::kill(child.id() as nix::libc::pid_t, nix::libc::SIGTERM) };
+            }
+        }
+    }
+    if !pending.is_empty() {
+        watch.line(String::from_utf8_lossy(&pending).as_ref());
+    }
+    let status = child
+        .wait()
+        .with_context(|| format!("cannot wait for `{line}`"))?;
+    if !status.success() && !stopped {
+        bail!("`{line}` failed ({status}); its messages are above");
+    }
+    Ok(watch)
+}
+
 /// `run-vm`: boots the stick with the disk, then the disk alone, with the
-/// console on this terminal.
-pub fn run_command(a: &RunVmArgs, profiles_dir: &Path) -> Result<()> {
+/// console on this terminal, and prints the verdict line. False when the
+/// install failed or did not finish (the disk is then not booted), or when
+/// the disk's check system reports a problem; errors when a VM cannot run.
+pub fn run_command(a: &RunVmArgs, profiles_dir: &Path) -> Result<bool> {
     let profile = match &a.profile {
         Some(name) => Some(Profile::load(&crate::build::profile_path(
             name,
@@ -508,7 +650,7 @@ pub fn run_command(a: &RunVmArgs, profiles_dir: &Path) -> Result<()> {
         d
     };
     let kvm = kvm_works();
-    let boot = |what: &str, m: &Machine| -> Result<()> {
+    let boot = |what: &str, m: &Machine| -> Result<ConsoleWatch> {
         steps::note(&format!(
             "{what} ({}, {} MiB, {} CPUs); the console follows, Ctrl-A X quits",
             if kvm { "KVM" } else { "TCG, slow" },
@@ -516,7 +658,7 @@ pub fn run_command(a: &RunVmArgs, profiles_dir: &Path) -> Result<()> {
             m.cpus
         ));
         let mut c = command(m, kvm, &Console::Terminal, dir.path())?;
-        cmd::run_attached(&mut c).context("the VM failed")
+        run_watched(&mut c).context("the VM failed")
     };
     let machine = |iso: PathBuf, b: Boot| Machine {
         nvme: vec![disk.clone()],
@@ -524,19 +666,53 @@ pub fn run_command(a: &RunVmArgs, profiles_dir: &Path) -> Result<()> {
         cpus: a.cpus,
         ..Machine::new(iso, b)
     };
+    let mut verdict = Vec::new();
     if stick {
-        boot(
+        let watch = boot(
             &format!("booting {} as a USB stick", iso.display()),
             &machine(iso.clone(), Boot::UsbStick),
         )?;
+        let (ok, text) = watch.install_verdict();
+        verdict.push(text);
+        if !ok {
+            if a.boot == Boots::Both {
+                verdict.push("the disk was not booted".into());
+            }
+            return verdict_end(false, &verdict);
+        }
+        if a.boot == Boots::Both && watch.no_boot_loader {
+            verdict.push(
+                "the disk was not booted: the install wrote no boot loader (the profile has no [boot])"
+                    .into(),
+            );
+            return verdict_end(true, &verdict);
+        }
     }
     if a.boot != Boots::Stick {
-        boot(
+        let watch = boot(
             &format!("booting the disk {} alone", disk.image.display()),
             &machine(PathBuf::new(), Boot::Disk),
         )?;
+        match &watch.check {
+            Some(c) if c["ok"] == true => {
+                verdict.push("the disk booted and its check system reports ok".into())
+            }
+            Some(c) => {
+                verdict.push(format!(
+                    "the disk booted, but its check system reports a problem: {c}"
+                ));
+                return verdict_end(false, &verdict);
+            }
+            None => verdict.push("the disk booted and the VM ended".into()),
+        }
     }
-    Ok(())
+    verdict_end(true, &verdict)
+}
+
+/// Prints the one verdict line on stdout (after the console); `ok` back.
+fn verdict_end(ok: bool, parts: &[String]) -> Result<bool> {
+    println!("run-vm: {}", parts.join("; "));
+    Ok(ok)
 }
 
 #[cfg(test)]
@@ -609,6 +785,74 @@ mod tests {
             assert!(!a.contains("stick"), "{a}");
             assert!(a.ends_with("physical_block_size=4096,bootindex=1"), "{a}");
         });
+    }
+
+    #[test]
+    fn the_installer_still_prints_the_lines_run_vm_reads() {
+        let pid1 = include_str!("../../installer/src/pid1.rs");
+        let install = include_str!("../../installer/src/install.rs");
+        for (src, needle) in [
+            (pid1, "\"nodeflash: FAILED: {e}\""),
+            (pid1, "\"nodeflash: done in {"),
+            (pid1, protocol::HALTED),
+            (pid1, protocol::HALTED_INSTEAD),
+            (pid1, "\"nodeflash-check: {}\""),
+            (install, protocol::NO_BOOT_LOADER),
+        ] {
+            assert!(
+                src.contains(needle),
+                "the installer no longer prints {needle:?}"
+            );
+        }
+    }
+
+    fn watch(console: &str) -> (ConsoleWatch, bool) {
+        let mut w = ConsoleWatch::default();
+        let mut stop = false;
+        for l in console.lines() {
+            stop |= w.line(l);
+        }
+        (w, stop)
+    }
+
+    #[test]
+    fn a_failed_install_that_halts_stops_the_vm_with_a_failed_verdict() {
+        let (w, stop) = watch(
+            "nodeflash 0.1.0 · profile alrest\r\n\
+             nodeflash: FAILED: no disk matches the profile's [disk] select rules; the disks here:\r\n\
+             \x20 caused by: x\r\n\
+             nodeflash: nothing more will be done; fix the cause above and boot the stick again\r\n\
+             nodeflash: halted; the machine can be switched off\r\n",
+        );
+        assert!(stop);
+        assert_eq!(
+            w.install_verdict(),
+            (
+                false,
+                "the install FAILED: no disk matches the profile's [disk] select rules; the disks here (above)"
+                    .into()
+            )
+        );
+    }
+
+    #[test]
+    fn a_successful_install_without_boot_is_ok_and_marks_no_boot_loader() {
+        let (w, stop) = watch(
+            "warning: the profile has no [boot]: no boot loader is written\n\
+             nodeflash: done in 51.2s\nnodeflash: powering off\n",
+        );
+        assert!(!stop);
+        assert!(w.no_boot_loader);
+        assert_eq!(w.install_verdict(), (true, "the install succeeded".into()));
+        // A halt after success stops the VM too.
+        let (_, stop) =
+            watch("nodeflash: done in 1.0s\nnodeflash: halted; the machine can be switched off\n");
+        assert!(stop);
+        // Quit before the end: no verdict of success.
+        let (w, _) = watch("nodeflash 0.1.0\ninventory after 4.1s:\n");
+        assert!(!w.install_verdict().0);
+        let (w, _) = watch("nodeflash-check: {\"ok\":true}\n");
+        assert_eq!(w.check, Some(serde_json::json!({"ok": true})));
     }
 
     #[test]

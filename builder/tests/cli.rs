@@ -72,7 +72,10 @@ fn alrest_is_the_seed_cluster() {
         p.pool.root_options.get("compression").map(String::as_str),
         Some("zstd")
     );
-    assert_eq!(p.ssh.github_users, ["Xe"]);
+    // As shipped, nobody's keys: README has the reader put their own user
+    // in first, and the build warns until they do (no stranger gets root).
+    assert!(p.ssh.github_users.is_empty(), "{:?}", p.ssh.github_users);
+    assert!(p.ssh.keys.is_empty() && p.nodes.iter().all(|n| n.keys.is_empty()));
 }
 
 #[test]
@@ -155,4 +158,52 @@ fn plan_from_captured_facts() {
         "{stdout}"
     );
     assert!(stdout.contains("(32.0 GiB)"), "{stdout}");
+    // The facts record nothing of the disk's contents: no claim that it is empty.
+    assert!(!stdout.contains("is empty"), "{stdout}");
+    assert!(
+        stdout.contains("plan: what the disk holds is not known"),
+        "{stdout}"
+    );
+    // What the install does besides partitioning, as disko's dry run shows it.
+    for line in [
+        // derived from the disk serial (no DMI UUID in these facts)
+        "host id (networking.hostId): ",
+        "pool: rpool on /dev/nvme0n1p3, ashift=12 autotrim=on; root dataset acltype=posixacl",
+        "datasets: rpool/local, rpool/local/nix at /nix, rpool/local/vms, rpool/safe, \
+         rpool/safe/home at /home, rpool/safe/root at /, rpool/safe/vms\n",
+        "root SSH: nobody (no [ssh] github-users or keys): no one can log in over SSH\n",
+        "payload: none (the profile has no [payload])\n",
+        "boot: nothing: the disk will not boot, because the profile has no [boot]",
+    ] {
+        assert!(stdout.contains(line), "no {line:?} in\n{stdout}");
+    }
+    let hostid = nodeflash_installer::zfs::derive_hostid("disk-serial:21045X800123");
+    assert!(
+        stdout.contains(&format!(
+            "host id (networking.hostId): {hostid:08x}, derived from the disk serial: \
+             these facts have no DMI product UUID"
+        )),
+        "{stdout}"
+    );
+    // With the disk's contents captured (facts as root), a disk that holds
+    // something is refused as the stick would refuse it.
+    let text = std::fs::read_to_string(&facts).expect("facts").replacen(
+        r#""removable":false,"read_only":false}"#,
+        r#""removable":false,"read_only":false,"contents_read":true,"signatures":["GPT partition table"]}"#,
+        1,
+    );
+    std::fs::write(&facts, text).expect("write facts");
+    let out = nodeflash(&[
+        "plan",
+        "--profile",
+        "alrest",
+        "--machine",
+        facts.to_str().expect("utf-8 path"),
+    ]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("disk nvme0n1 is not empty (GPT partition table); nothing was written"),
+        "{stderr}"
+    );
 }

@@ -116,6 +116,7 @@ fn bad_profiles() -> tempfile::TempDir {
         "name = \"good\"\n[disk]\nselect = { serial = \"S1\" }\n[pool]\n",
     )
     .expect("write good.toml");
+    std::fs::create_dir(dir.path().join("empty")).expect("an empty directory");
     dir
 }
 
@@ -170,6 +171,35 @@ fn error_cases(profiles: &Path) -> Vec<Case> {
             &repo,
         ),
         Case::new("usage-no-command", &[], &repo),
+        // Outside the repository: `profiles` is not there.
+        Case::new(
+            "error-no-profiles-dir",
+            &["profile", "show", "alrest"],
+            &profiles.join("empty"),
+        ),
+        Case::new(
+            "error-no-profiles-dir-check",
+            &["profile", "check"],
+            &profiles.join("empty"),
+        ),
+        // What people type: named profiles, a path, and --json.
+        Case::new(
+            "profile-check-files",
+            &["profile", "check", "alrest", "./profiles/qemu.toml"],
+            &repo,
+        ),
+        Case::new(
+            "error-profile-check-file",
+            &[
+                "profile",
+                "check",
+                "--profiles-dir",
+                ".",
+                "good",
+                "bad.toml",
+            ],
+            profiles,
+        ),
     ]
 }
 
@@ -222,8 +252,10 @@ fn exit_codes_are_the_documented_ones() {
         let text = case.run();
         let want = if case.name.starts_with("usage-") {
             "exit: 2\n"
-        } else {
+        } else if case.name.starts_with("error-") {
             "exit: 1\n"
+        } else {
+            "exit: 0\n"
         };
         assert!(text.contains(want), "{}: {text}", case.name);
     }

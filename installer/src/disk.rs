@@ -33,6 +33,20 @@ pub fn signatures(dev: &Path, size: u64, partitions: &[String]) -> Result<Vec<St
     Ok(classify(&head, &tail, partitions))
 }
 
+/// Looks at what is on the disk `b` (its device node in `dev`, its
+/// partitions in the sysfs tree `sys`): fills in `signatures` and sets
+/// `contents_read`. Errors: the device cannot be opened or read (e.g. not
+/// root); `b` is then left as it was.
+pub fn look_at(sys: &Path, dev: &Path, b: &mut crate::facts::BlockDevice) -> Result<()> {
+    let parts: Vec<String> = old_partitions(sys, &b.name)
+        .into_iter()
+        .map(|(name, _, _)| name)
+        .collect();
+    b.signatures = signatures(&dev.join(&b.name), b.size_bytes, &parts)?;
+    b.contents_read = true;
+    Ok(())
+}
+
 /// Names the signatures in the first and last MiB of a disk.
 pub fn classify(head: &[u8], tail: &[u8], partitions: &[String]) -> Vec<String> {
     let at = |buf: &[u8], off: usize, magic: &[u8]| buf.get(off..off + magic.len()) == Some(magic);

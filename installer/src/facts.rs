@@ -41,9 +41,14 @@ pub struct BlockDevice {
     #[serde(default)]
     pub boot_medium: bool,
     /// What the installer found on the disk: partition tables, file systems,
-    /// ZFS labels (empty for an empty disk).
+    /// ZFS labels (empty for an empty disk, or when not looked at).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub signatures: Vec<String>,
+    /// Whether the disk's first and last MiB were read for `signatures`
+    /// (the installer does; `nodeflash facts` only as root). Without it an
+    /// empty `signatures` says nothing about the disk.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub contents_read: bool,
 }
 
 impl BlockDevice {
@@ -67,6 +72,7 @@ impl BlockDevice {
             read_only: false,
             boot_medium: false,
             signatures: Vec::new(),
+            contents_read: false,
         }
     }
 }
@@ -177,6 +183,7 @@ impl Facts {
                 read_only: num("ro") == Some(1),
                 boot_medium: false,
                 signatures: Vec::new(),
+                contents_read: false,
                 name,
             });
         }

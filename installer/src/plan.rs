@@ -260,10 +260,19 @@ impl fmt::Display for Plan {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let lbs = u64::from(self.logical_block_size);
         writeln!(f, "plan: install on {}", describe(&self.disk))?;
-        if self.wipe.is_empty() {
+        if !self.wipe.is_empty() {
+            writeln!(f, "plan: wipe what is there: {}", self.wipe.join(", "))?;
+        } else if self.disk.contents_read {
             writeln!(f, "plan: the disk is empty")?;
         } else {
-            writeln!(f, "plan: wipe what is there: {}", self.wipe.join(", "))?;
+            // Never "empty" without having looked (captured facts without
+            // the disk's contents).
+            writeln!(
+                f,
+                "plan: what the disk holds is not known: these facts do not record its contents \
+                 (`nodeflash facts` run as root does); the stick looks before it writes, and \
+                 with `wipe = \"if-empty\"` refuses a disk that holds anything"
+            )?;
         }
         writeln!(
             f,
@@ -400,6 +409,27 @@ mod tests {
             msg.contains("nvme1n1") && msg.contains("it is the boot medium"),
             "{msg}"
         );
+    }
+
+    #[test]
+    fn the_plan_says_empty_only_after_looking() {
+        let d = disk("nvme0n1", 8, "NFTEST0001");
+        let text = plan(&profile(), &facts(vec![d.clone()]))
+            .expect("plan")
+            .to_string();
+        assert!(!text.contains("is empty"), "{text}");
+        assert!(
+            text.contains("plan: what the disk holds is not known"),
+            "{text}"
+        );
+        let looked = BlockDevice {
+            contents_read: true,
+            ..d
+        };
+        let text = plan(&profile(), &facts(vec![looked]))
+            .expect("plan")
+            .to_string();
+        assert!(text.contains("plan: the disk is empty\n"), "{text}");
     }
 
     #[test]

@@ -1025,7 +1025,11 @@ impl Profile {
                 return Err((
                     None,
                     "payload.closure".into(),
-                    format!("{c:?} is not a /nix/store path (use `store` for a directory)"),
+                    format!(
+                        "{c:?} is not a /nix/store path: give the store path itself \
+                         (for `./result`, what `readlink -f result` prints); `store` is for \
+                         a directory of store paths copied from another machine"
+                    ),
                 ));
             }
         }
@@ -1218,6 +1222,7 @@ select = { serial = "S1" }
         );
         let e = err(&with("closure = \"./result\"", root));
         assert_eq!(e.key, "payload.closure", "{e}");
+        assert!(e.message.contains("readlink -f result"), "{e}");
         let e = err(&with(
             "registration = \"r\"\nsynthetic = { files = 1, bytes = \"1KiB\" }",
             root,

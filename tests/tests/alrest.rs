@@ -1,21 +1,22 @@
 //! README's own image: the `alrest` profile (the seed's cluster) installs on
 //! a node-sized 1 TB NVMe drive (a sparse image file). There is no internet
-//! here, so the image under test differs from README's in one thing: the
-//! GitHub keys of its user come from the test's HTTPS server at 10.0.2.2.
+//! here, so the image under test differs from README's in what the reader is
+//! told to change first: a GitHub user for root's keys, whose keys come from
+//! the test's HTTPS server at 10.0.2.2.
 
 use nodeflash_installer::net::keys::parse_line;
 use nodeflash_tests::https::KeyServer;
 use nodeflash_tests::{assert_console, build_variant, Boot, Nvme, Vm, VmConfig};
 
-const XE: &str =
-    "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIB/oDvZDOvsIcO07yOuLxZOeQQ78UJh0NTARK7EMiUtz xe@test";
+const ADMIN: &str =
+    "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIB/oDvZDOvsIcO07yOuLxZOeQQ78UJh0NTARK7EMiUtz admin@test";
 
 /// The byte size of a common 1 TB NVMe drive.
 const ONE_TB_DRIVE: u64 = 1_000_204_886_016;
 
 #[test]
 fn alrest_installs_on_a_1tb_nvme_drive() {
-    let server = KeyServer::start(&[("/Xe.keys", &[(200, XE)])]).expect("key server");
+    let server = KeyServer::start(&[("/alrest-admin.keys", &[(200, ADMIN)])]).expect("key server");
     let dir = tempfile::tempdir().expect("tempdir");
     let key_url = format!(
         "[ssh]\nkey-url = \"https://10.0.2.2:{}/{{user}}.keys\"\nca-certificates = [\"test-ca.pem\"]\n",
@@ -24,7 +25,16 @@ fn alrest_installs_on_a_1tb_nvme_drive() {
     let iso = build_variant(
         dir.path(),
         "alrest",
-        |p| p.replace("[ssh]\n", &key_url),
+        |p| {
+            // As shipped, nobody gets root's SSH access (README's step 1
+            // has the reader put their own user in).
+            assert!(
+                p.contains("github-users = []"),
+                "alrest.toml grants no one SSH"
+            );
+            p.replace("[ssh]\n", &key_url)
+                .replace("github-users = []", "github-users = [\"alrest-admin\"]")
+        },
         &[("test-ca.pem", &server.ca_pem())],
     );
     let mut cfg = VmConfig::new(iso, Boot::UsbStick);
@@ -71,7 +81,7 @@ fn alrest_installs_on_a_1tb_nvme_drive() {
     assert_console(&console, "it imports without -f");
     assert_console(
         &console,
-        &parse_line(XE, "test").expect("key").fingerprint(),
+        &parse_line(ADMIN, "test").expect("key").fingerprint(),
     );
     assert_console(&console, "wrote /root/.ssh/authorized_keys (1 keys)");
     assert_console(&console, "nodeflash: done in");

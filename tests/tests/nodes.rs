@@ -90,3 +90,37 @@ fn recognises_a_node_by_disk_serial_and_uses_its_own_disk_rules() {
     );
     assert_installed_as(&console, "gamma", "0c3d4e5f");
 }
+
+/// README's way to read a machine's facts with the stick and change
+/// nothing: `[default-node] install = false` and no node that matches. The
+/// board reports a placeholder serial, as many consumer boards do; the
+/// inventory also shows the MAC and the disk serial to match on instead.
+#[test]
+fn a_facts_stick_shows_the_machine_and_changes_nothing() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let iso = nodeflash_tests::build_variant(
+        dir.path(),
+        "qemu",
+        |p| p.replace("[default-node]\n", "[default-node]\ninstall = false\n"),
+        &[],
+    );
+    let d = disk(&dir);
+    let before = d.sha256();
+    let mut cfg = VmConfig::new(iso, Boot::UsbStick);
+    cfg.nvme.push(d.clone());
+    cfg.smbios_serial = Some("To Be Filled By O.E.M.".into());
+    cfg.mac = Some("52:54:00:12:34:99".into());
+    let mut vm = Vm::start(&cfg).expect("qemu starts");
+    let console = vm.wait_for_poweroff().unwrap_or_else(|e| panic!("{e:#}"));
+    eprintln!("{console}");
+    assert_console(&console, "serial=To Be Filled By O.E.M.");
+    assert_console(&console, "serial=\"NFTEST0001\"");
+    assert_console(&console, "52:54:00:12:34:99");
+    let facts = nodeflash_tests::console_json(&console, "nodeflash-facts: ");
+    assert_eq!(facts["dmi"]["product_serial"], "To Be Filled By O.E.M.");
+    assert_console(
+        &console,
+        "this machine matches no node of the profile and [default-node] install = false; nothing was written",
+    );
+    assert_eq!(d.sha256(), before, "the disk was changed");
+}

@@ -314,7 +314,13 @@ fn run_vm(mut vm: nodeflash_builder::vm::RunVmArgs) -> Result<()> {
         cli::print_summary(&summary);
         vm.iso = Some(summary.iso);
     }
-    nodeflash_builder::vm::run_command(&vm, &root().join("profiles"))
+    if !nodeflash_builder::vm::run_command(&vm, &root().join("profiles"))? {
+        // The verdict line said why; no second message.
+        use std::io::Write;
+        let _ = std::io::stdout().flush();
+        std::process::exit(1);
+    }
+    Ok(())
 }
 
 fn lock_mode(locked: bool) -> LockMode {

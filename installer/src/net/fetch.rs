@@ -26,6 +26,8 @@ pub struct Policy {
     pub first_wait: Duration,
     /// …up to this.
     pub max_wait: Duration,
+    /// At most this many attempts; by default no limit, so that `total`
+    /// (the profile's `fetch-timeout-secs`) is the one bound.
     pub max_attempts: u32,
     /// Larger responses are refused.
     pub max_body: usize,
@@ -38,7 +40,7 @@ impl Default for Policy {
             total: Duration::from_secs(120),
             first_wait: Duration::from_secs(1),
             max_wait: Duration::from_secs(16),
-            max_attempts: 8,
+            max_attempts: u32::MAX,
             max_body: 1 << 20,
         }
     }
@@ -661,6 +663,32 @@ mod tests {
             ..p
         };
         assert_eq!(retry_wait(&many, 200, Duration::ZERO), Some(s(4)));
+    }
+
+    #[test]
+    fn the_default_policy_retries_until_the_total_time_is_spent() {
+        // Attempts that fail at once (a refused connection): the last one
+        // must start late in the 120 s budget, not after 8 attempts at 63 s.
+        let p = Policy::default();
+        let mut elapsed = Duration::ZERO;
+        let mut attempts = 1;
+        while let Some(wait) = retry_wait(&p, attempts, elapsed) {
+            elapsed += wait;
+            attempts += 1;
+        }
+        assert_eq!((attempts, elapsed), (11, Duration::from_secs(111)));
+        // With a profile's own budget, the same.
+        let p = Policy {
+            total: Duration::from_secs(300),
+            ..Policy::default()
+        };
+        let mut elapsed = Duration::ZERO;
+        let mut attempts = 1;
+        while let Some(wait) = retry_wait(&p, attempts, elapsed) {
+            elapsed += wait;
+            attempts += 1;
+        }
+        assert!(elapsed > Duration::from_secs(280), "{elapsed:?}");
     }
 
     #[test]
