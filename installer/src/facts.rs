@@ -40,10 +40,41 @@ pub struct BlockDevice {
     /// True for the medium this image was booted from (set by the installer).
     #[serde(default)]
     pub boot_medium: bool,
+    /// Marked hidden in sysfs (`/sys/block/X/hidden`): a per-path node of a
+    /// native NVMe multipath disk (`nvme0c0n1`), never a disk to install on.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub hidden: bool,
     /// What the installer found on the disk: partition tables, file systems,
     /// ZFS labels (empty for an empty disk).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub signatures: Vec<String>,
+    /// ZFS pools whose labels are on the disk or its partitions.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub zfs_pools: Vec<ZfsPoolLabel>,
+}
+
+/// A ZFS vdev label found on a disk or partition: the pool it belongs to.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ZfsPoolLabel {
+    /// The device holding the label (`sda3`, or the disk itself).
+    pub device: String,
+    /// The pool's name (the label's `name`).
+    pub pool: String,
+    /// The label's `pool_guid`, in decimal as `zpool import` prints it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub guid: Option<String>,
+    /// The label's `state`: 0 active, 1 exported, 2 destroyed, 3 spare,
+    /// 4 L2ARC (`pool_state_t`, OpenZFS `include/sys/fs/zfs.h`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub state: Option<u64>,
+}
+
+impl ZfsPoolLabel {
+    /// True when `zpool import NAME` would see this pool: active or
+    /// exported (a destroyed pool needs `-D`; spares and caches have no pool of their own).
+    pub fn importable(&self) -> bool {
+        matches!(self.state, None | Some(0) | Some(1))
+    }
 }
 
 impl BlockDevice {
@@ -66,7 +97,9 @@ impl BlockDevice {
             removable: false,
             read_only: false,
             boot_medium: false,
+            hidden: false,
             signatures: Vec::new(),
+            zfs_pools: Vec::new(),
         }
     }
 }
@@ -176,7 +209,9 @@ impl Facts {
                 removable: num("removable") == Some(1),
                 read_only: num("ro") == Some(1),
                 boot_medium: false,
+                hidden: num("hidden") == Some(1),
                 signatures: Vec::new(),
+                zfs_pools: Vec::new(),
                 name,
             });
         }
@@ -218,7 +253,7 @@ impl Facts {
         for b in &self.block_devices {
             let _ = writeln!(
                 out,
-                "disk: {} size={} ({} bytes) lbs={} bus={} model={:?} serial={:?}{}{}{}",
+                "disk: {} size={} ({} bytes) lbs={} bus={} model={:?} serial={:?} wwn={:?}{}{}{}{}",
                 b.name,
                 human_bytes(b.size_bytes),
                 b.size_bytes,
@@ -226,10 +261,15 @@ impl Facts {
                 b.bus,
                 b.model.as_deref().unwrap_or(""),
                 b.serial.as_deref().unwrap_or(""),
+                b.wwn.as_deref().unwrap_or(""),
                 if b.removable { " removable" } else { "" },
                 if b.read_only { " read-only" } else { "" },
                 if b.boot_medium { " boot-medium" } else { "" },
+                if b.hidden { " hidden" } else { "" },
             );
+            if !b.signatures.is_empty() {
+                let _ = writeln!(out, "  holds: {}", b.signatures.join(", "));
+            }
         }
         if self.net.is_empty() {
             let _ = writeln!(out, "net: none found");

@@ -7,7 +7,8 @@ use std::fmt::{self, Write as _};
 use anyhow::{bail, Result};
 use serde::Serialize;
 
-use crate::facts::{human_bytes, BlockDevice, Facts};
+use crate::datasets::{Effective, Mounted};
+use crate::facts::{human_bytes, BlockDevice, Facts, ZfsPoolLabel};
 use crate::profile::{Bus, DiskSelect, Profile, Wipe};
 
 /// Partitions start and end on 1 MiB boundaries.
@@ -51,6 +52,22 @@ pub struct Plan {
     pub wipe: Vec<String>,
     pub logical_block_size: u32,
     pub partitions: Vec<PlannedPartition>,
+    /// Every dataset with the mountpoint and canmount ZFS will give it
+    /// ([`crate::datasets::effective`]), the pool's root first.
+    pub datasets: Vec<Effective>,
+    /// What the install mounts under its altroot and the installed system
+    /// mounts, parents first ([`crate::datasets::mount_order`]).
+    pub mounts: Vec<Mounted>,
+    /// ZFS pools on the other disks (none may have the profile's pool name).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub other_pools: Vec<ZfsPoolLabel>,
+}
+
+impl Plan {
+    /// The dataset mounted at `/` (the boot file system), if any.
+    pub fn root(&self) -> Option<&Mounted> {
+        self.mounts.iter().find(|m| m.mountpoint == "/")
+    }
 }
 
 /// Why no disk (or the wrong number of disks) was chosen.
@@ -85,8 +102,27 @@ fn failed_rule(sel: &DiskSelect, d: &BlockDevice) -> Option<String> {
     if d.boot_medium {
         return Some("it is the boot medium".into());
     }
-    if d.removable {
-        return Some("it is removable".into());
+    if d.hidden {
+        return Some(
+            "it is hidden in sysfs (a per-path node of a multipath disk, not a disk of its own)"
+                .into(),
+        );
+    }
+    // USB and removable disks only when the rule names their bus.
+    if (d.bus == "usb" || d.removable) && sel.bus.map(Bus::facts_name) != Some(d.bus.as_str()) {
+        let what = if d.bus == "usb" {
+            "it is on USB"
+        } else {
+            "it is removable"
+        };
+        return Some(format!(
+            "{what}, and the rules do not name its bus (add bus = \"{}\" to choose it)",
+            if d.bus == "ata" {
+                "sata"
+            } else {
+                d.bus.as_str()
+            }
+        ));
     }
     if d.read_only {
         return Some("it is read-only".into());
@@ -114,11 +150,7 @@ fn failed_rule(sel: &DiskSelect, d: &BlockDevice) -> Option<String> {
         })
         .or_else(|| match sel.bus {
             Some(bus) => {
-                let want = match bus {
-                    Bus::Nvme => "nvme",
-                    Bus::Sata => "ata",
-                    Bus::Virtio => "virtio",
-                };
+                let want = bus.facts_name();
                 (d.bus != want).then(|| format!("bus {} is not {want}", d.bus))
             }
             None => None,
@@ -188,6 +220,38 @@ pub fn plan_with(profile: &Profile, select: &DiskSelect, facts: &Facts) -> Resul
             disk.signatures.join(", ")
         );
     }
+    // `zpool import NAME` on the installed system must find one pool.
+    let pool_name = profile.pool.name.to_string();
+    let other_pools: Vec<ZfsPoolLabel> = facts
+        .block_devices
+        .iter()
+        .filter(|d| d.name != disk.name)
+        .flat_map(|d| d.zfs_pools.iter().cloned())
+        .collect();
+    if let Some(old) = other_pools
+        .iter()
+        .find(|l| l.pool == pool_name && l.importable())
+    {
+        let holder = facts
+            .block_devices
+            .iter()
+            .find(|d| d.zfs_pools.contains(old))
+            .map_or(old.device.clone(), describe);
+        bail!(
+            "{holder} holds an old ZFS pool named {pool_name} on /dev/{} (pool GUID {}), the name of the pool \
+             to be created on {}; the installed system imports {pool_name} by name and would find two \
+             (\"more than one matching pool\"), so nothing was written. Wipe the old pool from that disk \
+             (`zpool labelclear -f /dev/{}`, or `wipefs -a` on its partitions), unplug it, or choose \
+             another name in the profile's [pool] name",
+            old.device,
+            old.guid.as_deref().unwrap_or("?"),
+            describe(&disk),
+            old.device
+        );
+    }
+    let datasets = crate::datasets::tree(&profile.pool)
+        .map_err(|e| anyhow::anyhow!("profile key {}: {}", e.key, e.message))?;
+    let mounts = crate::datasets::mount_order(&datasets);
     let lbs = u64::from(disk.logical_block_size);
     if !(lbs == 512 || lbs == 4096) {
         bail!(
@@ -253,6 +317,9 @@ pub fn plan_with(profile: &Profile, select: &DiskSelect, facts: &Facts) -> Resul
         logical_block_size: disk.logical_block_size,
         disk,
         partitions,
+        datasets,
+        mounts,
+        other_pools,
     })
 }
 
@@ -280,6 +347,41 @@ impl fmt::Display for Plan {
                 p.first_lba,
                 p.last_lba,
                 human_bytes(p.sectors() * lbs)
+            )?;
+        }
+        for d in &self.datasets {
+            let mounted = self.mounts.iter().any(|m| m.dataset == d.name);
+            writeln!(
+                f,
+                "plan:   dataset {} mountpoint={}{} canmount={}{}",
+                d.name,
+                d.mountpoint,
+                d.inherited_from
+                    .as_ref()
+                    .map_or(String::new(), |from| format!(" (inherited from {from})")),
+                match d.canmount {
+                    crate::datasets::CanMount::On => "on",
+                    crate::datasets::CanMount::Off => "off",
+                    crate::datasets::CanMount::Noauto => "noauto",
+                },
+                if mounted { ", mounted" } else { "" }
+            )?;
+        }
+        if self.mounts.is_empty() {
+            writeln!(f, "plan: no dataset is mounted")?;
+        } else {
+            let order: Vec<String> = self
+                .mounts
+                .iter()
+                .map(|m| format!("{} ({})", m.mountpoint, m.dataset))
+                .collect();
+            writeln!(f, "plan: mounts, parents first: {}", order.join(", "))?;
+        }
+        for l in &self.other_pools {
+            writeln!(
+                f,
+                "plan: another disk holds ZFS pool {} on /dev/{} (left alone)",
+                l.pool, l.device
             )?;
         }
         Ok(())
