@@ -336,7 +336,7 @@ fn run(cli: Cli) -> Result<()> {
             }
         }
         Command::Facts => {
-            let facts = nodeflash_installer::facts::Facts::read(std::path::Path::new("/sys"));
+            let facts = read_facts_with_contents();
             println!("{}", serde_json::to_string_pretty(&facts)?);
         }
         Command::Payload { command } => payload_command(command, cli.quiet)?,
@@ -621,6 +621,34 @@ fn payload_command(command: PayloadCommand, quiet: bool) -> Result<()> {
             report(json, value, text)
         }
     }
+}
+
+/// The machine's facts with what is on each disk (signatures and ZFS pool
+/// labels), as the node's plan sees them. Reading a disk needs root: a disk
+/// that cannot be read is marked `unreadable` in its signatures (so a plan
+/// from these facts refuses it rather than calling it empty), and stderr says why.
+fn read_facts_with_contents() -> nodeflash_installer::facts::Facts {
+    use std::path::Path;
+    let mut facts = nodeflash_installer::facts::Facts::read(Path::new("/sys"));
+    let mut unreadable = Vec::new();
+    for b in &mut facts.block_devices {
+        if b.hidden || b.size_bytes == 0 {
+            continue;
+        }
+        if let Err(e) = nodeflash_installer::disk::look_at(b, Path::new("/sys"), Path::new("/dev"))
+        {
+            b.signatures = vec![format!("unreadable: {e:#}")];
+            unreadable.push(b.name.clone());
+        }
+    }
+    if !unreadable.is_empty() {
+        eprintln!(
+            "nodeflash: cannot read what is on {} (reading a disk needs root, run `sudo nodeflash facts`; a container may deny it even to root); \
+             they are marked unreadable, so a plan from these facts will not call them empty",
+            unreadable.join(", ")
+        );
+    }
+    facts
 }
 
 #[cfg(test)]

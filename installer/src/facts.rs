@@ -350,6 +350,13 @@ mod tests {
         fs::create_dir_all(r.join("block")).expect("mkdir block");
         symlink(format!("../{nvme}"), r.join("block/nvme0n1")).expect("symlink");
         symlink(format!("../{usb}"), r.join("block/sda")).expect("symlink");
+        // A hidden per-path node of a multipath NVMe disk (same serial).
+        let path = "devices/virtual/nvme-subsystem/nvme-subsys0/nvme0c0n1";
+        write(r, &format!("{path}/size"), "4194304\n");
+        write(r, &format!("{path}/hidden"), "1\n");
+        write(r, &format!("{path}/device/serial"), "NFTEST0001\n");
+        write(r, &format!("{nvme}/hidden"), "0\n");
+        symlink(format!("../{path}"), r.join("block/nvme0c0n1")).expect("symlink");
         write(r, "block/loop0/size", "0\n");
         write(r, "class/net/lo/address", "00:00:00:00:00:00\n");
         write(r, "class/net/eth0/address", "52:54:00:12:34:56\n");
@@ -363,8 +370,11 @@ mod tests {
         let t = fixture();
         let f = Facts::read(t.path());
         assert_eq!(f.dmi.product_serial.as_deref(), Some("NODE-1"));
-        assert_eq!(f.block_devices.len(), 2, "{f:#?}");
-        let nvme = &f.block_devices[0];
+        assert_eq!(f.block_devices.len(), 3, "{f:#?}");
+        let hidden = &f.block_devices[0];
+        assert_eq!((hidden.name.as_str(), hidden.hidden), ("nvme0c0n1", true));
+        let nvme = &f.block_devices[1];
+        assert!(!nvme.hidden);
         assert_eq!(nvme.name, "nvme0n1");
         assert_eq!(nvme.size_bytes, 2 << 30);
         assert_eq!(nvme.logical_block_size, 4096);
@@ -372,7 +382,7 @@ mod tests {
         assert_eq!(nvme.model.as_deref(), Some("QEMU NVMe Ctrl"));
         assert_eq!(nvme.bus, "nvme");
         assert!(!nvme.removable);
-        let usb = &f.block_devices[1];
+        let usb = &f.block_devices[2];
         assert_eq!(
             (usb.name.as_str(), usb.bus.as_str(), usb.removable),
             ("sda", "usb", true)
@@ -386,6 +396,14 @@ mod tests {
             "{inv}"
         );
         assert!(inv.contains("serial=\"NFTEST0001\""), "{inv}");
+        assert!(
+            inv.contains("wwn=\"eui.0000000001000000e4d25c0000000001\""),
+            "{inv}"
+        );
+        assert!(
+            inv.contains("disk: nvme0c0n1 ") && inv.contains(" hidden\n"),
+            "{inv}"
+        );
         // Facts round-trip through JSON (the `--machine FACTS.json` form).
         let json = serde_json::to_string(&f).expect("serialize");
         assert_eq!(serde_json::from_str::<Facts>(&json).expect("parse"), f);

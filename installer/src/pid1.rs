@@ -199,14 +199,10 @@ pub(crate) fn wait_for_target(profile: &Profile, boot: Option<&str>, timeout: Du
         let mut facts = Facts::read(Path::new("/sys"));
         for b in &mut facts.block_devices {
             b.boot_medium = boot == Some(b.name.as_str());
-            if !b.boot_medium && !b.removable && b.size_bytes > 0 {
-                let parts: Vec<String> = crate::disk::old_partitions(Path::new("/sys"), &b.name)
-                    .into_iter()
-                    .map(|(name, _, _)| name)
-                    .collect();
-                b.signatures =
-                    crate::disk::signatures(&Path::new("/dev").join(&b.name), b.size_bytes, &parts)
-                        .unwrap_or_else(|e| vec![format!("unreadable: {e:#}")]);
+            if !b.boot_medium && !b.hidden && b.size_bytes > 0 {
+                if let Err(e) = crate::disk::look_at(b, Path::new("/sys"), Path::new("/dev")) {
+                    b.signatures = vec![format!("unreadable: {e:#}")];
+                }
             }
         }
         // A recognised node may have disk rules of its own.

@@ -543,4 +543,134 @@ mod tests {
         let f = facts(vec![big, sata, disk("nvme1n1", 256, "B")]);
         assert_eq!(select_disk(&sel, &f).expect("one disk").name, "nvme0n1");
     }
+
+    #[test]
+    fn an_old_pool_of_the_same_name_on_another_disk_is_refused() {
+        // Issue 17 case 3: the new NVMe and an old SATA disk whose third
+        // partition holds an exported rpool.
+        let mut old = disk("sda", 2, "OLD");
+        old.bus = "ata".into();
+        old.zfs_pools = vec![ZfsPoolLabel {
+            device: "sda3".into(),
+            pool: "rpool".into(),
+            guid: Some("42".into()),
+            state: Some(1),
+        }];
+        let f = facts(vec![disk("nvme0n1", 2, "NFTEST0001"), old.clone()]);
+        let msg = plan(&profile(), &f).expect_err("same name").to_string();
+        for want in [
+            "sda",
+            "nvme0n1",
+            "/dev/sda3",
+            "rpool",
+            "labelclear",
+            "[pool] name",
+        ] {
+            assert!(msg.contains(want), "{want}: {msg}");
+        }
+        // Another name, or a destroyed pool, is only shown.
+        old.zfs_pools[0].pool = "tank".into();
+        let p = plan(
+            &profile(),
+            &facts(vec![disk("nvme0n1", 2, "NFTEST0001"), old.clone()]),
+        )
+        .expect("other name");
+        assert!(
+            p.to_string()
+                .contains("another disk holds ZFS pool tank on /dev/sda3"),
+            "{p}"
+        );
+        old.zfs_pools[0] = ZfsPoolLabel {
+            pool: "rpool".into(),
+            state: Some(2),
+            ..old.zfs_pools[0].clone()
+        };
+        plan(
+            &profile(),
+            &facts(vec![disk("nvme0n1", 2, "NFTEST0001"), old]),
+        )
+        .expect("destroyed");
+        // The pool on the disk being installed on is wiped, not a conflict.
+        let mut target = disk("nvme0n1", 2, "NFTEST0001");
+        target.zfs_pools = vec![ZfsPoolLabel {
+            device: "nvme0n1p3".into(),
+            pool: "rpool".into(),
+            guid: None,
+            state: Some(0),
+        }];
+        target.signatures = vec!["ZFS pool rpool on nvme0n1p3".into()];
+        let mut prof = profile();
+        prof.disk.wipe = Wipe::Always;
+        plan(&prof, &facts(vec![target])).expect("own pool is wiped");
+    }
+
+    #[test]
+    fn hidden_multipath_nodes_are_not_disks() {
+        // Issue 17 case 7: nvme0c0n1 is a hidden path of nvme0n1.
+        let mut path = disk("nvme0c0n1", 2, "NFTEST0001");
+        path.hidden = true;
+        path.wwn = Some("eui.0001".into());
+        let mut whole = disk("nvme0n1", 2, "NFTEST0001");
+        whole.wwn = Some("eui.0001".into());
+        let p = plan(&profile(), &facts(vec![path.clone(), whole])).expect("one disk");
+        assert_eq!(p.disk.name, "nvme0n1");
+        let err = plan(&profile(), &facts(vec![path])).expect_err("only hidden");
+        assert!(err.to_string().contains("hidden in sysfs"), "{err}");
+    }
+
+    #[test]
+    fn usb_and_removable_disks_only_when_the_rule_names_their_bus() {
+        // Issue 17 case 8: a size-only rule and an external USB SSD.
+        let sel = DiskSelect {
+            min_size: Some(crate::profile::Size(900_000_000_000)),
+            ..DiskSelect::default()
+        };
+        let mut usb = disk("sdb", 0, "USBSSD");
+        usb.size_bytes = 1_000_204_886_016;
+        usb.bus = "usb".into();
+        let f = facts(vec![usb.clone()]);
+        let err = select_disk(&sel, &f).expect_err("usb refused");
+        assert!(err.message.contains("it is on USB"), "{err}");
+        assert!(err.message.contains("bus = \"usb\""), "{err}");
+        let usb_rule = DiskSelect {
+            bus: Some(Bus::Usb),
+            ..sel.clone()
+        };
+        assert_eq!(select_disk(&usb_rule, &f).expect("named").name, "sdb");
+        // A removable SD card needs bus = "mmc".
+        let mut sd = usb.clone();
+        sd.name = "mmcblk0".into();
+        sd.bus = "mmc".into();
+        sd.removable = true;
+        let f = facts(vec![sd]);
+        assert!(select_disk(&sel, &f).is_err());
+        let mmc = DiskSelect {
+            bus: Some(Bus::Mmc),
+            ..sel
+        };
+        assert_eq!(select_disk(&mmc, &f).expect("mmc").name, "mmcblk0");
+    }
+
+    #[test]
+    fn the_plan_shows_effective_mountpoints_and_the_mount_order() {
+        let prof = Profile::parse(
+            "name = \"t\"\n[disk]\nselect = { serial = \"NFTEST0001\" }\n[pool]\n\
+             root-options = { canmount = \"off\", mountpoint = \"none\" }\n\
+             [[pool.datasets]]\nname = \"root\"\nmountpoint = \"/\"\n\
+             [[pool.datasets]]\nname = \"root/nix\"\n",
+            "t.toml",
+        )
+        .expect("profile");
+        let p = plan(&prof, &facts(vec![disk("nvme0n1", 2, "NFTEST0001")])).expect("plan");
+        assert_eq!(p.root().map(|m| m.dataset.as_str()), Some("rpool/root"));
+        let text = p.to_string();
+        assert!(
+            text.contains("dataset rpool/root/nix mountpoint=/nix (inherited from rpool/root) canmount=on, mounted"),
+            "{text}"
+        );
+        assert!(
+            text.contains("mounts, parents first: / (rpool/root), /nix (rpool/root/nix)"),
+            "{text}"
+        );
+    }
 }

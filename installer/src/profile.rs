@@ -970,9 +970,9 @@ impl Profile {
         // Mountpoints as ZFS will have them (inherited, normalised) are unique.
         crate::datasets::tree(&self.pool).map_err(|e| {
             let ds = e.dataset.and_then(|i| self.pool.datasets.get(i));
-            let span = ds.and_then(|d| match &d.mountpoint {
-                Some(m) if e.key.ends_with("].mountpoint") => Some(m.span()),
-                _ => Some(d.name.span()),
+            let span = ds.map(|d| match &d.mountpoint {
+                Some(m) if e.key.ends_with("].mountpoint") => m.span(),
+                _ => d.name.span(),
             });
             (span, e.key, e.message)
         })?;
