@@ -432,6 +432,17 @@ name = "nix"
     }
 
     #[test]
+    fn a_path_off_the_pool_is_refused() {
+        // Any host: a temporary directory is not on a pool of this name.
+        let dir = tempfile::tempdir().expect("tempdir");
+        let err = ensure_on_pool(&dir.path().join("etc/hostid"), "nodeflash-no-such-pool")
+            .expect_err("not on the pool");
+        let msg = err.to_string();
+        assert!(msg.contains("not on pool nodeflash-no-such-pool"), "{msg}");
+        assert!(msg.contains("etc/hostid"), "{msg}");
+    }
+
+    #[test]
     fn parses_scripted_get_output() {
         // Captured from `zfs get -H -p -o name,property,value,source all rpool/local`.
         let out = "rpool/local\ttype\tfilesystem\t-\nrpool/local\tcompression\tzstd\tinherited from rpool\nrpool/local\tused\t98304\t-\n";
