@@ -543,24 +543,7 @@ fn pool_properties(pool: &str) -> Result<BTreeMap<String, String>> {
 }
 
 fn dataset_properties(pool: &str) -> Result<DatasetProps> {
-    let out = cmd::run(Command::new("zfs").args([
-        "get",
-        "-H",
-        "-p",
-        "-r",
-        "-o",
-        "name,property,value,source",
-        "mountpoint,compression",
-        pool,
-    ]))?;
-    let mut datasets = DatasetProps::new();
-    for p in zfs::parse_get(&out)? {
-        datasets
-            .entry(p.name)
-            .or_default()
-            .insert(p.property, p.value);
-    }
-    Ok(datasets)
+    zfs::dataset_properties(pool, "mountpoint,compression")
 }
 
 #[cfg(test)]

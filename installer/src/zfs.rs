@@ -66,7 +66,8 @@ pub fn set_live_hostid(id: u32) -> Result<()> {
 /// mount `mounts` (the plan's [`crate::datasets::mount_order`]) in that
 /// order, parents first (a child mounted before its parent would be hidden
 /// by it). The pool's root dataset is mounted by `zpool create` itself when
-/// it is in `mounts`. `bootfs` is the dataset at `/`, whatever its
+/// it is in `mounts` (and unmounted and mounted again in its turn when it
+/// is not first). `bootfs` is the dataset at `/`, whatever its
 /// `canmount` (a `noauto` root is mounted here explicitly). Mountpoints are
 /// passed normalised ([`crate::datasets::normalise`]).
 pub fn create_commands(
@@ -109,8 +110,17 @@ pub fn create_commands(
         c.push(format!("{name}/{}", ds.name.get_ref()));
         cmds.push(c);
     }
-    for m in mounts.iter().filter(|m| m.dataset != name) {
-        cmds.push(vec!["zfs".into(), "mount".into(), m.dataset.clone()]);
+    // `zpool create` mounted the pool's root dataset already; when a parent
+    // path of it is mounted later (the root at `/rpool`, a dataset at `/`),
+    // it is unmounted first and mounted again in its turn.
+    let root_at = mounts.iter().position(|m| m.dataset == name);
+    if root_at.is_some_and(|i| i > 0) {
+        cmds.push(vec!["zfs".into(), "unmount".into(), name.clone()]);
+    }
+    for (i, m) in mounts.iter().enumerate() {
+        if !(m.dataset == name && i == 0) {
+            cmds.push(vec!["zfs".into(), "mount".into(), m.dataset.clone()]);
+        }
     }
     if let Some(root) = mounts.iter().find(|m| m.mountpoint == "/") {
         cmds.push(vec![
@@ -279,23 +289,7 @@ pub fn pool_facts(pool: &Pool, device: &str) -> Result<PoolFacts> {
         &zpool_props.join(","),
         &name,
     ]))?)?;
-    let zfs = parse_get(&cmd::run(Command::new("zfs").args([
-        "get",
-        "-H",
-        "-p",
-        "-r",
-        "-o",
-        "name,property,value,source",
-        &zfs_props.join(","),
-        &name,
-    ]))?)?;
-    let mut datasets: BTreeMap<String, BTreeMap<String, String>> = BTreeMap::new();
-    for p in zfs {
-        datasets
-            .entry(p.name)
-            .or_default()
-            .insert(p.property, p.value);
-    }
+    let datasets = dataset_properties(&name, &zfs_props.join(","))?;
     let label = cmd::run(Command::new("zdb").args(["-l", device]))?;
     Ok(PoolFacts {
         pool: name,
@@ -303,6 +297,32 @@ pub fn pool_facts(pool: &Pool, device: &str) -> Result<PoolFacts> {
         pool_properties: zpool.into_iter().map(|p| (p.property, p.value)).collect(),
         datasets,
     })
+}
+
+/// `zfs get -H -p -r` of `properties` (comma-separated) on every dataset of
+/// `pool` (imported), grouped: dataset → property → value.
+pub fn dataset_properties(
+    pool: &str,
+    properties: &str,
+) -> Result<BTreeMap<String, BTreeMap<String, String>>> {
+    let out = cmd::run(Command::new("zfs").args([
+        "get",
+        "-H",
+        "-p",
+        "-r",
+        "-o",
+        "name,property,value,source",
+        properties,
+        pool,
+    ]))?;
+    let mut datasets: BTreeMap<String, BTreeMap<String, String>> = BTreeMap::new();
+    for p in parse_get(&out)? {
+        datasets
+            .entry(p.name)
+            .or_default()
+            .insert(p.property, p.value);
+    }
+    Ok(datasets)
 }
 
 /// The `hostid` of the first label in `zdb -l` output, as 8 hex digits.
@@ -381,6 +401,27 @@ name = "nix"
                 "zpool set bootfs=rpool/ROOT/nixos rpool",
             ]
         );
+    }
+
+    #[test]
+    fn a_mounted_pool_root_below_another_dataset_is_mounted_in_its_turn() {
+        let src = "name = \"t\"\n[disk]\nselect = { serial = \"S\" }\n[pool]\n\
+                   [[pool.datasets]]\nname = \"root\"\nmountpoint = \"/\"\n";
+        let cmds = commands(&Profile::parse(src, "t.toml").expect("profile").pool);
+        assert_eq!(
+            cmds[2..],
+            [
+                "zfs unmount rpool",
+                "zfs mount rpool/root",
+                "zfs mount rpool",
+                "zpool set bootfs=rpool/root rpool",
+            ]
+        );
+        // First in order: left as `zpool create` mounted it.
+        let src = "name = \"t\"\n[disk]\nselect = { serial = \"S\" }\n[pool]\n\
+                   [[pool.datasets]]\nname = \"srv\"\n";
+        let cmds = commands(&Profile::parse(src, "t.toml").expect("profile").pool);
+        assert_eq!(cmds[2..], ["zfs mount rpool/srv"]);
     }
 
     #[test]
