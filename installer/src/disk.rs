@@ -663,5 +663,30 @@ mod label_tests {
             label_offsets(len),
             [0, 256 << 10, len - (512 << 10), len - (256 << 10)]
         );
+        // What `nodeflash facts` and the node record for that disk: a
+        // sysfs with the partition at 1 MiB, the disk as `dev/vdz`.
+        let root = tempfile::tempdir().expect("tempdir");
+        let part = root.path().join("sys/block/vdz/vdz3");
+        std::fs::create_dir_all(&part).expect("mkdir");
+        std::fs::write(part.join("start"), "2048\n").expect("start");
+        std::fs::write(part.join("size"), "8192\n").expect("size");
+        std::fs::create_dir_all(root.path().join("dev")).expect("mkdir");
+        std::fs::copy(t.path(), root.path().join("dev/vdz")).expect("copy");
+        let mut b = crate::facts::BlockDevice::fixed("vdz", 6 << 20, 512, "virtio", "S");
+        look_at(&mut b, &root.path().join("sys"), &root.path().join("dev")).expect("look");
+        assert_eq!(b.zfs_pools.len(), 1, "{b:?}");
+        assert_eq!(
+            (b.zfs_pools[0].device.as_str(), b.zfs_pools[0].pool.as_str()),
+            ("vdz3", "rpool")
+        );
+        assert_eq!(b.zfs_pools[0].guid.as_deref(), Some("8157623019134458711"));
+        assert!(
+            b.signatures.contains(&"partitions vdz3".to_string()),
+            "{b:?}"
+        );
+        assert!(
+            b.signatures.contains(&"ZFS pool rpool on vdz3".to_string()),
+            "{b:?}"
+        );
     }
 }
