@@ -397,6 +397,22 @@ mod tests {
         assert!(e.message.contains("give it once"), "{e:?}");
     }
 
+    #[test]
+    fn profile_check_names_the_line_and_key_of_a_collision() {
+        // Two datasets at /home, one through `options`: line 9 is the
+        // second dataset's name (its mountpoint has no span of its own).
+        let src = "name = \"t\"\n[disk]\nselect = { serial = \"S\" }\n[pool]\n\
+                   [[pool.datasets]]\nname = \"a\"\nmountpoint = \"/home\"\n\
+                   [[pool.datasets]]\nname = \"b\"\noptions = { mountpoint = \"//home/\" }\n";
+        let e = Profile::parse(src, "t.toml").expect_err("collision");
+        assert_eq!(e.key, "pool.datasets[1].options.mountpoint");
+        assert_eq!((e.file.as_str(), e.line), ("t.toml", 9), "{e}");
+        assert!(
+            e.message.contains("already used by dataset `rpool/a`"),
+            "{e}"
+        );
+    }
+
     /// A pool parsed without the profile's checks (to test them here).
     fn pool_unchecked(body: &str) -> Pool {
         let src = format!("name = \"t\"\n[disk]\nselect = {{ serial = \"S\" }}\n[pool]\n{body}");
