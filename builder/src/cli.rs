@@ -457,7 +457,7 @@ fn read_facts(sys: &std::path::Path, dev: &std::path::Path) -> nodeflash_install
     let mut facts = nodeflash_installer::facts::Facts::read(sys);
     let mut unread = Vec::new();
     for b in &mut facts.block_devices {
-        if !b.removable && b.size_bytes > 0 {
+        if !b.hidden && b.size_bytes > 0 {
             if let Err(e) = nodeflash_installer::disk::look_at(sys, dev, b) {
                 unread.push(format!("{}: {e:#}", b.name));
             }

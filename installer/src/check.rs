@@ -87,11 +87,7 @@ pub struct CheckReport {
     pub check_secs: f64,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct Mounted {
-    pub dataset: String,
-    pub mountpoint: String,
-}
+pub use crate::datasets::Mounted;
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct StoreCheck {
@@ -151,42 +147,41 @@ pub fn parse_import_list(out: &str) -> Vec<Importable> {
 }
 
 /// The datasets to mount, in order, from `zfs list -H -p -o
-/// name,mountpoint,canmount -r <pool>`: the one with mountpoint `/` first
-/// (unless `canmount=off`), then every `canmount=on` dataset with a path
-/// mountpoint, shallower paths first. Exactly one dataset must have `/`.
+/// name,mountpoint,canmount -r <pool>` (whose values are already the
+/// effective ones): what the installed system mounts, by the installer's
+/// own rule ([`crate::datasets::mount_order`]). Exactly one dataset must be
+/// mounted at `/`.
 pub fn mount_plan(list: &str) -> Result<Vec<Mounted>> {
-    let mut plan = Vec::new();
-    let mut roots = Vec::new();
+    let mut tree = Vec::new();
     for line in list.lines().filter(|l| !l.is_empty()) {
         let cols: Vec<&str> = line.split('\t').collect();
         let [name, mountpoint, canmount] = cols.as_slice() else {
             bail!("unexpected line in zfs list output: {line:?}");
         };
-        if !mountpoint.starts_with('/') || *canmount == "off" {
+        // `-` for snapshots and volumes, which are never mounted.
+        let Some(canmount) = crate::datasets::CanMount::parse(canmount) else {
             continue;
-        }
-        if *mountpoint == "/" {
-            roots.push(name.to_string());
-        } else if *canmount != "on" {
-            continue;
-        }
-        let depth = mountpoint.split('/').filter(|c| !c.is_empty()).count();
-        plan.push((
-            depth,
-            mountpoint.to_string(),
-            Mounted {
-                dataset: name.to_string(),
-                mountpoint: mountpoint.to_string(),
-            },
-        ));
+        };
+        tree.push(crate::datasets::Effective {
+            name: name.to_string(),
+            mountpoint: crate::datasets::normalise(mountpoint),
+            inherited_from: None,
+            canmount,
+            key: String::new(),
+        });
     }
+    let plan = crate::datasets::mount_order(&tree);
+    let roots: Vec<&str> = plan
+        .iter()
+        .filter(|m| m.mountpoint == "/")
+        .map(|m| m.dataset.as_str())
+        .collect();
     match roots.len() {
         1 => {}
         0 => bail!("no dataset has mountpoint / (and canmount not off)"),
         _ => bail!("several datasets have mountpoint /: {}", roots.join(", ")),
     }
-    plan.sort_by(|a, b| (a.0, &a.1).cmp(&(b.0, &b.1)));
-    Ok(plan.into_iter().map(|(_, _, m)| m).collect())
+    Ok(plan)
 }
 
 /// `/etc/hostid` as ZFS reads it: 4 bytes in host order (little-endian on x86_64).
@@ -548,24 +543,7 @@ fn pool_properties(pool: &str) -> Result<BTreeMap<String, String>> {
 }
 
 fn dataset_properties(pool: &str) -> Result<DatasetProps> {
-    let out = cmd::run(Command::new("zfs").args([
-        "get",
-        "-H",
-        "-p",
-        "-r",
-        "-o",
-        "name,property,value,source",
-        "mountpoint,compression",
-        pool,
-    ]))?;
-    let mut datasets = DatasetProps::new();
-    for p in zfs::parse_get(&out)? {
-        datasets
-            .entry(p.name)
-            .or_default()
-            .insert(p.property, p.value);
-    }
-    Ok(datasets)
+    zfs::dataset_properties(pool, "mountpoint,compression")
 }
 
 #[cfg(test)]

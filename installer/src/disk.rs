@@ -33,16 +33,35 @@ pub fn signatures(dev: &Path, size: u64, partitions: &[String]) -> Result<Vec<St
     Ok(classify(&head, &tail, partitions))
 }
 
-/// Looks at what is on the disk `b` (its device node in `dev`, its
-/// partitions in the sysfs tree `sys`): fills in `signatures` and sets
-/// `contents_read`. Errors: the device cannot be opened or read (e.g. not
-/// root); `b` is then left as it was.
+/// Looks at what is on the disk `b` as the node's plan needs it (its device
+/// node in `dev`, its partitions in the sysfs tree `sys`): fills in
+/// `signatures` ([`signatures`], plus one `ZFS pool NAME on DEVICE` per
+/// label) and `zfs_pools` (the ZFS vdev labels on the disk or its
+/// partitions), and sets `contents_read`. Errors: the device cannot be
+/// opened or read (e.g. not root); `b` is then left as it was.
 pub fn look_at(sys: &Path, dev: &Path, b: &mut crate::facts::BlockDevice) -> Result<()> {
-    let parts: Vec<String> = old_partitions(sys, &b.name)
-        .into_iter()
-        .map(|(name, _, _)| name)
+    let node = dev.join(&b.name);
+    let parts = old_partitions(sys, &b.name);
+    let names: Vec<String> = parts.iter().map(|(n, _, _)| n.clone()).collect();
+    let mut signatures = signatures(&node, b.size_bytes, &names)?;
+    let mut f = File::open(&node).with_context(|| format!("cannot open {}", node.display()))?;
+    let vdevs = std::iter::once((b.name.clone(), 0, b.size_bytes)).chain(parts);
+    let pools: Vec<crate::facts::ZfsPoolLabel> = vdevs
+        .filter_map(|(device, start, len)| {
+            let l = read_label_pool(&mut f, start, len)?;
+            Some(crate::facts::ZfsPoolLabel {
+                device,
+                pool: l.name,
+                guid: l.guid.map(|g| g.to_string()),
+                state: l.state,
+            })
+        })
         .collect();
-    b.signatures = signatures(&dev.join(&b.name), b.size_bytes, &parts)?;
+    for l in &pools {
+        signatures.push(format!("ZFS pool {} on {}", l.pool, l.device));
+    }
+    b.signatures = signatures;
+    b.zfs_pools = pools;
     b.contents_read = true;
     Ok(())
 }
@@ -92,6 +111,95 @@ pub fn classify(head: &[u8], tail: &[u8], partitions: &[String]) -> Vec<String> 
         found.push("unrecognised data in the first or last MiB".into());
     }
     found
+}
+
+/// One vdev label (`vdev_label_t`, OpenZFS `include/sys/vdev_impl.h`):
+/// 8 KiB blank, 8 KiB boot header, the 112 KiB packed nvlist, then the
+/// uberblock ring.
+const LABEL_BYTES: u64 = 256 << 10;
+const LABEL_NVLIST_OFFSET: u64 = 16 << 10;
+const LABEL_NVLIST_BYTES: usize = 112 << 10;
+
+/// Where the four labels of a vdev of `len` bytes start, relative to the
+/// vdev: two at the front, two at the end of the size rounded down to
+/// 256 KiB (`vdev_label_offset`, OpenZFS `module/zfs/vdev_label.c`).
+pub fn label_offsets(len: u64) -> Vec<u64> {
+    let aligned = len / LABEL_BYTES * LABEL_BYTES;
+    if aligned < 4 * LABEL_BYTES {
+        return Vec::new();
+    }
+    vec![
+        0,
+        LABEL_BYTES,
+        aligned - 2 * LABEL_BYTES,
+        aligned - LABEL_BYTES,
+    ]
+}
+
+/// What a label's nvlist says about its pool.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LabelPool {
+    pub name: String,
+    pub guid: Option<u64>,
+    pub state: Option<u64>,
+}
+
+/// Reads `name`, `pool_guid` and `state` from a label's packed nvlist: XDR
+/// encoding (header byte 0 = 1), then version and flags, then pairs of
+/// (encoded size, decoded size, name, type, count, value) ending with an
+/// encoded size of 0 (`nvs_xdr_nvp_op`, OpenZFS `module/nvpair/nvpair.c`).
+/// Types: 8 = uint64 (8 bytes), 9 = string (length + bytes, padded to 4).
+/// None when it is not an XDR nvlist or has no pool name.
+pub fn parse_label_nvlist(buf: &[u8]) -> Option<LabelPool> {
+    let u32_at =
+        |o: usize| -> Option<u32> { Some(u32::from_be_bytes(buf.get(o..o + 4)?.try_into().ok()?)) };
+    let u64_at =
+        |o: usize| -> Option<u64> { Some(u64::from_be_bytes(buf.get(o..o + 8)?.try_into().ok()?)) };
+    let string_at = |o: usize| -> Option<(String, usize)> {
+        let len = u32_at(o)? as usize;
+        let bytes = buf.get(o + 4..o + 4 + len)?;
+        Some((
+            String::from_utf8_lossy(bytes).into_owned(),
+            o + 4 + len.div_ceil(4) * 4,
+        ))
+    };
+    if buf.first() != Some(&1) {
+        return None;
+    }
+    let (mut name, mut guid, mut state) = (None, None, None);
+    let mut pos = 12;
+    for _ in 0..4096 {
+        let size = u32_at(pos)? as usize;
+        if size == 0 {
+            break;
+        }
+        let (key, after) = string_at(pos + 8)?;
+        let (kind, value) = (u32_at(after)?, after + 8);
+        match (key.as_str(), kind) {
+            ("name", 9) => name = Some(string_at(value)?.0),
+            ("pool_guid", 8) => guid = u64_at(value),
+            ("state", 8) => state = u64_at(value),
+            _ => {}
+        }
+        pos = pos.checked_add(size)?;
+    }
+    Some(LabelPool {
+        name: name?,
+        guid,
+        state,
+    })
+}
+
+/// The pool named in the first readable label of the vdev at `start`
+/// (`len` bytes) of `f`.
+pub fn read_label_pool(f: &mut File, start: u64, len: u64) -> Option<LabelPool> {
+    let mut buf = vec![0u8; LABEL_NVLIST_BYTES];
+    label_offsets(len).into_iter().find_map(|off| {
+        f.seek(SeekFrom::Start(start + off + LABEL_NVLIST_OFFSET))
+            .and_then(|_| f.read_exact(&mut buf))
+            .ok()?;
+        parse_label_nvlist(&buf)
+    })
 }
 
 /// What the disk looks like after [`partition`].
@@ -463,5 +571,126 @@ mod tests {
     fn partition_names() {
         assert_eq!(partition_name("nvme0n1", 3), "nvme0n1p3");
         assert_eq!(partition_name("sda", 1), "sda1");
+    }
+}
+
+#[cfg(test)]
+mod label_tests {
+    use super::*;
+
+    /// An XDR nvlist as OpenZFS packs a label's (nvpair.c): header, version,
+    /// flags, pairs, end marker.
+    fn xdr_nvlist(pairs: &[(&str, u32, Vec<u8>)]) -> Vec<u8> {
+        fn string(s: &str) -> Vec<u8> {
+            let mut v = (s.len() as u32).to_be_bytes().to_vec();
+            v.extend(s.as_bytes());
+            v.resize(4 + s.len().div_ceil(4) * 4, 0);
+            v
+        }
+        let mut out = vec![1, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1];
+        for (name, kind, value) in pairs {
+            let mut body = string(name);
+            body.extend(kind.to_be_bytes());
+            body.extend(1u32.to_be_bytes());
+            body.extend(value);
+            let size = 8 + body.len() as u32;
+            out.extend(size.to_be_bytes());
+            out.extend(size.to_be_bytes());
+            out.extend(body);
+        }
+        out.extend([0; 8]);
+        out
+    }
+
+    fn label(name: &str, state: u64) -> Vec<u8> {
+        let s = |v: &str| {
+            let mut b = (v.len() as u32).to_be_bytes().to_vec();
+            b.extend(v.as_bytes());
+            b.resize(4 + v.len().div_ceil(4) * 4, 0);
+            b
+        };
+        xdr_nvlist(&[
+            ("version", 8, 5000u64.to_be_bytes().to_vec()),
+            ("name", 9, s(name)),
+            ("state", 8, state.to_be_bytes().to_vec()),
+            ("txg", 8, 4u64.to_be_bytes().to_vec()),
+            (
+                "pool_guid",
+                8,
+                8157623019134458711u64.to_be_bytes().to_vec(),
+            ),
+            ("hostname", 9, s("(none)")),
+        ])
+    }
+
+    #[test]
+    fn reads_the_pool_name_from_a_label_nvlist() {
+        let got = parse_label_nvlist(&label("rpool", 1)).expect("label");
+        assert_eq!(
+            got,
+            LabelPool {
+                name: "rpool".into(),
+                guid: Some(8157623019134458711),
+                state: Some(1)
+            }
+        );
+        assert_eq!(parse_label_nvlist(&[0u8; 64]), None, "not XDR");
+        assert_eq!(
+            parse_label_nvlist(&label("rpool", 1)[..40]),
+            None,
+            "cut short"
+        );
+    }
+
+    #[test]
+    fn finds_a_pool_in_a_partition_from_any_of_its_labels() {
+        // A 4 MiB "partition" at 1 MiB of a 6 MiB image, with only its
+        // third label intact (the front ones overwritten).
+        let (start, len) = (1u64 << 20, 4u64 << 20);
+        let mut img = vec![0u8; 6 << 20];
+        let third = start + label_offsets(len)[2] + LABEL_NVLIST_OFFSET;
+        let l = label("rpool", 0);
+        img[third as usize..third as usize + l.len()].copy_from_slice(&l);
+        let t = tempfile::NamedTempFile::new().expect("tmp");
+        std::fs::write(t.path(), &img).expect("write");
+        let mut f = File::open(t.path()).expect("open");
+        assert_eq!(
+            read_label_pool(&mut f, start, len).map(|l| l.name),
+            Some("rpool".into())
+        );
+        assert_eq!(
+            read_label_pool(&mut f, 0, 1 << 20),
+            None,
+            "too small for labels"
+        );
+        assert_eq!(
+            label_offsets(len),
+            [0, 256 << 10, len - (512 << 10), len - (256 << 10)]
+        );
+        // What `nodeflash facts` and the node record for that disk: a
+        // sysfs with the partition at 1 MiB, the disk as `dev/vdz`.
+        let root = tempfile::tempdir().expect("tempdir");
+        let part = root.path().join("sys/block/vdz/vdz3");
+        std::fs::create_dir_all(&part).expect("mkdir");
+        std::fs::write(part.join("start"), "2048\n").expect("start");
+        std::fs::write(part.join("size"), "8192\n").expect("size");
+        std::fs::create_dir_all(root.path().join("dev")).expect("mkdir");
+        std::fs::copy(t.path(), root.path().join("dev/vdz")).expect("copy");
+        let mut b = crate::facts::BlockDevice::fixed("vdz", 6 << 20, 512, "virtio", "S");
+        look_at(&root.path().join("sys"), &root.path().join("dev"), &mut b).expect("look");
+        assert_eq!(b.zfs_pools.len(), 1, "{b:?}");
+        assert_eq!(
+            (b.zfs_pools[0].device.as_str(), b.zfs_pools[0].pool.as_str()),
+            ("vdz3", "rpool")
+        );
+        assert_eq!(b.zfs_pools[0].guid.as_deref(), Some("8157623019134458711"));
+        assert!(
+            b.signatures.contains(&"partitions vdz3".to_string()),
+            "{b:?}"
+        );
+        assert!(
+            b.signatures.contains(&"ZFS pool rpool on vdz3".to_string()),
+            "{b:?}"
+        );
     }
 }

@@ -40,6 +40,10 @@ pub struct BlockDevice {
     /// True for the medium this image was booted from (set by the installer).
     #[serde(default)]
     pub boot_medium: bool,
+    /// Marked hidden in sysfs (`/sys/block/X/hidden`): a per-path node of a
+    /// native NVMe multipath disk (`nvme0c0n1`), never a disk to install on.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub hidden: bool,
     /// What the installer found on the disk: partition tables, file systems,
     /// ZFS labels (empty for an empty disk, or when not looked at).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -49,6 +53,33 @@ pub struct BlockDevice {
     /// empty `signatures` says nothing about the disk.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub contents_read: bool,
+    /// ZFS pools whose labels are on the disk or its partitions.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub zfs_pools: Vec<ZfsPoolLabel>,
+}
+
+/// A ZFS vdev label found on a disk or partition: the pool it belongs to.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ZfsPoolLabel {
+    /// The device holding the label (`sda3`, or the disk itself).
+    pub device: String,
+    /// The pool's name (the label's `name`).
+    pub pool: String,
+    /// The label's `pool_guid`, in decimal as `zpool import` prints it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub guid: Option<String>,
+    /// The label's `state`: 0 active, 1 exported, 2 destroyed, 3 spare,
+    /// 4 L2ARC (`pool_state_t`, OpenZFS `include/sys/fs/zfs.h`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub state: Option<u64>,
+}
+
+impl ZfsPoolLabel {
+    /// True when `zpool import NAME` would see this pool: active or
+    /// exported (a destroyed pool needs `-D`; spares and caches have no pool of their own).
+    pub fn importable(&self) -> bool {
+        matches!(self.state, None | Some(0) | Some(1))
+    }
 }
 
 impl BlockDevice {
@@ -71,8 +102,10 @@ impl BlockDevice {
             removable: false,
             read_only: false,
             boot_medium: false,
+            hidden: false,
             signatures: Vec::new(),
             contents_read: false,
+            zfs_pools: Vec::new(),
         }
     }
 }
@@ -182,8 +215,10 @@ impl Facts {
                 removable: num("removable") == Some(1),
                 read_only: num("ro") == Some(1),
                 boot_medium: false,
+                hidden: num("hidden") == Some(1),
                 signatures: Vec::new(),
                 contents_read: false,
+                zfs_pools: Vec::new(),
                 name,
             });
         }
@@ -225,7 +260,7 @@ impl Facts {
         for b in &self.block_devices {
             let _ = writeln!(
                 out,
-                "disk: {} size={} ({} bytes) lbs={} bus={} model={:?} serial={:?}{}{}{}",
+                "disk: {} size={} ({} bytes) lbs={} bus={} model={:?} serial={:?} wwn={:?}{}{}{}{}",
                 b.name,
                 human_bytes(b.size_bytes),
                 b.size_bytes,
@@ -233,10 +268,15 @@ impl Facts {
                 b.bus,
                 b.model.as_deref().unwrap_or(""),
                 b.serial.as_deref().unwrap_or(""),
+                b.wwn.as_deref().unwrap_or(""),
                 if b.removable { " removable" } else { "" },
                 if b.read_only { " read-only" } else { "" },
                 if b.boot_medium { " boot-medium" } else { "" },
+                if b.hidden { " hidden" } else { "" },
             );
+            if !b.signatures.is_empty() {
+                let _ = writeln!(out, "  holds: {}", b.signatures.join(", "));
+            }
         }
         if self.net.is_empty() {
             let _ = writeln!(out, "net: none found");
@@ -317,6 +357,13 @@ mod tests {
         fs::create_dir_all(r.join("block")).expect("mkdir block");
         symlink(format!("../{nvme}"), r.join("block/nvme0n1")).expect("symlink");
         symlink(format!("../{usb}"), r.join("block/sda")).expect("symlink");
+        // A hidden per-path node of a multipath NVMe disk (same serial).
+        let path = "devices/virtual/nvme-subsystem/nvme-subsys0/nvme0c0n1";
+        write(r, &format!("{path}/size"), "4194304\n");
+        write(r, &format!("{path}/hidden"), "1\n");
+        write(r, &format!("{path}/device/serial"), "NFTEST0001\n");
+        write(r, &format!("{nvme}/hidden"), "0\n");
+        symlink(format!("../{path}"), r.join("block/nvme0c0n1")).expect("symlink");
         write(r, "block/loop0/size", "0\n");
         write(r, "class/net/lo/address", "00:00:00:00:00:00\n");
         write(r, "class/net/eth0/address", "52:54:00:12:34:56\n");
@@ -330,8 +377,11 @@ mod tests {
         let t = fixture();
         let f = Facts::read(t.path());
         assert_eq!(f.dmi.product_serial.as_deref(), Some("NODE-1"));
-        assert_eq!(f.block_devices.len(), 2, "{f:#?}");
-        let nvme = &f.block_devices[0];
+        assert_eq!(f.block_devices.len(), 3, "{f:#?}");
+        let hidden = &f.block_devices[0];
+        assert_eq!((hidden.name.as_str(), hidden.hidden), ("nvme0c0n1", true));
+        let nvme = &f.block_devices[1];
+        assert!(!nvme.hidden);
         assert_eq!(nvme.name, "nvme0n1");
         assert_eq!(nvme.size_bytes, 2 << 30);
         assert_eq!(nvme.logical_block_size, 4096);
@@ -339,7 +389,7 @@ mod tests {
         assert_eq!(nvme.model.as_deref(), Some("QEMU NVMe Ctrl"));
         assert_eq!(nvme.bus, "nvme");
         assert!(!nvme.removable);
-        let usb = &f.block_devices[1];
+        let usb = &f.block_devices[2];
         assert_eq!(
             (usb.name.as_str(), usb.bus.as_str(), usb.removable),
             ("sda", "usb", true)
@@ -353,6 +403,14 @@ mod tests {
             "{inv}"
         );
         assert!(inv.contains("serial=\"NFTEST0001\""), "{inv}");
+        assert!(
+            inv.contains("wwn=\"eui.0000000001000000e4d25c0000000001\""),
+            "{inv}"
+        );
+        assert!(
+            inv.contains("disk: nvme0c0n1 ") && inv.contains(" hidden\n"),
+            "{inv}"
+        );
         // Facts round-trip through JSON (the `--machine FACTS.json` form).
         let json = serde_json::to_string(&f).expect("serialize");
         assert_eq!(serde_json::from_str::<Facts>(&json).expect("parse"), f);

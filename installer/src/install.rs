@@ -131,10 +131,13 @@ pub(crate) fn install(profile: &Profile, info: &ImageInfo, started: Instant) -> 
 
     phases.start("pool");
     let pool = profile.pool.name.to_string();
-    let root_mounted = create_pool(profile, &identity.hostname, hostid, &zfs_dev)?;
+    let root_mounted = create_pool(profile, &plan, &identity.hostname, hostid, &zfs_dev)?;
     let copied = match store {
         Some(store) => {
             phases.start("store copy");
+            std::fs::create_dir_all(STORE_DIR)
+                .with_context(|| format!("cannot create {STORE_DIR}"))?;
+            crate::zfs::ensure_on_pool(Path::new(STORE_DIR), &pool)?;
             let copied = copy_store(store)?;
             phases.end_bytes(copied.manifest.bytes());
             Some(copied)
@@ -143,6 +146,9 @@ pub(crate) fn install(profile: &Profile, info: &ImageInfo, started: Instant) -> 
     };
     phases.start("keys, settings and boot files");
     if root_mounted {
+        for dir in ["/mnt/root", "/mnt/etc/nixos"] {
+            crate::zfs::ensure_on_pool(Path::new(dir), &pool)?;
+        }
         crate::net::keys::write_authorized_keys(Path::new("/mnt"), &keys)?;
         crate::nixos::write_module(Path::new("/mnt"), &identity.hostname, hostid, &keys)?;
         say!(
@@ -329,19 +335,27 @@ fn warn(warnings: &mut Vec<String>, msg: impl Into<String>) {
     warnings.push(msg);
 }
 
-/// Host ID, pool, datasets (mounted under /mnt), `/etc/hostid` and
-/// `/etc/hostname` on the target. True when a dataset is mounted at `/`.
-fn create_pool(profile: &Profile, hostname: &str, hostid: u32, device: &str) -> Result<bool> {
+/// Host ID, pool, datasets (the plan's mounts, under /mnt), `/etc/hostid`
+/// and `/etc/hostname` on the target. True when a dataset is mounted at `/`.
+fn create_pool(
+    profile: &Profile,
+    plan: &crate::plan::Plan,
+    hostname: &str,
+    hostid: u32,
+    device: &str,
+) -> Result<bool> {
     use crate::zfs;
     zfs::set_live_hostid(hostid)?;
     std::fs::create_dir_all("/mnt").context("cannot create /mnt")?;
-    zfs::run_all(&zfs::create_commands(&profile.pool, device, "/mnt"))?;
-    let root_mounted = profile
-        .pool
-        .datasets
-        .iter()
-        .any(|d| d.mountpoint.as_ref().is_some_and(|m| m.get_ref().0 == "/"));
+    zfs::run_all(&zfs::create_commands(
+        &profile.pool,
+        &plan.mounts,
+        device,
+        "/mnt",
+    ))?;
+    let root_mounted = plan.root().is_some();
     if root_mounted {
+        zfs::ensure_on_pool(Path::new("/mnt/etc"), &profile.pool.name.to_string())?;
         std::fs::create_dir_all("/mnt/etc")
             .context("cannot create /mnt/etc on the root dataset")?;
         std::fs::write("/mnt/etc/hostid", zfs::hostid_file(hostid))
@@ -392,19 +406,11 @@ fn check_pool(profile: &Profile, device: &str) -> Result<crate::zfs::PoolFacts> 
     Ok(facts)
 }
 
-/// The dataset whose mountpoint holds `path` (the longest prefix), and that mountpoint.
+/// The mounted dataset whose mountpoint holds `path` (the longest prefix),
+/// and that mountpoint, from [`crate::datasets::mounts`].
 fn dataset_holding(profile: &Profile, path: &str) -> Option<(String, String)> {
-    profile
-        .pool
-        .datasets
-        .iter()
-        .filter_map(|d| {
-            let m = d.mountpoint.as_ref()?.get_ref().0.clone();
-            Path::new(path)
-                .starts_with(&m)
-                .then(|| (format!("{}/{}", profile.pool.name, d.name.get_ref()), m))
-        })
-        .max_by_key(|(_, m)| m.len())
+    crate::datasets::holding(&crate::datasets::mounts(&profile.pool), path)
+        .map(|m| (m.dataset.clone(), m.mountpoint.clone()))
 }
 
 /// After a failure: when the pool is imported, writes the console (the
@@ -464,22 +470,16 @@ fn write_failure_log(profile: &Profile) -> Result<String> {
     ))
 }
 
-/// Mounts every dataset with a mountpoint under /mnt, parents first (the
-/// pool is imported without mounting); returns the mounts in order.
+/// Mounts what the installed system mounts under /mnt, in its order
+/// ([`crate::datasets::mounts`]; the pool is imported without mounting);
+/// returns the mounts in order.
 fn mount_system(profile: &Profile) -> Result<Vec<PathBuf>> {
-    let mut datasets: Vec<(String, String)> = profile
-        .pool
-        .datasets
-        .iter()
-        .filter_map(|d| {
-            let m = d.mountpoint.as_ref()?.get_ref().0.clone();
-            m.starts_with('/')
-                .then(|| (format!("{}/{}", profile.pool.name, d.name.get_ref()), m))
-        })
-        .collect();
-    datasets.sort_by_key(|(_, m)| Path::new(m).components().count());
     let mut mounted = Vec::new();
-    for (dataset, mountpoint) in datasets {
+    for crate::datasets::Mounted {
+        dataset,
+        mountpoint,
+    } in crate::datasets::mounts(&profile.pool)
+    {
         let target = Path::new("/mnt").join(mountpoint.trim_start_matches('/'));
         let r = std::fs::create_dir_all(&target)
             .with_context(|| format!("cannot create {}", target.display()))
@@ -524,10 +524,12 @@ fn write_report(profile: &Profile, report: &InstallReport) -> Result<()> {
         Some("zfsutil"),
     )
     .with_context(|| format!("cannot mount {root} on /mnt"))?;
-    let written = report.write(Path::new("/mnt")).and_then(|()| {
-        let log = crate::console::log();
-        crate::report::write_log(Path::new("/mnt"), crate::report::INSTALL_LOG, &log).map(drop)
-    });
+    let written = crate::zfs::ensure_on_pool(Path::new("/mnt"), &profile.pool.name.to_string())
+        .and_then(|()| report.write(Path::new("/mnt")))
+        .and_then(|()| {
+            let log = crate::console::log();
+            crate::report::write_log(Path::new("/mnt"), crate::report::INSTALL_LOG, &log).map(drop)
+        });
     let unmounted = nix::mount::umount("/mnt").with_context(|| format!("cannot unmount {root}"));
     written.context("cannot write the install report")?;
     unmounted?;

@@ -9,6 +9,7 @@ pub mod boot;
 pub mod check;
 pub mod cmd;
 pub mod console;
+pub mod datasets;
 pub mod disk;
 pub mod facts;
 pub mod image;

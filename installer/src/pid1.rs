@@ -208,7 +208,7 @@ pub(crate) fn wait_for_target(profile: &Profile, boot: Option<&str>, timeout: Du
         let mut facts = Facts::read(Path::new("/sys"));
         for b in &mut facts.block_devices {
             b.boot_medium = boot == Some(b.name.as_str());
-            if !b.boot_medium && !b.removable && b.size_bytes > 0 {
+            if !b.boot_medium && !b.hidden && b.size_bytes > 0 {
                 if let Err(e) = crate::disk::look_at(Path::new("/sys"), Path::new("/dev"), b) {
                     b.signatures = vec![format!("unreadable: {e:#}")];
                 }

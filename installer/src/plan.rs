@@ -7,7 +7,8 @@ use std::fmt::{self, Write as _};
 use anyhow::{bail, Result};
 use serde::Serialize;
 
-use crate::facts::{human_bytes, BlockDevice, Facts};
+use crate::datasets::{Effective, Mounted};
+use crate::facts::{human_bytes, BlockDevice, Facts, ZfsPoolLabel};
 use crate::profile::{Bus, DiskSelect, Profile, Wipe};
 
 /// Partitions start and end on 1 MiB boundaries.
@@ -51,6 +52,22 @@ pub struct Plan {
     pub wipe: Vec<String>,
     pub logical_block_size: u32,
     pub partitions: Vec<PlannedPartition>,
+    /// Every dataset with the mountpoint and canmount ZFS will give it
+    /// ([`crate::datasets::effective`]), the pool's root first.
+    pub datasets: Vec<Effective>,
+    /// What the install mounts under its altroot and the installed system
+    /// mounts, parents first ([`crate::datasets::mount_order`]).
+    pub mounts: Vec<Mounted>,
+    /// ZFS pools on the other disks (none may have the profile's pool name).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub other_pools: Vec<ZfsPoolLabel>,
+}
+
+impl Plan {
+    /// The dataset mounted at `/` (the boot file system), if any.
+    pub fn root(&self) -> Option<&Mounted> {
+        self.mounts.iter().find(|m| m.mountpoint == "/")
+    }
 }
 
 /// Why no disk (or the wrong number of disks) was chosen.
@@ -85,8 +102,27 @@ fn failed_rule(sel: &DiskSelect, d: &BlockDevice) -> Option<String> {
     if d.boot_medium {
         return Some("it is the boot medium".into());
     }
-    if d.removable {
-        return Some("it is removable".into());
+    if d.hidden {
+        return Some(
+            "it is hidden in sysfs (a per-path node of a multipath disk, not a disk of its own)"
+                .into(),
+        );
+    }
+    // USB and removable disks only when the rule names their bus.
+    if (d.bus == "usb" || d.removable) && sel.bus.map(Bus::facts_name) != Some(d.bus.as_str()) {
+        let what = if d.bus == "usb" {
+            "it is on USB"
+        } else {
+            "it is removable"
+        };
+        return Some(format!(
+            "{what}, and the rules do not name its bus (add bus = \"{}\" to choose it)",
+            if d.bus == "ata" {
+                "sata"
+            } else {
+                d.bus.as_str()
+            }
+        ));
     }
     if d.read_only {
         return Some("it is read-only".into());
@@ -114,11 +150,7 @@ fn failed_rule(sel: &DiskSelect, d: &BlockDevice) -> Option<String> {
         })
         .or_else(|| match sel.bus {
             Some(bus) => {
-                let want = match bus {
-                    Bus::Nvme => "nvme",
-                    Bus::Sata => "ata",
-                    Bus::Virtio => "virtio",
-                };
+                let want = bus.facts_name();
                 (d.bus != want).then(|| format!("bus {} is not {want}", d.bus))
             }
             None => None,
@@ -188,6 +220,38 @@ pub fn plan_with(profile: &Profile, select: &DiskSelect, facts: &Facts) -> Resul
             disk.signatures.join(", ")
         );
     }
+    // `zpool import NAME` on the installed system must find one pool.
+    let pool_name = profile.pool.name.to_string();
+    let other_pools: Vec<ZfsPoolLabel> = facts
+        .block_devices
+        .iter()
+        .filter(|d| d.name != disk.name)
+        .flat_map(|d| d.zfs_pools.iter().cloned())
+        .collect();
+    if let Some(old) = other_pools
+        .iter()
+        .find(|l| l.pool == pool_name && l.importable())
+    {
+        let holder = facts
+            .block_devices
+            .iter()
+            .find(|d| d.zfs_pools.contains(old))
+            .map_or(old.device.clone(), describe);
+        bail!(
+            "{holder} holds an old ZFS pool named {pool_name} on /dev/{} (pool GUID {}), the name of the pool \
+             to be created on {}; the installed system imports {pool_name} by name and would find two \
+             (\"more than one matching pool\"), so nothing was written. Wipe the old pool from that disk \
+             (`zpool labelclear -f /dev/{}`, or `wipefs -a` on its partitions), unplug it, or choose \
+             another name in the profile's [pool] name",
+            old.device,
+            old.guid.as_deref().unwrap_or("?"),
+            describe(&disk),
+            old.device
+        );
+    }
+    let datasets = crate::datasets::tree(&profile.pool)
+        .map_err(|e| anyhow::anyhow!("profile key {}: {}", e.key, e.message))?;
+    let mounts = crate::datasets::mount_order(&datasets);
     let lbs = u64::from(disk.logical_block_size);
     if !(lbs == 512 || lbs == 4096) {
         bail!(
@@ -253,6 +317,9 @@ pub fn plan_with(profile: &Profile, select: &DiskSelect, facts: &Facts) -> Resul
         logical_block_size: disk.logical_block_size,
         disk,
         partitions,
+        datasets,
+        mounts,
+        other_pools,
     })
 }
 
@@ -289,6 +356,41 @@ impl fmt::Display for Plan {
                 p.first_lba,
                 p.last_lba,
                 human_bytes(p.sectors() * lbs)
+            )?;
+        }
+        for d in &self.datasets {
+            let mounted = self.mounts.iter().any(|m| m.dataset == d.name);
+            writeln!(
+                f,
+                "plan:   dataset {} mountpoint={}{} canmount={}{}",
+                d.name,
+                d.mountpoint,
+                d.inherited_from
+                    .as_ref()
+                    .map_or(String::new(), |from| format!(" (inherited from {from})")),
+                match d.canmount {
+                    crate::datasets::CanMount::On => "on",
+                    crate::datasets::CanMount::Off => "off",
+                    crate::datasets::CanMount::Noauto => "noauto",
+                },
+                if mounted { ", mounted" } else { "" }
+            )?;
+        }
+        if self.mounts.is_empty() {
+            writeln!(f, "plan: no dataset is mounted")?;
+        } else {
+            let order: Vec<String> = self
+                .mounts
+                .iter()
+                .map(|m| format!("{} ({})", m.mountpoint, m.dataset))
+                .collect();
+            writeln!(f, "plan: mounts, parents first: {}", order.join(", "))?;
+        }
+        for l in &self.other_pools {
+            writeln!(
+                f,
+                "plan: another disk holds ZFS pool {} on /dev/{} (left alone)",
+                l.pool, l.device
             )?;
         }
         Ok(())
@@ -470,5 +572,135 @@ mod tests {
         sata.bus = "ata".into();
         let f = facts(vec![big, sata, disk("nvme1n1", 256, "B")]);
         assert_eq!(select_disk(&sel, &f).expect("one disk").name, "nvme0n1");
+    }
+
+    #[test]
+    fn an_old_pool_of_the_same_name_on_another_disk_is_refused() {
+        // Issue 17 case 3: the new NVMe and an old SATA disk whose third
+        // partition holds an exported rpool.
+        let mut old = disk("sda", 2, "OLD");
+        old.bus = "ata".into();
+        old.zfs_pools = vec![ZfsPoolLabel {
+            device: "sda3".into(),
+            pool: "rpool".into(),
+            guid: Some("42".into()),
+            state: Some(1),
+        }];
+        let f = facts(vec![disk("nvme0n1", 2, "NFTEST0001"), old.clone()]);
+        let msg = plan(&profile(), &f).expect_err("same name").to_string();
+        for want in [
+            "sda",
+            "nvme0n1",
+            "/dev/sda3",
+            "rpool",
+            "labelclear",
+            "[pool] name",
+        ] {
+            assert!(msg.contains(want), "{want}: {msg}");
+        }
+        // Another name, or a destroyed pool, is only shown.
+        old.zfs_pools[0].pool = "tank".into();
+        let p = plan(
+            &profile(),
+            &facts(vec![disk("nvme0n1", 2, "NFTEST0001"), old.clone()]),
+        )
+        .expect("other name");
+        assert!(
+            p.to_string()
+                .contains("another disk holds ZFS pool tank on /dev/sda3"),
+            "{p}"
+        );
+        old.zfs_pools[0] = ZfsPoolLabel {
+            pool: "rpool".into(),
+            state: Some(2),
+            ..old.zfs_pools[0].clone()
+        };
+        plan(
+            &profile(),
+            &facts(vec![disk("nvme0n1", 2, "NFTEST0001"), old]),
+        )
+        .expect("destroyed");
+        // The pool on the disk being installed on is wiped, not a conflict.
+        let mut target = disk("nvme0n1", 2, "NFTEST0001");
+        target.zfs_pools = vec![ZfsPoolLabel {
+            device: "nvme0n1p3".into(),
+            pool: "rpool".into(),
+            guid: None,
+            state: Some(0),
+        }];
+        target.signatures = vec!["ZFS pool rpool on nvme0n1p3".into()];
+        let mut prof = profile();
+        prof.disk.wipe = Wipe::Always;
+        plan(&prof, &facts(vec![target])).expect("own pool is wiped");
+    }
+
+    #[test]
+    fn hidden_multipath_nodes_are_not_disks() {
+        // Issue 17 case 7: nvme0c0n1 is a hidden path of nvme0n1.
+        let mut path = disk("nvme0c0n1", 2, "NFTEST0001");
+        path.hidden = true;
+        path.wwn = Some("eui.0001".into());
+        let mut whole = disk("nvme0n1", 2, "NFTEST0001");
+        whole.wwn = Some("eui.0001".into());
+        let p = plan(&profile(), &facts(vec![path.clone(), whole])).expect("one disk");
+        assert_eq!(p.disk.name, "nvme0n1");
+        let err = plan(&profile(), &facts(vec![path])).expect_err("only hidden");
+        assert!(err.to_string().contains("hidden in sysfs"), "{err}");
+    }
+
+    #[test]
+    fn usb_and_removable_disks_only_when_the_rule_names_their_bus() {
+        // Issue 17 case 8: a size-only rule and an external USB SSD.
+        let sel = DiskSelect {
+            min_size: Some(crate::profile::Size(900_000_000_000)),
+            ..DiskSelect::default()
+        };
+        let mut usb = disk("sdb", 0, "USBSSD");
+        usb.size_bytes = 1_000_204_886_016;
+        usb.bus = "usb".into();
+        let f = facts(vec![usb.clone()]);
+        let err = select_disk(&sel, &f).expect_err("usb refused");
+        assert!(err.message.contains("it is on USB"), "{err}");
+        assert!(err.message.contains("bus = \"usb\""), "{err}");
+        let usb_rule = DiskSelect {
+            bus: Some(Bus::Usb),
+            ..sel.clone()
+        };
+        assert_eq!(select_disk(&usb_rule, &f).expect("named").name, "sdb");
+        // A removable SD card needs bus = "mmc".
+        let mut sd = usb.clone();
+        sd.name = "mmcblk0".into();
+        sd.bus = "mmc".into();
+        sd.removable = true;
+        let f = facts(vec![sd]);
+        assert!(select_disk(&sel, &f).is_err());
+        let mmc = DiskSelect {
+            bus: Some(Bus::Mmc),
+            ..sel
+        };
+        assert_eq!(select_disk(&mmc, &f).expect("mmc").name, "mmcblk0");
+    }
+
+    #[test]
+    fn the_plan_shows_effective_mountpoints_and_the_mount_order() {
+        let prof = Profile::parse(
+            "name = \"t\"\n[disk]\nselect = { serial = \"NFTEST0001\" }\n[pool]\n\
+             root-options = { canmount = \"off\", mountpoint = \"none\" }\n\
+             [[pool.datasets]]\nname = \"root\"\nmountpoint = \"/\"\n\
+             [[pool.datasets]]\nname = \"root/nix\"\n",
+            "t.toml",
+        )
+        .expect("profile");
+        let p = plan(&prof, &facts(vec![disk("nvme0n1", 2, "NFTEST0001")])).expect("plan");
+        assert_eq!(p.root().map(|m| m.dataset.as_str()), Some("rpool/root"));
+        let text = p.to_string();
+        assert!(
+            text.contains("dataset rpool/root/nix mountpoint=/nix (inherited from rpool/root) canmount=on, mounted"),
+            "{text}"
+        );
+        assert!(
+            text.contains("mounts, parents first: / (rpool/root), /nix (rpool/root/nix)"),
+            "{text}"
+        );
     }
 }

@@ -185,8 +185,30 @@ impl DiskSelect {
 #[serde(rename_all = "kebab-case")]
 pub enum Bus {
     Nvme,
+    /// SATA/ATA disks (facts say `ata`; `ata` is accepted here too).
+    #[serde(alias = "ata")]
     Sata,
     Virtio,
+    /// Disks behind USB: never chosen unless the rule names this bus.
+    Usb,
+    /// SCSI and SAS disks (not ATA, not USB).
+    Scsi,
+    /// eMMC and SD cards.
+    Mmc,
+}
+
+impl Bus {
+    /// The bus as [`crate::facts::BlockDevice::bus`] names it.
+    pub fn facts_name(self) -> &'static str {
+        match self {
+            Bus::Nvme => "nvme",
+            Bus::Sata => "ata",
+            Bus::Virtio => "virtio",
+            Bus::Usb => "usb",
+            Bus::Scsi => "scsi",
+            Bus::Mmc => "mmc",
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
@@ -925,7 +947,6 @@ impl Profile {
     fn validate(&self) -> Result<(), (Option<Range<usize>>, String, String)> {
         // Datasets: parents defined first, names unique, mountpoints unique.
         let mut names = BTreeSet::new();
-        let mut mountpoints = BTreeMap::new();
         for (i, ds) in self.pool.datasets.iter().enumerate() {
             let key = format!("pool.datasets[{i}]");
             let name = &ds.name.get_ref().0;
@@ -945,19 +966,16 @@ impl Profile {
                     format!("dataset `{name}` is defined twice"),
                 ));
             }
-            if let Some(mp) = &ds.mountpoint {
-                let path = &mp.get_ref().0;
-                if path.starts_with('/') {
-                    if let Some(other) = mountpoints.insert(path.clone(), name.clone()) {
-                        return Err((
-                            Some(mp.span()),
-                            format!("{key}.mountpoint"),
-                            format!("mountpoint `{path}` is already used by dataset `{other}`"),
-                        ));
-                    }
-                }
-            }
         }
+        // Mountpoints as ZFS will have them (inherited, normalised) are unique.
+        crate::datasets::tree(&self.pool).map_err(|e| {
+            let ds = e.dataset.and_then(|i| self.pool.datasets.get(i));
+            let span = ds.map(|d| match &d.mountpoint {
+                Some(m) if e.key.ends_with("].mountpoint") => m.span(),
+                _ => d.name.span(),
+            });
+            (span, e.key, e.message)
+        })?;
         // Property names ZFS knows (user properties contain a colon).
         let mut props: Vec<(String, &str, &[&str])> = Vec::new();
         for k in self.pool.options.keys() {
@@ -1092,11 +1110,10 @@ impl Profile {
                 }
             }
         }
-        let holds_store = self.pool.datasets.iter().any(|d| {
-            d.mountpoint
-                .as_ref()
-                .is_some_and(|m| ["/", "/nix", "/nix/store"].contains(&m.get_ref().0.as_str()))
-        });
+        // As mounted by the install (inherited mountpoints and canmount count).
+        let holds_store = crate::datasets::mounts(&self.pool)
+            .iter()
+            .any(|m| ["/", "/nix", "/nix/store"].contains(&m.mountpoint.as_str()));
         if !p.is_empty() && !holds_store {
             return Err((
                 None,

@@ -3,12 +3,14 @@
 //! the export, and a check that the pool imports again without `-f`.
 
 use std::collections::BTreeMap;
+use std::path::Path;
 use std::process::Command;
 
 use anyhow::{bail, Context, Result};
 use serde::Serialize;
 
 use crate::cmd;
+use crate::datasets::{normalise, Mounted};
 use crate::facts::Facts;
 use crate::profile::{HostId, Pool};
 
@@ -61,10 +63,27 @@ pub fn set_live_hostid(id: u32) -> Result<()> {
 }
 
 /// The commands that create the pool and its datasets under `altroot`, and
-/// mount them, parents first (a child mounted before its parent would be
-/// hidden by it).
-pub fn create_commands(pool: &Pool, device: &str, altroot: &str) -> Vec<Vec<String>> {
+/// mount `mounts` (the plan's [`crate::datasets::mount_order`]) in that
+/// order, parents first (a child mounted before its parent would be hidden
+/// by it). The pool's root dataset is mounted by `zpool create` itself when
+/// it is in `mounts` (and unmounted and mounted again in its turn when it
+/// is not first). `bootfs` is the dataset at `/`, whatever its
+/// `canmount` (a `noauto` root is mounted here explicitly). Mountpoints are
+/// passed normalised ([`crate::datasets::normalise`]).
+pub fn create_commands(
+    pool: &Pool,
+    mounts: &[Mounted],
+    device: &str,
+    altroot: &str,
+) -> Vec<Vec<String>> {
     let name = pool.name.to_string();
+    let prop = |k: &str, v: &str| {
+        if k == "mountpoint" {
+            format!("{k}={}", normalise(v))
+        } else {
+            format!("{k}={v}")
+        }
+    };
     let mut cmds = Vec::new();
     let mut create = vec![
         "zpool".to_string(),
@@ -76,45 +95,38 @@ pub fn create_commands(pool: &Pool, device: &str, altroot: &str) -> Vec<Vec<Stri
         create.extend(["-o".into(), format!("{k}={v}")]);
     }
     for (k, v) in &pool.root_options {
-        create.extend(["-O".into(), format!("{k}={v}")]);
+        create.extend(["-O".into(), prop(k, v)]);
     }
     create.extend([name.clone(), device.to_string()]);
     cmds.push(create);
     for ds in &pool.datasets {
         let mut c = vec!["zfs".to_string(), "create".into(), "-u".into()];
         if let Some(mp) = &ds.mountpoint {
-            c.extend(["-o".into(), format!("mountpoint={}", mp.get_ref())]);
+            c.extend(["-o".into(), prop("mountpoint", &mp.get_ref().0)]);
         }
         for (k, v) in &ds.options {
-            c.extend(["-o".into(), format!("{k}={v}")]);
+            c.extend(["-o".into(), prop(k, v)]);
         }
         c.push(format!("{name}/{}", ds.name.get_ref()));
         cmds.push(c);
     }
-    let mut mounted: Vec<(usize, String, String)> = pool
-        .datasets
-        .iter()
-        .filter_map(|ds| {
-            let mp = ds.mountpoint.as_ref()?.get_ref().0.clone();
-            let noauto = matches!(
-                ds.options.get("canmount").map(String::as_str),
-                Some("off" | "noauto")
-            );
-            (mp.starts_with('/') && !noauto).then(|| {
-                let depth = mp.split('/').filter(|c| !c.is_empty()).count();
-                (depth, mp, format!("{name}/{}", ds.name.get_ref()))
-            })
-        })
-        .collect();
-    mounted.sort();
-    for (_, _, ds) in &mounted {
-        cmds.push(vec!["zfs".into(), "mount".into(), ds.clone()]);
+    // `zpool create` mounted the pool's root dataset already; when a parent
+    // path of it is mounted later (the root at `/rpool`, a dataset at `/`),
+    // it is unmounted first and mounted again in its turn.
+    let root_at = mounts.iter().position(|m| m.dataset == name);
+    if root_at.is_some_and(|i| i > 0) {
+        cmds.push(vec!["zfs".into(), "unmount".into(), name.clone()]);
     }
-    if let Some((_, _, root)) = mounted.iter().find(|(_, mp, _)| mp == "/") {
+    for (i, m) in mounts.iter().enumerate() {
+        if !(m.dataset == name && i == 0) {
+            cmds.push(vec!["zfs".into(), "mount".into(), m.dataset.clone()]);
+        }
+    }
+    if let Some(root) = mounts.iter().find(|m| m.mountpoint == "/") {
         cmds.push(vec![
             "zpool".into(),
             "set".into(),
-            format!("bootfs={root}"),
+            format!("bootfs={}", root.dataset),
             name,
         ]);
     }
@@ -124,6 +136,82 @@ pub fn create_commands(pool: &Pool, device: &str, altroot: &str) -> Vec<Vec<Stri
 pub fn run_all(cmds: &[Vec<String>]) -> Result<()> {
     for argv in cmds {
         cmd::run(Command::new(&argv[0]).args(&argv[1..]))?;
+    }
+    Ok(())
+}
+
+/// The file system that holds `path` according to `/proc/self/mountinfo`
+/// text (proc(5)): the mount with the longest mount point that is a prefix
+/// of `path` (the last one listed wins, as it covers the earlier ones), as
+/// (file system type, source). `path` must be absolute and canonical.
+pub fn mount_source(mountinfo: &str, path: &Path) -> Option<(String, String)> {
+    let mut best: Option<(usize, String, String)> = None;
+    for line in mountinfo.lines() {
+        let fields: Vec<&str> = line.split(' ').collect();
+        let Some(dash) = fields.iter().position(|f| *f == "-") else {
+            continue;
+        };
+        let (Some(mp), Some(fstype), Some(source)) =
+            (fields.get(4), fields.get(dash + 1), fields.get(dash + 2))
+        else {
+            continue;
+        };
+        // Spaces and the like are octal escapes (`\040`).
+        let mp = unescape_octal(mp);
+        if path.starts_with(&mp) && best.as_ref().is_none_or(|b| mp.len() >= b.0) {
+            best = Some((mp.len(), fstype.to_string(), unescape_octal(source)));
+        }
+    }
+    best.map(|(_, t, s)| (t, s))
+}
+
+fn unescape_octal(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        let oct = b.get(i + 1..i + 4).and_then(|d| {
+            std::str::from_utf8(d)
+                .ok()
+                .and_then(|d| u8::from_str_radix(d, 8).ok())
+        });
+        match (b[i], oct) {
+            (b'\\', Some(v)) => {
+                out.push(v);
+                i += 4;
+            }
+            (c, _) => {
+                out.push(c);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Checks that `path` (or, when it does not exist yet, its nearest existing
+/// parent) is on a ZFS dataset of `pool`, so that a write there lands on the
+/// target disk and not in the installer's RAM. Errors name the path, what
+/// holds it, and the pool.
+pub fn ensure_on_pool(path: &Path, pool: &str) -> Result<()> {
+    let existing = path
+        .ancestors()
+        .find(|p| p.exists())
+        .unwrap_or(Path::new("/"));
+    let real = std::fs::canonicalize(existing)
+        .with_context(|| format!("cannot resolve {}", existing.display()))?;
+    let info = std::fs::read_to_string("/proc/self/mountinfo")
+        .context("cannot read /proc/self/mountinfo")?;
+    let (fstype, source) = mount_source(&info, &real).unwrap_or_default();
+    let on_pool = fstype == "zfs" && (source == pool || source.starts_with(&format!("{pool}/")));
+    if !on_pool {
+        bail!(
+            "{} is on {} {}, not on pool {pool}: a write there would not reach the installed disk, \
+             so the install stops here",
+            path.display(),
+            if fstype.is_empty() { "?" } else { &fstype },
+            source
+        );
     }
     Ok(())
 }
@@ -201,23 +289,7 @@ pub fn pool_facts(pool: &Pool, device: &str) -> Result<PoolFacts> {
         &zpool_props.join(","),
         &name,
     ]))?)?;
-    let zfs = parse_get(&cmd::run(Command::new("zfs").args([
-        "get",
-        "-H",
-        "-p",
-        "-r",
-        "-o",
-        "name,property,value,source",
-        &zfs_props.join(","),
-        &name,
-    ]))?)?;
-    let mut datasets: BTreeMap<String, BTreeMap<String, String>> = BTreeMap::new();
-    for p in zfs {
-        datasets
-            .entry(p.name)
-            .or_default()
-            .insert(p.property, p.value);
-    }
+    let datasets = dataset_properties(&name, &zfs_props.join(","))?;
     let label = cmd::run(Command::new("zdb").args(["-l", device]))?;
     Ok(PoolFacts {
         pool: name,
@@ -225,6 +297,32 @@ pub fn pool_facts(pool: &Pool, device: &str) -> Result<PoolFacts> {
         pool_properties: zpool.into_iter().map(|p| (p.property, p.value)).collect(),
         datasets,
     })
+}
+
+/// `zfs get -H -p -r` of `properties` (comma-separated) on every dataset of
+/// `pool` (imported), grouped: dataset → property → value.
+pub fn dataset_properties(
+    pool: &str,
+    properties: &str,
+) -> Result<BTreeMap<String, BTreeMap<String, String>>> {
+    let out = cmd::run(Command::new("zfs").args([
+        "get",
+        "-H",
+        "-p",
+        "-r",
+        "-o",
+        "name,property,value,source",
+        properties,
+        pool,
+    ]))?;
+    let mut datasets: BTreeMap<String, BTreeMap<String, String>> = BTreeMap::new();
+    for p in parse_get(&out)? {
+        datasets
+            .entry(p.name)
+            .or_default()
+            .insert(p.property, p.value);
+    }
+    Ok(datasets)
 }
 
 /// The `hostid` of the first label in `zdb -l` output, as 8 hex digits.
@@ -265,12 +363,70 @@ mountpoint = "/"
         Profile::parse(src, "t.toml").expect("profile").pool
     }
 
-    #[test]
-    fn commands_create_then_mount_parents_first() {
-        let cmds: Vec<String> = create_commands(&pool(), "/dev/nvme0n1p3", "/mnt")
+    fn commands(pool: &Pool) -> Vec<String> {
+        let mounts = crate::datasets::mounts(pool);
+        create_commands(pool, &mounts, "/dev/nvme0n1p3", "/mnt")
             .iter()
             .map(|c| c.join(" "))
-            .collect();
+            .collect()
+    }
+
+    #[test]
+    fn inherited_and_noauto_datasets_are_mounted_and_the_root_is_bootfs() {
+        // Issue 17 cases 1 and 2: `nix` inherits /nix from the pool's root;
+        // the noauto root is mounted for the install and is bootfs.
+        let src = r#"
+name = "t"
+[disk]
+select = { serial = "S" }
+[pool]
+root-options = { mountpoint = "/", canmount = "off" }
+[[pool.datasets]]
+name = "ROOT"
+options = { canmount = "off" }
+[[pool.datasets]]
+name = "ROOT/nixos"
+mountpoint = "/"
+options = { canmount = "noauto" }
+[[pool.datasets]]
+name = "nix"
+"#;
+        let pool = Profile::parse(src, "t.toml").expect("profile").pool;
+        let cmds = commands(&pool);
+        assert_eq!(
+            cmds[4..],
+            [
+                "zfs mount rpool/ROOT/nixos",
+                "zfs mount rpool/nix",
+                "zpool set bootfs=rpool/ROOT/nixos rpool",
+            ]
+        );
+    }
+
+    #[test]
+    fn a_mounted_pool_root_below_another_dataset_is_mounted_in_its_turn() {
+        let src = "name = \"t\"\n[disk]\nselect = { serial = \"S\" }\n[pool]\n\
+                   [[pool.datasets]]\nname = \"root\"\nmountpoint = \"/\"\n";
+        let cmds = commands(&Profile::parse(src, "t.toml").expect("profile").pool);
+        assert_eq!(
+            cmds[2..],
+            [
+                "zfs unmount rpool",
+                "zfs mount rpool/root",
+                "zfs mount rpool",
+                "zpool set bootfs=rpool/root rpool",
+            ]
+        );
+        // First in order: left as `zpool create` mounted it.
+        let src = "name = \"t\"\n[disk]\nselect = { serial = \"S\" }\n[pool]\n\
+                   [[pool.datasets]]\nname = \"srv\"\n";
+        let cmds = commands(&Profile::parse(src, "t.toml").expect("profile").pool);
+        assert_eq!(cmds[2..], ["zfs mount rpool/srv"]);
+    }
+
+    #[test]
+    fn commands_create_then_mount_parents_first() {
+        let cmds: Vec<String> = commands(&pool());
         assert_eq!(
             cmds,
             [
@@ -287,6 +443,44 @@ mountpoint = "/"
                 "zpool set bootfs=rpool/safe/root rpool",
             ]
         );
+    }
+
+    #[test]
+    fn finds_the_file_system_holding_a_path() {
+        // Shaped like the installer's /proc/self/mountinfo with the root
+        // dataset not mounted: /mnt is still in the initramfs' rootfs.
+        let info = "1 1 0:2 / / rw - rootfs rootfs rw\n\
+                    20 1 0:5 / /run rw,nosuid - tmpfs tmpfs rw\n\
+                    30 1 0:40 / /mnt/nix rw - zfs rpool/nix rw,xattr\n\
+                    31 1 0:41 / /mnt/my\\040dir rw - zfs rpool/sp\\040ace rw\n";
+        let at = |p: &str| mount_source(info, Path::new(p));
+        assert_eq!(at("/mnt/etc"), Some(("rootfs".into(), "rootfs".into())));
+        assert_eq!(
+            at("/mnt/nix/store"),
+            Some(("zfs".into(), "rpool/nix".into()))
+        );
+        assert_eq!(at("/mnt/nixos"), Some(("rootfs".into(), "rootfs".into())));
+        assert_eq!(
+            at("/mnt/my dir/x"),
+            Some(("zfs".into(), "rpool/sp ace".into()))
+        );
+        // A later mount on the same point covers the earlier one.
+        let info = format!("{info}32 1 0:42 / /mnt rw - zfs rpool/ROOT/nixos rw\n");
+        assert_eq!(
+            mount_source(&info, Path::new("/mnt/etc")),
+            Some(("zfs".into(), "rpool/ROOT/nixos".into()))
+        );
+    }
+
+    #[test]
+    fn a_path_off_the_pool_is_refused() {
+        // Any host: a temporary directory is not on a pool of this name.
+        let dir = tempfile::tempdir().expect("tempdir");
+        let err = ensure_on_pool(&dir.path().join("etc/hostid"), "nodeflash-no-such-pool")
+            .expect_err("not on the pool");
+        let msg = err.to_string();
+        assert!(msg.contains("not on pool nodeflash-no-such-pool"), "{msg}");
+        assert!(msg.contains("etc/hostid"), "{msg}");
     }
 
     #[test]
