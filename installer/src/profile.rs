@@ -239,6 +239,12 @@ pub struct Payload {
     /// with `nix-store -qR` on the build host, which needs Nix.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub closure: Option<String>,
+    /// A flake (a path, relative to the profile, or a flake reference) whose
+    /// `nixosConfigurations.<node>.config.system.build.toplevel` is each
+    /// node's system: the builder runs `nix build` for every node and packs
+    /// the union of their closures once (docs/flake.md).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub flake: Option<String>,
     /// A directory laid out as a store (its entries are store paths), for
     /// build hosts without Nix; relative to the profile.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -266,6 +272,7 @@ impl Default for Payload {
     fn default() -> Self {
         Self {
             closure: None,
+            flake: None,
             store: None,
             registration: None,
             synthetic: None,
@@ -277,8 +284,18 @@ impl Default for Payload {
 
 impl Payload {
     pub fn is_empty(&self) -> bool {
-        self.closure.is_none() && self.store.is_none() && self.synthetic.is_none()
+        self.closure.is_none()
+            && self.flake.is_none()
+            && self.store.is_none()
+            && self.synthetic.is_none()
     }
+}
+
+/// The flake attribute of a node's system when the profile does not name
+/// one: `nixosConfigurations.<name>.config.system.build.toplevel`, what
+/// `nixos-rebuild --flake .#<name>` builds.
+pub fn default_system_attr(name: &str) -> String {
+    format!("nixosConfigurations.\"{name}\".config.system.build.toplevel")
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -405,6 +422,10 @@ pub struct Node {
     /// SSH keys for root on this node only, besides `[ssh]`'s.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub keys: Vec<String>,
+    /// With `[payload] flake`: the flake attribute of this node's system
+    /// (default: [`default_system_attr`] of its name).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub system: Option<String>,
 }
 
 /// Facts that recognise a machine; every given fact must match.
@@ -439,6 +460,11 @@ pub struct DefaultNode {
     pub hostname: String,
     #[serde(default)]
     pub hostid: HostId,
+    /// With `[payload] flake`: the flake attribute of the generic node's
+    /// system. None: the generic node gets no system from the flake (its
+    /// host ID may only be known on the machine; docs/flake.md).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub system: Option<String>,
 }
 
 impl Default for DefaultNode {
@@ -447,6 +473,7 @@ impl Default for DefaultNode {
             install: true,
             hostname: default_hostname_template(),
             hostid: HostId::Derive,
+            system: None,
         }
     }
 }
@@ -1003,6 +1030,7 @@ impl Profile {
         let p = &self.payload;
         let sources = [
             p.closure.is_some(),
+            p.flake.is_some(),
             p.store.is_some(),
             p.synthetic.is_some(),
         ];
@@ -1010,8 +1038,25 @@ impl Profile {
             return Err((
                 None,
                 "payload".into(),
-                "give one of `closure`, `store` or `synthetic`, not several".into(),
+                "give one of `closure`, `flake`, `store` or `synthetic`, not several".into(),
             ));
+        }
+        if p.flake.is_none() {
+            if let Some(i) = self.nodes.iter().position(|n| n.system.is_some()) {
+                return Err((
+                    Some(self.nodes[i].name.span()),
+                    format!("nodes[{i}].system"),
+                    "a node's `system` is a flake attribute: it needs `flake` in [payload]".into(),
+                ));
+            }
+            if self.default_node.system.is_some() {
+                return Err((
+                    None,
+                    "default-node.system".into(),
+                    "the default node's `system` is a flake attribute: it needs `flake` in [payload]"
+                        .into(),
+                ));
+            }
         }
         if p.registration.is_some() && p.store.is_none() {
             return Err((
@@ -1037,6 +1082,17 @@ impl Profile {
                             None,
                             "boot".into(),
                             "a `generic` system needs `kernel` and `initrd` from the payload"
+                                .into(),
+                        ));
+                    }
+                }
+                BootSystem::Nixos if p.flake.is_some() => {
+                    if boot.toplevel.is_some() || boot.kernel.is_some() || boot.initrd.is_some() {
+                        return Err((
+                            None,
+                            "boot".into(),
+                            "with a `flake`, each node's system is its own flake attribute \
+                             (`system` of [[nodes]]): give no `toplevel`, `kernel` or `initrd`"
                                 .into(),
                         ));
                     }
@@ -1067,7 +1123,7 @@ impl Profile {
                     }
                 }
                 BootSystem::Check => {
-                    if p.closure.is_some() || p.store.is_some() {
+                    if p.closure.is_some() || p.store.is_some() || p.flake.is_some() {
                         return Err((
                             None,
                             "boot.system".into(),

@@ -286,10 +286,12 @@ fn build_installer() -> Result<PathBuf> {
 }
 
 fn build_iso(profile: &str, lock_mode: LockMode) -> Result<nodeflash_builder::build::BuildSummary> {
-    ensure_packages(tools::BUILD_TOOLS)?;
+    let path = find_profile(profile, &root().join("profiles"))?;
+    // Nix too when the profile builds its systems from a flake.
+    ensure_packages(&tools::for_profile(&Profile::load(&path)?))?;
     let installer = build_installer()?;
     build(&BuildOptions {
-        profile: find_profile(profile, &root().join("profiles"))?,
+        profile: path,
         installer,
         out_dir: target_dir().join("nodeflash"),
         cache: Cache::from_env()?,
@@ -342,9 +344,11 @@ fn update_inputs(profile: &str, check: bool) -> Result<()> {
 }
 
 fn test() -> Result<()> {
+    // The tests build stand-in systems with real Nix (tests/fixtures/flake).
     let all: Vec<(&str, &str)> = tools::BUILD_TOOLS
         .iter()
         .chain(tools::TEST_TOOLS)
+        .chain(tools::NIX_TOOLS)
         .copied()
         .collect();
     ensure_packages(&all)?;
