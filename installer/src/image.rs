@@ -191,3 +191,69 @@ impl ImageInfo {
 pub fn volume_set_id(image_id: &str) -> String {
     format!("{VOLSET_PREFIX}{}", &image_id[..image_id.len().min(32)]).to_uppercase()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn info() -> ImageInfo {
+        let system = |top: &str| NodeSystem {
+            toplevel: top.into(),
+            closure: vec![top.into(), "s-shared".into()],
+            store_bytes: 1,
+        };
+        ImageInfo {
+            version: "0".into(),
+            profile: "p".into(),
+            image_id: "i".into(),
+            kernel_release: "k".into(),
+            modules: Vec::new(),
+            payload: Some(PayloadInfo {
+                path: PAYLOAD_ISO_PATH.into(),
+                bytes: 1,
+                manifest_sha256: "m".into(),
+                files: 1,
+                store_bytes: 1,
+                systems: [("alpha".to_string(), system("a-nixos-system-alpha"))]
+                    .into_iter()
+                    .collect(),
+                default_system: None,
+            }),
+            boot: Some(BootInfo {
+                kernel: String::new(),
+                initrd: String::new(),
+                cmdline: String::new(),
+                check: false,
+                nixos: None,
+                nixos_per_node: true,
+            }),
+            mode: Mode::Install,
+            packages: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn each_node_gets_its_own_system_and_the_generic_node_none() {
+        let (alpha, system) = info().for_node(Some("alpha"));
+        assert_eq!(
+            alpha.boot.and_then(|b| b.nixos).as_deref(),
+            Some("a-nixos-system-alpha")
+        );
+        assert_eq!(
+            system.map(|s| s.closure),
+            Some(vec!["a-nixos-system-alpha".to_string(), "s-shared".into()])
+        );
+        // No system for it in the flake: neither store nor boot loader.
+        let (generic, system) = info().for_node(None);
+        assert!(system.is_none() && generic.boot.is_none() && generic.payload.is_none());
+        // Without per-node systems the image is as it is.
+        let mut plain = info();
+        if let Some(b) = plain.boot.as_mut() {
+            b.nixos_per_node = false;
+        }
+        if let Some(p) = plain.payload.as_mut() {
+            p.systems.clear();
+        }
+        assert_eq!(plain.for_node(None).0, plain);
+    }
+}

@@ -147,7 +147,7 @@ pub fn flake_module(profile: &crate::profile::Profile, source: &str) -> String {
     let _ = writeln!(
         t,
         "    users.users.root.openssh.authorizedKeys.keys = [\n{}    ];\n  }};\n  nodes = {{",
-        keys(&profile.ssh.keys).replace("      ", "      ")
+        keys(&profile.ssh.keys)
     );
     for n in &profile.nodes {
         let name = &n.name.get_ref().0;

@@ -19,6 +19,9 @@ mod bench;
 mod fuzz;
 mod readme;
 
+/// Nix settings for the tests' builds (see `test`).
+const TEST_NIX_CONFIG: &str = "build-users-group =\nsubstituters =\n";
+
 const MUSL: &str = "x86_64-unknown-linux-musl";
 const GNU: &str = "x86_64-unknown-linux-gnu";
 
@@ -411,7 +414,11 @@ fn test() -> Result<()> {
                 .args(["test", "--workspace"])
                 .env("NODEFLASH_TEST_IMAGES", target_dir().join("nodeflash"))
                 .env("NODEFLASH_TEST_INSTALLER", &installer)
-                .env("NODEFLASH_PROFILES", root().join("profiles")),
+                .env("NODEFLASH_PROFILES", root().join("profiles"))
+                // The stand-in flake builds with Debian's nix-bin as root:
+                // no `nixbld` build users (that group comes with the
+                // daemon's package) and no binary cache to ask.
+                .env("NIX_CONFIG", TEST_NIX_CONFIG),
         )
     })
 }
