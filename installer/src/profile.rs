@@ -1286,6 +1286,38 @@ select = { serial = "S1" }
     }
 
     #[test]
+    fn flake_rules_are_checked() {
+        let root = "[[pool.datasets]]\nname = \"r\"\nmountpoint = \"/\"\n";
+        let with =
+            |payload: &str, rest: &str| format!("{MINIMAL}{root}\n[payload]\n{payload}\n{rest}");
+        let e = err(&with("flake = \"f\"\nclosure = \"/nix/store/a-b\"", ""));
+        assert_eq!(e.key, "payload", "{e}");
+        let e = err(&with(
+            "flake = \"f\"",
+            "[boot]\nsystem = \"nixos\"\ntoplevel = \"a-nixos-system-x\"\n",
+        ));
+        assert_eq!(e.key, "boot", "{e}");
+        let e = err(&with(
+            "synthetic = { files = 1, bytes = \"1KiB\" }",
+            "[[nodes]]\nname = \"n\"\nsystem = \"x\"\n",
+        ));
+        assert_eq!(e.key, "nodes[0].system", "{e}");
+        let p = Profile::parse(
+            &with(
+                "flake = \"f\"",
+                "[boot]\nsystem = \"nixos\"\n[[nodes]]\nname = \"n\"\nsystem = \"x\"\n",
+            ),
+            "t.toml",
+        )
+        .expect("a flake profile");
+        assert_eq!(p.nodes[0].system.as_deref(), Some("x"));
+        assert_eq!(
+            default_system_attr("kos-mos"),
+            "nixosConfigurations.\"kos-mos\".config.system.build.toplevel"
+        );
+    }
+
+    #[test]
     fn unknown_key_names_line_column_and_key() {
         let e =
             err("name = \"t\"\n[disk]\nselect = { serial = \"S1\" }\nwipes = \"always\"\n[pool]\n");
