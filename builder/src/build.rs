@@ -355,8 +355,8 @@ fn shown_path(path: &Path) -> String {
 }
 
 pub fn build(opts: &BuildOptions) -> Result<BuildSummary> {
-    tools::require(tools::BUILD_TOOLS)?;
     let profile = Profile::load(&opts.profile)?;
+    tools::require(&tools::for_profile(&profile))?;
     let name = profile.name.to_string();
     let inputs = provider(&profile, &opts.profile).provide(&opts.cache, opts.lock_mode)?;
 
@@ -381,6 +381,15 @@ pub fn build(opts: &BuildOptions) -> Result<BuildSummary> {
             cmdline: b.cmdline.clone(),
             check: true,
             nixos: None,
+            nixos_per_node: false,
+        },
+        None if profile.payload.flake.is_some() => BootInfo {
+            kernel: String::new(),
+            initrd: String::new(),
+            cmdline: b.cmdline.clone(),
+            check: false,
+            nixos: None,
+            nixos_per_node: true,
         },
         None => BootInfo {
             kernel: b.kernel.clone().unwrap_or_default(),
@@ -388,10 +397,21 @@ pub fn build(opts: &BuildOptions) -> Result<BuildSummary> {
             cmdline: b.cmdline.clone(),
             check: false,
             nixos: b.nixos_toplevel(&profile.payload),
+            nixos_per_node: false,
         },
     });
     if let (Some(b), Some(p)) = (&boot, &packed) {
-        check_boot_paths(b, &p.path, &opts.profile)?;
+        if b.nixos_per_node {
+            for s in p.systems.values().chain(&p.default_system) {
+                let one = BootInfo {
+                    nixos: Some(s.toplevel.clone()),
+                    ..b.clone()
+                };
+                check_boot_paths(&one, &p.path, &opts.profile)?;
+            }
+        } else {
+            check_boot_paths(b, &p.path, &opts.profile)?;
+        }
     }
     let (initramfs, info) = steps::step("Assembling initramfs", || {
         assemble(
@@ -709,6 +729,8 @@ fn assemble(
         manifest_sha256: p.manifest_sha256.clone(),
         files: p.files,
         store_bytes: p.store_bytes,
+        systems: p.systems.clone(),
+        default_system: p.default_system.clone(),
     });
     let image_id = key_of([
         content.as_str(),

@@ -111,6 +111,21 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Write the NixOS module a flake imports, generated from the profile:
+    /// file systems, ESP and swap, ZFS and systemd-boot, root's keys, and
+    /// each node's host name and host ID (docs/flake.md).
+    #[command(after_help = examples!(
+        "nodeflash nixos-module --profile alrest > nodeflash.nix",
+        "nodeflash nixos-module --profile alrest --out ../cluster/nodeflash.nix",
+    ))]
+    NixosModule {
+        /// Profile name (in the profiles directory) or path to a .toml file.
+        #[arg(long)]
+        profile: String,
+        /// Write it here instead of stdout.
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
     /// Print this machine's facts (disks, NICs, DMI) as JSON, always.
     #[command(after_help = concat!(
         "Run it as root: the DMI serial and product UUID are readable by root only\n",
@@ -382,6 +397,19 @@ fn run(cli: Cli) -> Result<()> {
                 println!("node: {} ({})", node.hostname, node.reason);
                 print!("{plan}");
                 print!("{}", install.text());
+            }
+        }
+        Command::NixosModule { profile, out } => {
+            let path = find_profile(&profile, &cli.profiles_dir)?;
+            let p = Profile::load(&path)?;
+            let source = path
+                .file_name()
+                .map_or_else(|| profile.clone(), |f| f.to_string_lossy().into_owned());
+            let text = nodeflash_installer::nixos::flake_module(&p, &source);
+            match out {
+                Some(out) => std::fs::write(&out, text)
+                    .with_context(|| format!("cannot write {}", out.display()))?,
+                None => print!("{text}"),
             }
         }
         Command::Facts { json: _ } => {
@@ -690,6 +718,18 @@ pub fn summary_text(s: &crate::build::BuildSummary) -> String {
                 mib(p.store_bytes),
                 &p.manifest_sha256[..p.manifest_sha256.len().min(12)]
             );
+            let systems: Vec<_> = p.systems.values().chain(&p.default_system).collect();
+            if let Some(largest) = systems.iter().map(|s| s.store_bytes).max() {
+                let _ = writeln!(
+                    t,
+                    "systems:  {} from the flake in one payload: {:.1} MiB for {} nodes, \
+                     {:.1} MiB for the largest one alone (uncompressed)",
+                    systems.len(),
+                    mib(p.store_bytes),
+                    systems.len(),
+                    mib(largest)
+                );
+            }
         }
         None => {
             let _ = writeln!(t, "payload:  none (the profile has no [payload])");
@@ -1133,6 +1173,8 @@ mod tests {
             manifest_sha256: "cd".repeat(32),
             files: 40_000,
             store_bytes: 1024 * 1048576,
+            systems: Default::default(),
+            default_system: None,
         });
         s.nodes.truncate(1);
         s.nodes[0].recognisable = true;

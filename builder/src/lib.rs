@@ -12,6 +12,7 @@ pub mod initramfs;
 pub mod inputs;
 pub mod iso;
 pub mod kmod;
+pub mod nix;
 pub mod payload;
 pub mod steps;
 pub mod synthetic;

@@ -4,14 +4,15 @@
 //! generator's spec).
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
+use std::collections::BTreeMap;
+
 use anyhow::{Context, Result};
-use nodeflash_installer::cmd;
+use nodeflash_installer::image::NodeSystem;
 use nodeflash_installer::payload::{self, Counters, PackOptions, Payload, FORMAT_VERSION};
-use nodeflash_installer::profile::Profile;
+use nodeflash_installer::profile::{default_system_attr, Profile};
 
 use crate::build::CheckSystem;
 use crate::cache::{key_of, Cache};
@@ -26,6 +27,10 @@ pub struct Packed {
     pub files: usize,
     pub store_bytes: u64,
     pub store_paths: usize,
+    /// With a flake: each node's system (by node name).
+    pub systems: BTreeMap<String, NodeSystem>,
+    /// With a flake: the generic node's system, if the profile names one.
+    pub default_system: Option<NodeSystem>,
 }
 
 /// Where the store comes from.
@@ -52,7 +57,13 @@ pub fn prepare(
 ) -> Result<Option<Packed>> {
     let p = &profile.payload;
     let dir = profile_path.parent().unwrap_or(Path::new("."));
-    let source = if let Some(top) = &p.closure {
+    let mut systems = BTreeMap::new();
+    let mut default_system = None;
+    let source = if let Some(flake) = &p.flake {
+        let (s, d, source) = flake_systems(profile, flake, dir)?;
+        (systems, default_system) = (s, d);
+        source
+    } else if let Some(top) = &p.closure {
         closure(top)?
     } else if let Some(store) = &p.store {
         let registration =
@@ -132,6 +143,19 @@ pub fn prepare(
     )
     .with_context(|| format!("cached payload {} is unreadable", path.display()))?;
     let m = &opened.manifest;
+    for system in systems.values_mut().chain(default_system.as_mut()) {
+        let keep: std::collections::BTreeSet<&str> =
+            system.closure.iter().map(String::as_str).collect();
+        system.store_bytes = m
+            .entries
+            .iter()
+            .filter(|e| keep.contains(e.store_path()))
+            .map(|e| match e {
+                payload::Entry::File { size, .. } => *size,
+                _ => 0,
+            })
+            .sum();
+    }
     Ok(Some(Packed {
         bytes: opened.header.total_len(),
         manifest_sha256: opened.manifest_sha256(),
@@ -139,51 +163,67 @@ pub fn prepare(
         store_bytes: m.bytes(),
         store_paths: m.store_paths().len(),
         path,
+        systems,
+        default_system,
     }))
 }
 
 /// The closure of a store path, from the build host's Nix.
 fn closure(top: &str) -> Result<Source> {
-    closure_with("nix-store", top)
-}
-
-/// [`closure`] with the `nix-store` program named (tests give one that is
-/// missing, or one that fails). The error says which of the two happened:
-/// no Nix on the build host, or a path this host's Nix does not know.
-fn closure_with(nix_store: &str, top: &str) -> Result<Source> {
-    let nix = |args: &[&str]| {
-        let mut c = Command::new(nix_store);
-        c.args(args);
-        cmd::run(&mut c).with_context(|| {
-            if crate::tools::missing_packages(&[(nix_store, "nix-bin")]).is_empty() {
-                format!(
-                    "cannot list the closure of {top}: `{nix_store}` refuses it; is it a store path \
-                     that exists on this host (built here, e.g. `readlink -f result` after `nix build`)?"
-                )
-            } else {
-                format!(
-                    "cannot list the closure of {top}: packing a Nix closure needs Nix on the build host \
-                     (or copy the closure as a directory and give `store = DIR`, `registration` and \
-                     `[boot] toplevel`, see docs/flake.md)"
-                )
-            }
-        })
-    };
-    let out = nix(&["-qR", top])?;
-    let mut paths: Vec<String> = out
-        .lines()
-        .filter_map(|l| l.strip_prefix("/nix/store/"))
-        .map(str::to_string)
-        .collect();
-    paths.sort();
-    let mut args = vec!["--dump-db"];
-    let full: Vec<String> = paths.iter().map(|p| format!("/nix/store/{p}")).collect();
-    args.extend(full.iter().map(String::as_str));
-    let registration = nix(&args)?;
+    let paths = crate::nix::closure(&[top.to_string()])?;
+    let registration = crate::nix::registration(&paths)?;
     Ok(Source::Closure {
         paths,
         registration,
     })
+}
+
+/// Every node's system built from the flake (and the generic node's, when
+/// the profile names one), and the union of their closures with its
+/// registration: a store path the nodes share is packed once.
+type Systems = (BTreeMap<String, NodeSystem>, Option<NodeSystem>, Source);
+
+fn flake_systems(profile: &Profile, flake: &str, dir: &Path) -> Result<Systems> {
+    let flake = crate::nix::flake_ref(flake, dir)?;
+    let mut attrs: Vec<String> = profile
+        .nodes
+        .iter()
+        .map(|n| {
+            n.system
+                .clone()
+                .unwrap_or_else(|| default_system_attr(&n.name.get_ref().0))
+        })
+        .collect();
+    attrs.extend(profile.default_node.system.clone());
+    let tops = steps::step(
+        &format!("Building {} systems with Nix from {flake}", attrs.len()),
+        || crate::nix::build(&flake, &attrs),
+    )?;
+    let mut systems = BTreeMap::new();
+    let mut default_system = None;
+    for (i, top) in tops.iter().enumerate() {
+        let system = NodeSystem {
+            toplevel: top.trim_start_matches("/nix/store/").to_string(),
+            closure: crate::nix::closure(std::slice::from_ref(top))?,
+            store_bytes: 0,
+        };
+        match profile.nodes.get(i) {
+            Some(n) => {
+                systems.insert(n.name.get_ref().0.clone(), system);
+            }
+            None => default_system = Some(system),
+        }
+    }
+    let paths = crate::nix::closure(&tops)?;
+    let registration = crate::nix::registration(&paths)?;
+    Ok((
+        systems,
+        default_system,
+        Source::Closure {
+            paths,
+            registration,
+        },
+    ))
 }
 
 fn pack_source(
@@ -298,29 +338,4 @@ pub fn with_progress<T>(
         done.store(true, Ordering::Relaxed);
         r
     })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn a_closure_without_nix_and_a_path_nix_refuses_are_told_apart() {
-        let top = "/nix/store/aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa-nixos-system-x";
-        let e = format!(
-            "{:#}",
-            closure_with("nodeflash-no-such-nix-store", top)
-                .err()
-                .expect("fails")
-        );
-        assert!(e.contains("needs Nix on the build host"), "{e}");
-        assert!(e.contains("[boot] toplevel"), "{e}");
-        // `false` is there and fails, as nix-store does on a path it does not know.
-        let e = format!("{:#}", closure_with("false", top).err().expect("fails"));
-        assert!(!e.contains("needs Nix"), "{e}");
-        assert!(
-            e.contains("`false` refuses it; is it a store path that exists on this host"),
-            "{e}"
-        );
-    }
 }

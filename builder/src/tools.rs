@@ -41,6 +41,29 @@ pub const TEST_TOOLS: &[(&str, &str)] = &[
     ("/bin/busybox", "busybox-static"),
 ];
 
+/// (program, Debian package) a profile that builds or lists Nix store paths
+/// needs (`[payload] flake` or `closure`), and the tests that run real Nix.
+pub const NIX_TOOLS: &[(&str, &str)] = &[
+    ("nix", "nix-bin"),
+    ("nix-store", "nix-bin"),
+    ("nix-instantiate", "nix-bin"),
+    ("git", "git"),
+];
+
+/// The host tools building `profile` needs: [`BUILD_TOOLS`], and
+/// [`NIX_TOOLS`] when the profile builds or lists Nix store paths.
+pub fn for_profile(
+    profile: &nodeflash_installer::profile::Profile,
+) -> Vec<(&'static str, &'static str)> {
+    let p = &profile.payload;
+    let nix = p.flake.is_some() || p.closure.is_some();
+    BUILD_TOOLS
+        .iter()
+        .chain(if nix { NIX_TOOLS } else { &[] })
+        .copied()
+        .collect()
+}
+
 /// (program, Debian package) `cargo xtask bench store` compares against.
 pub const BENCH_TOOLS: &[(&str, &str)] = &[
     ("mksquashfs", "squashfs-tools"),

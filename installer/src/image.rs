@@ -78,6 +78,10 @@ pub struct BootInfo {
     /// own boot loader installation instead of writing an entry itself.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub nixos: Option<String>,
+    /// With a flake: each node installs its own NixOS system, named in
+    /// [`PayloadInfo::systems`] ([`ImageInfo::for_node`] resolves it).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub nixos_per_node: bool,
 }
 
 /// Where the builder puts systemd-boot in the install initramfs.
@@ -95,12 +99,61 @@ pub struct PayloadInfo {
     pub files: usize,
     /// Uncompressed bytes of the store.
     pub store_bytes: u64,
+    /// With a flake: each node's own system (by node name), whose closure
+    /// is what that node gets out of the payload.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub systems: std::collections::BTreeMap<String, NodeSystem>,
+    /// With a flake: the generic node's system, if the profile names one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub default_system: Option<NodeSystem>,
+}
+
+/// One node's NixOS system in a payload that holds several.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeSystem {
+    /// The top-level store path name, `HASH-nixos-system-…`.
+    pub toplevel: String,
+    /// Its closure (`nix-store -qR` on the build host), store path names.
+    pub closure: Vec<String>,
+    /// Uncompressed bytes of its closure's files.
+    #[serde(default)]
+    pub store_bytes: u64,
 }
 
 /// Where the builder puts the payload on the ISO.
 pub const PAYLOAD_ISO_PATH: &str = "/nodeflash/store.nfp";
 
 impl ImageInfo {
+    /// The image as node `node` (None: the generic node) installs it. With
+    /// a system per node (a flake), its boot is that node's toplevel and the
+    /// second value is the closure to write out of the payload; a node the
+    /// flake built no system for (the generic node without `system`) gets
+    /// neither store nor boot loader. Otherwise the image as it is.
+    pub fn for_node(&self, node: Option<&str>) -> (ImageInfo, Option<NodeSystem>) {
+        let mut info = self.clone();
+        let per_node = self.boot.as_ref().is_some_and(|b| b.nixos_per_node)
+            || self.payload.as_ref().is_some_and(|p| !p.systems.is_empty());
+        if !per_node {
+            return (info, None);
+        }
+        let system = self.payload.as_ref().and_then(|p| match node {
+            Some(n) => p.systems.get(n).cloned(),
+            None => p.default_system.clone(),
+        });
+        match &system {
+            Some(s) => {
+                if let Some(b) = &mut info.boot {
+                    b.nixos = Some(s.toplevel.clone());
+                }
+            }
+            None => {
+                info.boot = None;
+                info.payload = None;
+            }
+        }
+        (info, system)
+    }
+
     /// The version of package `name` in the image, if it was made from it.
     pub fn package_version(&self, name: &str) -> Option<&str> {
         self.packages
@@ -137,4 +190,70 @@ impl ImageInfo {
 
 pub fn volume_set_id(image_id: &str) -> String {
     format!("{VOLSET_PREFIX}{}", &image_id[..image_id.len().min(32)]).to_uppercase()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn info() -> ImageInfo {
+        let system = |top: &str| NodeSystem {
+            toplevel: top.into(),
+            closure: vec![top.into(), "s-shared".into()],
+            store_bytes: 1,
+        };
+        ImageInfo {
+            version: "0".into(),
+            profile: "p".into(),
+            image_id: "i".into(),
+            kernel_release: "k".into(),
+            modules: Vec::new(),
+            payload: Some(PayloadInfo {
+                path: PAYLOAD_ISO_PATH.into(),
+                bytes: 1,
+                manifest_sha256: "m".into(),
+                files: 1,
+                store_bytes: 1,
+                systems: [("alpha".to_string(), system("a-nixos-system-alpha"))]
+                    .into_iter()
+                    .collect(),
+                default_system: None,
+            }),
+            boot: Some(BootInfo {
+                kernel: String::new(),
+                initrd: String::new(),
+                cmdline: String::new(),
+                check: false,
+                nixos: None,
+                nixos_per_node: true,
+            }),
+            mode: Mode::Install,
+            packages: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn each_node_gets_its_own_system_and_the_generic_node_none() {
+        let (alpha, system) = info().for_node(Some("alpha"));
+        assert_eq!(
+            alpha.boot.and_then(|b| b.nixos).as_deref(),
+            Some("a-nixos-system-alpha")
+        );
+        assert_eq!(
+            system.map(|s| s.closure),
+            Some(vec!["a-nixos-system-alpha".to_string(), "s-shared".into()])
+        );
+        // No system for it in the flake: neither store nor boot loader.
+        let (generic, system) = info().for_node(None);
+        assert!(system.is_none() && generic.boot.is_none() && generic.payload.is_none());
+        // Without per-node systems the image is as it is.
+        let mut plain = info();
+        if let Some(b) = plain.boot.as_mut() {
+            b.nixos_per_node = false;
+        }
+        if let Some(p) = plain.payload.as_mut() {
+            p.systems.clear();
+        }
+        assert_eq!(plain.for_node(None).0, plain);
+    }
 }

@@ -58,6 +58,9 @@ pub(crate) fn install(profile: &Profile, info: &ImageInfo, started: Instant) -> 
     // before the disk is touched.
     phases.start("identity and plan");
     let identity = crate::nodes::identify(profile, &facts)?;
+    // With a system per node (a flake): this node's system and closure.
+    let (node_info, system) = info.for_node(identity.node.as_deref());
+    let info = &node_info;
     let select = identity
         .disk_select
         .as_ref()
@@ -79,7 +82,24 @@ pub(crate) fn install(profile: &Profile, info: &ImageInfo, started: Instant) -> 
         );
     }
     phases.start("payload check");
-    let store = open_store(profile, info, boot.as_deref())?;
+    if let Some(s) = &system {
+        say!(
+            "system: {} ({} store paths of its own closure)",
+            s.toplevel,
+            s.closure.len()
+        );
+    } else if info.payload.is_none() && info.boot.is_none() && profile.payload.flake.is_some() {
+        warn(
+            &mut warnings,
+            format!(
+                "the flake has no system for the generic node {} (its host ID is only known here): \
+                 no store and no boot loader are installed; add it to the profile as a [[nodes]] \
+                 entry with this host ID, build its system and install again",
+                identity.hostname
+            ),
+        );
+    }
+    let store = open_store(profile, info, boot.as_deref(), system.as_ref())?;
     if info.boot.is_none() {
         warn(
             &mut warnings,
@@ -619,7 +639,12 @@ struct Store {
     workers: usize,
 }
 
-fn open_store(profile: &Profile, info: &ImageInfo, boot: Option<&str>) -> Result<Option<Store>> {
+fn open_store(
+    profile: &Profile,
+    info: &ImageInfo,
+    boot: Option<&str>,
+    system: Option<&crate::image::NodeSystem>,
+) -> Result<Option<Store>> {
     let Some(want) = &info.payload else {
         return Ok(None);
     };
@@ -664,7 +689,7 @@ fn open_store(profile: &Profile, info: &ImageInfo, boot: Option<&str>) -> Result
         );
     }
     let f = File::open(&file).with_context(|| format!("cannot open {}", file.display()))?;
-    let payload = Payload::open(f)
+    let mut payload = Payload::open(f)
         .with_context(|| format!("{} on {}: {damaged}", want.path, dev.display()))?;
     if payload.manifest_sha256() != want.manifest_sha256 {
         bail!(
@@ -685,6 +710,24 @@ fn open_store(profile: &Profile, info: &ImageInfo, boot: Option<&str>) -> Result
         len as f64 / MIB,
         dev.display()
     );
+    if let Some(system) = system {
+        payload
+            .keep_only(system.closure.iter().cloned().collect())
+            .with_context(|| {
+                format!(
+                    "the payload on {} lacks part of {}'s closure; {damaged}",
+                    dev.display(),
+                    system.toplevel
+                )
+            })?;
+        let written = payload.written();
+        say!(
+            "store: this node's closure is {} files, {:.1} MiB in {} store paths",
+            written.files(),
+            written.bytes() as f64 / MIB,
+            written.store_paths().len()
+        );
+    }
     Ok(Some(Store {
         file,
         payload,
@@ -703,7 +746,16 @@ fn copy_store(store: Store) -> Result<Copied> {
         payload,
         workers,
     } = store;
-    let manifest = payload.manifest.clone();
+    // What is written: the whole payload, or this node's closure.
+    let mut manifest = payload.written();
+    if let Some(reg) = &manifest.registration {
+        let keep = manifest
+            .store_paths()
+            .into_iter()
+            .map(String::from)
+            .collect();
+        manifest.registration = Some(crate::payload::filter_registration(reg, &keep)?);
+    }
     let manifest_sha256 = payload.manifest_sha256();
     let (total, files) = (manifest.bytes(), manifest.files() as u64);
     let counters = crate::payload::Counters::default();
@@ -779,6 +831,38 @@ fn register(manifest: &crate::payload::Manifest, registration: &str) -> Result<(
     say!(
         "store: registered {} store paths",
         manifest.store_paths().len()
+    );
+    // Nix's own view of what it was given: its database, and the files
+    // against their NAR hashes.
+    let run = |args: &[&str]| {
+        crate::cmd::run(
+            crate::cmd::in_root(
+                &mut Command::new(format!("/nix/store/{nix_store}")),
+                Path::new("/mnt"),
+            )
+            .args(args),
+        )
+    };
+    let mut paths: Vec<String> = manifest
+        .store_paths()
+        .iter()
+        .map(|p| format!("/nix/store/{p}"))
+        .collect();
+    paths.sort();
+    let mut args = vec!["--dump-db"];
+    args.extend(paths.iter().map(String::as_str));
+    let db = run(&args).context("the installed Nix cannot list its database")?;
+    run(&["--verify", "--check-contents"]).context(
+        "the installed Nix finds the store invalid (`nix-store --verify --check-contents`)",
+    )?;
+    say!(
+        "nodeflash-nixdb: {}",
+        serde_json::json!({
+            "paths": paths.len(),
+            "dump_db_sha256": hex::encode(<sha2::Sha256 as sha2::Digest>::digest(db.as_bytes())),
+            "same_as_registration": db == registration,
+            "verify_check_contents": "ok",
+        })
     );
     Ok(())
 }

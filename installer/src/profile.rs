@@ -261,6 +261,12 @@ pub struct Payload {
     /// with `nix-store -qR` on the build host, which needs Nix.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub closure: Option<String>,
+    /// A flake (a path, relative to the profile, or a flake reference) whose
+    /// `nixosConfigurations.<node>.config.system.build.toplevel` is each
+    /// node's system: the builder runs `nix build` for every node and packs
+    /// the union of their closures once (docs/flake.md).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub flake: Option<String>,
     /// A directory laid out as a store (its entries are store paths), for
     /// build hosts without Nix; relative to the profile.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -288,6 +294,7 @@ impl Default for Payload {
     fn default() -> Self {
         Self {
             closure: None,
+            flake: None,
             store: None,
             registration: None,
             synthetic: None,
@@ -299,8 +306,18 @@ impl Default for Payload {
 
 impl Payload {
     pub fn is_empty(&self) -> bool {
-        self.closure.is_none() && self.store.is_none() && self.synthetic.is_none()
+        self.closure.is_none()
+            && self.flake.is_none()
+            && self.store.is_none()
+            && self.synthetic.is_none()
     }
+}
+
+/// The flake attribute of a node's system when the profile does not name
+/// one: `nixosConfigurations.<name>.config.system.build.toplevel`, what
+/// `nixos-rebuild --flake .#<name>` builds.
+pub fn default_system_attr(name: &str) -> String {
+    format!("nixosConfigurations.\"{name}\".config.system.build.toplevel")
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -427,6 +444,10 @@ pub struct Node {
     /// SSH keys for root on this node only, besides `[ssh]`'s.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub keys: Vec<String>,
+    /// With `[payload] flake`: the flake attribute of this node's system
+    /// (default: [`default_system_attr`] of its name).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub system: Option<String>,
 }
 
 /// Facts that recognise a machine; every given fact must match.
@@ -461,6 +482,11 @@ pub struct DefaultNode {
     pub hostname: String,
     #[serde(default)]
     pub hostid: HostId,
+    /// With `[payload] flake`: the flake attribute of the generic node's
+    /// system. None: the generic node gets no system from the flake (its
+    /// host ID may only be known on the machine; docs/flake.md).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub system: Option<String>,
 }
 
 impl Default for DefaultNode {
@@ -469,6 +495,7 @@ impl Default for DefaultNode {
             install: true,
             hostname: default_hostname_template(),
             hostid: HostId::Derive,
+            system: None,
         }
     }
 }
@@ -1021,6 +1048,7 @@ impl Profile {
         let p = &self.payload;
         let sources = [
             p.closure.is_some(),
+            p.flake.is_some(),
             p.store.is_some(),
             p.synthetic.is_some(),
         ];
@@ -1028,8 +1056,25 @@ impl Profile {
             return Err((
                 None,
                 "payload".into(),
-                "give one of `closure`, `store` or `synthetic`, not several".into(),
+                "give one of `closure`, `flake`, `store` or `synthetic`, not several".into(),
             ));
+        }
+        if p.flake.is_none() {
+            if let Some(i) = self.nodes.iter().position(|n| n.system.is_some()) {
+                return Err((
+                    Some(self.nodes[i].name.span()),
+                    format!("nodes[{i}].system"),
+                    "a node's `system` is a flake attribute: it needs `flake` in [payload]".into(),
+                ));
+            }
+            if self.default_node.system.is_some() {
+                return Err((
+                    None,
+                    "default-node.system".into(),
+                    "the default node's `system` is a flake attribute: it needs `flake` in [payload]"
+                        .into(),
+                ));
+            }
         }
         if p.registration.is_some() && p.store.is_none() {
             return Err((
@@ -1063,6 +1108,17 @@ impl Profile {
                         ));
                     }
                 }
+                BootSystem::Nixos if p.flake.is_some() => {
+                    if boot.toplevel.is_some() || boot.kernel.is_some() || boot.initrd.is_some() {
+                        return Err((
+                            None,
+                            "boot".into(),
+                            "with a `flake`, each node's system is its own flake attribute \
+                             (`system` of [[nodes]]): give no `toplevel`, `kernel` or `initrd`"
+                                .into(),
+                        ));
+                    }
+                }
                 BootSystem::Nixos => {
                     if boot.kernel.is_some() || boot.initrd.is_some() {
                         return Err((
@@ -1089,7 +1145,7 @@ impl Profile {
                     }
                 }
                 BootSystem::Check => {
-                    if p.closure.is_some() || p.store.is_some() {
+                    if p.closure.is_some() || p.store.is_some() || p.flake.is_some() {
                         return Err((
                             None,
                             "boot.system".into(),
@@ -1249,6 +1305,38 @@ select = { serial = "S1" }
         assert!(e.message.contains("zstd level 30"), "{e}");
         let p = Profile::parse(&with("store = \"s\"\nworkers = 4", root), "t.toml").expect("valid");
         assert_eq!((p.payload.level, p.payload.workers), (19, Some(4)));
+    }
+
+    #[test]
+    fn flake_rules_are_checked() {
+        let root = "[[pool.datasets]]\nname = \"r\"\nmountpoint = \"/\"\n";
+        let with =
+            |payload: &str, rest: &str| format!("{MINIMAL}{root}\n[payload]\n{payload}\n{rest}");
+        let e = err(&with("flake = \"f\"\nclosure = \"/nix/store/a-b\"", ""));
+        assert_eq!(e.key, "payload", "{e}");
+        let e = err(&with(
+            "flake = \"f\"",
+            "[boot]\nsystem = \"nixos\"\ntoplevel = \"a-nixos-system-x\"\n",
+        ));
+        assert_eq!(e.key, "boot", "{e}");
+        let e = err(&with(
+            "synthetic = { files = 1, bytes = \"1KiB\" }",
+            "[[nodes]]\nname = \"n\"\nsystem = \"x\"\n",
+        ));
+        assert_eq!(e.key, "nodes[0].system", "{e}");
+        let p = Profile::parse(
+            &with(
+                "flake = \"f\"",
+                "[boot]\nsystem = \"nixos\"\n[[nodes]]\nname = \"n\"\nsystem = \"x\"\n",
+            ),
+            "t.toml",
+        )
+        .expect("a flake profile");
+        assert_eq!(p.nodes[0].system.as_deref(), Some("x"));
+        assert_eq!(
+            default_system_attr("kos-mos"),
+            "nixosConfigurations.\"kos-mos\".config.system.build.toplevel"
+        );
     }
 
     #[test]

@@ -387,3 +387,39 @@ fn impossible_frames_are_refused_before_anything_is_read() {
         assert!(err.contains(want), "{name}: {err}");
     }
 }
+
+/// One node's closure out of a payload that holds several: only its store
+/// paths are written, the rest is read and checked but not written.
+#[test]
+fn keep_only_writes_just_the_given_store_paths() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let out = packed(dir.path());
+    let mut payload = Payload::open(File::open(&out).expect("open")).expect("opens");
+    let keep: std::collections::BTreeSet<String> = [
+        "abcdfghijklmnpqrsvwxyz0123456789-lib",
+        "zzzzfghijklmnpqrsvwxyz0123456789-script.sh",
+    ]
+    .into_iter()
+    .map(String::from)
+    .collect();
+    let err = payload
+        .keep_only(["nothere-x".to_string()].into_iter().collect())
+        .expect_err("not in the payload");
+    assert!(err.to_string().contains("nothere-x"), "{err}");
+    payload.keep_only(keep.clone()).expect("in the payload");
+    let written = payload.written();
+    assert_eq!(
+        written.store_paths().into_iter().collect::<Vec<_>>(),
+        keep.iter().map(String::as_str).collect::<Vec<_>>()
+    );
+    let dest = dir.path().join("dest");
+    payload
+        .extract(Some(&dest), 3, &Counters::default())
+        .expect("extracts");
+    let names: std::collections::BTreeSet<String> = std::fs::read_dir(&dest)
+        .expect("dest")
+        .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(names, keep);
+    compare(&written.entries, &scan(&dest, 2).expect("scan"), true).expect("the kept paths");
+}

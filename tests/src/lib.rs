@@ -441,5 +441,6 @@ pub fn assert_console(console: &str, needle: &str) {
         panic!("the console does not show {needle:?}; its tail:\n{tail}");
     }
 }
+pub mod flake;
 pub mod https;
 pub mod scan;

@@ -19,6 +19,9 @@ mod bench;
 mod fuzz;
 mod readme;
 
+/// Nix settings for the tests' builds (see `test`).
+const TEST_NIX_CONFIG: &str = "build-users-group =\nsubstituters =\n";
+
 const MUSL: &str = "x86_64-unknown-linux-musl";
 const GNU: &str = "x86_64-unknown-linux-gnu";
 
@@ -286,10 +289,12 @@ fn build_installer() -> Result<PathBuf> {
 }
 
 fn build_iso(profile: &str, lock_mode: LockMode) -> Result<nodeflash_builder::build::BuildSummary> {
-    ensure_packages(tools::BUILD_TOOLS)?;
+    let path = find_profile(profile, &root().join("profiles"))?;
+    // Nix too when the profile builds its systems from a flake.
+    ensure_packages(&tools::for_profile(&Profile::load(&path)?))?;
     let installer = build_installer()?;
     build(&BuildOptions {
-        profile: find_profile(profile, &root().join("profiles"))?,
+        profile: path,
         installer,
         out_dir: target_dir().join("nodeflash"),
         cache: Cache::from_env()?,
@@ -348,9 +353,11 @@ fn update_inputs(profile: &str, check: bool) -> Result<()> {
 }
 
 fn test() -> Result<()> {
+    // The tests build stand-in systems with real Nix (tests/fixtures/flake).
     let all: Vec<(&str, &str)> = tools::BUILD_TOOLS
         .iter()
         .chain(tools::TEST_TOOLS)
+        .chain(tools::NIX_TOOLS)
         .copied()
         .collect();
     ensure_packages(&all)?;
@@ -413,7 +420,11 @@ fn test() -> Result<()> {
                 .args(["test", "--workspace"])
                 .env("NODEFLASH_TEST_IMAGES", target_dir().join("nodeflash"))
                 .env("NODEFLASH_TEST_INSTALLER", &installer)
-                .env("NODEFLASH_PROFILES", root().join("profiles")),
+                .env("NODEFLASH_PROFILES", root().join("profiles"))
+                // The stand-in flake builds with Debian's nix-bin as root:
+                // no `nixbld` build users (that group comes with the
+                // daemon's package) and no binary cache to ask.
+                .env("NIX_CONFIG", TEST_NIX_CONFIG),
         )
     })
 }

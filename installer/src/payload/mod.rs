@@ -186,6 +186,57 @@ impl Entry {
     }
 }
 
+/// The entries of `nix-store --dump-db` output (the `--load-db` format:
+/// per path its `/nix/store` path, NAR hash, NAR size, deriver, number of
+/// references, then the references; Nix's `makeValidityRegistration`,
+/// src/libstore/store-api.cc) whose path is one of `keep` (store path names).
+/// Errors when the text does not have that form.
+pub fn filter_registration(
+    text: &str,
+    keep: &std::collections::BTreeSet<String>,
+) -> anyhow::Result<String> {
+    use anyhow::Context;
+    let mut lines = text.lines();
+    let mut out = String::new();
+    while let Some(path) = lines.next() {
+        if path.is_empty() {
+            continue;
+        }
+        let mut record = vec![path];
+        for _ in 0..3 {
+            record.push(
+                lines
+                    .next()
+                    .context("the registration ends inside a record")?,
+            );
+        }
+        let n = lines
+            .next()
+            .context("the registration ends inside a record")?;
+        record.push(n);
+        let n: usize = n
+            .parse()
+            .with_context(|| format!("the registration of {path} has no reference count"))?;
+        for _ in 0..n {
+            record.push(
+                lines
+                    .next()
+                    .context("the registration ends inside a record")?,
+            );
+        }
+        let name = path
+            .strip_prefix("/nix/store/")
+            .with_context(|| format!("{path} in the registration is not in /nix/store"))?;
+        if keep.contains(name) {
+            for l in record {
+                out.push_str(l);
+                out.push('\n');
+            }
+        }
+    }
+    Ok(out)
+}
+
 impl Manifest {
     pub fn files(&self) -> usize {
         self.entries
@@ -321,6 +372,20 @@ mod tests {
         let mut bad = b;
         bad[12..16].copy_from_slice(&(MAX_FRAME_SIZE + 1).to_le_bytes());
         assert!(Header::parse(&bad).is_err());
+    }
+
+    #[test]
+    fn registration_is_filtered_by_record() {
+        let text = "/nix/store/a-x\nsha256:1\n10\n\n1\n/nix/store/b-y\n\
+                    /nix/store/b-y\nsha256:2\n20\n/nix/store/d-y.drv\n0\n\
+                    /nix/store/c-z\nsha256:3\n30\n\n2\n/nix/store/a-x\n/nix/store/b-y\n";
+        let keep = ["a-x", "b-y"].map(String::from).into_iter().collect();
+        assert_eq!(
+            filter_registration(text, &keep).expect("filters"),
+            "/nix/store/a-x\nsha256:1\n10\n\n1\n/nix/store/b-y\n\
+             /nix/store/b-y\nsha256:2\n20\n/nix/store/d-y.drv\n0\n"
+        );
+        assert!(filter_registration("/nix/store/a-x\nsha256:1\n", &keep).is_err());
     }
 
     #[test]

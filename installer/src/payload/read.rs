@@ -34,6 +34,8 @@ pub struct Payload<R> {
     pub header: Header,
     pub manifest: Manifest,
     pieces: Vec<Vec<Piece>>,
+    /// With [`Payload::keep_only`]: the store paths that are written.
+    keep: Option<BTreeSet<String>>,
 }
 
 #[derive(Debug, Clone, Default, serde::Serialize)]
@@ -68,7 +70,39 @@ impl<R: Read> Payload<R> {
             header,
             manifest,
             pieces,
+            keep: None,
         })
+    }
+
+    /// Makes [`Payload::extract`] write only the entries of these store
+    /// paths (names, `HASH-NAME`): one node's closure out of a payload that
+    /// holds several. Every frame is still read and every file checked.
+    /// Errors when a path is not in the payload.
+    pub fn keep_only(&mut self, store_paths: BTreeSet<String>) -> Result<()> {
+        let have: BTreeSet<&str> = self.manifest.store_paths().into_iter().collect();
+        if let Some(missing) = store_paths.iter().find(|p| !have.contains(p.as_str())) {
+            bail!("store path {missing} is not in the payload");
+        }
+        self.keep = Some(store_paths);
+        Ok(())
+    }
+
+    /// The manifest of what [`Payload::extract`] writes: all of it, or the
+    /// entries of the store paths given to [`Payload::keep_only`].
+    pub fn written(&self) -> Manifest {
+        match &self.keep {
+            None => self.manifest.clone(),
+            Some(keep) => Manifest {
+                entries: self
+                    .manifest
+                    .entries
+                    .iter()
+                    .filter(|e| keep.contains(e.store_path()))
+                    .cloned()
+                    .collect(),
+                ..self.manifest.clone()
+            },
+        }
     }
 
     pub fn manifest_sha256(&self) -> String {
@@ -88,8 +122,15 @@ impl<R: Read> Payload<R> {
             mut reader,
             manifest,
             pieces,
+            keep,
             ..
         } = self;
+        // Entries not written (another node's store paths): checked only.
+        let skip: Vec<bool> = manifest
+            .entries
+            .iter()
+            .map(|e| keep.as_ref().is_some_and(|k| !k.contains(e.store_path())))
+            .collect();
         let threads = threads.max(1);
         let mask = umask();
         if let Some(dest) = dest {
@@ -128,7 +169,7 @@ impl<R: Read> Payload<R> {
         std::thread::scope(|s| {
             if let Some(dest) = dest {
                 s.spawn(|| {
-                    if let Err(e) = prepare(dest, &manifest, mask, &prepared, counters) {
+                    if let Err(e) = prepare(dest, &manifest, &skip, mask, &prepared, counters) {
                         fail(e);
                     }
                 });
@@ -157,6 +198,7 @@ impl<R: Read> Payload<R> {
                         }
                         let w = Worker {
                             manifest: &manifest,
+                            skip: &skip,
                             dest,
                             remaining: &remaining,
                             counters,
@@ -197,7 +239,7 @@ impl<R: Read> Payload<R> {
             bail!("the payload has data after its last frame: it is damaged or not what the header says");
         }
         if let Some(dest) = dest {
-            finalize(dest, &manifest)?;
+            finalize(dest, &manifest, &skip)?;
         }
         Ok(ExtractStats {
             files: manifest.files(),
@@ -371,6 +413,7 @@ fn check_empty(dest: &Path) -> Result<()> {
 fn prepare(
     dest: &Path,
     m: &Manifest,
+    skip: &[bool],
     mask: u32,
     prepared: &AtomicUsize,
     counters: &Counters,
@@ -380,6 +423,7 @@ fn prepare(
     for (i, e) in m.entries.iter().enumerate() {
         let path = dest.join(e.path());
         match e {
+            _ if skip[i] => {}
             Entry::Dir { .. } => builder
                 .create(&path)
                 .with_context(|| format!("cannot create directory {}", path.display()))?,
@@ -420,11 +464,14 @@ fn seal(f: &File, mode: u32, path: &Path, chmod: bool) -> Result<()> {
 
 /// Directory modes and times (deepest first, after everything is written)
 /// and symlink times.
-fn finalize(dest: &Path, m: &Manifest) -> Result<()> {
+fn finalize(dest: &Path, m: &Manifest, skip: &[bool]) -> Result<()> {
     use nix::sys::stat::{utimensat, UtimensatFlags};
     use nix::sys::time::TimeSpec;
     let mtime = TimeSpec::new(STORE_MTIME, 0);
-    m.entries.iter().rev().try_for_each(|e| {
+    m.entries.iter().zip(skip).rev().try_for_each(|(e, skip)| {
+        if *skip {
+            return Ok(());
+        }
         let path = dest.join(e.path());
         let time = |follow| {
             utimensat(
@@ -450,6 +497,7 @@ fn finalize(dest: &Path, m: &Manifest) -> Result<()> {
 
 struct Worker<'a> {
     manifest: &'a Manifest,
+    skip: &'a [bool],
     dest: Option<&'a Path>,
     remaining: &'a [AtomicU32],
     counters: &'a Counters,
@@ -499,7 +547,8 @@ impl Worker<'_> {
                     m.entries[p.entry].store_path()
                 );
             }
-            let file = match (self.dest, p.chunk) {
+            let dest = self.dest.filter(|_| !self.skip[p.entry]);
+            let file = match (dest, p.chunk) {
                 (None, _) => None,
                 (Some(dest), None) => {
                     let full = dest.join(path);
