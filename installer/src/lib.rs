@@ -22,3 +22,4 @@ pub mod plan;
 pub mod profile;
 pub mod report;
 pub mod zfs;
+pub mod zprop;
