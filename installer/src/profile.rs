@@ -467,7 +467,7 @@ fn hostname_template<'de, D: serde::Deserializer<'de>>(d: D) -> Result<String, D
     if let Some(at) = rest.find(['{', '}']) {
         let bad = rest[at..]
             .find('}')
-            .map_or(&rest[at..], |end| &rest[at..=end]);
+            .map_or(&rest[at..], |end| &rest[at..at + end + 1]);
         return Err(serde::de::Error::custom(format!(
             "unknown placeholder `{bad}` in host name template `{s}`: only `{{serial}}` is \
              replaced (by the DMI serial)"
@@ -1507,6 +1507,223 @@ select = { serial = "S1" }
             "t.toml",
         )
         .expect("valid");
+    }
+
+    /// The line (1-based) of the first line of `src` that contains `text`.
+    fn line_of(src: &str, text: &str) -> usize {
+        src.lines()
+            .position(|l| l.contains(text))
+            .expect("text in src")
+            + 1
+    }
+
+    /// Refused, with this key, on the line that holds `at`, and a message
+    /// containing `want`.
+    fn refused(src: &str, key: &str, at: &str, want: &str) {
+        let e = err(src);
+        assert_eq!(e.key, key, "{e}");
+        assert_eq!(e.line, line_of(src, at), "{e}");
+        assert!(e.message.contains(want), "{e}");
+        assert!(e.to_string().starts_with("t.toml:"), "{e}");
+    }
+
+    #[test]
+    fn zfs_property_values_are_checked_with_their_line() {
+        let with = |pool: &str| MINIMAL.replace("[pool]", &format!("[pool]\n{pool}"));
+        // The issue's example: ashift 99 passed every check before.
+        refused(
+            &with("options = { ashift = \"99\", autotrim = \"on\" }"),
+            "pool.options.ashift",
+            "ashift",
+            "out of range: use 9 to 16",
+        );
+        refused(
+            &with("root-options = { compression = \"zstd-42\" }"),
+            "pool.root-options.compression",
+            "compression",
+            "not a value of `compression`",
+        );
+        refused(
+            &with("root-options = { xattr = \"sa\", acltype = \"posix1e\" }"),
+            "pool.root-options.acltype",
+            "acltype",
+            "not a value",
+        );
+        // A dataset's option is found in that dataset's table, not in an
+        // earlier one that sets the same property well.
+        let src = format!(
+            "{MINIMAL}[[pool.datasets]]\nname = \"a\"\noptions = {{ recordsize = \"1M\" }}\n\
+             [[pool.datasets]]\nname = \"b\"\noptions = {{ recordsize = \"96K\" }}\n"
+        );
+        refused(
+            &src,
+            "pool.datasets[1].options.recordsize",
+            "96K",
+            "power of two from 512 to 1M",
+        );
+        // The issue's encryption example is refused, saying why.
+        refused(
+            &with(
+                "root-options = { encryption = \"aes-256-gcm\", keyformat = \"passphrase\", keylocation = \"prompt\" }",
+            ),
+            "pool.root-options.keylocation",
+            "keylocation",
+            "an unattended install has nobody to answer",
+        );
+        refused(
+            &with("root-options = { encryption = \"on\" }"),
+            "pool.root-options.encryption",
+            "encryption",
+            "needs `keyformat`",
+        );
+        // Good values still pass.
+        Profile::parse(
+            &with(
+                "options = { ashift = \"12\", autotrim = \"on\", \"feature@zstd_compress\" = \"enabled\" }\n\
+                 root-options = { compression = \"zstd\", acltype = \"posixacl\", xattr = \"sa\", \
+                 dnodesize = \"auto\", normalization = \"formD\", recordsize = \"128K\", atime = \"off\", \
+                 canmount = \"off\", mountpoint = \"none\", \"com.example:tag\" = \"x\" }",
+            ),
+            "t.toml",
+        )
+        .expect("valid");
+    }
+
+    #[test]
+    fn pool_and_dataset_names_follow_zfs() {
+        for name in [
+            "mirror", "log", "1pool", "raidz2", "spare1", "draid", "rp/ool",
+        ] {
+            let src = MINIMAL.replace("[pool]", &format!("[pool]\nname = \"{name}\""));
+            let e = err(&src);
+            assert_eq!(e.key, "pool.name", "{name}: {e}");
+            assert_eq!(
+                e.line,
+                line_of(&src, &format!("name = \"{name}\"")),
+                "{name}: {e}"
+            );
+        }
+        let src = MINIMAL.replace("[pool]", "[pool]\nname = \"mirror\"");
+        refused(&src, "pool.name", "mirror", "reserved");
+        let src = format!("{MINIMAL}[[pool.datasets]]\nname = \"nix@x\"\n");
+        refused(
+            &src,
+            "pool.datasets[0].name",
+            "nix@x",
+            "invalid character `@`",
+        );
+        for name in ["tank", "Data", "c0pool"] {
+            let src = MINIMAL.replace("[pool]", &format!("[pool]\nname = \"{name}\""));
+            Profile::parse(&src, "t.toml").expect(name);
+        }
+    }
+
+    #[test]
+    fn esp_swap_and_size_fields_are_checked() {
+        let disk = |extra: &str| MINIMAL.replace("select =", &format!("{extra}\nselect ="));
+        // The issue's examples: 32 MiB is FAT16 everywhere; 0B panicked
+        // inside the gpt crate on the node.
+        for esp in ["32MiB", "0B", "1MiB"] {
+            refused(
+                &disk(&format!("esp-size = \"{esp}\"")),
+                "disk.esp-size",
+                "esp-size",
+                "cannot be FAT32",
+            );
+        }
+        refused(
+            &disk("esp-size = \"20TiB\""),
+            "disk.esp-size",
+            "esp-size",
+            "cannot be FAT32",
+        );
+        // FAT32 with 512-byte sectors: accepted here, the plan decides.
+        Profile::parse(&disk("esp-size = \"64MiB\""), "t.toml").expect("64MiB");
+        Profile::parse(&disk("esp-size = \"260MiB\""), "t.toml").expect("260MiB");
+        refused(
+            &disk("swap-size = \"0B\""),
+            "disk.swap-size",
+            "swap-size",
+            "leave `swap-size` out",
+        );
+        refused(
+            &MINIMAL.replace("serial = \"S1\"", "bus = \"nvme\", max-size = \"0B\""),
+            "disk.select.max-size",
+            "max-size",
+            "no disk of at most 0B can hold the layout",
+        );
+        let src = format!("{MINIMAL}[[nodes]]\nname = \"a\"\ndisk = {{ serial = \"X\", max-size = \"512MiB\" }}\n");
+        refused(
+            &src,
+            "nodes[0].disk.max-size",
+            "name = \"a\"",
+            "hold the layout",
+        );
+    }
+
+    #[test]
+    fn sections_with_defaults_may_be_left_out_and_disk_is_named() {
+        // docs/profile.md gives a default for every [pool] key.
+        let p = Profile::parse(
+            "name = \"t\"\n[disk]\nselect = { serial = \"S1\" }\n",
+            "t.toml",
+        )
+        .expect("no [pool]");
+        assert_eq!(p.pool.name.0, "rpool");
+        assert!(p.pool.datasets.is_empty());
+        let e = err("name = \"t\"\n[pool]\n");
+        assert!(e.to_string().starts_with("t.toml:1:1: "), "{e}");
+        assert!(e.message.contains("no [disk] section"), "{e}");
+        let e = err("name = \"t\"\n[disk]\nwipe = \"always\"\n");
+        assert!(e.message.contains("[disk] has no `select`"), "{e}");
+    }
+
+    #[test]
+    fn ambiguous_size_units_are_refused() {
+        let src = MINIMAL.replace("serial = \"S1\"", "bus = \"nvme\", min-size = \"1T\"");
+        refused(
+            &src,
+            "disk.select.min-size",
+            "min-size",
+            "`1T` is ambiguous",
+        );
+        assert!(err(&src).message.contains("`1TiB`") && err(&src).message.contains("`1TB`"));
+        for bad in ["1K", "512M", "1G", "2t"] {
+            assert!(bad.parse::<Size>().is_err(), "{bad}");
+        }
+        assert_eq!("1TiB".parse::<Size>(), Ok(Size(1 << 40)));
+        assert_eq!("1kB".parse::<Size>(), Ok(Size(1000)));
+    }
+
+    #[test]
+    fn a_bad_mac_and_an_unknown_placeholder_are_refused_with_their_line() {
+        let src = format!("{MINIMAL}[[nodes]]\nname = \"a\"\nmatch = {{ mac = \"not-a-mac\" }}\n");
+        refused(
+            &src,
+            "nodes[0].match.mac",
+            "not-a-mac",
+            "is not a MAC address",
+        );
+        for bad in ["52:54:00:aa:bb", "52-54-00-aa-bb-02", "52:54:00:aa:bb:0g"] {
+            let src = format!("{MINIMAL}[[nodes]]\nname = \"a\"\nmatch = {{ mac = \"{bad}\" }}\n");
+            assert!(err(&src).message.contains("not a MAC address"), "{bad}");
+        }
+        let src = format!("{MINIMAL}[default-node]\nhostname = \"node-{{uuid}}\"\n");
+        refused(
+            &src,
+            "default-node.hostname",
+            "node-{uuid}",
+            "unknown placeholder `{uuid}`",
+        );
+        let src = format!("{MINIMAL}[default-node]\nhostname = \"node-{{serial\"\n");
+        assert!(
+            err(&src).message.contains("unknown placeholder"),
+            "lone brace"
+        );
+        let ok = format!(
+            "{MINIMAL}[default-node]\nhostname = \"node-{{serial}}\"\n[[nodes]]\nname = \"a\"\nmatch = {{ mac = \"52:54:00:AA:bb:02\" }}\n"
+        );
+        Profile::parse(&ok, "t.toml").expect("valid");
     }
 
     #[test]
