@@ -860,9 +860,12 @@ fn find_key(src: &str, key: &str) -> Option<Range<usize>> {
             let after = code[i + last.len()..].trim_start();
             let starts =
                 before.is_none_or(|c| c == ' ' || c == '{' || c == ',' || c == '\t' || c == '"');
-            if starts
-                && (after.starts_with('=') || after.starts_with("\" =") || after.starts_with('"'))
-            {
+            // A quoted key (`"feature@x" = …`) ends with its quote and `=`;
+            // a quoted value that happens to be the key's name does not.
+            let quoted = after
+                .strip_prefix('"')
+                .is_some_and(|a| a.trim_start().starts_with('='));
+            if starts && (after.starts_with('=') || quoted) {
                 return Some(offset + i..offset + i + last.len());
             }
         }
