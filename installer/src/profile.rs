@@ -1235,6 +1235,26 @@ impl Profile {
                 ));
             }
         }
+        for (key, secs, what) in [
+            (
+                "image.device-timeout-secs",
+                self.image.device_timeout_secs,
+                "the stick and the disks need a moment to appear after the kernel starts",
+            ),
+            (
+                "ssh.fetch-timeout-secs",
+                self.ssh.fetch_timeout_secs,
+                "no attempt to fetch keys could be made",
+            ),
+        ] {
+            if secs == 0 {
+                return Err((
+                    None,
+                    key.into(),
+                    format!("0 seconds: {what}; use at least 1"),
+                ));
+            }
+        }
         let mib = |s: Size| s.0.div_ceil(crate::plan::ALIGN_BYTES) * crate::plan::ALIGN_BYTES;
         let needed = crate::plan::ALIGN_BYTES
             + mib(esp)
@@ -1654,6 +1674,18 @@ select = { serial = "S1" }
             "disk.select.max-size",
             "max-size",
             "no disk of at most 0B can hold the layout",
+        );
+        refused(
+            &format!("{MINIMAL}[image]\ndevice-timeout-secs = 0\n"),
+            "image.device-timeout-secs",
+            "device-timeout-secs",
+            "0 seconds",
+        );
+        refused(
+            &format!("{MINIMAL}[ssh]\nfetch-timeout-secs = 0\n"),
+            "ssh.fetch-timeout-secs",
+            "fetch-timeout-secs",
+            "0 seconds",
         );
         let src = format!("{MINIMAL}[[nodes]]\nname = \"a\"\ndisk = {{ serial = \"X\", max-size = \"512MiB\" }}\n");
         refused(
