@@ -369,7 +369,8 @@ pub fn parse_number(s: &str) -> Option<u64> {
             let int: u128 = int.parse().ok()?;
             let scale = 10u128.pow(frac.len() as u32);
             let frac: u128 = frac.parse().ok()?;
-            int.checked_mul(mult)? + frac * mult / scale
+            let part = frac.checked_mul(mult)? / scale;
+            int.checked_mul(mult)?.checked_add(part)?
         }
     };
     u64::try_from(value).ok()
@@ -698,6 +699,8 @@ mod tests {
         assert_eq!(parse_number("1mb"), Some(1 << 20));
         assert_eq!(parse_number("1.5G"), Some(3 << 29));
         assert_eq!(parse_number("16E"), None, "more than 2^64");
+        // Found by reading for the fuzzer: no overflow panic on long fractions.
+        assert_eq!(parse_number("1.999999999999999999Z"), None);
         for bad in ["", "K", "1X", "1KK", "1.5", ".5K", "-1", "1 K"] {
             assert_eq!(parse_number(bad), None, "{bad}");
         }
