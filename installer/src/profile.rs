@@ -933,7 +933,17 @@ impl Profile {
             // `Spanned` values add a private path component.
             let key = key.replace(".$__serde_spanned_private_value", "");
             let key = if key == "." { String::new() } else { key };
-            let message = explain_missing(&key, inner.message().trim());
+            let raw = inner.message().trim();
+            let message = explain_missing(&key, raw);
+            // A missing key is named like any other: `disk`, `disk.select`.
+            let key = match raw
+                .strip_prefix("missing field `")
+                .and_then(|m| m.strip_suffix('`'))
+            {
+                Some(field) if key.is_empty() => field.to_string(),
+                Some(field) => format!("{key}.{field}"),
+                None => key,
+            };
             error(inner.span(), key, message)
         })?;
         profile.validate().map_err(|(span, key, msg)| {
@@ -1707,10 +1717,11 @@ select = { serial = "S1" }
         assert_eq!(p.pool.name.0, "rpool");
         assert!(p.pool.datasets.is_empty());
         let e = err("name = \"t\"\n[pool]\n");
-        assert!(e.to_string().starts_with("t.toml:1:1: "), "{e}");
+        assert!(e.to_string().starts_with("t.toml:1:1: `disk`: "), "{e}");
         assert!(e.message.contains("no [disk] section"), "{e}");
         let e = err("name = \"t\"\n[disk]\nwipe = \"always\"\n");
         assert!(e.message.contains("[disk] has no `select`"), "{e}");
+        assert_eq!(e.key, "disk.select", "{e}");
     }
 
     #[test]
