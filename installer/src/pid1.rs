@@ -171,6 +171,7 @@ fn run(started: Instant, cell: &'static OnceLock<Loaded>) -> Finish {
         mode: info.mode,
     });
     let profile = &loaded.profile;
+    panic_if_asked();
     let result = match info.mode {
         crate::image::Mode::Install => crate::install::install(profile, &info, started),
         crate::image::Mode::Check => check(profile, &info),
@@ -181,6 +182,26 @@ fn run(started: Instant, cell: &'static OnceLock<Loaded>) -> Finish {
             Finish::Done(profile.finish.on_success)
         }
         Err(e) => fail(&e, Some(loaded)),
+    }
+}
+
+/// The kernel command line word that makes the installer panic on purpose,
+/// right after reading the profile: the QEMU test of the failure policy
+/// (`faults::a_panic_ends_with_the_profiles_failure_policy`) needs a panic on
+/// the node, and no input is known to cause one.
+///
+/// Why it may stay in every image: it does nothing unless the boot entry's
+/// command line is edited, which needs the stick or the machine's console in
+/// hand; it acts before any disk is opened; and what it leads to is the
+/// failure path every other error takes (the message, then `on-failure`). It
+/// is no more than pulling the stick out, said on the console.
+pub const PANIC_WORD: &str = "nodeflash.fault=panic";
+
+fn panic_if_asked() {
+    let cmdline = std::fs::read_to_string("/proc/cmdline").unwrap_or_default();
+    if cmdline.split_whitespace().any(|w| w == PANIC_WORD) {
+        say!("nodeflash: {PANIC_WORD} is on the kernel command line: panicking on purpose");
+        panic!("{PANIC_WORD} asked for a panic");
     }
 }
 
