@@ -1016,7 +1016,7 @@ impl Profile {
         for (i, ds) in self.pool.datasets.iter().enumerate() {
             dataset_options.push((format!("pool.datasets[{i}].options"), &ds.options));
         }
-        for (key, options) in dataset_options {
+        for &(ref key, options) in &dataset_options {
             for (k, v) in options {
                 crate::zprop::check_dataset_property(k, v)
                     .map_err(|e| (None, format!("{key}.{k}"), e))?;
@@ -1024,6 +1024,11 @@ impl Profile {
             crate::zprop::check_encryption(options)
                 .map_err(|(k, e)| (None, format!("{key}.{k}"), e))?;
         }
+        crate::zprop::check_features(
+            &self.pool.options,
+            dataset_options.iter().map(|(k, o)| (k.clone(), *o)),
+        )
+        .map_err(|(k, e)| (None, k, e))?;
         self.check_sizes()?;
         self.disk
             .select
@@ -1608,6 +1613,15 @@ select = { serial = "S1" }
             "pool.root-options.encryption",
             "encryption",
             "needs `keyformat`",
+        );
+        // A value that needs a pool feature the pool options turn off.
+        refused(
+            &with(
+                "options = { \"feature@zstd_compress\" = \"disabled\" }\nroot-options = { compression = \"zstd\" }",
+            ),
+            "pool.root-options.compression",
+            "compression",
+            "needs the pool feature zstd_compress",
         );
         // Good values still pass.
         Profile::parse(

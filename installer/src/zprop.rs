@@ -592,6 +592,65 @@ pub fn check_encryption(options: &BTreeMap<String, String>) -> Result<(), (Strin
     Err(("keylocation".into(), why.into()))
 }
 
+/// The pool feature a dataset property value needs, as
+/// `zfs_check_settable` (`module/zfs/zfs_ioctl.c`) asks for it: `lz4` and
+/// `zstd*` compression, records above 128 KiB, dnodes other than `legacy`,
+/// and the sha512, skein and edonr checksums.
+fn feature_needed(name: &str, value: &str) -> Option<&'static str> {
+    match name {
+        "compression" if value == "lz4" => Some("lz4_compress"),
+        "compression" if value.starts_with("zstd") => Some("zstd_compress"),
+        "recordsize" => parse_number(value)
+            .is_some_and(|n| n > 128 << 10)
+            .then_some("large_blocks"),
+        "dnodesize" if value != "legacy" => Some("large_dnode"),
+        "checksum" | "dedup" => ["sha512", "skein", "edonr"]
+            .into_iter()
+            .find(|c| value.split(',').next() == Some(*c)),
+        _ => None,
+    }
+}
+
+/// Dataset properties that need a pool feature the pool options turn off
+/// (`feature@NAME = "disabled"`, a `version` below 5000, or
+/// `compatibility = "legacy"`, which enable no feature at all): `zfs
+/// create` would refuse them with ENOTSUP after the disk was partitioned.
+/// `datasets` are (key prefix, options). Err: the key at fault and why.
+pub fn check_features<'a>(
+    pool: &BTreeMap<String, String>,
+    datasets: impl IntoIterator<Item = (String, &'a BTreeMap<String, String>)>,
+) -> Result<(), (String, String)> {
+    let why_off = |feature: &str| -> Option<String> {
+        if pool.get(&format!("feature@{feature}")).map(String::as_str) == Some("disabled") {
+            Some(format!("`feature@{feature} = \"disabled\"` turns it off"))
+        } else if let Some(v) = pool.get("version").filter(|v| *v != "5000") {
+            Some(format!(
+                "pool `version = \"{v}\"` has no features (they need 5000)"
+            ))
+        } else if pool.get("compatibility").map(String::as_str) == Some("legacy") {
+            Some("`compatibility = \"legacy\"` enables no features".into())
+        } else {
+            None
+        }
+    };
+    for (key, options) in datasets {
+        for (name, value) in options {
+            if let Some(feature) = feature_needed(name, value) {
+                if let Some(why) = why_off(feature) {
+                    return Err((
+                        format!("{key}.{name}"),
+                        format!(
+                            "`{name} = \"{value}\"` needs the pool feature {feature}, and \
+                             [pool] options: {why}"
+                        ),
+                    ));
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Checks a pool name as `zpool create` does: `pool_namecheck`
 /// (`zfs_namecheck.c`: letters, digits, `-_.:` and space; a letter first;
 /// shorter than 240; not `mirror`, `raidz` or `draid`) and libzfs's
@@ -819,6 +878,40 @@ mod tests {
             .expect_err(l);
             assert!(e.1.contains("cannot install encrypted datasets"), "{}", e.1);
         }
+    }
+
+    #[test]
+    fn values_that_need_a_feature_the_pool_turns_off() {
+        let map = |kv: &[(&str, &str)]| -> BTreeMap<String, String> {
+            kv.iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect()
+        };
+        let ds = map(&[("compression", "zstd"), ("recordsize", "1M")]);
+        let check = |pool: &[(&str, &str)]| {
+            check_features(&map(pool), [("pool.root-options".to_string(), &ds)])
+        };
+        assert!(check(&[]).is_ok());
+        assert!(check(&[("feature@lz4_compress", "disabled")]).is_ok());
+        let e = check(&[("feature@zstd_compress", "disabled")]).expect_err("zstd off");
+        assert_eq!(e.0, "pool.root-options.compression");
+        assert!(
+            e.1.contains("needs the pool feature zstd_compress"),
+            "{}",
+            e.1
+        );
+        let e = check(&[("feature@large_blocks", "disabled")]).expect_err("large blocks off");
+        assert_eq!(e.0, "pool.root-options.recordsize");
+        assert!(check(&[("version", "28")]).is_err());
+        assert!(check(&[("version", "5000")]).is_ok());
+        assert!(check(&[("compatibility", "legacy")]).is_err());
+        let sha = map(&[("checksum", "sha512"), ("dedup", "skein,verify")]);
+        let e = check_features(
+            &map(&[("feature@skein", "disabled")]),
+            [("pool.datasets[0].options".to_string(), &sha)],
+        )
+        .expect_err("skein off");
+        assert_eq!(e.0, "pool.datasets[0].options.dedup");
     }
 
     #[test]
