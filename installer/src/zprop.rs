@@ -20,6 +20,8 @@
 //!   `entity_namecheck`, `dataset_nestcheck`): names;
 //! - `module/zfs/dsl_crypt.c` (`dmu_objset_create_crypt_check`): encryption
 //!   parameters only with encryption.
+//! - `module/zfs/zfs_ioctl.c` (`zfs_check_settable`): values that need a
+//!   pool feature.
 //!
 //! Two rules live in libzfs, which the dkms source does not carry: the
 //! reserved pool-name prefixes of `zpool_name_valid`
