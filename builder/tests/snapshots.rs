@@ -103,7 +103,7 @@ fn help_cases() -> Vec<Case> {
         .collect()
 }
 
-/// A directory with one valid and one invalid profile.
+/// A directory with one valid and two invalid profiles.
 fn bad_profiles() -> tempfile::TempDir {
     let dir = tempfile::tempdir().expect("tempdir");
     std::fs::write(
@@ -111,6 +111,12 @@ fn bad_profiles() -> tempfile::TempDir {
         "name = \"bad\"\n[disk]\nselect = { serial = \"X\" }\nesp-size = \"lots\"\n[pool]\n",
     )
     .expect("write bad.toml");
+    // A value `zpool create` refuses (issue 16): refused at build time.
+    std::fs::write(
+        dir.path().join("ashift.toml"),
+        "name = \"ashift\"\n[disk]\nselect = { serial = \"X\" }\n[pool]\noptions = { ashift = \"99\" }\n",
+    )
+    .expect("write ashift.toml");
     std::fs::write(
         dir.path().join("good.toml"),
         "name = \"good\"\n[disk]\nselect = { serial = \"S1\" }\n[pool]\n",

@@ -461,6 +461,85 @@ pub fn partition(plan: &Plan, dev: &Path, old: &[(u64, u64)]) -> Result<Layout> 
     })
 }
 
+/// FAT32 needs at least this many clusters; fewer make FAT16 or FAT12
+/// (Microsoft's FAT specification, "FAT type determination"; fatfs 0.3.6
+/// `src/fs.rs` `FAT32_MIN_CLUSTERS`).
+pub const FAT32_MIN_CLUSTERS: u64 = 65_525;
+/// The most clusters fatfs 0.3.6 gives a FAT32 volume (`FAT32_MAX_CLUSTERS`).
+pub const FAT32_MAX_CLUSTERS: u64 = 0x0FFF_FFF4;
+
+/// The number of clusters `format_esp` gets when it formats `sectors`
+/// sectors of `lbs` bytes (512 or 4096) as FAT32, or None when fatfs cannot
+/// lay out such a volume at all (too few sectors, or more than 2^32 - 1).
+///
+/// This is fatfs 0.3.6's own geometry for a FAT32 request, as in its
+/// `src/boot_sector.rs` (`determine_bytes_per_cluster`,
+/// `determine_sectors_per_fat`, `try_fs_geometry`): 512-byte clusters up to
+/// 260 MiB, 4 KiB up to 8 GiB, then 1 KiB per 2 GiB, never smaller than a
+/// sector nor larger than 32 KiB; 8 reserved sectors and 2 FATs of 32-bit
+/// entries. The volume is FAT32 when the count is between
+/// [`FAT32_MIN_CLUSTERS`] and [`FAT32_MAX_CLUSTERS`]; otherwise fatfs falls
+/// back to FAT16 (or fails). A unit test formats real volumes at the edges
+/// with fatfs to hold this to the library.
+pub fn fat32_clusters(sectors: u64, lbs: u64) -> Option<u64> {
+    const KIB: u64 = 1 << 10;
+    if !(lbs == 512 || lbs == 4096) || sectors > u64::from(u32::MAX) {
+        return None;
+    }
+    let total_bytes = sectors * lbs;
+    let bytes_per_cluster = if total_bytes <= 260 * MIB {
+        512
+    } else if total_bytes <= 8 << 30 {
+        4 * KIB
+    } else {
+        total_bytes.next_power_of_two() / (2 << 30) * KIB
+    }
+    .clamp(lbs, 32 * KIB);
+    let per_cluster = bytes_per_cluster / lbs;
+    let (reserved, fats) = (8, 2);
+    if sectors <= reserved + 8 {
+        return None;
+    }
+    let t1 = sectors - reserved + 2 * per_cluster;
+    let t2 = per_cluster * lbs * 8 / 32 + fats;
+    let per_fat = t1.div_ceil(t2);
+    let data = sectors.checked_sub(reserved + fats * per_fat)?;
+    Some(data / per_cluster)
+}
+
+/// Why an ESP of `bytes` cannot be FAT32 on a disk with `lbs`-byte sectors
+/// (the size is rounded up to whole sectors, as the plan does), or None when
+/// it can. UEFI firmware is only required to read FAT32 on a fixed disk
+/// (UEFI specification 2.10, 13.3.1.1).
+pub fn esp_fat32_problem(bytes: u64, lbs: u64) -> Option<String> {
+    let sectors = bytes.div_ceil(lbs.max(1));
+    if sectors > u64::from(u32::MAX) {
+        return Some(format!(
+            "{sectors} sectors of {lbs} bytes are more than FAT32 can count (2^32 - 1)"
+        ));
+    }
+    match fat32_clusters(sectors, lbs) {
+        Some(n) if n > FAT32_MAX_CLUSTERS => Some(format!(
+            "it would have {n} clusters, more than FAT32's {FAT32_MAX_CLUSTERS}"
+        )),
+        Some(n) if n >= FAT32_MIN_CLUSTERS => None,
+        _ => Some(format!(
+            "FAT32 needs at least {FAT32_MIN_CLUSTERS} clusters, which takes at least {} \
+             with {lbs}-byte sectors",
+            crate::profile::Size(min_esp_bytes(lbs))
+        )),
+    }
+}
+
+/// The smallest ESP in bytes (whole MiB) that is FAT32 with `lbs`-byte
+/// sectors: 33 MiB for 512, 257 MiB for 4096.
+pub fn min_esp_bytes(lbs: u64) -> u64 {
+    (1..=1024)
+        .map(|mib| mib * MIB)
+        .find(|b| fat32_clusters(b / lbs, lbs).is_some_and(|n| n >= FAT32_MIN_CLUSTERS))
+        .unwrap_or(1 << 30)
+}
+
 fn format_esp(slice: &mut Slice<'_>, lbs: u64, sectors: u64, volume_id: u32) -> Result<()> {
     let opts = fatfs::FormatVolumeOptions::new()
         .fat_type(fatfs::FatType::Fat32)
@@ -474,8 +553,9 @@ fn format_esp(slice: &mut Slice<'_>, lbs: u64, sectors: u64, volume_id: u32) -> 
         .context("cannot read the new FAT back")?;
     if fs.fat_type() != fatfs::FatType::Fat32 {
         bail!(
-            "the ESP came out as {:?}, not FAT32: make esp-size at least 260MiB",
-            fs.fat_type()
+            "the ESP came out as {:?}, not FAT32: make esp-size at least {}",
+            fs.fat_type(),
+            crate::profile::Size(min_esp_bytes(lbs))
         );
     }
     Ok(())
@@ -565,6 +645,66 @@ mod tests {
             ["unrecognised data in the first or last MiB"]
         );
         assert_eq!(classify(&[], &[], &["sda1".into()]), ["partitions sda1"]);
+    }
+
+    /// Formats `sectors` sectors of `lbs` bytes with fatfs as the installer
+    /// does (a sparse file) and says whether it came out FAT32.
+    fn formats_as_fat32(sectors: u64, lbs: u64) -> bool {
+        let mut file = tempfile::tempfile().expect("temp file");
+        file.set_len(sectors * lbs).expect("sparse file");
+        let mut slice = Slice {
+            file: &mut file,
+            start: 0,
+            len: sectors * lbs,
+            pos: 0,
+        };
+        format_esp(&mut slice, lbs, sectors, 1).is_ok()
+    }
+
+    #[test]
+    fn the_fat32_minimum_is_fatfs_own_for_both_sector_sizes() {
+        // The issue's example: 32 MiB is FAT16 on every disk.
+        for lbs in [512, 4096] {
+            assert!(esp_fat32_problem(32 << 20, lbs).is_some(), "{lbs}");
+            assert!(esp_fat32_problem(0, lbs).is_some(), "{lbs}");
+        }
+        assert_eq!(min_esp_bytes(512), 33 << 20);
+        assert_eq!(min_esp_bytes(4096), 257 << 20);
+        // The smallest FAT32 volume by the formula, to the sector, and one
+        // sector less, are formatted for real: fatfs agrees at both edges.
+        for lbs in [512u64, 4096] {
+            let min = (1..=(300 << 20) / lbs)
+                .find(|&n| fat32_clusters(n, lbs).is_some_and(|c| c >= FAT32_MIN_CLUSTERS))
+                .expect("a minimum below 300 MiB");
+            assert!(formats_as_fat32(min, lbs), "{min} sectors of {lbs}");
+            assert!(
+                !formats_as_fat32(min - 1, lbs),
+                "{} sectors of {lbs}",
+                min - 1
+            );
+            assert!(esp_fat32_problem(min * lbs, lbs).is_none());
+            assert!(esp_fat32_problem((min - 1) * lbs, lbs).is_some());
+        }
+        // Across the cluster-size steps (260 MiB, 8 GiB) the formula and
+        // fatfs agree too, and the shipped sizes are FAT32 on both.
+        for (mib, lbs) in [
+            (260, 512),
+            (261, 512),
+            (512, 4096),
+            (1024, 512),
+            (8193, 4096),
+        ] {
+            let sectors = (mib << 20) / lbs;
+            assert_eq!(
+                formats_as_fat32(sectors, lbs),
+                esp_fat32_problem(mib << 20, lbs).is_none(),
+                "{mib} MiB with {lbs}-byte sectors"
+            );
+        }
+        // Too large: more sectors than FAT32 counts, or too many clusters.
+        assert!(esp_fat32_problem(3 << 40, 512).is_some());
+        assert!(esp_fat32_problem(10 << 40, 4096).is_some());
+        assert!(esp_fat32_problem(1 << 40, 512).is_none());
     }
 
     #[test]

@@ -23,3 +23,4 @@ pub mod plan;
 pub mod profile;
 pub mod report;
 pub mod zfs;
+pub mod zprop;

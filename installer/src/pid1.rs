@@ -6,6 +6,7 @@
 use std::fs::File;
 use std::io::{Read, Seek, SeekFrom};
 use std::path::Path;
+use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
@@ -35,13 +36,56 @@ pub fn main() -> ! {
         crate::console::say(&format!("nodeflash: internal error: {info}"));
     }));
     let started = Instant::now();
-    let finish = std::panic::catch_unwind(|| run(started)).unwrap_or_else(|_| {
-        print_failure(&anyhow::anyhow!(
-            "the installer panicked (see the message above)"
-        ));
-        Finish::Fail(OnFailure::Halt)
-    });
-    finish.apply()
+    guarded(&LOADED, |loaded| run(started, loaded)).apply()
+}
+
+/// The profile and the image's mode, once read: what a failure, a panic
+/// included, needs to end as the profile says.
+struct Loaded {
+    profile: Profile,
+    mode: crate::image::Mode,
+}
+
+/// Set by `run` as soon as the profile is read.
+static LOADED: OnceLock<Loaded> = OnceLock::new();
+
+/// Runs `body` and turns a panic in it into a failure like any other: it is
+/// printed, the console is kept on the disk when there is a pool, and the
+/// profile's `on-failure` applies if `body` got as far as reading the
+/// profile into `loaded` (before that: halt, as for an unreadable profile).
+fn guarded(
+    loaded: &'static OnceLock<Loaded>,
+    body: impl FnOnce(&'static OnceLock<Loaded>) -> Finish + std::panic::UnwindSafe,
+) -> Finish {
+    std::panic::catch_unwind(|| body(loaded)).unwrap_or_else(|_| {
+        let e = anyhow::anyhow!("the installer panicked (see the message above)");
+        // A second panic while saving the log must not skip the policy.
+        std::panic::catch_unwind(|| fail(&e, loaded.get())).unwrap_or(Finish::Fail(
+            loaded
+                .get()
+                .map_or(OnFailure::Halt, |l| l.profile.finish.on_failure),
+        ))
+    })
+}
+
+/// A failure: printed with its causes; in an install the console is saved
+/// on the pool if there is one; then the profile's failure policy, or halt
+/// when the profile could not be read.
+fn fail(e: &anyhow::Error, loaded: Option<&Loaded>) -> Finish {
+    print_failure(e);
+    let Some(loaded) = loaded else {
+        return Finish::Fail(OnFailure::Halt);
+    };
+    if loaded.mode == crate::image::Mode::Install {
+        match crate::install::keep_failure_log(&loaded.profile) {
+            Ok(Some(path)) => {
+                say!("nodeflash: this console is saved on the disk as {path}; the pool is exported")
+            }
+            Ok(None) => {}
+            Err(e) => say!("nodeflash: cannot save this console on the disk: {e:#}"),
+        }
+    }
+    Finish::Fail(loaded.profile.finish.on_failure)
 }
 
 /// The failure and its causes on the console, and what to do.
@@ -55,6 +99,7 @@ fn print_failure(e: &anyhow::Error) {
 
 /// What to do at the end: the profile's policies, or safe defaults when the
 /// profile could not even be read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Finish {
     Done(OnSuccess),
     Fail(OnFailure),
@@ -89,8 +134,9 @@ impl Finish {
     }
 }
 
-/// Everything but the final policy; prints the outcome.
-fn run(started: Instant) -> Finish {
+/// Everything but the final policy; prints the outcome. The profile, once
+/// read, goes into `cell` for the failure path.
+fn run(started: Instant, cell: &'static OnceLock<Loaded>) -> Finish {
     if let Err(e) = early_mounts() {
         crate::console::open();
         print_failure(&e);
@@ -129,28 +175,42 @@ fn run(started: Instant) -> Finish {
         info.kernel(),
         info.openzfs()
     );
+    let loaded = cell.get_or_init(|| Loaded {
+        profile,
+        mode: info.mode,
+    });
+    let profile = &loaded.profile;
+    panic_if_asked();
     let result = match info.mode {
-        crate::image::Mode::Install => crate::install::install(&profile, &info, started),
-        crate::image::Mode::Check => check(&profile, &info),
+        crate::image::Mode::Install => crate::install::install(profile, &info, started),
+        crate::image::Mode::Check => check(profile, &info),
     };
     match result {
         Ok(()) => {
             say!("nodeflash: done in {:.1}s", started.elapsed().as_secs_f64());
             Finish::Done(profile.finish.on_success)
         }
-        Err(e) => {
-            print_failure(&e);
-            if info.mode == crate::image::Mode::Install {
-                match crate::install::keep_failure_log(&profile) {
-                    Ok(Some(path)) => say!(
-                        "nodeflash: this console is saved on the disk as {path}; the pool is exported"
-                    ),
-                    Ok(None) => {}
-                    Err(e) => say!("nodeflash: cannot save this console on the disk: {e:#}"),
-                }
-            }
-            Finish::Fail(profile.finish.on_failure)
-        }
+        Err(e) => fail(&e, Some(loaded)),
+    }
+}
+
+/// The kernel command line word that makes the installer panic on purpose,
+/// right after reading the profile: the QEMU test of the failure policy
+/// (`faults::a_panic_ends_with_the_profiles_failure_policy`) needs a panic on
+/// the node, and no input is known to cause one.
+///
+/// Why it may stay in every image: it does nothing unless the boot entry's
+/// command line is edited, which needs the stick or the machine's console in
+/// hand; it acts before any disk is opened; and what it leads to is the
+/// failure path every other error takes (the message, then `on-failure`). It
+/// is no more than pulling the stick out, said on the console.
+pub const PANIC_WORD: &str = "nodeflash.fault=panic";
+
+fn panic_if_asked() {
+    let cmdline = std::fs::read_to_string("/proc/cmdline").unwrap_or_default();
+    if cmdline.split_whitespace().any(|w| w == PANIC_WORD) {
+        say!("nodeflash: {PANIC_WORD} is on the kernel command line: panicking on purpose");
+        panic!("{PANIC_WORD} asked for a panic");
     }
 }
 
@@ -324,5 +384,49 @@ pub(crate) fn settle_block_devices(max: Duration) {
             last = now;
             stable_since = Instant::now();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cell() -> &'static OnceLock<Loaded> {
+        Box::leak(Box::new(OnceLock::new()))
+    }
+
+    fn loaded(on_failure: &str) -> Loaded {
+        let src = format!(
+            "name = \"t\"\n[disk]\nselect = {{ serial = \"S\" }}\n[finish]\non-failure = \"{on_failure}\"\n"
+        );
+        Loaded {
+            profile: Profile::parse(&src, "t.toml").expect("profile"),
+            // Check mode: the failure path does not look for a pool here.
+            mode: crate::image::Mode::Check,
+        }
+    }
+
+    /// The case: a panic after the profile was read ends with its
+    /// `on-failure = "poweroff"`, not with a halt. This runs a real panic
+    /// through the same `guarded` that `main` uses; only `Finish::apply`
+    /// (the reboot(2) call) is left out.
+    #[test]
+    fn a_panic_ends_with_the_profiles_failure_policy() {
+        let finish = guarded(cell(), |cell| {
+            let _ = cell.set(loaded("poweroff"));
+            panic!("test panic after the profile was read");
+        });
+        assert_eq!(finish, Finish::Fail(OnFailure::Poweroff));
+        let finish = guarded(cell(), |cell| {
+            let _ = cell.set(loaded("halt"));
+            panic!("test panic after the profile was read");
+        });
+        assert_eq!(finish, Finish::Fail(OnFailure::Halt));
+        // Before the profile is read there is no policy but halt.
+        let finish = guarded(cell(), |_| panic!("test panic before the profile"));
+        assert_eq!(finish, Finish::Fail(OnFailure::Halt));
+        // Without a panic the body's own outcome stands.
+        let finish = guarded(cell(), |_| Finish::Done(OnSuccess::Reboot));
+        assert_eq!(finish, Finish::Done(OnSuccess::Reboot));
     }
 }

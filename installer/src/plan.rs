@@ -259,6 +259,17 @@ pub fn plan_with(profile: &Profile, select: &DiskSelect, facts: &Facts) -> Resul
             disk.name
         );
     }
+    // The profile check refused what no disk can take; this disk's sector
+    // size decides the rest (33 MiB with 512-byte sectors, 257 MiB with 4096).
+    if let Some(why) = crate::disk::esp_fat32_problem(profile.disk.esp_size.0, lbs) {
+        bail!(
+            "the ESP ({}) cannot be FAT32 on disk {}, which has {lbs}-byte sectors: {why}; \
+             nothing was written. Make `esp-size` in the profile's [disk] at least {}",
+            profile.disk.esp_size,
+            disk.name,
+            crate::profile::Size(crate::disk::min_esp_bytes(lbs))
+        );
+    }
     let total = disk.size_bytes / lbs;
     let align = ALIGN_BYTES / lbs;
     // The backup GPT: header plus 16 KiB of entries at the end.
@@ -547,6 +558,28 @@ mod tests {
         prof.disk.wipe = Wipe::Always;
         let plan = plan(&prof, &facts(vec![d])).expect("wipe always");
         assert_eq!(plan.wipe, ["gpt partition table"]);
+    }
+
+    #[test]
+    fn an_esp_too_small_for_fat32_on_this_disks_sectors_is_refused_before_writing() {
+        // 64 MiB passes the profile check (FAT32 with 512-byte sectors)...
+        let prof = Profile::parse(
+            "name = \"t\"\n[disk]\nselect = { serial = \"NFTEST0001\" }\nesp-size = \"64MiB\"\n",
+            "t.toml",
+        )
+        .expect("64 MiB is FAT32 on 512-byte sectors");
+        plan(&prof, &facts(vec![disk("nvme0n1", 2, "NFTEST0001")])).expect("512-byte disk");
+        // ...and is refused on a 4Kn disk, naming the disk and the minimum.
+        let mut d = disk("nvme0n1", 2, "NFTEST0001");
+        d.logical_block_size = 4096;
+        let err = plan(&prof, &facts(vec![d])).expect_err("4Kn disk");
+        let msg = err.to_string();
+        assert!(
+            msg.contains("cannot be FAT32 on disk nvme0n1, which has 4096-byte sectors")
+                && msg.contains("at least 257MiB")
+                && msg.contains("nothing was written"),
+            "{msg}"
+        );
     }
 
     #[test]

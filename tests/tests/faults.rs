@@ -8,7 +8,7 @@ use std::process::Command;
 use nodeflash_installer::payload::{Header, HEADER_LEN};
 use nodeflash_tests::{
     assert_console, build_variant, check_unbootable, esp_boot_entries, images_dir, printed_hostid,
-    Boot, Nvme, Vm, VmConfig,
+    Boot, DiskImage, Nvme, Vm, VmConfig,
 };
 
 /// Byte offset of a file in an ISO image, from xorriso's report.
@@ -203,4 +203,40 @@ fn a_stalled_disk_gets_the_kernels_blocked_tasks_on_the_console() {
             .any(|l| l.starts_with("kernel:  ") && l.contains("+0x")),
         "no stack frames on the console"
     );
+}
+
+/// Issue 16, item 3: a panic ends with the profile's failure policy. The
+/// `qemu` profile says `on-failure = "poweroff"`: before, a panic halted
+/// whatever the profile said, and this run would never end. The panic is
+/// asked for on the kernel command line (`nodeflash.fault=panic`, see
+/// `pid1::PANIC_WORD`): no input is known to reach a panic.
+#[test]
+fn a_panic_ends_with_the_profiles_failure_policy() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let iso = build_variant(
+        dir.path(),
+        "qemu",
+        |p| {
+            p.replace(
+                "cmdline = \"console=tty0 console=ttyS0,115200 quiet\"",
+                "cmdline = \"console=tty0 console=ttyS0,115200 quiet nodeflash.fault=panic\"",
+            )
+        },
+        &[],
+    );
+    let disk = Nvme::create(dir.path(), "nvme.img", 2 << 30, "NFTEST0001").expect("disk");
+    let before = disk.sha256();
+    let mut cfg = VmConfig::new(iso, Boot::UsbStick);
+    cfg.nvme = vec![disk.clone()];
+    let mut vm = Vm::start(&cfg).expect("qemu starts");
+    let console = vm.wait_for_poweroff().unwrap_or_else(|e| panic!("{e:#}"));
+    eprintln!("{console}");
+    assert_console(&console, "nodeflash: internal error:");
+    assert_console(&console, "nodeflash: FAILED: the installer panicked");
+    assert_console(&console, "nodeflash: powering off");
+    assert!(
+        !console.contains("nodeflash: halted"),
+        "the policy is poweroff"
+    );
+    assert_eq!(disk.sha256(), before, "the disk was changed");
 }

@@ -162,3 +162,33 @@ fn refuses_a_disk_that_is_too_small() {
     assert_console(&console, "disk nvme0n1 is too small");
     assert_eq!(disk.sha256(), before, "the disk was changed");
 }
+
+/// Issue 17, item 4: an ESP that is FAT32 with 512-byte sectors (so the
+/// profile check passes) but not with 4096-byte ones is refused by the plan
+/// on a 4Kn disk, before anything is written, and the run ends with the
+/// profile's `on-failure = "poweroff"`.
+#[test]
+fn an_esp_too_small_for_fat32_on_a_4kn_disk_is_refused_and_the_disk_unchanged() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let iso = nodeflash_tests::build_variant(
+        dir.path(),
+        "qemu",
+        |p| p.replace("esp-size = \"512MiB\"", "esp-size = \"64MiB\""),
+        &[],
+    );
+    let mut disk = Nvme::create(dir.path(), "nvme.img", 2 * GIB, "NFTEST0001").expect("disk");
+    disk.logical_block_size = 4096;
+    let before = disk.sha256();
+    let mut cfg = VmConfig::new(iso, Boot::UsbStick);
+    cfg.nvme = vec![disk.clone()];
+    let mut vm = Vm::start(&cfg).expect("qemu starts");
+    let console = vm.wait_for_poweroff().unwrap_or_else(|e| panic!("{e:#}"));
+    eprintln!("{console}");
+    assert_console(
+        &console,
+        "the ESP (64MiB) cannot be FAT32 on disk nvme0n1, which has 4096-byte sectors",
+    );
+    assert_console(&console, "at least 257MiB");
+    assert_console(&console, "nodeflash: powering off");
+    assert_eq!(disk.sha256(), before, "the disk was changed");
+}
