@@ -199,14 +199,22 @@ fn serve(sock: TcpStream, config: &Arc<rustls::ServerConfig>, state: &Mutex<Stat
     };
     let reason = match status {
         200 => "OK",
+        403 => "Forbidden",
         404 => "Not Found",
         429 => "Too Many Requests",
         500 => "Internal Server Error",
         503 => "Service Unavailable",
         _ => "Status",
     };
+    // As GitHub answers when its rate limit is spent: 403 with nothing
+    // left; and a 429 that asks for a wait of 1 s.
+    let extra = match status {
+        403 => "X-RateLimit-Remaining: 0\r\n",
+        429 => "Retry-After: 1\r\n",
+        _ => "",
+    };
     let response = format!(
-        "HTTP/1.1 {status} {reason}\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        "HTTP/1.1 {status} {reason}\r\nContent-Type: text/plain; charset=utf-8\r\n{extra}Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
         body.len()
     );
     tls.write_all(response.as_bytes())?;

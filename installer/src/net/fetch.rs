@@ -58,6 +58,47 @@ pub fn retry_wait(p: &Policy, failed: u32, elapsed: Duration) -> Option<Duration
     (elapsed.saturating_add(wait) < p.total).then_some(wait)
 }
 
+/// [`retry_wait`], or the wait the server asked for (`Retry-After`), at
+/// least the backoff's; `None` when either ends past the total bound.
+pub fn wait_before_retry(
+    p: &Policy,
+    failed: u32,
+    elapsed: Duration,
+    asked: Option<Duration>,
+) -> Option<Duration> {
+    let wait = retry_wait(p, failed, elapsed)?;
+    let wait = asked.map_or(wait, |a| a.max(wait));
+    (elapsed.saturating_add(wait) < p.total).then_some(wait)
+}
+
+/// Whether a non-2xx, non-redirect response is worth another attempt, and
+/// how long the server asks to wait (`Retry-After` in seconds, RFC 9110
+/// §10.2.3; an HTTP date is not read). Retried: 429, 5xx, and GitHub's
+/// rate limit, which answers 403 with `x-ratelimit-remaining: 0` (GitHub's
+/// REST API docs, "Rate limits"). Other statuses are final.
+fn classify(resp: &Response) -> Failure {
+    let mut message = format!("HTTP status {} {}", resp.status, resp.reason)
+        .trim_end()
+        .to_string();
+    let rate_limited =
+        resp.status == 403 && resp.header("x-ratelimit-remaining").map(str::trim) == Some("0");
+    if rate_limited {
+        message.push_str(" (rate limited: x-ratelimit-remaining is 0)");
+    }
+    let after = resp
+        .header("retry-after")
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .map(Duration::from_secs);
+    if let Some(a) = after {
+        message.push_str(&format!(" (Retry-After {} s)", a.as_secs()));
+    }
+    Failure {
+        message,
+        retry: resp.status == 429 || resp.status >= 500 || rate_limited,
+        after,
+    }
+}
+
 /// A parsed `http(s)://host[:port]/path` URL.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Url {
@@ -290,6 +331,8 @@ pub fn clock_note(now: SystemTime, not_before: SystemTime) -> Option<String> {
 struct Failure {
     message: String,
     retry: bool,
+    /// The wait the server asked for before another attempt.
+    after: Option<Duration>,
 }
 
 impl Failure {
@@ -297,12 +340,14 @@ impl Failure {
         Self {
             message,
             retry: true,
+            after: None,
         }
     }
     fn stop(message: String) -> Self {
         Self {
             message,
             retry: false,
+            after: None,
         }
     }
 }
@@ -411,7 +456,7 @@ impl Client {
             };
             let s = if attempts == 1 { "" } else { "s" };
             let wait = if failure.retry {
-                retry_wait(&self.policy, attempts, started.elapsed())
+                wait_before_retry(&self.policy, attempts, started.elapsed(), failure.after)
             } else {
                 None
             };
@@ -450,13 +495,7 @@ impl Client {
                     }
                     url = next;
                 }
-                status => {
-                    let message = format!("HTTP status {status} {}", resp.reason)
-                        .trim_end()
-                        .to_string();
-                    let retry = status == 429 || status >= 500;
-                    return Err(Failure { message, retry });
-                }
+                _ => return Err(classify(&resp)),
             }
         }
         Err(Failure::stop("too many redirects".into()))
@@ -790,6 +829,59 @@ mod tests {
         // By name too: the certificate is valid for localhost.
         let by_name = format!("https://localhost:{}/alice.keys", s.port());
         assert_eq!(get(&client(&s), &by_name).0.expect("fetched"), text);
+    }
+
+    #[test]
+    fn rate_limits_are_retried_and_retry_after_is_honoured_within_the_bound() {
+        let resp = |status: u16, headers: &[(&str, &str)]| Response {
+            status,
+            reason: "R".into(),
+            headers: headers
+                .iter()
+                .map(|(n, v)| (n.to_string(), v.to_string()))
+                .collect(),
+            body: Vec::new(),
+        };
+        // GitHub's rate limit: 403 with nothing left, retried.
+        let f = classify(&resp(403, &[("X-RateLimit-Remaining", "0")]));
+        assert!(f.retry, "{f:?}");
+        assert!(f.message.contains("rate limited"), "{f:?}");
+        // A plain 403 is final, as is 404.
+        assert!(!classify(&resp(403, &[("x-ratelimit-remaining", "59")])).retry);
+        assert!(!classify(&resp(404, &[])).retry);
+        // Retry-After on 429 and 503.
+        for status in [429, 503] {
+            let f = classify(&resp(status, &[("Retry-After", "7")]));
+            assert!(f.retry);
+            assert_eq!(f.after, Some(Duration::from_secs(7)));
+        }
+        let s = Duration::from_secs;
+        let p = Policy {
+            total: s(30),
+            ..Policy::default()
+        };
+        // The server's wait when longer than the backoff, the backoff when not.
+        assert_eq!(wait_before_retry(&p, 1, s(0), Some(s(7))), Some(s(7)));
+        assert_eq!(wait_before_retry(&p, 4, s(0), Some(s(2))), Some(s(8)));
+        // Never past the total bound.
+        assert_eq!(wait_before_retry(&p, 1, s(20), Some(s(10))), None);
+        assert_eq!(wait_before_retry(&p, 1, s(0), Some(s(3600))), None);
+    }
+
+    #[test]
+    fn a_spent_rate_limit_is_waited_out() {
+        let body = format!("{ED25519}\n");
+        let s = KeyServer::start(&[("/k", &[(403, ""), (429, ""), (200, body.as_str())])])
+            .expect("server");
+        let (r, log) = get(&client(&s), &s.url("/k"));
+        assert_eq!(r.expect("fetched"), body);
+        assert!(
+            log[0].contains(
+                "HTTP status 403 Forbidden (rate limited: x-ratelimit-remaining is 0) (attempt 1)"
+            ),
+            "{log:?}"
+        );
+        assert!(log[1].contains("(Retry-After 1 s) (attempt 2)"), "{log:?}");
     }
 
     #[test]
