@@ -711,4 +711,126 @@ mod tests {
         assert!(dnsmasq_log.contains("DHCPACK(nfs0)"), "{dnsmasq_log}");
         drop(server);
     }
+
+    /// Issue 17, case 9: two NICs with a link, DHCP only behind the second
+    /// (the first is on a network without a server, as a cable in the wrong
+    /// port or a storage VLAN): `bring_up` asks on both and takes the lease
+    /// of the one that answers. Real veth pairs and dnsmasq; the sysfs the
+    /// interfaces are listed from is a fixture, since sysfs shows the host's
+    /// network namespace, not the test thread's.
+    #[test]
+    fn the_lease_comes_from_whichever_interface_answers() {
+        if !crate::net::keys::tests::is_root() {
+            eprintln!("skipped: needs root for network namespaces");
+            return;
+        }
+        for (tool, arg) in [("ip", "-V"), ("dnsmasq", "--version")] {
+            if Command::new(tool).arg(arg).output().is_err() {
+                eprintln!("skipped: {tool} is not installed (packages iproute2, dnsmasq-base)");
+                return;
+            }
+        }
+        let ns = format!("nodeflash-dhcp2-{}", std::process::id());
+        if let Err(e) = ip(&["netns", "add", &ns]) {
+            eprintln!("skipped: cannot create a network namespace: {e:#}");
+            return;
+        }
+        let mut server = ServerNamespace {
+            name: ns.clone(),
+            dnsmasq: None,
+        };
+        let dir = tempfile::tempdir().expect("tempdir");
+        let sysfs = dir.path().join("sys");
+        for n in ["nfc0", "nfc1"] {
+            let d = sysfs.join("class/net").join(n);
+            std::fs::create_dir_all(&d).expect("fixture");
+            std::fs::write(d.join("type"), "1\n").expect("type");
+            std::fs::write(d.join("carrier"), "1\n").expect("carrier");
+        }
+        let resolv = dir.path().join("resolv.conf");
+        let log = std::fs::File::create(dir.path().join("dnsmasq.log")).expect("log file");
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel::<()>();
+        let (go_tx, go_rx) = std::sync::mpsc::channel::<()>();
+        let ns2 = ns.clone();
+        let cfg = crate::net::NetConfig {
+            sysfs,
+            resolv_conf: resolv.clone(),
+            link_timeout: Duration::from_secs(5),
+            dhcp_timeout: Duration::from_secs(20),
+        };
+        let client = std::thread::spawn(move || -> Result<(Lease, Vec<String>)> {
+            // SAFETY: as in the test above; threads this one starts share
+            // its network namespace.
+            if unsafe { nix::libc::unshare(nix::libc::CLONE_NEWNET) } != 0 {
+                bail!("unshare: {}", io::Error::last_os_error());
+            }
+            let ns = ns2.as_str();
+            for (c, s, net) in [
+                ("nfc0", "nfs0", "10.78.0.1/24"),
+                ("nfc1", "nfs1", "10.77.0.1/24"),
+            ] {
+                ip(&[
+                    "link", "add", c, "type", "veth", "peer", "name", s, "netns", ns,
+                ])?;
+                ip(&["-n", ns, "addr", "add", net, "dev", s])?;
+                ip(&["-n", ns, "link", "set", s, "up"])?;
+            }
+            let _ = ready_tx.send(());
+            go_rx.recv().context("the test gave up")?;
+            let lines = std::sync::Mutex::new(Vec::new());
+            let lease = crate::net::bring_up(&cfg, &|l| {
+                eprintln!("{l}");
+                lines.lock().expect("log").push(l.to_string());
+            })?;
+            let lines = lines.into_inner().expect("log");
+            Ok((lease, lines))
+        });
+        if ready_rx.recv().is_ok() {
+            let child = Command::new("ip")
+                .args(["netns", "exec", &ns, "dnsmasq", "--keep-in-foreground"])
+                .args([
+                    "--conf-file=/dev/null",
+                    "--port=0",
+                    "--user=root",
+                    "--log-dhcp",
+                ])
+                .args(["--interface=nfs1", "--bind-interfaces", "--log-facility=-"])
+                .arg("--dhcp-range=10.77.0.50,10.77.0.60,255.255.255.0,1h")
+                .arg("--dhcp-option=3,10.77.0.1")
+                .arg(format!(
+                    "--dhcp-leasefile={}",
+                    dir.path().join("leases").display()
+                ))
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(log)
+                .spawn()
+                .expect("dnsmasq starts");
+            server.dnsmasq = Some(child);
+            let _ = go_tx.send(());
+        }
+        let result = client.join().expect("client thread");
+        let dnsmasq_log =
+            std::fs::read_to_string(dir.path().join("dnsmasq.log")).unwrap_or_default();
+        let (lease, lines) =
+            result.unwrap_or_else(|e| panic!("{e:#}\ndnsmasq said:\n{dnsmasq_log}"));
+        assert_eq!(lease.interface, "nfc1", "{lease:?}");
+        for want in [
+            "net: link on nfc0; asking for a DHCP lease",
+            "net: link on nfc1; asking for a DHCP lease",
+        ] {
+            assert!(lines.iter().any(|l| l == want), "no {want:?} in {lines:?}");
+        }
+        let last = lines.last().expect("a line");
+        assert!(
+            last.contains(" on nfc1")
+                && last.ends_with("(the first of 2 interfaces with a link to answer)"),
+            "{last}"
+        );
+        assert!(
+            std::fs::read_to_string(&resolv).is_ok(),
+            "no resolv.conf written"
+        );
+        drop(server);
+    }
 }

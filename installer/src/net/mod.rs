@@ -11,9 +11,9 @@ pub mod keys;
 pub mod link;
 
 use std::path::PathBuf;
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
-use anyhow::{anyhow, Result};
+use anyhow::{anyhow, bail, Result};
 
 pub use dhcp::Lease;
 pub use fetch::Client;
@@ -49,8 +49,15 @@ impl Default for NetConfig {
     }
 }
 
-/// Brings every wired interface up, takes the first (by name) with a link,
-/// gets a DHCP lease for it, configures it and writes resolv.conf.
+/// Brings every wired interface up and asks for a DHCP lease on each one
+/// that has a link, in parallel, as links appear; the first lease wins, is
+/// configured (address, route, `resolv.conf`) and returned, and the console
+/// says which interface answered. A node whose cable is in its second port,
+/// or whose first port is on a network without DHCP, still gets an address.
+///
+/// Errors: no wired interface; no link on any within `link_timeout`; no
+/// lease on any within `dhcp_timeout` (the error lists each interface's
+/// failure).
 pub fn bring_up(cfg: &NetConfig, log: &dyn Fn(&str)) -> Result<Lease> {
     if let Err(e) = link::set_up("lo") {
         log(&format!("net: warning: {e:#}"));
@@ -61,14 +68,61 @@ pub fn bring_up(cfg: &NetConfig, log: &dyn Fn(&str)) -> Result<Lease> {
             log(&format!("net: warning: {e:#}"));
         }
     }
-    let ifname = link::wait_for_carrier(&cfg.sysfs, &names, cfg.link_timeout)?;
-    let mac = link::hardware_address(&ifname)?;
-    log(&format!("net: link on {ifname}; asking for a DHCP lease"));
-    let lease = dhcp::acquire(&ifname, mac, cfg.dhcp_timeout, log)?;
-    dhcp::configure(&lease)?;
-    dhcp::write_resolv_conf(&cfg.resolv_conf, &lease)?;
-    log(&format!("net: {}", lease.describe()));
-    Ok(lease)
+    link::wait_for_carrier(&cfg.sysfs, &names, cfg.link_timeout)?;
+    let deadline = Instant::now() + cfg.dhcp_timeout;
+    let (tx, rx) = std::sync::mpsc::channel();
+    let mut asked: Vec<String> = Vec::new();
+    let mut failed: Vec<String> = Vec::new();
+    loop {
+        for name in &names {
+            if asked.contains(name) || !link::has_carrier(&cfg.sysfs, name) {
+                continue;
+            }
+            asked.push(name.clone());
+            let mac = match link::hardware_address(name) {
+                Ok(mac) => mac,
+                Err(e) => {
+                    failed.push(format!("{name}: {e:#}"));
+                    continue;
+                }
+            };
+            log(&format!("net: link on {name}; asking for a DHCP lease"));
+            let (tx, name, left) = (
+                tx.clone(),
+                name.clone(),
+                deadline.saturating_duration_since(Instant::now()),
+            );
+            // Detached: a slower interface's attempt ends at the deadline
+            // on its own, after the first lease has been taken.
+            std::thread::spawn(move || {
+                let r = dhcp::acquire(&name, mac, left, &|_| {});
+                let _ = tx.send((name, r));
+            });
+        }
+        match rx.recv_timeout(Duration::from_millis(100)) {
+            Ok((_, Ok(lease))) => {
+                dhcp::configure(&lease)?;
+                dhcp::write_resolv_conf(&cfg.resolv_conf, &lease)?;
+                let others = asked.len().saturating_sub(1);
+                log(&format!(
+                    "net: {} (the first of {} interface{} with a link to answer)",
+                    lease.describe(),
+                    others + 1,
+                    if others == 0 { "" } else { "s" }
+                ));
+                return Ok(lease);
+            }
+            Ok((name, Err(e))) => failed.push(format!("{name}: {e:#}")),
+            Err(_) => {}
+        }
+        if failed.len() == asked.len() && Instant::now() >= deadline {
+            bail!(
+                "no DHCP lease on any interface with a link within {}s: {}",
+                cfg.dhcp_timeout.as_secs(),
+                failed.join("; ")
+            );
+        }
+    }
 }
 
 /// The SSH keys for root: the profile's inline keys, and when users are
