@@ -46,13 +46,30 @@ pub const DEFAULT_MODULES: &[&str] = &[
     "virtio_pci",
     "virtio_blk",
     "virtio_scsi",
-    // network
+    // Intel VMD (the firmware's "RAID" mode hides NVMe drives behind it),
+    // SAS/RAID HBAs, eMMC in mini PCs
+    "vmd",
+    "mpt3sas",
+    "megaraid_sas",
+    "sdhci_pci",
+    "mmc_block",
+    // network: on-board, the 10G cards homelabs buy second-hand, USB adapters
     "virtio_net",
     "e1000",
     "e1000e",
     "igb",
     "igc",
     "r8169",
+    "tg3",
+    "ixgbe",
+    "i40e",
+    "mlx4_en",
+    "mlx5_core",
+    "bnxt_en",
+    "atlantic",
+    "r8152",
+    "ax88179_178a",
+    "cdc_ether",
     // storage
     "zfs",
 ];
@@ -95,6 +112,11 @@ pub struct BuildSummary {
     /// The packages the image was made from, with their exact versions.
     #[serde(default)]
     pub packages: Vec<PackageVersion>,
+    /// Firmware files the image carries for its drivers, and their bytes.
+    #[serde(default)]
+    pub firmware_files: usize,
+    #[serde(default)]
+    pub firmware_bytes: u64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub payload: Option<PayloadInfo>,
     /// The profile's `[[nodes]]`.
@@ -360,14 +382,16 @@ pub fn build(opts: &BuildOptions) -> Result<BuildSummary> {
     let name = profile.name.to_string();
     let inputs = provider(&profile, &opts.profile).provide(&opts.cache, opts.lock_mode)?;
 
-    let modules = steps::step("Resolving kernel modules", || {
-        module_order(&opts.cache, &inputs, &profile)
+    let (modules, firmware) = steps::step("Resolving kernel modules", || {
+        let modules = module_order(&opts.cache, &inputs, &profile)?;
+        let firmware = firmware_for(&inputs, &modules)?;
+        Ok((modules, firmware))
     })?;
     let profile_dir = opts.profile.parent().unwrap_or(Path::new("."));
     let check_system = match &profile.boot {
         Some(b) if b.system == BootSystem::Check => {
             Some(steps::step("Writing the check system", || {
-                check_system(opts, &inputs, &profile, &modules, profile_dir)
+                check_system(opts, &inputs, &profile, &modules, &firmware, profile_dir)
             })?)
         }
         _ => None,
@@ -419,6 +443,7 @@ pub fn build(opts: &BuildOptions) -> Result<BuildSummary> {
             &inputs,
             &profile,
             &modules,
+            &firmware,
             Extras {
                 packed: packed.as_ref(),
                 boot: boot.clone(),
@@ -504,6 +529,8 @@ pub fn build(opts: &BuildOptions) -> Result<BuildSummary> {
         initrd_bytes: std::fs::metadata(&initrd).map(|m| m.len()).unwrap_or(0),
         modules: info.modules.len(),
         packages: info.packages.clone(),
+        firmware_files: firmware.files.len(),
+        firmware_bytes: firmware.bytes,
         payload: info.payload.clone(),
         nodes,
         default_node,
@@ -519,6 +546,59 @@ pub fn build(opts: &BuildOptions) -> Result<BuildSummary> {
 
 fn image_json(info: &ImageInfo) -> Result<String> {
     Ok(serde_json::to_string_pretty(info).context("cannot serialize image info")? + "\n")
+}
+
+/// The firmware files the image carries: every `firmware=` file that one of
+/// `modules` names (relative to `/lib/firmware`) and one of the inputs'
+/// firmware trees holds, symlinks followed; and the names no tree holds
+/// (drivers name firmware for every chip they know; most load without it).
+#[derive(Debug, Clone, Default)]
+pub struct Firmware {
+    /// (path below `/lib/firmware`, file on the build host)
+    pub files: Vec<(String, PathBuf)>,
+    pub missing: Vec<String>,
+    /// Bytes of `files`.
+    pub bytes: u64,
+}
+
+fn firmware_for(inputs: &BuildInputs, modules: &[String]) -> Result<Firmware> {
+    let mut names = std::collections::BTreeSet::new();
+    for rel in modules {
+        let path = module_source(inputs, rel);
+        names.extend(crate::kmod::read_modinfo(&path)?.firmware);
+    }
+    let mut fw = Firmware::default();
+    for name in names {
+        let found = inputs
+            .firmware
+            .iter()
+            .map(|d| d.join(&name))
+            .find_map(|p| std::fs::canonicalize(p).ok().filter(|p| p.is_file()));
+        match found {
+            Some(file) => {
+                fw.bytes += std::fs::metadata(&file)
+                    .with_context(|| format!("cannot stat {}", file.display()))?
+                    .len();
+                fw.files.push((name, file));
+            }
+            None => fw.missing.push(name),
+        }
+    }
+    Ok(fw)
+}
+
+/// Where module `rel` (relative to `lib/modules/<release>`) is on the build host.
+fn module_source(inputs: &BuildInputs, rel: &str) -> PathBuf {
+    inputs
+        .extra_modules
+        .iter()
+        .find_map(|(dir, prefix)| {
+            Path::new(rel)
+                .strip_prefix(prefix)
+                .ok()
+                .map(|r| dir.join(r))
+        })
+        .unwrap_or_else(|| inputs.modules_root.join(rel))
 }
 
 /// The modules to load, in order, cached by the inputs and the wanted list.
@@ -603,6 +683,7 @@ fn check_system(
     inputs: &BuildInputs,
     profile: &Profile,
     modules: &[String],
+    firmware: &Firmware,
     profile_dir: &Path,
 ) -> Result<CheckSystem> {
     let (fs, info) = assemble(
@@ -610,6 +691,7 @@ fn check_system(
         inputs,
         profile,
         modules,
+        firmware,
         Extras {
             packed: None,
             boot: None,
@@ -642,6 +724,7 @@ fn assemble(
     inputs: &BuildInputs,
     profile: &Profile,
     modules: &[String],
+    firmware: &Firmware,
     extras: Extras,
     profile_dir: &Path,
 ) -> Result<(Initramfs, ImageInfo)> {
@@ -684,20 +767,17 @@ fn assemble(
     }
     let release = &inputs.kernel_release;
     for rel in modules {
-        let source = inputs
-            .extra_modules
-            .iter()
-            .find_map(|(dir, prefix)| {
-                Path::new(rel)
-                    .strip_prefix(prefix)
-                    .ok()
-                    .map(|r| dir.join(r))
-            })
-            .unwrap_or_else(|| inputs.modules_root.join(rel));
         fs.add_file(
             &format!("/lib/modules/{release}/{rel}"),
             0o644,
-            Source::Path(source),
+            Source::Path(module_source(inputs, rel)),
+        );
+    }
+    for (name, file) in &firmware.files {
+        fs.add_file(
+            &format!("/lib/firmware/{name}"),
+            0o644,
+            Source::Path(file.clone()),
         );
     }
     fs.add_file(

@@ -708,6 +708,14 @@ pub fn summary_text(s: &crate::build::BuildSummary) -> String {
             s.packages.len()
         );
     }
+    if s.firmware_files > 0 {
+        let _ = writeln!(
+            t,
+            "firmware: {} files for the image's drivers, {:.1} MiB (in the initramfs above)",
+            s.firmware_files,
+            mib(s.firmware_bytes)
+        );
+    }
     match &s.payload {
         Some(p) => {
             let _ = writeln!(
@@ -1029,6 +1037,8 @@ mod tests {
                 version: version.into(),
             })
             .to_vec(),
+            firmware_files: 12,
+            firmware_bytes: 3 * 1048576 / 2,
             payload: None,
             nodes,
             default_node,
@@ -1044,6 +1054,7 @@ mod tests {
              image:    0123456789ab (kernel 6.1.0-40-amd64, 41 modules, initramfs 30.0 MiB)\n\
              inputs:   linux-image-6.1.0-40-amd64 6.1.153-1, zfs-dkms 2.1.11-1+deb12u1, \
              systemd-boot-efi 252.39-1~deb12u1 (all 5 packages in the .json)\n\
+             firmware: 12 files for the image's drivers, 1.5 MiB (in the initramfs above)\n\
              payload:  none (the profile has no [payload])\n\
              boot:     nothing: the disk will not boot, because the profile has no [boot] \
              (no boot loader is written; see docs/flake.md)\n\

@@ -39,6 +39,11 @@ const USERSPACE: &[&str] = &[
     "libgcc-s1",
 ];
 
+/// Firmware that the image's network drivers load (`r8169`, `r8152`:
+/// `rtl_nic/…`; `tg3`: `tigon/…`), from Debian's `non-free-firmware`.
+/// Only the files the image's modules name (`firmware=`) are copied.
+const FIRMWARE: &[&str] = &["firmware-realtek", "firmware-misc-nonfree"];
+
 /// Programs of the ZFS userspace the image carries.
 const PROGRAMS: &[&str] = &["/sbin/zpool", "/sbin/zfs", "/sbin/zdb"];
 
@@ -81,6 +86,7 @@ fn package_names(release: &str) -> Result<Vec<String>> {
         "systemd-boot-efi".to_string(),
     ];
     names.extend(USERSPACE.iter().map(|s| s.to_string()));
+    names.extend(FIRMWARE.iter().map(|s| s.to_string()));
     Ok(names)
 }
 
@@ -179,12 +185,12 @@ fn sources_file(suite: &str) -> Result<String> {
         k.unwrap_or_else(|| "/usr/share/keyrings/debian-archive-keyring.gpg".to_string())
     };
     let mut out = format!(
-        "Types: deb\nURIs: {main_uri}\nSuites: {suite} {suite}-updates\nComponents: main contrib\nSigned-By: {}\n",
+        "Types: deb\nURIs: {main_uri}\nSuites: {suite} {suite}-updates\nComponents: main contrib non-free-firmware\nSigned-By: {}\n",
         key(main_key)
     );
     match security {
         Some((uri, k)) => out.push_str(&format!(
-            "\nTypes: deb\nURIs: {uri}\nSuites: {suite}-security\nComponents: main contrib\nSigned-By: {}\n",
+            "\nTypes: deb\nURIs: {uri}\nSuites: {suite}-security\nComponents: main contrib non-free-firmware\nSigned-By: {}\n",
             key(k)
         )),
         None => steps::note(&format!(
@@ -756,6 +762,18 @@ impl Provider for Debian {
         let image_pkg = format!("linux-image-{release}");
         let kernel_tree = steps::step("Unpacking inputs", || unpacked(&image_pkg))?;
         let boot_tree = unpacked("systemd-boot-efi")?;
+        let firmware = FIRMWARE
+            .iter()
+            .map(|n| {
+                let tree = unpacked(n)?;
+                // bookworm installs into /lib/firmware; later releases /usr/lib.
+                Ok(["lib/firmware", "usr/lib/firmware"]
+                    .iter()
+                    .map(|d| tree.join(d))
+                    .find(|d| d.is_dir())
+                    .unwrap_or_else(|| tree.join("lib/firmware")))
+            })
+            .collect::<Result<Vec<_>>>()?;
 
         let userspace: Vec<&Package> = USERSPACE.iter().map(|n| pkg(n)).collect::<Result<_>>()?;
         let sysroot_key = key_of(userspace.iter().map(|p| p.sha256.as_str()));
@@ -818,6 +836,7 @@ impl Provider for Debian {
             programs: PROGRAMS.iter().map(PathBuf::from).collect(),
             sysroot,
             systemd_boot: boot_tree.join("usr/lib/systemd/boot/efi/systemd-bootx64.efi"),
+            firmware,
             kernel_release: release,
             id,
             packages: lock

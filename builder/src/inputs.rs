@@ -27,6 +27,9 @@ pub struct BuildInputs {
     pub programs: Vec<PathBuf>,
     /// systemd-boot's EFI binary.
     pub systemd_boot: PathBuf,
+    /// Directories laid out as `/lib/firmware`, searched in order for the
+    /// firmware files the image's modules name.
+    pub firmware: Vec<PathBuf>,
     /// Hash of every pinned input: same ID, same files.
     pub id: String,
     /// Every package the image was made from, with its exact version, in

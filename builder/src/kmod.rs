@@ -25,6 +25,8 @@ pub struct ModInfo {
     pub softdep_post: Vec<String>,
     /// Other names the module answers to (`alias=`), normalized.
     pub aliases: Vec<String>,
+    /// Firmware files it may load (`firmware=`), relative to `/lib/firmware`.
+    pub firmware: Vec<String>,
 }
 
 /// A module name or alias with `-` replaced by `_`, as modprobe compares them.
@@ -43,6 +45,7 @@ pub fn parse_modinfo(section: &[u8], fallback_name: &str) -> ModInfo {
         };
         match key {
             "name" => info.name = normalize(value),
+            "firmware" => info.firmware.push(value.trim().to_string()),
             "depends" => info.depends.extend(
                 value
                     .split(',')
@@ -313,6 +316,7 @@ mod tests {
             softdep_pre: pre.iter().map(|d| normalize(d)).collect(),
             softdep_post: Vec::new(),
             aliases: aliases.iter().map(|d| normalize(d)).collect(),
+            firmware: Vec::new(),
         }
     }
 
@@ -332,7 +336,8 @@ mod tests {
     fn parse_modinfo_fields() {
         let info = parse_modinfo(
             b"version=1.0\0license=GPL\0softdep=pre: crct10dif\0depends=crct10dif_common,t10-pi\0\
-              alias=crypto-crct10dif\0alias=crct10dif\0softdep=post: foo-bar pre: x\0name=crc_t10dif\0\0",
+              alias=crypto-crct10dif\0alias=crct10dif\0softdep=post: foo-bar pre: x\0name=crc_t10dif\0\
+              firmware=rtl_nic/rtl8125a-3.fw\0\0",
             "ignored",
         );
         assert_eq!(
@@ -343,6 +348,7 @@ mod tests {
                 softdep_pre: names(&["crct10dif", "x"]),
                 softdep_post: names(&["foo_bar"]),
                 aliases: names(&["crypto_crct10dif", "crct10dif"]),
+                firmware: names(&["rtl_nic/rtl8125a-3.fw"]),
             }
         );
     }

@@ -65,3 +65,65 @@ fn boots_from_cdrom() {
     assert_common(&console);
     assert_console(&console, "boot medium: /dev/sr0");
 }
+
+/// Issue 17, case 11: the stick carries the drivers a homelab node is likely
+/// to need (Intel VMD, SAS/RAID HBAs, eMMC, 10G NICs, USB Ethernet) with the
+/// firmware Debian packages for them; the boots above load every module
+/// without a warning. Read from the built ISO's initramfs.
+#[test]
+fn the_image_carries_homelab_drivers_and_their_firmware() {
+    let scratch = tempfile::tempdir().expect("tempdir");
+    let mut s = nodeflash_tests::scan::Scanner::new(Vec::new());
+    s.iso(&images_dir().join("qemu.iso"), scratch.path())
+        .expect("read the ISO");
+    let initramfs = "qemu.iso › ESP:/nodeflash/initrd.zst › zstd › cpio:";
+    let files: Vec<&str> = s
+        .layers
+        .iter()
+        .filter_map(|l| l.strip_prefix(initramfs))
+        .collect();
+    for module in [
+        "vmd",
+        "mpt3sas",
+        "megaraid_sas",
+        "sdhci-pci",
+        "mmc_block",
+        "ixgbe",
+        "i40e",
+        "mlx4_en",
+        "mlx5_core",
+        "bnxt_en",
+        "tg3",
+        "atlantic",
+        "r8152",
+        "ax88179_178a",
+        "cdc_ether",
+        "r8169",
+    ] {
+        assert!(
+            files
+                .iter()
+                .any(|f| f.starts_with("/lib/modules/") && f.ends_with(&format!("/{module}.ko"))),
+            "{module}.ko is not in the initramfs"
+        );
+    }
+    // r8169 (RTL8125 2.5G), r8152 (USB) and tg3 load these.
+    for fw in [
+        "/lib/firmware/rtl_nic/rtl8125a-3.fw",
+        "/lib/firmware/rtl_nic/rtl8153a-4.fw",
+        "/lib/firmware/tigon/tg3_tso5.bin",
+    ] {
+        assert!(files.contains(&fw), "{fw} is not in the initramfs");
+    }
+    let s = summary();
+    let n = s["firmware_files"].as_u64().expect("firmware_files");
+    assert_eq!(
+        n as usize,
+        files
+            .iter()
+            // files are below a vendor directory: /lib/firmware/rtl_nic/…
+            .filter(|f| f.starts_with("/lib/firmware/") && f.matches('/').count() == 4)
+            .count(),
+        "the summary's firmware count is not what the initramfs holds"
+    );
+}
