@@ -608,11 +608,10 @@ impl Debian {
         if gone.is_empty() && unpinned.is_empty() {
             return Ok((lock, Vec::new()));
         }
-        if locked {
+        if locked && !gone.is_empty() {
             let what: Vec<String> = gone
                 .iter()
                 .map(|p| format!("{} {}", p.name, p.version))
-                .chain(unpinned.iter().map(|n| format!("{n} (not pinned)")))
                 .collect();
             bail!(
                 "cannot download {} pinned in {}: Debian no longer publishes that version \
@@ -620,6 +619,16 @@ impl Debian {
                  run `{}` to pin the current versions, or build without --locked",
                 what.join(", "),
                 self.lock_path.display(),
+                self.update_command()
+            );
+        }
+        if locked {
+            let what: Vec<&str> = unpinned.iter().map(|n| n.as_str()).collect();
+            bail!(
+                "{} does not pin {}, which this build needs, and --locked forbids pinning it; \
+                 run `{}`, or build without --locked",
+                self.lock_path.display(),
+                what.join(", "),
                 self.update_command()
             );
         }
