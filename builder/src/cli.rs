@@ -384,7 +384,12 @@ fn run(cli: Cli) -> Result<()> {
             let p = Profile::load(&find_profile(&profile, &cli.profiles_dir)?)?;
             let text = std::fs::read_to_string(&machine)
                 .with_context(|| format!("cannot read machine facts {}", machine.display()))?;
-            let facts: nodeflash_installer::facts::Facts = serde_json::from_str(&text)
+            // `nodeflash facts` output, or the stick's console line as printed.
+            let facts_json = text
+                .lines()
+                .find_map(|l| l.trim().strip_prefix("nodeflash-facts: "))
+                .unwrap_or(&text);
+            let facts: nodeflash_installer::facts::Facts = serde_json::from_str(facts_json)
                 .with_context(|| format!("invalid machine facts {}", machine.display()))?;
             let node = nodeflash_installer::nodes::identify(&p, &facts)?;
             let select = node.disk_select.as_ref().unwrap_or(&p.disk.select);

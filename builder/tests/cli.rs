@@ -207,3 +207,36 @@ fn plan_from_captured_facts() {
         "{stderr}"
     );
 }
+
+/// The stick prints a machine's facts as a `nodeflash-facts: {…}` console
+/// line; `plan --machine` takes a log holding it as it is.
+#[test]
+fn plan_takes_the_sticks_console_line_as_printed() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let log = dir.path().join("console.log");
+    std::fs::write(
+        &log,
+        r#"nodeflash 0.1.0 · profile alrest · image 0123456789ab
+nodeflash-facts: {"dmi":{"sys_vendor":null,"product_name":null,"product_serial":null,"product_uuid":null},"block_devices":[{"name":"nvme0n1","size_bytes":1000204886016,"logical_block_size":512,"model":"WD Blue SN550 1TB","serial":"21045X800123","wwn":null,"bus":"nvme","removable":false,"read_only":false}],"net":[]}
+plan: install on nvme0n1
+"#,
+    )
+    .expect("write the log");
+    let out = nodeflash(&[
+        "plan",
+        "--profile",
+        "alrest",
+        "--machine",
+        log.to_str().expect("utf-8 path"),
+    ]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains("plan: install on nvme0n1 (931.5 GiB"),
+        "{stdout}"
+    );
+}
