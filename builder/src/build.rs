@@ -207,6 +207,17 @@ pub struct KeySummary {
     pub comment: Option<String>,
 }
 
+impl std::fmt::Display for KeySummary {
+    /// `ssh-ed25519 SHA256:… comment`, as `ssh-keygen -l` puts it.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} {}", self.kind, self.fingerprint)?;
+        match &self.comment {
+            Some(c) => write!(f, " {c}"),
+            None => Ok(()),
+        }
+    }
+}
+
 impl RootSsh {
     /// Root's access on a node with `node_keys` of its own. Keys that do not
     /// parse (the profile check refuses them) are left out.

@@ -645,15 +645,7 @@ impl InstallPreview {
             let _ = writeln!(t, "root SSH: the keys {url} lists when the node installs");
         }
         for k in &r.keys {
-            let _ = writeln!(
-                t,
-                "root SSH: {} {}{}",
-                k.kind,
-                k.fingerprint,
-                k.comment
-                    .as_ref()
-                    .map_or(String::new(), |c| format!(" {c}"))
-            );
+            let _ = writeln!(t, "root SSH: {k}");
         }
         let _ = writeln!(t, "payload: {}", self.payload);
         let _ = writeln!(t, "boot: {}", self.boot.what);
@@ -826,15 +818,7 @@ fn root_ssh_text(s: &crate::build::BuildSummary) -> String {
             );
         }
         for k in &r.keys {
-            let _ = writeln!(
-                t,
-                "            {} {}{}",
-                k.kind,
-                k.fingerprint,
-                k.comment
-                    .as_ref()
-                    .map_or(String::new(), |c| format!(" {c}"))
-            );
+            let _ = writeln!(t, "            {k}");
         }
     }
     t

@@ -606,6 +606,31 @@ mod tests {
         }
     }
 
+    /// A new named network namespace for a test's DHCP server, or none
+    /// (the reason printed) when this host cannot make one: not root, no
+    /// `ip` or `dnsmasq`.
+    fn server_namespace(prefix: &str) -> Option<ServerNamespace> {
+        if !crate::net::keys::tests::is_root() {
+            eprintln!("skipped: needs root for network namespaces");
+            return None;
+        }
+        for (tool, arg) in [("ip", "-V"), ("dnsmasq", "--version")] {
+            if Command::new(tool).arg(arg).output().is_err() {
+                eprintln!("skipped: {tool} is not installed (packages iproute2, dnsmasq-base)");
+                return None;
+            }
+        }
+        let name = format!("{prefix}-{}", std::process::id());
+        if let Err(e) = ip(&["netns", "add", &name]) {
+            eprintln!("skipped: cannot create a network namespace: {e:#}");
+            return None;
+        }
+        Some(ServerNamespace {
+            name,
+            dnsmasq: None,
+        })
+    }
+
     fn ip(args: &[&str]) -> Result<String> {
         crate::cmd::run(Command::new("ip").args(args))
     }
@@ -615,25 +640,10 @@ mod tests {
     /// thread (so nothing on the host changes).
     #[test]
     fn leases_from_dnsmasq_in_a_network_namespace() {
-        if !crate::net::keys::tests::is_root() {
-            eprintln!("skipped: needs root for network namespaces");
+        let Some(mut server) = server_namespace("nodeflash-dhcp") else {
             return;
-        }
-        for (tool, arg) in [("ip", "-V"), ("dnsmasq", "--version")] {
-            if Command::new(tool).arg(arg).output().is_err() {
-                eprintln!("skipped: {tool} is not installed (packages iproute2, dnsmasq-base)");
-                return;
-            }
-        }
-        let ns = format!("nodeflash-dhcp-{}", std::process::id());
-        if let Err(e) = ip(&["netns", "add", &ns]) {
-            eprintln!("skipped: cannot create a network namespace: {e:#}");
-            return;
-        }
-        let mut server = ServerNamespace {
-            name: ns.clone(),
-            dnsmasq: None,
         };
+        let ns = server.name.clone();
         let dir = tempfile::tempdir().expect("tempdir");
         let leases = dir.path().join("leases");
         let log = std::fs::File::create(dir.path().join("dnsmasq.log")).expect("log file");
@@ -720,25 +730,10 @@ mod tests {
     /// network namespace, not the test thread's.
     #[test]
     fn the_lease_comes_from_whichever_interface_answers() {
-        if !crate::net::keys::tests::is_root() {
-            eprintln!("skipped: needs root for network namespaces");
+        let Some(mut server) = server_namespace("nodeflash-dhcp2") else {
             return;
-        }
-        for (tool, arg) in [("ip", "-V"), ("dnsmasq", "--version")] {
-            if Command::new(tool).arg(arg).output().is_err() {
-                eprintln!("skipped: {tool} is not installed (packages iproute2, dnsmasq-base)");
-                return;
-            }
-        }
-        let ns = format!("nodeflash-dhcp2-{}", std::process::id());
-        if let Err(e) = ip(&["netns", "add", &ns]) {
-            eprintln!("skipped: cannot create a network namespace: {e:#}");
-            return;
-        }
-        let mut server = ServerNamespace {
-            name: ns.clone(),
-            dnsmasq: None,
         };
+        let ns = server.name.clone();
         let dir = tempfile::tempdir().expect("tempdir");
         let sysfs = dir.path().join("sys");
         for n in ["nfc0", "nfc1"] {
