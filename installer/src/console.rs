@@ -103,7 +103,7 @@ pub fn stop_watching() {
 static WATCHING: AtomicBool = AtomicBool::new(false);
 
 fn report_stall(after: Duration) {
-    use std::io::{Read, Seek, SeekFrom};
+    use std::io::Read;
     say(&format!(
         "stall: nothing happened for {} s; the kernel's blocked tasks follow",
         after.as_secs()
@@ -113,26 +113,42 @@ fn report_stall(after: Duration) {
         .custom_flags(nix::libc::O_NONBLOCK)
         .open("/dev/kmsg");
     let mut kmsg = match kmsg {
-        Ok(mut k) => {
-            // Only what the trigger adds.
-            let _ = k.seek(SeekFrom::End(0));
-            k
-        }
+        Ok(k) => k,
         Err(e) => return say(&format!("stall: cannot open /dev/kmsg: {e}")),
     };
+    // One record per read: "PRIORITY,SEQ,USEC,FLAGS;TEXT", then
+    // " KEY=VALUE" lines (Documentation/ABI/testing/dev-kmsg).
+    let mut buf = vec![0u8; 8192];
+    let mut next = |kmsg: &mut File| -> Option<(u8, String)> {
+        let n = kmsg.read(&mut buf).ok()?;
+        let record = String::from_utf8_lossy(&buf[..n]);
+        let (head, text) = record.lines().next()?.split_once(';')?;
+        let level = head.split(',').next()?.parse::<u32>().ok()? & 7;
+        Some((level as u8, text.to_string()))
+    };
+    // What the kernel warned about before (hidden by `quiet`), e.g. an
+    // NVMe command timing out: the last 40 warnings or worse.
+    let mut earlier = std::collections::VecDeque::new();
+    while let Some((level, text)) = next(&mut kmsg) {
+        if level <= 4 {
+            earlier.push_back(text);
+            if earlier.len() > 40 {
+                earlier.pop_front();
+            }
+        }
+    }
+    for text in earlier {
+        say(&format!("kernel (earlier): {text}"));
+    }
     if let Err(e) = std::fs::write("/proc/sysrq-trigger", "w") {
         return say(&format!("stall: cannot write /proc/sysrq-trigger: {e}"));
     }
     std::thread::sleep(Duration::from_secs(1));
-    // One record per read: "PRIORITY,SEQ,USEC,FLAGS;TEXT", then
-    // " KEY=VALUE" lines (Documentation/ABI/testing/dev-kmsg).
-    let mut buf = vec![0u8; 8192];
     for _ in 0..2000 {
-        let Ok(n) = kmsg.read(&mut buf) else { break };
-        let record = String::from_utf8_lossy(&buf[..n]);
-        if let Some((_, text)) = record.lines().next().and_then(|l| l.split_once(';')) {
-            say(&format!("kernel: {text}"));
-        }
+        let Some((_, text)) = next(&mut kmsg) else {
+            break;
+        };
+        say(&format!("kernel: {text}"));
     }
     say("stall: end of the kernel's report");
 }

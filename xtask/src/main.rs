@@ -414,10 +414,31 @@ fn test() -> Result<()> {
         );
     }
     let installer = build_installer()?;
+    // cargo-nextest (.config/nextest.toml: QEMU tests one at a time and
+    // retried once, see issue 19); plain `cargo test` where it is missing.
+    let nextest = cmd::run(cargo().args(["nextest", "--version"])).is_ok();
+    if !nextest {
+        steps::note(
+            "cargo-nextest is not installed (`cargo install cargo-nextest --locked`): \
+             running `cargo test`, without the one retry of a hung QEMU boot",
+        );
+    }
+    // One KVM probe for the whole run, not one per test process.
+    let accel = if nodeflash_builder::vm::kvm_works() {
+        "kvm"
+    } else {
+        "tcg"
+    };
+    let args: &[&str] = if nextest {
+        &["nextest", "run", "--workspace"]
+    } else {
+        &["test", "--workspace"]
+    };
     steps::step("Running the tests (unit and QEMU)", || {
         run_visible(
             cargo()
-                .args(["test", "--workspace"])
+                .args(args)
+                .env("NODEFLASH_ACCEL", accel)
                 .env("NODEFLASH_TEST_IMAGES", target_dir().join("nodeflash"))
                 .env("NODEFLASH_TEST_INSTALLER", &installer)
                 .env("NODEFLASH_PROFILES", root().join("profiles"))
