@@ -298,11 +298,12 @@ pub fn decide(d: &DeviceFacts, policy: &Policy) -> Verdict {
             .iter()
             .map(|(dev, mp)| format!("/dev/{dev} on {mp}"))
             .collect();
-        let cmds: Vec<String> = d
-            .mounts
-            .iter()
-            .map(|(dev, _)| format!("umount /dev/{dev}"))
-            .collect();
+        // By mount point: a device mounted in several places needs one
+        // umount for each, deepest first.
+        let mut points: Vec<&str> = d.mounts.iter().map(|(_, mp)| mp.as_str()).collect();
+        points.sort_by(|a, b| b.len().cmp(&a.len()).then(a.cmp(b)));
+        points.dedup();
+        let cmds: Vec<String> = points.iter().map(|mp| format!("umount {mp}")).collect();
         refuse(
             "mounted",
             format!("{dev} is mounted ({})", list.join(", ")),
@@ -1119,7 +1120,11 @@ mod tests {
             "{}",
             m.message
         );
-        assert!(m.fix.contains("umount /dev/nvme0n1p2"), "{}", m.fix);
+        assert!(
+            m.fix.contains("(`umount /boot/efi; umount /`)"),
+            "{}",
+            m.fix
+        );
         assert!(!m.forcible);
     }
 
