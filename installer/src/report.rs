@@ -263,7 +263,13 @@ impl InstallReport {
             "pool: {} (guid {}), {} datasets",
             self.pool.name,
             self.pool.guid,
-            self.pool.datasets.len()
+            // The profile's datasets, as the console counts them: not the
+            // pool's own root dataset.
+            self.pool
+                .datasets
+                .keys()
+                .filter(|k| **k != self.pool.name)
+                .count()
         );
         let _ = writeln!(s, "ssh keys: {}", self.ssh_keys.len());
         if let Some(p) = &self.payload {
@@ -407,6 +413,8 @@ mod tests {
 
     fn sample() -> InstallReport {
         let mut ds = BTreeMap::new();
+        // The pool's root dataset, which the summary does not count.
+        ds.insert("rpool".to_string(), BTreeMap::new());
         ds.insert(
             "rpool/safe/root".to_string(),
             BTreeMap::from([
