@@ -631,6 +631,36 @@ mod tests {
         })
     }
 
+    /// dnsmasq in namespace `ns` on `iface`, leasing 10.77.0.50–60 with the
+    /// router 10.77.0.1, its log to `log`; `extra` options added.
+    fn start_dnsmasq(
+        ns: &str,
+        iface: &str,
+        leases: &std::path::Path,
+        log: std::fs::File,
+        extra: &[&str],
+    ) -> Child {
+        Command::new("ip")
+            .args(["netns", "exec", ns, "dnsmasq", "--keep-in-foreground"])
+            .args([
+                "--conf-file=/dev/null",
+                "--port=0",
+                "--user=root",
+                "--log-dhcp",
+            ])
+            .arg(format!("--interface={iface}"))
+            .args(["--bind-interfaces", "--log-facility=-"])
+            .arg("--dhcp-range=10.77.0.50,10.77.0.60,255.255.255.0,1h")
+            .arg("--dhcp-option=3,10.77.0.1")
+            .args(extra)
+            .arg(format!("--dhcp-leasefile={}", leases.display()))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("dnsmasq starts")
+    }
+
     fn ip(args: &[&str]) -> Result<String> {
         crate::cmd::run(Command::new("ip").args(args))
     }
@@ -674,24 +704,13 @@ mod tests {
             Ok((lease, addr, route))
         });
         if ready_rx.recv().is_ok() {
-            let child = Command::new("ip")
-                .args(["netns", "exec", &ns, "dnsmasq", "--keep-in-foreground"])
-                .args([
-                    "--conf-file=/dev/null",
-                    "--port=0",
-                    "--user=root",
-                    "--log-dhcp",
-                ])
-                .args(["--interface=nfs0", "--bind-interfaces", "--log-facility=-"])
-                .arg("--dhcp-range=10.77.0.50,10.77.0.60,255.255.255.0,1h")
-                .arg("--dhcp-option=3,10.77.0.1")
-                .arg("--dhcp-option=6,10.77.0.53,10.77.0.54")
-                .arg(format!("--dhcp-leasefile={}", leases.display()))
-                .stdin(Stdio::null())
-                .stdout(Stdio::null())
-                .stderr(log)
-                .spawn()
-                .expect("dnsmasq starts");
+            let child = start_dnsmasq(
+                &ns,
+                "nfs0",
+                &leases,
+                log,
+                &["--dhcp-option=6,10.77.0.53,10.77.0.54"],
+            );
             server.dnsmasq = Some(child);
             let _ = go_tx.send(());
         }
@@ -781,26 +800,7 @@ mod tests {
             Ok((lease, lines))
         });
         if ready_rx.recv().is_ok() {
-            let child = Command::new("ip")
-                .args(["netns", "exec", &ns, "dnsmasq", "--keep-in-foreground"])
-                .args([
-                    "--conf-file=/dev/null",
-                    "--port=0",
-                    "--user=root",
-                    "--log-dhcp",
-                ])
-                .args(["--interface=nfs1", "--bind-interfaces", "--log-facility=-"])
-                .arg("--dhcp-range=10.77.0.50,10.77.0.60,255.255.255.0,1h")
-                .arg("--dhcp-option=3,10.77.0.1")
-                .arg(format!(
-                    "--dhcp-leasefile={}",
-                    dir.path().join("leases").display()
-                ))
-                .stdin(Stdio::null())
-                .stdout(Stdio::null())
-                .stderr(log)
-                .spawn()
-                .expect("dnsmasq starts");
+            let child = start_dnsmasq(&ns, "nfs1", &dir.path().join("leases"), log, &[]);
             server.dnsmasq = Some(child);
             let _ = go_tx.send(());
         }
