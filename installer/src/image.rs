@@ -131,9 +131,7 @@ impl ImageInfo {
     /// neither store nor boot loader. Otherwise the image as it is.
     pub fn for_node(&self, node: Option<&str>) -> (ImageInfo, Option<NodeSystem>) {
         let mut info = self.clone();
-        let per_node = self.boot.as_ref().is_some_and(|b| b.nixos_per_node)
-            || self.payload.as_ref().is_some_and(|p| !p.systems.is_empty());
-        if !per_node {
+        if !self.per_node() {
             return (info, None);
         }
         let system = self.payload.as_ref().and_then(|p| match node {
@@ -152,6 +150,63 @@ impl ImageInfo {
             }
         }
         (info, system)
+    }
+
+    /// Whether each node installs its own system (a flake profile).
+    pub fn per_node(&self) -> bool {
+        self.boot.as_ref().is_some_and(|b| b.nixos_per_node)
+            || self.payload.as_ref().is_some_and(|p| !p.systems.is_empty())
+    }
+
+    /// Refuses the generic node (`node` None) of an image with a system per
+    /// node when the flake built none for it (`[default-node] system`
+    /// unset): its host ID is derived on the machine (`hostid`, 8 hex
+    /// digits in the message), so no system built beforehand holds it in
+    /// `networking.hostId`, which NixOS with ZFS needs (docs/flake.md). The
+    /// error names the machine's DMI serial (else its first MAC) and the
+    /// `[[nodes]]` entry that fixes it. Ok for every other case. Called at
+    /// plan time, before anything is written.
+    pub fn refuse_generic_without_system(
+        &self,
+        node: Option<&str>,
+        facts: &crate::facts::Facts,
+        hostid: u32,
+    ) -> anyhow::Result<()> {
+        let has_default = self
+            .payload
+            .as_ref()
+            .is_some_and(|p| p.default_system.is_some());
+        if node.is_some() || !self.per_node() || has_default {
+            return Ok(());
+        }
+        let serial = facts
+            .dmi
+            .product_serial
+            .as_deref()
+            .map(str::trim)
+            .filter(|s| !s.is_empty());
+        let mac = facts.net.iter().find_map(|n| n.mac.as_deref());
+        let (who, rule) = match (serial, mac) {
+            (Some(s), _) => (
+                format!("SMBIOS serial {s:?}"),
+                format!("match = {{ dmi-serial = {s:?} }}"),
+            ),
+            (None, Some(m)) => (
+                format!("no SMBIOS serial, MAC {m}"),
+                format!("match = {{ mac = {m:?} }}"),
+            ),
+            (None, None) => (
+                "no SMBIOS serial, no MAC".to_string(),
+                "match = { … }".to_string(),
+            ),
+        };
+        anyhow::bail!(
+            "this machine ({who}) matches no [[nodes]] entry, and the flake has no system for \
+             the generic node: its host ID {hostid:08x} is derived here, so no system built \
+             beforehand holds it as networking.hostId. Nothing was written. Add it to the \
+             profile as [[nodes]] name = \"…\", hostid = \"{hostid:08x}\", {rule}, and build \
+             the stick again (or give [default-node] a `system` and a fixed `hostid`)"
+        )
     }
 
     /// The version of package `name` in the image, if it was made from it.
@@ -255,5 +310,66 @@ mod tests {
             p.systems.clear();
         }
         assert_eq!(plain.for_node(None).0, plain);
+    }
+
+    fn facts(serial: Option<&str>, mac: Option<&str>) -> crate::facts::Facts {
+        let mut f = crate::facts::Facts::default();
+        f.dmi.product_serial = serial.map(str::to_string);
+        if let Some(m) = mac {
+            f.net.push(crate::facts::NetInterface {
+                name: "eth0".into(),
+                mac: Some(m.into()),
+                carrier: None,
+            });
+        }
+        f
+    }
+
+    #[test]
+    fn the_generic_node_without_a_system_is_refused_with_its_node_entry() {
+        let err = info()
+            .refuse_generic_without_system(None, &facts(Some("NF-OTHER"), None), 0x1234abcd)
+            .expect_err("refused")
+            .to_string();
+        assert!(err.contains("SMBIOS serial \"NF-OTHER\""), "{err}");
+        assert!(err.contains("hostid = \"1234abcd\""), "{err}");
+        assert!(
+            err.contains("match = { dmi-serial = \"NF-OTHER\" }"),
+            "{err}"
+        );
+        assert!(err.contains("Nothing was written"), "{err}");
+        // Without a serial, by its MAC.
+        let err = info()
+            .refuse_generic_without_system(None, &facts(None, Some("52:54:00:00:00:09")), 1)
+            .expect_err("refused")
+            .to_string();
+        assert!(
+            err.contains("match = { mac = \"52:54:00:00:00:09\" }"),
+            "{err}"
+        );
+        // A node of the profile, a default system, or no flake: no refusal.
+        let f = facts(Some("X"), None);
+        assert!(info()
+            .refuse_generic_without_system(Some("alpha"), &f, 1)
+            .is_ok());
+        let mut with_default = info();
+        if let Some(p) = with_default.payload.as_mut() {
+            p.default_system = Some(NodeSystem {
+                toplevel: "d-nixos-system-default".into(),
+                closure: vec!["d-nixos-system-default".into()],
+                store_bytes: 1,
+            });
+        }
+        assert!(with_default
+            .refuse_generic_without_system(None, &f, 1)
+            .is_ok());
+        let mut plain = info();
+        if let Some(b) = plain.boot.as_mut() {
+            b.nixos_per_node = false;
+        }
+        if let Some(p) = plain.payload.as_mut() {
+            p.systems.clear();
+        }
+        assert!(plain.refuse_generic_without_system(None, &f, 1).is_ok());
     }
 }

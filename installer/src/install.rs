@@ -60,6 +60,7 @@ pub(crate) fn install(profile: &Profile, info: &ImageInfo, started: Instant) -> 
     let identity = crate::nodes::identify(profile, &facts)?;
     // With a system per node (a flake): this node's system and closure.
     let (node_info, system) = info.for_node(identity.node.as_deref());
+    let image = info;
     let info = &node_info;
     let select = identity
         .disk_select
@@ -73,6 +74,8 @@ pub(crate) fn install(profile: &Profile, info: &ImageInfo, started: Instant) -> 
         identity.hostname
     );
     say!("{}", plan.to_string().trim_end());
+    // A flake built no system for a machine it did not know.
+    image.refuse_generic_without_system(identity.node.as_deref(), &facts, hostid)?;
     phases.start("network and keys");
     let keys = ssh_keys(profile, &identity)?;
     if keys.is_empty() {
@@ -87,16 +90,6 @@ pub(crate) fn install(profile: &Profile, info: &ImageInfo, started: Instant) -> 
             "system: {} ({} store paths of its own closure)",
             s.toplevel,
             s.closure.len()
-        );
-    } else if info.payload.is_none() && info.boot.is_none() && profile.payload.flake.is_some() {
-        warn(
-            &mut warnings,
-            format!(
-                "the flake has no system for the generic node {} (its host ID is only known here): \
-                 no store and no boot loader are installed; add it to the profile as a [[nodes]] \
-                 entry with this host ID, build its system and install again",
-                identity.hostname
-            ),
         );
     }
     let store = open_store(profile, info, boot.as_deref(), system.as_ref())?;
@@ -843,22 +836,16 @@ fn register(manifest: &crate::payload::Manifest, registration: &str) -> Result<(
             .args(args),
         )
     };
-    let mut paths: Vec<String> = manifest
-        .store_paths()
-        .iter()
-        .map(|p| format!("/nix/store/{p}"))
-        .collect();
-    paths.sort();
-    let mut args = vec!["--dump-db"];
-    args.extend(paths.iter().map(String::as_str));
-    let db = run(&args).context("the installed Nix cannot list its database")?;
+    // Without arguments: every path the database holds, in Nix's order
+    // (by name, as the registration is), so equal means exactly these.
+    let db = run(&["--dump-db"]).context("the installed Nix cannot list its database")?;
     run(&["--verify", "--check-contents"]).context(
         "the installed Nix finds the store invalid (`nix-store --verify --check-contents`)",
     )?;
     say!(
         "nodeflash-nixdb: {}",
         serde_json::json!({
-            "paths": paths.len(),
+            "paths": manifest.store_paths().len(),
             "dump_db_sha256": hex::encode(<sha2::Sha256 as sha2::Digest>::digest(db.as_bytes())),
             "same_as_registration": db == registration,
             "verify_check_contents": "ok",

@@ -65,8 +65,9 @@ pub fn zfs_mounts(profile: &crate::profile::Profile) -> Vec<(String, String)> {
 /// and systemd-boot (without EFI variables: the stick installs to the
 /// removable path), root's inline SSH keys. `nodes.NAME`: host name, host
 /// ID (fixed IDs only: a derived or random ID is only known on the machine)
-/// and the node's own keys. Keys from `github-users` are fetched at install
-/// time and are not in it.
+/// and the node's own keys. `default`, when `[default-node] hostid` is
+/// fixed: that host ID, for the generic node's system. Keys from
+/// `github-users` are fetched at install time and are not in it.
 pub fn flake_module(profile: &crate::profile::Profile, source: &str) -> String {
     use crate::profile::HostId;
     use std::fmt::Write;
@@ -142,7 +143,16 @@ pub fn flake_module(profile: &crate::profile::Profile, source: &str) -> String {
         }
         let _ = writeln!(t, "    }};");
     }
-    let _ = writeln!(t, "  }};\n}}");
+    let _ = writeln!(t, "  }};");
+    // The generic node's system (`[default-node] system`) needs its fixed
+    // host ID; a derived one is only known on the machine.
+    if let HostId::Fixed(id) = profile.default_node.hostid {
+        let _ = writeln!(
+            t,
+            "  default = {{\n    networking.hostId = \"{id:08x}\";\n  }};"
+        );
+    }
+    let _ = writeln!(t, "}}");
     t
 }
 

@@ -1119,6 +1119,21 @@ impl Profile {
                 ));
             }
         }
+        // The generic node's system is built before any machine is seen:
+        // it can only hold a host ID the profile fixes (docs/flake.md).
+        if self.default_node.system.is_some()
+            && !matches!(self.default_node.hostid, HostId::Fixed(_))
+        {
+            return Err((
+                None,
+                "default-node.hostid".into(),
+                "a default node with its own `system` needs a fixed `hostid` (8 hex digits): \
+                 its system is built before the machine is seen, so it cannot hold a host ID \
+                 derived there; put the same ID into that system's networking.hostId \
+                 (`nodeflash nixos-module` writes it as `default`)"
+                    .into(),
+            ));
+        }
         if p.registration.is_some() && p.store.is_none() {
             return Err((
                 None,
@@ -1470,6 +1485,22 @@ select = { serial = "S1" }
         )
         .expect("a flake profile");
         assert_eq!(p.nodes[0].system.as_deref(), Some("x"));
+        // The generic node's own system goes with a fixed host ID only.
+        let e = err(&with(
+            "flake = \"f\"",
+            "[boot]\nsystem = \"nixos\"\n[default-node]\nsystem = \"d\"\n",
+        ));
+        assert_eq!(e.key, "default-node.hostid", "{e}");
+        assert!(e.message.contains("needs a fixed `hostid`"), "{e}");
+        let p = Profile::parse(
+            &with(
+                "flake = \"f\"",
+                "[boot]\nsystem = \"nixos\"\n[default-node]\nsystem = \"d\"\nhostid = \"00c0ffee\"\n",
+            ),
+            "t.toml",
+        )
+        .expect("a default system with a fixed host ID");
+        assert_eq!(p.default_node.system.as_deref(), Some("d"));
         assert_eq!(
             default_system_attr("kos-mos"),
             "nixosConfigurations.\"kos-mos\".config.system.build.toplevel"

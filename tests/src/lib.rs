@@ -164,6 +164,36 @@ fn check_console(cfg: VmConfig) -> serde_json::Value {
     console_json(&console, "nodeflash-check: ")
 }
 
+/// Copies a file out of the ESP appended to an ISO (mtools).
+pub fn esp_file(iso: &Path, path: &str, dest: &Path) {
+    let out = Command::new("sfdisk")
+        .arg("--json")
+        .arg(iso)
+        .output()
+        .expect("sfdisk runs");
+    let table: serde_json::Value = serde_json::from_slice(&out.stdout).expect("sfdisk JSON");
+    let start = table["partitiontable"]["partitions"]
+        .as_array()
+        .expect("partitions")
+        .iter()
+        .find(|p| p["type"] == "C12A7328-F81F-11D2-BA4B-00A0C93EC93B")
+        .and_then(|p| p["start"].as_u64())
+        .expect("the ISO has an ESP");
+    let out = Command::new("mcopy")
+        .env("MTOOLS_SKIP_CHECK", "1")
+        .arg("-i")
+        .arg(format!("{}@@{}", iso.display(), start * 512))
+        .arg(path)
+        .arg(dest)
+        .output()
+        .expect("mcopy runs");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 /// Where `cargo xtask test` put the built images.
 pub fn images_dir() -> PathBuf {
     match std::env::var_os("NODEFLASH_TEST_IMAGES") {

@@ -107,6 +107,18 @@ fn the_generated_module_evaluates_to_the_profile() {
             assert_eq!(*keys, serde_json::json!(n.keys), "{name}");
         }
     }
+    // The generic node's system gets `default` when its host ID is fixed.
+    let mut fixed = profile.clone();
+    fixed.default_node.hostid = HostId::Fixed(0x00c0_ffee);
+    std::fs::write(
+        &file,
+        nodeflash_installer::nixos::flake_module(&fixed, "qemu.toml"),
+    )
+    .expect("write");
+    assert_eq!(
+        eval(&file, "default"),
+        serde_json::json!({ "networking": { "hostId": "00c0ffee" } })
+    );
 }
 
 #[test]
@@ -178,4 +190,91 @@ fn a_flake_profile_builds_every_node_and_packs_shared_paths_once() {
         packed.systems["alpha"].store_bytes as f64 / 1048576.0,
         packed.bytes as f64 / 1048576.0
     );
+}
+
+/// Nix's own check of a store as the installer leaves it: one node's
+/// closure written out of a flake payload (`keep_only`) into a root, its
+/// registration loaded with `nix-store --load-db`, then `nix-store --store
+/// ROOT --verify --check-contents` by the host's real Nix. It passes, and
+/// fails once one file of the store is changed: the check can fail.
+#[test]
+fn nix_verifies_a_written_closure_and_finds_a_changed_file() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    standin_flake(&dir.path().join("flake"), &load_profile("qemu"));
+    let (profile, path) = variant(dir.path(), "flake = \"flake\"");
+    let packed = prepare(&profile, &path, &dir.path().join("cache"));
+    let alpha = &packed.systems["alpha"];
+    let mut payload =
+        Payload::open(std::fs::File::open(&packed.path).expect("payload")).expect("opens");
+    let keep: BTreeSet<String> = alpha.closure.iter().cloned().collect();
+    payload.keep_only(keep.clone()).expect("alpha's closure");
+    let registration = nodeflash_installer::payload::filter_registration(
+        payload
+            .manifest
+            .registration
+            .as_deref()
+            .expect("registration"),
+        &keep,
+    )
+    .expect("filters");
+    let root = dir.path().join("root");
+    payload
+        .extract(
+            Some(&root.join("nix/store")),
+            2,
+            &nodeflash_installer::payload::Counters::default(),
+        )
+        .expect("extracts");
+    let store = root.display().to_string();
+    let nix = |args: &[&str], input: &str| {
+        use std::io::Write;
+        let mut child = std::process::Command::new("nix-store")
+            .args(["--store", &store])
+            .args(args)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("nix-store runs (package nix-bin)");
+        child
+            .stdin
+            .take()
+            .expect("stdin")
+            .write_all(input.as_bytes())
+            .expect("write");
+        let out = child.wait_with_output().expect("nix-store");
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (ok, _, err) = nix(&["--load-db"], &registration);
+    assert!(ok, "{err}");
+    // Nix's database lists exactly the closure, as the build host has it.
+    let (ok, db, err) = nix(&["--dump-db"], "");
+    assert!(ok, "{err}");
+    assert_eq!(db, registration);
+    let (ok, _, err) = nix(&["--verify", "--check-contents"], "");
+    assert!(ok, "an untouched closure is valid to Nix: {err}");
+
+    // One byte more in one file of the shared path.
+    let shared = alpha
+        .closure
+        .iter()
+        .find(|p| p.ends_with("-standin-shared"))
+        .expect("the shared path");
+    let file = root.join("nix/store").join(shared).join("share/blob7");
+    let mut bytes = std::fs::read(&file).expect("read");
+    bytes.push(b'x');
+    std::fs::set_permissions(&file, std::os::unix::fs::PermissionsExt::from_mode(0o644))
+        .expect("chmod");
+    std::fs::write(&file, bytes).expect("change the file");
+    let (ok, _, err) = nix(&["--verify", "--check-contents"], "");
+    assert!(!ok, "Nix finds the changed file");
+    assert!(
+        err.contains(&format!("path '/nix/store/{shared}' was modified")),
+        "{err}"
+    );
+    eprintln!("nix-store --verify --check-contents on the changed store: {err}");
 }

@@ -12,11 +12,10 @@
 //! a real NixOS system's scripts are not.
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 use nodeflash_tests::{
     assert_console, assert_installed, boot_installed, boot_stick, build_variant, check_system,
-    check_unbootable, esp_boot_entries, images_dir, payload_digest, printed_hostid, Nvme,
+    check_unbootable, esp_boot_entries, esp_file, images_dir, payload_digest, printed_hostid, Nvme,
 };
 
 const BUSYBOX: &str = "0000000000000000000000000000000b-busybox";
@@ -121,36 +120,6 @@ fn standin_store(store: &Path) {
         "bin/switch-to-configuration",
         "echo 'standin: the boot loader cannot be installed' >&2\nexit 3\n",
         BROKEN,
-    );
-}
-
-/// Copies a file out of the ESP appended to an ISO (mtools).
-fn esp_file(iso: &Path, path: &str, dest: &Path) {
-    let out = Command::new("sfdisk")
-        .arg("--json")
-        .arg(iso)
-        .output()
-        .expect("sfdisk runs");
-    let table: serde_json::Value = serde_json::from_slice(&out.stdout).expect("sfdisk JSON");
-    let start = table["partitiontable"]["partitions"]
-        .as_array()
-        .expect("partitions")
-        .iter()
-        .find(|p| p["type"] == "C12A7328-F81F-11D2-BA4B-00A0C93EC93B")
-        .and_then(|p| p["start"].as_u64())
-        .expect("the ISO has an ESP");
-    let out = Command::new("mcopy")
-        .env("MTOOLS_SKIP_CHECK", "1")
-        .arg("-i")
-        .arg(format!("{}@@{}", iso.display(), start * 512))
-        .arg(path)
-        .arg(dest)
-        .output()
-        .expect("mcopy runs");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
     );
 }
 
