@@ -750,7 +750,8 @@ fn copy_store(store: Store) -> Result<Copied> {
         manifest.registration = Some(crate::payload::filter_registration(reg, &keep)?);
     }
     let manifest_sha256 = payload.manifest_sha256();
-    let (total, files) = (manifest.bytes(), manifest.files() as u64);
+    // Progress counts every file read and checked, kept or not.
+    let (total, files) = (payload.manifest.bytes(), payload.manifest.files() as u64);
     let counters = crate::payload::Counters::default();
     let done = AtomicBool::new(false);
     let t = Instant::now();
@@ -812,12 +813,15 @@ fn register(manifest: &crate::payload::Manifest, registration: &str) -> Result<(
         say!("store: no nix-store in the closure, so the registration is not loaded");
         return Ok(());
     };
+    // The new root has no /etc/passwd yet (activation writes it), and Nix
+    // asks who runs it (`getUserName`, src/libutil/util.cc): root, told.
+    let nix = || {
+        let mut c = Command::new(format!("/nix/store/{nix_store}"));
+        c.env("USER", "root");
+        c
+    };
     crate::cmd::run_with_input(
-        crate::cmd::in_root(
-            &mut Command::new(format!("/nix/store/{nix_store}")),
-            Path::new("/mnt"),
-        )
-        .arg("--load-db"),
+        crate::cmd::in_root(&mut nix(), Path::new("/mnt")).arg("--load-db"),
         registration.as_bytes(),
     )
     .context("cannot register the store paths with the installed Nix")?;
@@ -828,13 +832,7 @@ fn register(manifest: &crate::payload::Manifest, registration: &str) -> Result<(
     // Nix's own view of what it was given: its database, and the files
     // against their NAR hashes.
     let run = |args: &[&str]| {
-        crate::cmd::run(
-            crate::cmd::in_root(
-                &mut Command::new(format!("/nix/store/{nix_store}")),
-                Path::new("/mnt"),
-            )
-            .args(args),
-        )
+        crate::cmd::run(crate::cmd::in_root(&mut nix(), Path::new("/mnt")).args(args))
     };
     // Without arguments: every path the database holds, in Nix's order
     // (by name, as the registration is), so equal means exactly these.

@@ -141,6 +141,13 @@ fn round_trip_keeps_every_file_mode_and_link() {
     // Extracted tree = manifest, including mtime 1; and = the source tree.
     let got = scan(&dest, 2).expect("scan");
     compare(&manifest.entries, &got, true).expect("extracted tree matches");
+    // Nix's `.links` (made by every Nix that opens the store) is not part
+    // of the tree; a store path named like it elsewhere would be.
+    std::fs::create_dir_all(dest.join(".links")).expect("mkdir");
+    std::fs::write(dest.join(".links/0abc"), b"x").expect("write");
+    let with_links = scan(&dest, 2).expect("scan");
+    assert_eq!(with_links, got);
+    std::fs::remove_dir_all(dest.join(".links")).expect("rm");
     let source = scan(&src, 2).expect("scan");
     compare(&manifest.entries, &source, false).expect("source matches");
     assert_eq!(digest(got.iter().map(|e| &e.0)), stats.tree_digest);

@@ -218,13 +218,19 @@ fn nix_verifies_a_written_closure_and_finds_a_changed_file() {
     )
     .expect("filters");
     let root = dir.path().join("root");
+    let (all_files, written) = (payload.manifest.files() as u64, payload.written());
+    let counters = nodeflash_installer::payload::Counters::default();
     payload
-        .extract(
-            Some(&root.join("nix/store")),
-            2,
-            &nodeflash_installer::payload::Counters::default(),
-        )
+        .extract(Some(&root.join("nix/store")), 2, &counters)
         .expect("extracts");
+    // Exactly alpha's closure is written; progress counted every file read.
+    let scanned = nodeflash_installer::payload::scan(&root.join("nix/store"), 2).expect("scan");
+    nodeflash_installer::payload::compare(&written.entries, &scanned, true)
+        .expect("the tree is alpha's closure");
+    assert_eq!(
+        counters.files.load(std::sync::atomic::Ordering::Relaxed),
+        all_files
+    );
     let store = root.display().to_string();
     let nix = |args: &[&str], input: &str| {
         use std::io::Write;

@@ -21,7 +21,8 @@ use nodeflash_tests::{
 fn edit(text: &str) -> String {
     text.replace(
         "synthetic = { files = 300, bytes = \"8MiB\", seed = 1 }",
-        "flake = \"flake\"",
+        // Packed fast: the closures hold Nix's 70 MiB of libraries.
+        "flake = \"flake\"\nlevel = 3",
     )
     .replace("system = \"check\"", "system = \"nixos\"")
     .replace(

@@ -423,6 +423,11 @@ fn prepare(
     for (i, e) in m.entries.iter().enumerate() {
         let path = dest.join(e.path());
         match e {
+            // Not written, but read and checked like the rest: counted, so
+            // that progress reaches the whole payload's file count.
+            Entry::File { size: 0, .. } if skip[i] => {
+                counters.files.fetch_add(1, Ordering::Relaxed);
+            }
             _ if skip[i] => {}
             Entry::Dir { .. } => builder
                 .create(&path)

@@ -126,10 +126,23 @@ pub(crate) fn hash_file(path: &Path) -> Result<String> {
     Ok(hex::encode(h.finalize()))
 }
 
+/// Nix's own directory in the store, `/nix/store/.links` (the hard links of
+/// `nix-store --optimise`; every local store creates it when it opens,
+/// `linksDir` in Nix's src/libstore/local-store.cc): not a store path, so
+/// [`scan`] leaves it out.
+pub const NIX_LINKS_DIR: &str = ".links";
+
 /// The tree under `root` with every file hashed (on `threads` threads), and
-/// each entry's modification time.
+/// each entry's modification time; a top-level [`NIX_LINKS_DIR`] is left out.
 pub fn scan(root: &Path, threads: usize) -> Result<Vec<(Entry, i64)>> {
     let mut entries = walk(root, None)?;
+    entries.retain(|(e, _)| {
+        let p = e.path();
+        p != NIX_LINKS_DIR
+            && !p
+                .strip_prefix(NIX_LINKS_DIR)
+                .is_some_and(|rest| rest.starts_with('/'))
+    });
     let files: Vec<usize> = (0..entries.len())
         .filter(|&i| matches!(entries[i].0, Entry::File { .. }))
         .collect();
