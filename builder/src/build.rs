@@ -154,11 +154,16 @@ impl BootSummary {
             };
         };
         let what = match b.system {
-            BootSystem::Nixos => format!(
-                "the NixOS system {}, whose own boot loader installation \
-                 (switch-to-configuration boot) runs on the node",
-                b.nixos_toplevel(&profile.payload).unwrap_or_default()
-            ),
+            BootSystem::Nixos => match b.nixos_toplevel(&profile.payload) {
+                Some(top) if !top.is_empty() => format!(
+                    "the NixOS system {top}, whose own boot loader installation \
+                     (switch-to-configuration boot) runs on the node"
+                ),
+                _ => "each node's own NixOS system from the flake, whose own boot loader \
+                         installation (switch-to-configuration boot) runs on the node; a machine \
+                         that matches no node is refused unless [default-node] has a `system`"
+                    .into(),
+            },
             BootSystem::Generic => format!(
                 "systemd-boot, with the kernel {} and initrd {} of the store",
                 b.kernel.as_deref().unwrap_or("?"),

@@ -727,12 +727,14 @@ pub fn summary_text(s: &crate::build::BuildSummary) -> String {
             if let Some(largest) = systems.iter().map(|s| s.store_bytes).max() {
                 let _ = writeln!(
                     t,
-                    "systems:  {} from the flake in one payload: {:.1} MiB for {} nodes, \
-                     {:.1} MiB for the largest one alone (uncompressed)",
+                    "systems:  {} from the flake in one payload: {:.2} MiB for {} node{}, \
+                     {:.2} MiB for the largest one alone (uncompressed; the others add {:.1} KiB)",
                     systems.len(),
                     mib(p.store_bytes),
                     systems.len(),
-                    mib(largest)
+                    if systems.len() == 1 { "" } else { "s" },
+                    mib(largest),
+                    p.store_bytes.saturating_sub(largest) as f64 / 1024.0
                 );
             }
         }
@@ -1160,6 +1162,20 @@ mod tests {
         assert!(b.bootable);
         assert!(
             b.what.starts_with("the NixOS system aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa-nixos-system-x, whose own boot loader"),
+            "{b:?}"
+        );
+        let flake = Profile::parse(
+            &include_str!("../../profiles/alrest.toml").replace(
+                "[finish]",
+                "[payload]\nflake = \"../cluster\"\n[boot]\nsystem = \"nixos\"\n[finish]",
+            ),
+            "alrest.toml",
+        )
+        .expect("parses");
+        let b = BootSummary::of(&flake);
+        assert!(
+            b.what
+                .starts_with("each node's own NixOS system from the flake"),
             "{b:?}"
         );
     }
