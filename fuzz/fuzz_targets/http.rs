@@ -14,6 +14,7 @@
 
 use std::io::{Read, Write};
 use std::net::TcpListener;
+use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, UNIX_EPOCH};
 
 use libfuzzer_sys::fuzz_target;
@@ -45,29 +46,19 @@ fn keys(body: &[u8]) {
     assert_eq!(again, set.keys, "authorized_keys does not read back\n{text}");
 }
 
-/// Serves `response` to every connection until the client is done; returns
-/// the body `Client::get` made of it, if any.
-fn fetch(response: &[u8]) -> Option<String> {
-    let listener = TcpListener::bind("127.0.0.1:0").expect("listen");
-    let port = listener.local_addr().expect("addr").port();
-    let mut client = Client::new(&[], true, UNIX_EPOCH).expect("client");
-    client.policy = Policy {
-        attempt_timeout: Duration::from_secs(2),
-        max_attempts: 1,
-        ..Policy::default()
-    };
-    let response = response.to_vec();
-    listener.set_nonblocking(true).expect("nonblocking");
-    let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let server = {
-        let done = done.clone();
+/// The response the server sends to every request of the current input.
+static RESPONSE: Mutex<Vec<u8>> = Mutex::new(Vec::new());
+
+/// A plain-http server on a local port (started once) that answers every
+/// request with [`RESPONSE`], and a client for it.
+fn server() -> &'static (Client, String) {
+    static SERVER: OnceLock<(Client, String)> = OnceLock::new();
+    SERVER.get_or_init(|| {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("listen");
+        let port = listener.local_addr().expect("addr").port();
         std::thread::spawn(move || {
-            while !done.load(std::sync::atomic::Ordering::Relaxed) {
-                let Ok((mut sock, _)) = listener.accept() else {
-                    std::thread::sleep(Duration::from_millis(1));
-                    continue;
-                };
-                let _ = sock.set_nonblocking(false);
+            for sock in listener.incoming() {
+                let Ok(mut sock) = sock else { continue };
                 let _ = sock.set_read_timeout(Some(Duration::from_secs(2)));
                 let mut head = Vec::new();
                 let mut buf = [0u8; 1024];
@@ -77,16 +68,25 @@ fn fetch(response: &[u8]) -> Option<String> {
                         Ok(n) => head.extend_from_slice(&buf[..n]),
                     }
                 }
+                let response = RESPONSE.lock().map(|r| r.clone()).unwrap_or_default();
                 let _ = sock.write_all(&response);
             }
-        })
-    };
-    let body = client
-        .get(&format!("http://127.0.0.1:{port}/alice.keys"), &|_| {})
-        .ok();
-    done.store(true, std::sync::atomic::Ordering::Relaxed);
-    let _ = server.join();
-    body
+        });
+        let mut client = Client::new(&[], true, UNIX_EPOCH).expect("client");
+        client.policy = Policy {
+            attempt_timeout: Duration::from_secs(2),
+            max_attempts: 1,
+            ..Policy::default()
+        };
+        (client, format!("http://127.0.0.1:{port}/alice.keys"))
+    })
+}
+
+/// The body `Client::get` makes of `response`, if any.
+fn fetch(response: &[u8]) -> Option<String> {
+    let (client, url) = server();
+    *RESPONSE.lock().expect("response lock") = response.to_vec();
+    client.get(url, &|_| {}).ok()
 }
 
 fuzz_target!(|data: &[u8]| {

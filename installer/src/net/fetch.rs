@@ -425,7 +425,11 @@ impl Client {
                 }
                 _ => Failure::retry(format!("exchange with {at} failed: {}", io_words(&e))),
             },
-            ureq::Error::Timeout(stage) => Failure::retry(format!("{stage}: timed out")),
+            // ureq names the stage whose timeout ran out first; the attempt's
+            // own bound is its "global" one.
+            ureq::Error::Timeout(stage) => {
+                Failure::retry(format!("{at}: timed out ({stage} timeout)"))
+            }
             ureq::Error::Rustls(t) => {
                 let mut message = format!("TLS with {host} failed: {}", tls_words(&t));
                 if let Some(note) = clock_note(SystemTime::now(), self.not_before) {
