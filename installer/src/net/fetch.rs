@@ -1,19 +1,24 @@
-//! HTTPS GET of small bodies: rustls (ring) with Mozilla's roots plus the
-//! profile's CA certificates, a minimal HTTP/1.1 client, timeouts, and
-//! retries with exponential backoff inside a total time bound.
+//! HTTPS GET of small bodies with [`ureq`] (rustls with ring, Mozilla's
+//! roots plus the profile's CA certificates): timeouts, and retries with
+//! exponential backoff inside a total time bound.
 //!
-//! Errors say which stage failed in plain words (DNS lookup, connection, TLS,
-//! HTTP status), name the URL and count the attempts.
+//! What is ours on top of the library: errors that say which stage failed in
+//! plain words (DNS lookup, connection, TLS with the clock note, HTTP
+//! status), name the URL and count the attempts; and the retry policy.
 
-use std::io::{self, Read, Write};
-use std::net::{IpAddr, SocketAddr, TcpStream, ToSocketAddrs};
+use std::io;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{bail, Context, Result};
 use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, ServerName};
-use rustls::{CertificateError, ClientConfig, RootCertStore};
+use rustls::pki_types::CertificateDer;
+use rustls::CertificateError;
+use ureq::config::Config;
+use ureq::http::{HeaderMap, StatusCode, Uri};
+use ureq::tls::{Certificate, RootCerts, TlsConfig, TlsProvider};
+use ureq::unversioned::resolver::{DefaultResolver, ResolvedSocketAddrs, Resolver};
+use ureq::unversioned::transport::{DefaultConnector, NextTimeout};
 
 /// Timeouts and retries of one fetch.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -71,22 +76,26 @@ pub fn wait_before_retry(
     (elapsed.saturating_add(wait) < p.total).then_some(wait)
 }
 
-/// Whether a non-2xx, non-redirect response is worth another attempt, and
-/// how long the server asks to wait (`Retry-After` in seconds, RFC 9110
-/// §10.2.3; an HTTP date is not read). Retried: 429, 5xx, and GitHub's
-/// rate limit, which answers 403 with `x-ratelimit-remaining: 0` (GitHub's
-/// REST API docs, "Rate limits"). Other statuses are final.
-fn classify(resp: &Response) -> Failure {
-    let mut message = format!("HTTP status {} {}", resp.status, resp.reason)
-        .trim_end()
-        .to_string();
+/// Whether a non-2xx response (redirects are followed by ureq) is worth
+/// another attempt, and how long the server asks to wait (`Retry-After` in
+/// seconds, RFC 9110 §10.2.3; an HTTP date is not read). Retried: 429, 5xx,
+/// and GitHub's rate limit, which answers 403 with `x-ratelimit-remaining: 0`
+/// (GitHub's REST API docs, "Rate limits"). Other statuses are final.
+fn classify(status: StatusCode, headers: &HeaderMap) -> Failure {
+    let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
+    let mut message = format!(
+        "HTTP status {} {}",
+        status.as_u16(),
+        status.canonical_reason().unwrap_or_default()
+    )
+    .trim_end()
+    .to_string();
     let rate_limited =
-        resp.status == 403 && resp.header("x-ratelimit-remaining").map(str::trim) == Some("0");
+        status.as_u16() == 403 && header("x-ratelimit-remaining").map(str::trim) == Some("0");
     if rate_limited {
         message.push_str(" (rate limited: x-ratelimit-remaining is 0)");
     }
-    let after = resp
-        .header("retry-after")
+    let after = header("retry-after")
         .and_then(|v| v.trim().parse::<u64>().ok())
         .map(Duration::from_secs);
     if let Some(a) = after {
@@ -94,197 +103,8 @@ fn classify(resp: &Response) -> Failure {
     }
     Failure {
         message,
-        retry: resp.status == 429 || resp.status >= 500 || rate_limited,
+        retry: status.as_u16() == 429 || status.is_server_error() || rate_limited,
         after,
-    }
-}
-
-/// A parsed `http(s)://host[:port]/path` URL.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Url {
-    pub https: bool,
-    /// Host name or IP address (IPv6 without brackets).
-    pub host: String,
-    pub port: u16,
-    /// Path and query, at least `/`.
-    pub path: String,
-}
-
-impl Url {
-    pub fn parse(url: &str) -> Result<Url, String> {
-        let (https, rest) = if let Some(r) = url.strip_prefix("https://") {
-            (true, r)
-        } else if let Some(r) = url.strip_prefix("http://") {
-            (false, r)
-        } else {
-            return Err("only https:// and http:// URLs are supported".into());
-        };
-        let (authority, path) = match rest.find(['/', '?', '#']) {
-            Some(i) => (&rest[..i], &rest[i..]),
-            None => (rest, "/"),
-        };
-        let path = path.split('#').next().unwrap_or_default();
-        let path = if path.starts_with('/') {
-            path.to_string()
-        } else {
-            format!("/{path}")
-        };
-        if authority.contains('@') {
-            return Err("user names or passwords in the URL are not supported".into());
-        }
-        let (host, port) = if let Some(r) = authority.strip_prefix('[') {
-            let (h, after) = r.split_once(']').ok_or("unclosed `[` in the host")?;
-            (h, after.strip_prefix(':'))
-        } else {
-            match authority.rsplit_once(':') {
-                Some((h, p)) => (h, Some(p)),
-                None => (authority, None),
-            }
-        };
-        if host.is_empty() || host.contains(|c: char| c.is_whitespace() || c.is_control()) {
-            return Err("no valid host name".into());
-        }
-        let port = match port {
-            Some(p) => p.parse().map_err(|_| format!("bad port `{p}`"))?,
-            None if https => 443,
-            None => 80,
-        };
-        Ok(Url {
-            https,
-            host: host.to_string(),
-            port,
-            path,
-        })
-    }
-
-    /// The `Host:` header value.
-    fn host_header(&self) -> String {
-        let host = if self.host.contains(':') {
-            format!("[{}]", self.host)
-        } else {
-            self.host.clone()
-        };
-        if self.port == if self.https { 443 } else { 80 } {
-            host
-        } else {
-            format!("{host}:{}", self.port)
-        }
-    }
-
-    /// Resolves a `Location` header against this URL.
-    pub fn join(&self, location: &str) -> Result<Url, String> {
-        if location.starts_with("https://") || location.starts_with("http://") {
-            Url::parse(location)
-        } else if location.starts_with('/') && !location.starts_with("//") {
-            Ok(Url {
-                path: location.to_string(),
-                ..self.clone()
-            })
-        } else {
-            Err(format!("unsupported redirect location `{location}`"))
-        }
-    }
-}
-
-/// A parsed HTTP response.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Response {
-    pub status: u16,
-    pub reason: String,
-    pub headers: Vec<(String, String)>,
-    pub body: Vec<u8>,
-}
-
-impl Response {
-    pub fn header(&self, name: &str) -> Option<&str> {
-        self.headers
-            .iter()
-            .find(|(n, _)| n.eq_ignore_ascii_case(name))
-            .map(|(_, v)| v.as_str())
-    }
-}
-
-/// Parses a whole HTTP/1.x response (read until the server closed the
-/// connection): status line, headers, and a body by `Content-Length`,
-/// chunked, or up to the end.
-pub fn parse_response(raw: &[u8]) -> Result<Response, String> {
-    let end = raw
-        .windows(4)
-        .position(|w| w == b"\r\n\r\n")
-        .ok_or("the response ended inside its headers")?;
-    let head = std::str::from_utf8(&raw[..end]).map_err(|_| "response headers are not text")?;
-    let rest = &raw[end + 4..];
-    let mut lines = head.split("\r\n");
-    let status_line = lines.next().unwrap_or_default();
-    let mut parts = status_line.splitn(3, ' ');
-    let version = parts.next().unwrap_or_default();
-    if !version.starts_with("HTTP/1.") {
-        return Err(format!("not an HTTP/1 response: {status_line:?}"));
-    }
-    let status: u16 = parts
-        .next()
-        .and_then(|s| s.parse().ok())
-        .filter(|s| (100..600).contains(s))
-        .ok_or_else(|| format!("bad status line {status_line:?}"))?;
-    let reason = parts.next().unwrap_or_default().to_string();
-    let mut headers = Vec::new();
-    for line in lines {
-        let (n, v) = line
-            .split_once(':')
-            .ok_or_else(|| format!("bad header line {line:?}"))?;
-        headers.push((n.trim().to_string(), v.trim().to_string()));
-    }
-    let mut resp = Response {
-        status,
-        reason,
-        headers,
-        body: Vec::new(),
-    };
-    let chunked = resp
-        .header("transfer-encoding")
-        .is_some_and(|te| te.to_ascii_lowercase().contains("chunked"));
-    resp.body = if chunked {
-        dechunk(rest)?
-    } else if let Some(len) = resp.header("content-length") {
-        let len: usize = len
-            .parse()
-            .map_err(|_| format!("bad Content-Length {len:?}"))?;
-        if rest.len() < len {
-            return Err(format!(
-                "the response was cut short ({} of {len} bytes)",
-                rest.len()
-            ));
-        }
-        rest[..len].to_vec()
-    } else {
-        rest.to_vec()
-    };
-    Ok(resp)
-}
-
-/// Decodes a chunked body; it must end with the zero-size chunk.
-fn dechunk(mut data: &[u8]) -> Result<Vec<u8>, String> {
-    let mut body = Vec::new();
-    loop {
-        let nl = data
-            .windows(2)
-            .position(|w| w == b"\r\n")
-            .ok_or("the chunked response was cut short")?;
-        let size_line = std::str::from_utf8(&data[..nl]).map_err(|_| "bad chunk size")?;
-        let size_hex = size_line.split(';').next().unwrap_or_default().trim();
-        let size = usize::from_str_radix(size_hex, 16)
-            .map_err(|_| format!("bad chunk size {size_hex:?}"))?;
-        data = &data[nl + 2..];
-        if size == 0 {
-            return Ok(body);
-        }
-        let chunk = data
-            .get(..size)
-            .ok_or("the chunked response was cut short")?;
-        body.extend_from_slice(chunk);
-        data = data
-            .get(size + 2..)
-            .ok_or("the chunked response was cut short")?;
     }
 }
 
@@ -391,10 +211,64 @@ fn tls_words(e: &rustls::Error) -> String {
     format!("{words} ({e})")
 }
 
+/// Checks that `url` is an `http://` or `https://` URL with a host and
+/// without a user name or password, as the key fetch takes it (the profile's
+/// `key-url` is checked with this at build time). The error says what is
+/// wrong.
+pub fn check_url(url: &str) -> Result<Uri, String> {
+    let uri: Uri = url.parse().map_err(|e| format!("not a valid URL ({e})"))?;
+    if !matches!(uri.scheme_str(), Some("http" | "https")) {
+        return Err("not an http:// or https:// URL".into());
+    }
+    let authority = uri.authority().map(|a| a.as_str()).unwrap_or_default();
+    if authority.contains('@') {
+        return Err("a user name or password in the URL is not supported".into());
+    }
+    if uri.host().is_none_or(str::is_empty) {
+        return Err("no valid host name".into());
+    }
+    let port = authority.rsplit_once(':').map(|(_, p)| p);
+    if port.is_some_and(|p| !p.contains(']') && p.parse::<u16>().is_err()) {
+        return Err("not a valid URL (the port is not a number from 0 to 65535)".into());
+    }
+    Ok(uri)
+}
+
+/// A name lookup error, kept apart from the connection's I/O errors so that
+/// the message names the stage.
+#[derive(Debug)]
+struct LookupError(io::Error);
+
+impl std::fmt::Display for LookupError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+impl std::error::Error for LookupError {}
+
+/// ureq's resolver, with its I/O errors marked as [`LookupError`]s.
+#[derive(Debug, Default)]
+struct Lookup(DefaultResolver);
+
+impl Resolver for Lookup {
+    fn resolve(
+        &self,
+        uri: &Uri,
+        config: &Config,
+        timeout: NextTimeout,
+    ) -> Result<ResolvedSocketAddrs, ureq::Error> {
+        self.0.resolve(uri, config, timeout).map_err(|e| match e {
+            ureq::Error::Io(e) => ureq::Error::Io(io::Error::new(e.kind(), LookupError(e))),
+            e => e,
+        })
+    }
+}
+
 /// An HTTPS (or, when allowed, HTTP) client for small bodies.
 #[derive(Debug, Clone)]
 pub struct Client {
-    tls: Arc<ClientConfig>,
+    agent: ureq::Agent,
     pub policy: Policy,
     pub allow_http: bool,
     /// The image's build time: a clock before it explains TLS errors.
@@ -402,11 +276,14 @@ pub struct Client {
 }
 
 impl Client {
-    /// Trusts Mozilla's roots and the PEM certificates in `extra_ca_pem`.
+    /// Trusts Mozilla's roots and the PEM certificates in `extra_ca_pem`;
+    /// fails naming the file (by its position, from 1) that holds no
+    /// certificate or a bad one.
     pub fn new(extra_ca_pem: &[Vec<u8>], allow_http: bool, not_before: SystemTime) -> Result<Self> {
-        let mut roots = RootCertStore {
-            roots: webpki_roots::TLS_SERVER_ROOTS.to_vec(),
-        };
+        let mut roots: Vec<Certificate<'static>> = webpki_root_certs::TLS_SERVER_ROOT_CERTS
+            .iter()
+            .map(|c| Certificate::from_der(c.as_ref()))
+            .collect();
         for (i, pem) in extra_ca_pem.iter().enumerate() {
             let certs = CertificateDer::pem_slice_iter(pem)
                 .collect::<Result<Vec<_>, _>>()
@@ -415,19 +292,28 @@ impl Client {
                 bail!("CA certificate file {}: no certificate in it", i + 1);
             }
             for cert in certs {
-                roots
-                    .add(cert)
+                // Parsed now, so that a bad one is named here and not at
+                // the first fetch.
+                rustls::RootCertStore::empty()
+                    .add(cert.clone())
                     .with_context(|| format!("CA certificate file {}: bad certificate", i + 1))?;
+                roots.push(Certificate::from_der(cert.as_ref()).to_owned());
             }
         }
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let tls = ClientConfig::builder_with_provider(provider)
-            .with_safe_default_protocol_versions()
-            .context("cannot set up TLS")?
-            .with_root_certificates(roots)
-            .with_no_client_auth();
+        let tls = TlsConfig::builder()
+            .provider(TlsProvider::Rustls)
+            .unversioned_rustls_crypto_provider(Arc::new(rustls::crypto::ring::default_provider()))
+            .root_certs(RootCerts::Specific(Arc::new(roots)))
+            .build();
+        let config = ureq::Agent::config_builder()
+            .tls_config(tls)
+            .http_status_as_error(false)
+            .max_redirects(5)
+            .user_agent("nodeflash")
+            .accept("text/plain")
+            .build();
         Ok(Self {
-            tls: Arc::new(tls),
+            agent: ureq::Agent::with_parts(config, DefaultConnector::default(), Lookup::default()),
             policy: Policy::default(),
             allow_http,
             not_before,
@@ -435,19 +321,21 @@ impl Client {
     }
 
     /// GETs `url` and returns its body as text, retrying as the policy says.
-    /// `log` gets one line per failed attempt.
+    /// `log` gets one line per failed attempt. Fails with the last attempt's
+    /// stage and words, the URL and the number of attempts.
     pub fn get(&self, url: &str, log: &dyn Fn(&str)) -> Result<String> {
-        let parsed = Url::parse(url).map_err(|e| anyhow::anyhow!("bad URL {url}: {e}"))?;
-        if !parsed.https && !self.allow_http {
+        let uri = check_url(url).map_err(|e| anyhow::anyhow!("bad URL {url}: {e}"))?;
+        if uri.scheme_str() == Some("http") && !self.allow_http {
             bail!("refusing plain http for {url}: use https, or set `allow-http = true`");
         }
+        let host = uri.host().unwrap_or_default();
+        let host = host.trim_start_matches('[').trim_end_matches(']');
         let started = Instant::now();
         let mut attempts = 0;
         loop {
             attempts += 1;
             let left = self.policy.total.saturating_sub(started.elapsed());
-            let deadline = Instant::now() + self.policy.attempt_timeout.min(left);
-            let failure = match self.attempt(&parsed, deadline) {
+            let failure = match self.attempt(&uri, host, self.policy.attempt_timeout.min(left)) {
                 Ok(body) => {
                     return String::from_utf8(body)
                         .map_err(|_| anyhow::anyhow!("{url}: the response is not text"));
@@ -476,156 +364,90 @@ impl Client {
         }
     }
 
-    /// One attempt, following up to 5 redirects, until `deadline`.
-    fn attempt(&self, url: &Url, deadline: Instant) -> Result<Vec<u8>, Failure> {
-        let mut url = url.clone();
-        for _ in 0..=5 {
-            let resp = self.exchange(&url, deadline)?;
-            match resp.status {
-                200..=299 => return Ok(resp.body),
-                301 | 302 | 303 | 307 | 308 => {
-                    let location = resp.header("location").unwrap_or_default();
-                    let next = url.join(location).map_err(|e| {
-                        Failure::stop(format!("HTTP status {} with {e}", resp.status))
-                    })?;
-                    if !next.https && !self.allow_http {
-                        return Err(Failure::stop(format!(
-                            "redirected to plain http ({location}), which is refused"
-                        )));
-                    }
-                    url = next;
-                }
-                _ => return Err(classify(&resp)),
-            }
+    /// One attempt (redirects followed by ureq), within `timeout`.
+    fn attempt(&self, uri: &Uri, host: &str, timeout: Duration) -> Result<Vec<u8>, Failure> {
+        let mut resp = self
+            .agent
+            .get(uri)
+            .config()
+            .timeout_global(Some(timeout))
+            .https_only(!self.allow_http)
+            .build()
+            .call()
+            .map_err(|e| self.failure(uri, host, e))?;
+        if !resp.status().is_success() {
+            return Err(classify(resp.status(), resp.headers()));
         }
-        Err(Failure::stop("too many redirects".into()))
+        resp.body_mut()
+            .with_config()
+            .limit(self.policy.max_body as u64)
+            .read_to_vec()
+            .map_err(|e| self.failure(uri, host, e))
     }
 
-    /// DNS, connect, TLS, one request and its whole response.
-    fn exchange(&self, url: &Url, deadline: Instant) -> Result<Response, Failure> {
-        let left = |stage: &str| {
-            let d = deadline.saturating_duration_since(Instant::now());
-            if d.is_zero() {
-                Err(Failure::retry(format!("{stage}: timed out")))
+    /// What ureq's error `e` means, in the stage's words; TLS errors and
+    /// refusals are final, the rest is retried.
+    fn failure(&self, uri: &Uri, host: &str, e: ureq::Error) -> Failure {
+        let port = uri
+            .port_u16()
+            .unwrap_or(if uri.scheme_str() == Some("http") {
+                80
             } else {
-                Ok(d)
-            }
-        };
-        let host = &url.host;
-        let addrs: Vec<SocketAddr> = match host.parse::<IpAddr>() {
-            Ok(ip) => vec![SocketAddr::new(ip, url.port)],
-            Err(_) => (host.as_str(), url.port)
-                .to_socket_addrs()
-                .map_err(|e| Failure::retry(format!("DNS lookup of {host} failed: {e}")))?
-                .collect(),
-        };
-        if addrs.is_empty() {
-            return Err(Failure::retry(format!(
-                "DNS lookup of {host} failed: no address"
-            )));
-        }
-        let mut sock = None;
-        let mut last = String::new();
-        for addr in &addrs {
-            match TcpStream::connect_timeout(addr, left("connection")?) {
-                Ok(s) => {
-                    sock = Some(s);
-                    break;
-                }
-                Err(e) => last = format!("connection to {addr} failed: {}", io_words(&e)),
-            }
-        }
-        let mut sock = sock.ok_or_else(|| Failure::retry(last))?;
-        // A second handle to set the timeouts while the stream is borrowed.
-        let ctl = sock
-            .try_clone()
-            .map_err(|e| Failure::retry(format!("connection: {e}")))?;
-        let timeouts = |stage: &str| -> Result<(), Failure> {
-            let d = left(stage)?;
-            ctl.set_read_timeout(Some(d))
-                .and_then(|()| ctl.set_write_timeout(Some(d)))
-                .map_err(|e| Failure::retry(format!("{stage}: {e}")))
-        };
-        let request = format!(
-            "GET {} HTTP/1.1\r\nHost: {}\r\nUser-Agent: nodeflash\r\nAccept: text/plain\r\nConnection: close\r\n\r\n",
-            url.path,
-            url.host_header()
-        );
-        let mut raw = Vec::new();
-        if url.https {
-            let name = ServerName::try_from(host.clone())
-                .map_err(|_| Failure::stop(format!("`{host}` is not a valid TLS server name")))?;
-            let conn = rustls::ClientConnection::new(self.tls.clone(), name)
-                .map_err(|e| Failure::stop(format!("TLS setup failed: {e}")))?;
-            let mut tls = rustls::StreamOwned::new(conn, sock);
-            while tls.conn.is_handshaking() {
-                timeouts("TLS handshake")?;
-                if let Err(e) = tls.conn.complete_io(&mut tls.sock) {
-                    return Err(self.tls_failure(host, &e));
-                }
-            }
-            timeouts("sending the request")?;
-            tls.write_all(request.as_bytes())
-                .and_then(|()| tls.flush())
-                .map_err(|e| {
-                    Failure::retry(format!("sending the request failed: {}", io_words(&e)))
-                })?;
-            self.read_all(&mut tls, &mut raw, &|| timeouts("reading the response"))?;
+                443
+            });
+        let at = if host.contains(':') {
+            format!("[{host}]:{port}")
         } else {
-            timeouts("sending the request")?;
-            sock.write_all(request.as_bytes()).map_err(|e| {
-                Failure::retry(format!("sending the request failed: {}", io_words(&e)))
-            })?;
-            self.read_all(&mut sock, &mut raw, &|| timeouts("reading the response"))?;
-        }
-        parse_response(&raw).map_err(|e| Failure::retry(format!("bad HTTP response: {e}")))
-    }
-
-    /// Reads until the server closes, at most `max_body` bytes (plus headers).
-    fn read_all(
-        &self,
-        r: &mut impl Read,
-        raw: &mut Vec<u8>,
-        set_timeouts: &dyn Fn() -> Result<(), Failure>,
-    ) -> Result<(), Failure> {
-        let mut buf = [0u8; 8192];
-        loop {
-            set_timeouts()?;
-            match r.read(&mut buf) {
-                Ok(0) => return Ok(()),
-                Ok(n) => raw.extend_from_slice(&buf[..n]),
-                // No close_notify: the length checks in parse_response catch a cut.
-                Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(()),
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => {
-                    return Err(Failure::retry(format!(
-                        "reading the response failed: {}",
-                        io_words(&e)
-                    )))
+            format!("{host}:{port}")
+        };
+        match e {
+            ureq::Error::HostNotFound => {
+                Failure::retry(format!("DNS lookup of {host} failed: no address"))
+            }
+            ureq::Error::Io(e) if e.get_ref().is_some_and(|i| i.is::<LookupError>()) => {
+                Failure::retry(format!("DNS lookup of {host} failed: {e}"))
+            }
+            // rustls reports through the stream's I/O errors.
+            ureq::Error::Io(e) if e.get_ref().is_some_and(|i| i.is::<rustls::Error>()) => {
+                let tls = e
+                    .into_inner()
+                    .and_then(|i| i.downcast::<rustls::Error>().ok());
+                match tls {
+                    Some(t) => self.failure(uri, host, ureq::Error::Rustls(*t)),
+                    None => Failure::retry("TLS failed".into()),
                 }
             }
-            if raw.len() > self.policy.max_body + 16384 {
-                return Err(Failure::stop(format!(
-                    "the response is larger than {} bytes",
-                    self.policy.max_body
-                )));
+            ureq::Error::Io(e) => match e.kind() {
+                io::ErrorKind::ConnectionRefused
+                | io::ErrorKind::HostUnreachable
+                | io::ErrorKind::NetworkUnreachable => {
+                    Failure::retry(format!("connection to {at} failed: {}", io_words(&e)))
+                }
+                _ => Failure::retry(format!("exchange with {at} failed: {}", io_words(&e))),
+            },
+            // ureq names the stage whose timeout ran out first; the attempt's
+            // own bound is its "global" one.
+            ureq::Error::Timeout(stage) => {
+                Failure::retry(format!("{at}: timed out ({stage} timeout)"))
             }
-        }
-    }
-
-    /// A handshake error: a TLS error (not retried) or an I/O error.
-    fn tls_failure(&self, host: &str, e: &io::Error) -> Failure {
-        let tls = e.get_ref().and_then(|i| i.downcast_ref::<rustls::Error>());
-        match tls {
-            Some(t) => {
-                let mut message = format!("TLS with {host} failed: {}", tls_words(t));
+            ureq::Error::Rustls(t) => {
+                let mut message = format!("TLS with {host} failed: {}", tls_words(&t));
                 if let Some(note) = clock_note(SystemTime::now(), self.not_before) {
                     message.push_str("; ");
                     message.push_str(&note);
                 }
                 Failure::stop(message)
             }
-            None => Failure::retry(format!("TLS handshake with {host} failed: {}", io_words(e))),
+            ureq::Error::RequireHttpsOnly(to) => {
+                Failure::stop(format!("redirected to plain http ({to}), which is refused"))
+            }
+            ureq::Error::TooManyRedirects => Failure::stop("too many redirects".into()),
+            ureq::Error::BodyExceedsLimit(_) => Failure::stop(format!(
+                "the response is larger than {} bytes",
+                self.policy.max_body
+            )),
+            ureq::Error::Protocol(e) => Failure::retry(format!("bad HTTP response: {e}")),
+            e => Failure::retry(e.to_string()),
         }
     }
 }
@@ -636,6 +458,7 @@ mod tests {
     use crate::net::keys::{parse_keys, tests::ED25519};
     use crate::net::test_server::{KeyServer, Validity};
     use std::cell::RefCell;
+    use std::io::{Read, Write};
     use std::net::TcpListener;
 
     /// Short waits, three attempts.
@@ -732,71 +555,65 @@ mod tests {
 
     #[test]
     fn urls() {
-        let u = Url::parse("https://github.com/alice.keys").expect("valid");
-        assert_eq!(
-            u,
-            Url {
-                https: true,
-                host: "github.com".into(),
-                port: 443,
-                path: "/alice.keys".into()
-            }
-        );
-        assert_eq!(u.host_header(), "github.com");
-        let u = Url::parse("http://10.0.2.2:8080?u=a#frag").expect("valid");
-        assert_eq!((u.https, u.port, u.path.as_str()), (false, 8080, "/?u=a"));
-        assert_eq!(u.host_header(), "10.0.2.2:8080");
-        let u = Url::parse("https://[fd00::1]:8443/k").expect("valid");
-        assert_eq!((u.host.as_str(), u.port), ("fd00::1", 8443));
-        assert_eq!(u.host_header(), "[fd00::1]:8443");
-        assert_eq!(
-            u.join("/other").expect("path").path,
-            "/other",
-            "an absolute path keeps the host"
-        );
-        assert!(u.join("relative").is_err());
-        for bad in [
-            "ftp://x/",
-            "github.com/a",
-            "https://",
-            "https://u:p@h/",
-            "https://h:99999/",
+        for good in [
+            "https://github.com/alice.keys",
+            "http://10.0.2.2:8080?u=a#frag",
+            "https://[fd00::1]:8443/k",
         ] {
-            assert!(Url::parse(bad).is_err(), "{bad}");
+            assert!(check_url(good).is_ok(), "{good}");
         }
+        for (bad, want) in [
+            ("ftp://x/", "not an http"),
+            ("github.com/a", "not a valid URL"),
+            ("https://", "not a valid URL"),
+            ("https://u:p@h/", "user name or password"),
+            ("https://h:99999/", "not a valid URL"),
+        ] {
+            let e = check_url(bad).expect_err(bad);
+            assert!(e.contains(want), "{bad}: {e}");
+        }
+    }
+
+    /// Serves `response` once on a plain-http port; returns the URL and the
+    /// thread that yields the request's head.
+    fn serve_once(response: &'static [u8]) -> (String, std::thread::JoinHandle<String>) {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("listen");
+        let port = listener.local_addr().expect("addr").port();
+        let server = std::thread::spawn(move || {
+            let (mut sock, _) = listener.accept().expect("accept");
+            let mut head = Vec::new();
+            let mut buf = [0u8; 512];
+            while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                let n = sock.read(&mut buf).expect("read");
+                assert!(n > 0, "request cut short");
+                head.extend_from_slice(&buf[..n]);
+            }
+            sock.write_all(response).expect("write");
+            String::from_utf8_lossy(&head).into_owned()
+        });
+        (format!("http://127.0.0.1:{port}/k"), server)
     }
 
     #[test]
     fn responses() {
-        let r =
-            parse_response(b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\nabcdef").expect("valid");
-        assert_eq!(
-            (r.status, r.reason.as_str(), r.body.as_slice()),
-            (200, "OK", &b"abc"[..])
-        );
-        let r = parse_response(
+        let mut c = Client::new(&[], true, UNIX_EPOCH).expect("client");
+        c.policy = Policy {
+            max_attempts: 1,
+            ..quick()
+        };
+        let (url, server) = serve_once(
             b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n2;x=y\r\nde\r\n0\r\n\r\n",
-        )
-        .expect("valid");
-        assert_eq!(r.body, b"abcde");
-        let r = parse_response(b"HTTP/1.0 404 Not Found\r\n\r\nnope").expect("valid");
-        assert_eq!((r.status, r.body.as_slice()), (404, &b"nope"[..]));
-        for (raw, want) in [
-            (
-                &b"HTTP/1.1 200 OK\r\nContent-Length: 9\r\n\r\nabc"[..],
-                "cut short",
-            ),
-            (
-                b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n",
-                "cut short",
-            ),
-            (b"HTTP/1.1 200 OK\r\nContent-", "inside its headers"),
-            (b"SSH-2.0-OpenSSH\r\n\r\n", "not an HTTP/1 response"),
-            (b"HTTP/1.1 abc\r\n\r\n", "bad status line"),
-        ] {
-            let e = parse_response(raw).expect_err("bad response");
-            assert!(e.contains(want), "{e}");
-        }
+        );
+        assert_eq!(get(&c, &url).0.expect("chunked"), "abcde");
+        server.join().expect("server");
+        let (url, server) = serve_once(b"HTTP/1.1 200 OK\r\nContent-Length: 9\r\n\r\nabc");
+        let msg = err_of(get(&c, &url).0);
+        server.join().expect("server");
+        assert!(msg.contains(&format!("cannot fetch {url}")), "{msg}");
+        let (url, server) = serve_once(b"SSH-2.0-OpenSSH\r\n\r\n");
+        let msg = err_of(get(&c, &url).0);
+        server.join().expect("server");
+        assert!(msg.contains("bad HTTP response"), "{msg}");
     }
 
     #[test]
@@ -833,25 +650,24 @@ mod tests {
 
     #[test]
     fn rate_limits_are_retried_and_retry_after_is_honoured_within_the_bound() {
-        let resp = |status: u16, headers: &[(&str, &str)]| Response {
-            status,
-            reason: "R".into(),
-            headers: headers
-                .iter()
-                .map(|(n, v)| (n.to_string(), v.to_string()))
-                .collect(),
-            body: Vec::new(),
+        let resp = |status: u16, headers: &[(&'static str, &'static str)]| {
+            let status = StatusCode::from_u16(status).expect("status");
+            let mut map = HeaderMap::new();
+            for (n, v) in headers {
+                map.insert(*n, ureq::http::HeaderValue::from_static(v));
+            }
+            classify(status, &map)
         };
         // GitHub's rate limit: 403 with nothing left, retried.
-        let f = classify(&resp(403, &[("X-RateLimit-Remaining", "0")]));
+        let f = resp(403, &[("x-ratelimit-remaining", "0")]);
         assert!(f.retry, "{f:?}");
         assert!(f.message.contains("rate limited"), "{f:?}");
         // A plain 403 is final, as is 404.
-        assert!(!classify(&resp(403, &[("x-ratelimit-remaining", "59")])).retry);
-        assert!(!classify(&resp(404, &[])).retry);
+        assert!(!resp(403, &[("x-ratelimit-remaining", "59")]).retry);
+        assert!(!resp(404, &[]).retry);
         // Retry-After on 429 and 503.
         for status in [429, 503] {
-            let f = classify(&resp(status, &[("Retry-After", "7")]));
+            let f = resp(status, &[("retry-after", "7")]);
             assert!(f.retry);
             assert_eq!(f.after, Some(Duration::from_secs(7)));
         }
@@ -952,32 +768,20 @@ mod tests {
 
     #[test]
     fn plain_http_only_when_allowed() {
-        let listener = TcpListener::bind("127.0.0.1:0").expect("listen");
-        let port = listener.local_addr().expect("addr").port();
-        let url = format!("http://127.0.0.1:{port}/k");
+        let (url, server) = serve_once(b"HTTP/1.1 200 OK\r\nContent-Length: 6\r\n\r\nkeys!\n");
         let mut c = Client::new(&[], false, UNIX_EPOCH).expect("client");
         c.policy = quick();
         let msg = err_of(get(&c, &url).0);
         assert!(msg.contains("refusing plain http"), "{msg}");
-        let server = std::thread::spawn(move || {
-            let (mut sock, _) = listener.accept().expect("accept");
-            let mut head = Vec::new();
-            let mut buf = [0u8; 512];
-            while !head.windows(4).any(|w| w == b"\r\n\r\n") {
-                let n = sock.read(&mut buf).expect("read");
-                assert!(n > 0, "request cut short");
-                head.extend_from_slice(&buf[..n]);
-            }
-            sock.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 6\r\n\r\nkeys!\n")
-                .expect("write");
-            String::from_utf8_lossy(&head).into_owned()
-        });
         c.allow_http = true;
         assert_eq!(get(&c, &url).0.expect("allowed"), "keys!\n");
         let head = server.join().expect("server thread");
         assert!(head.starts_with("GET /k HTTP/1.1\r\n"), "{head}");
+        // Header names are case-insensitive (RFC 9110 §5.1).
+        let host = url.trim_start_matches("http://").trim_end_matches("/k");
         assert!(
-            head.contains(&format!("\r\nHost: 127.0.0.1:{port}\r\n")),
+            head.to_ascii_lowercase()
+                .contains(&format!("\r\nhost: {host}\r\n")),
             "{head}"
         );
     }

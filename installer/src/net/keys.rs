@@ -12,6 +12,10 @@ use anyhow::{bail, Context, Result};
 use base64::engine::general_purpose::{STANDARD, STANDARD_NO_PAD};
 use base64::Engine as _;
 use sha2::{Digest, Sha256};
+use ssh_encoding::Decode as _;
+use ssh_key::authorized_keys::Entry;
+use ssh_key::PublicKey;
+use std::str::FromStr as _;
 
 /// Key types accepted in `authorized_keys`.
 pub const KEY_TYPES: &[&str] = &[
@@ -68,66 +72,73 @@ fn excerpt(line: &str, n: usize) -> String {
     format!("{s:?}")
 }
 
-/// The first whitespace-separated field of `s` and the rest, both trimmed.
-fn split_field(s: &str) -> (&str, &str) {
-    let s = s.trim();
-    match s.split_once(char::is_whitespace) {
-        Some((first, rest)) => (first, rest.trim()),
-        None => (s, ""),
-    }
-}
-
-/// Checks one `authorized_keys` line: a known type, base64 that decodes and
-/// whose embedded type is the line's type, an optional comment. Options
-/// before the type (`from=…`, `command=…`) are refused. The error says what
-/// is wrong, without the source (see [`parse_keys`]).
+/// Checks one `authorized_keys` line with the `ssh-key` crate (the
+/// `authorized_keys` format of sshd(8), AUTHORIZED_KEYS FILE FORMAT), then
+/// nodeflash's rules on top: a type in [`KEY_TYPES`] (DSA refused), no
+/// options before the type (`from=…`, `command=…`), an optional comment. The
+/// error says what is wrong, without the source (see [`parse_keys`]).
 pub fn parse_line(line: &str, source: &str) -> Result<Key, String> {
     let line = line.trim();
-    let (kind, rest) = split_field(line);
+    let (kind, rest) = match line.split_once(char::is_whitespace) {
+        Some((kind, rest)) => (kind, rest.trim()),
+        None => (line, ""),
+    };
+    if kind == "ssh-dss" {
+        return Err("ssh-dss (DSA) keys are refused: OpenSSH no longer accepts them".into());
+    }
     if !KEY_TYPES.contains(&kind) {
-        if kind == "ssh-dss" {
-            return Err("ssh-dss (DSA) keys are refused: OpenSSH no longer accepts them".into());
-        }
-        if line
-            .split_whitespace()
-            .skip(1)
-            .any(|w| KEY_TYPES.contains(&w) || w == "ssh-dss")
-        {
-            return Err(format!(
+        return match Entry::from_str(line) {
+            Ok(e) if !e.config_opts().is_empty() => Err(format!(
                 "options before the key type are not accepted: {}",
                 excerpt(line, 40)
-            ));
-        }
-        return Err(format!("not an SSH public key: {}", excerpt(line, 40)));
+            )),
+            _ => Err(format!("not an SSH public key: {}", excerpt(line, 40))),
+        };
     }
-    let (b64, comment) = split_field(rest);
-    if b64.is_empty() {
+    if rest.is_empty() {
         return Err(format!("{kind} key without its base64 data"));
     }
-    let blob = STANDARD
-        .decode(b64)
-        .map_err(|e| format!("{kind} key data is not valid base64 ({e})"))?;
-    let embedded = blob
-        .get(..4)
-        .map(|n| u32::from_be_bytes([n[0], n[1], n[2], n[3]]) as usize)
-        .and_then(|n| blob.get(4..4 + n))
-        .ok_or_else(|| format!("{kind} key data is truncated"))?;
-    if embedded != kind.as_bytes() {
-        return Err(format!(
-            "key data is of type {:?}, not {kind}",
-            String::from_utf8_lossy(embedded)
-        ));
-    }
-    if blob.len() <= 4 + embedded.len() {
-        return Err(format!("{kind} key data holds no key"));
-    }
-    let comment = (!comment.is_empty()).then(|| comment.to_string());
+    let public = PublicKey::from_openssh(line).map_err(|e| describe(kind, rest, &e))?;
+    let blob = public
+        .to_bytes()
+        .map_err(|e| format!("{kind} key cannot be encoded again ({e})"))?;
+    let comment = Some(public.comment()).filter(|c| !c.is_empty());
     Ok(Key {
         kind: kind.to_string(),
         blob,
-        comment,
+        comment: comment.map(str::to_string),
         source: source.to_string(),
     })
+}
+
+/// What the `ssh-key` crate's error `e` means for a line of type `kind` whose
+/// key data (base64) starts `data`.
+fn describe(kind: &str, data: &str, e: &ssh_key::Error) -> String {
+    use ssh_encoding::{base64, Error as Encoding};
+    match e {
+        ssh_key::Error::AlgorithmUnknown => {
+            // The blob names another type than the line: say which.
+            let b64 = data.split_whitespace().next().unwrap_or_default();
+            let embedded = STANDARD
+                .decode(b64)
+                .ok()
+                .and_then(|blob| String::decode(&mut blob.as_slice()).ok());
+            match embedded {
+                Some(t) if t != kind => format!("key data is of type {t:?}, not {kind}"),
+                _ => format!("{kind} key data is not a {kind} key"),
+            }
+        }
+        ssh_key::Error::Encoding(
+            Encoding::Length | Encoding::Base64(base64::Error::InvalidLength),
+        ) => format!("{kind} key data is truncated"),
+        ssh_key::Error::Encoding(
+            Encoding::CharacterEncoding | Encoding::Base64(base64::Error::InvalidEncoding),
+        ) => format!("{kind} key data is not valid base64 ({e})"),
+        ssh_key::Error::Encoding(Encoding::TrailingData { remaining }) => {
+            format!("{kind} key data has {remaining} bytes after the key")
+        }
+        _ => format!("{kind} key data is not a valid {kind} key ({e})"),
+    }
 }
 
 /// Parses a whole `authorized_keys` text (a fetched body): empty lines and
@@ -239,11 +250,43 @@ pub(crate) mod tests {
     pub(crate) const ECDSA: &str = "ecdsa-sha2-nistp256 AAAAE2VjZHNhLXNoYTItbmlzdHAyNTYAAAAIbmlzdHAyNTYAAABBBKAPiBvog88AtRIjiwMBLTly3/kOwviPlxRNlfhhkcPgLDLUoASH2lhmHTfWGTMaRMzXLFYCkxmZeKPI9zDX3e0=";
     const ECDSA_FP: &str = "SHA256:loyNhTIuNyXZBB116+CcX8YsKgZLu7vcTTh3j6OveaQ";
 
-    /// A blob of type `kind` with some key bytes, base64-encoded.
+    /// A well-formed blob of type `kind` (RFC 4253 6.6, RFC 5656 3.1 and
+    /// OpenSSH's PROTOCOL.u2f: the fields of each type, with made-up key
+    /// bytes), base64-encoded.
     fn blob_b64(kind: &str) -> String {
-        let mut b = (kind.len() as u32).to_be_bytes().to_vec();
-        b.extend_from_slice(kind.as_bytes());
-        b.extend_from_slice(&[0, 0, 0, 4, 1, 2, 3, 4]);
+        fn string(b: &mut Vec<u8>, s: &[u8]) {
+            b.extend_from_slice(&(s.len() as u32).to_be_bytes());
+            b.extend_from_slice(s);
+        }
+        let point = |n: usize| [vec![4], vec![7; 2 * n]].concat();
+        let mut b = Vec::new();
+        string(&mut b, kind.as_bytes());
+        match kind {
+            "ssh-ed25519" => string(&mut b, &[7; 32]),
+            "sk-ssh-ed25519@openssh.com" => {
+                string(&mut b, &[7; 32]);
+                string(&mut b, b"ssh:");
+            }
+            // e, then n with a leading zero byte (a positive mpint).
+            "ssh-rsa" | "ssh-dss" => {
+                string(&mut b, &[1, 0, 1]);
+                string(&mut b, &[[0].as_slice(), &[0xc5; 256]].concat());
+            }
+            "sk-ecdsa-sha2-nistp256@openssh.com" => {
+                string(&mut b, b"nistp256");
+                string(&mut b, &point(32));
+                string(&mut b, b"ssh:");
+            }
+            _ => {
+                let (curve, n) = match kind {
+                    "ecdsa-sha2-nistp384" => ("nistp384", 48),
+                    "ecdsa-sha2-nistp521" => ("nistp521", 66),
+                    _ => ("nistp256", 32),
+                };
+                string(&mut b, curve.as_bytes());
+                string(&mut b, &point(n));
+            }
+        }
         STANDARD.encode(b)
     }
 
