@@ -17,11 +17,13 @@ use crate::image::ImageInfo;
 pub const EFIVARS: &str = "/sys/firmware/efi/efivars";
 /// The global variable saying whether the firmware enforces Secure Boot
 /// (UEFI 2.10, 3.3 "Globally Defined Variables": `SecureBoot`, a UINT8,
-/// 1 enforcing, 0 not), as efivarfs names it: `Name-VendorGuid`.
-pub const SECURE_BOOT_VAR: &str = "SecureBoot-8be4df61-93ca-11d0-aae4-dddb93b7c4b3";
+/// 1 enforcing, 0 not), as efivarfs names it: `Name-VendorGuid`, with
+/// `EFI_GLOBAL_VARIABLE` = {8BE4DF61-93CA-11d2-AA0D-00E098032B8C} (UEFI
+/// 2.10, 3.3; edk2 `MdePkg/Include/Guid/GlobalVariable.h`).
+pub const SECURE_BOOT_VAR: &str = "SecureBoot-8be4df61-93ca-11d2-aa0d-00e098032b8c";
 /// The global variable saying the platform has no Platform Key yet
 /// (`SetupMode`, UINT8: 1 in setup mode, where nothing is enforced).
-pub const SETUP_MODE_VAR: &str = "SetupMode-8be4df61-93ca-11d0-aae4-dddb93b7c4b3";
+pub const SETUP_MODE_VAR: &str = "SetupMode-8be4df61-93ca-11d2-aa0d-00e098032b8c";
 /// shim's copy of its "insecure mode" (`mokutil --disable-validation`) for
 /// the OS, in shim's vendor GUID.
 pub const MOK_SB_STATE_RT_VAR: &str = "MokSBStateRT-605dab50-e046-4300-abb6-3dd810dd8b23";
@@ -138,6 +140,7 @@ Boot can be turned back on";
 /// Errors: [`REFUSAL`] when Secure Boot is enforced.
 pub(crate) fn refuse_if_enforced(info: &ImageInfo) -> Result<()> {
     if !Path::new("/sys/firmware/efi").exists() {
+        crate::say!("Secure Boot: off (not started through UEFI)");
         return Ok(());
     }
     let dir = Path::new("/lib/modules").join(&info.kernel_release);
@@ -168,7 +171,10 @@ pub(crate) fn refuse_if_enforced(info: &ImageInfo) -> Result<()> {
     }
     match state(Path::new(EFIVARS)) {
         SecureBoot::Enforced => bail!("{REFUSAL}"),
-        SecureBoot::Off(_) => Ok(()),
+        SecureBoot::Off(why) => {
+            crate::say!("Secure Boot: off ({why})");
+            Ok(())
+        }
         SecureBoot::Unknown(why) => {
             crate::say!("warning: cannot tell whether Secure Boot is on: {why}");
             Ok(())
