@@ -882,7 +882,7 @@ fn write_efi(
         ("EFI/BOOT/grubx64.efi", Source::Path(inputs.grub.clone())),
         (
             GRUB_CFG_PATH,
-            Source::Bytes(grub_cfg(profile, info)?.into_bytes()),
+            Source::Bytes(grub_cfg(profile, info.short_id())?.into_bytes()),
         ),
         ("nodeflash/vmlinuz", Source::Path(inputs.kernel.clone())),
         ("nodeflash/initrd.zst", Source::Path(initrd.to_path_buf())),
@@ -908,7 +908,7 @@ fn write_efi(
 /// backslashes or control characters is refused, since GRUB would escape
 /// them (`grub-core/lib/cmdline.c`) and the kernel would see other bytes
 /// than the profile's.
-fn grub_cfg(profile: &Profile, info: &ImageInfo) -> Result<String> {
+fn grub_cfg(profile: &Profile, short_id: &str) -> Result<String> {
     let cmdline = &profile.image.cmdline;
     if let Some(c) = cmdline
         .chars()
@@ -927,7 +927,41 @@ fn grub_cfg(profile: &Profile, info: &ImageInfo) -> Result<String> {
     Ok(format!(
         "set timeout=0\nset default=0\nmenuentry 'nodeflash {} ({})' {{\n    linux /nodeflash/vmlinuz {}\n    initrd /nodeflash/initrd.zst\n}}\n",
         profile.name,
-        info.short_id(),
+        short_id,
         words.join(" ")
     ))
+}
+
+#[cfg(test)]
+mod grub_tests {
+    use super::*;
+
+    fn profile(cmdline: &str) -> Profile {
+        Profile::parse(
+            &format!(
+                "name = \"t\"\n[image]\ncmdline = {cmdline:?}\n[disk]\nselect = {{ serial = \"S\" }}\n"
+            ),
+            "t.toml",
+        )
+        .expect("profile")
+    }
+
+    #[test]
+    fn grub_boots_the_installer_at_once_with_the_profiles_command_line() {
+        let cfg = grub_cfg(
+            &profile("console=ttyS0,115200 quiet a=$x;b"),
+            "0123456789ab",
+        )
+        .expect("cfg");
+        assert_eq!(
+            cfg,
+            "set timeout=0\nset default=0\nmenuentry 'nodeflash t (0123456789ab)' {\n    \
+             linux /nodeflash/vmlinuz 'console=ttyS0,115200' 'quiet' 'a=$x;b'\n    \
+             initrd /nodeflash/initrd.zst\n}\n"
+        );
+        for bad in ["a=\"b c\"", "it's", "a\\b"] {
+            let e = grub_cfg(&profile(bad), "0").expect_err("refused");
+            assert!(format!("{e:#}").contains("[image] cmdline holds"), "{e:#}");
+        }
+    }
 }

@@ -164,3 +164,38 @@ pub fn esp_extent(iso: &Path) -> Result<(u64, u64)> {
     }
     Ok((first, last - first + 1))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_cd_config_keeps_its_length_whatever_the_numbers() {
+        let a = cd_grub_cfg("NODEFLASH_QEMU", (0, 0), "EFI/debian/grub.cfg");
+        let b = cd_grub_cfg("NODEFLASH_QEMU", (51232, 59392), "EFI/debian/grub.cfg");
+        assert_eq!(a.len(), b.len());
+        assert!(
+            b.contains("loopback esp ($root)51232+59392 "),
+            "no leading zeros (GRUB would read octal): {b}"
+        );
+        assert!(b.ends_with("source /EFI/debian/grub.cfg\n"), "{b}");
+    }
+
+    #[test]
+    fn the_esp_is_found_in_the_gpt() {
+        let t = tempfile::tempdir().expect("tempdir");
+        let iso = t.path().join("x.iso");
+        let mut bytes = vec![0u8; 4096];
+        bytes[512..520].copy_from_slice(b"EFI PART");
+        bytes[512 + 72..512 + 80].copy_from_slice(&2u64.to_le_bytes());
+        bytes[512 + 84..512 + 88].copy_from_slice(&128u32.to_le_bytes());
+        let second = 1024 + 128;
+        bytes[second + 32..second + 40].copy_from_slice(&100u64.to_le_bytes());
+        bytes[second + 40..second + 48].copy_from_slice(&199u64.to_le_bytes());
+        std::fs::write(&iso, &bytes).expect("write");
+        assert_eq!(esp_extent(&iso).expect("extent"), (100, 100));
+        bytes[512] = b'X';
+        std::fs::write(&iso, &bytes).expect("write");
+        assert!(esp_extent(&iso).is_err());
+    }
+}
