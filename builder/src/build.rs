@@ -81,7 +81,7 @@ const INITRD_ZSTD_LEVEL: i32 = 10;
 /// the image ID, so cached artefacts are not reused across a change: bump it
 /// whenever a writer's output changes (the reproducibility test catches a
 /// forgotten bump: the rebuilt ISO then differs from the cached one).
-const ARTEFACT_FORMAT: &str = "4";
+const ARTEFACT_FORMAT: &str = "7";
 
 #[derive(Debug)]
 pub struct BuildOptions {
@@ -510,13 +510,14 @@ pub fn build(opts: &BuildOptions) -> Result<BuildSummary> {
                 .iter()
                 .map(|p| (PAYLOAD_ISO_PATH, p.path.as_path()))
                 .collect();
-            iso::write_iso(
+            iso::write_hybrid_iso(
                 p,
                 root.path(),
                 &grafts,
                 &efi,
                 &label[..label.len().min(32)],
                 &info.volume_set_id(),
+                GRUB_CFG_PATH,
             )
         })
     })?;
@@ -833,6 +834,8 @@ fn assemble(
         payload.as_ref().map_or("", |p| p.manifest_sha256.as_str()),
         &sha256_file(&inputs.kernel)?,
         &sha256_file(&inputs.systemd_boot)?,
+        &sha256_file(&inputs.shim)?,
+        &sha256_file(&inputs.grub)?,
         &profile.image.cmdline,
         &INITRD_ZSTD_LEVEL.to_string(),
         &serde_json::to_string(&(&boot, mode, &inputs.packages))
@@ -859,7 +862,19 @@ fn assemble(
     Ok((fs, info))
 }
 
-/// The FAT image: systemd-boot at the removable path, one loader entry.
+/// Where Debian's signed GRUB (`grubx64.efi` of `grub-efi-amd64-signed`)
+/// reads its configuration: the image embeds the prefix `/EFI/debian` (on
+/// the device it was started from) and a memdisk `grub.cfg` that sources
+/// `$prefix/grub.cfg` when that directory exists (Debian's
+/// `debian/build-efi-images` in the grub2 source; read from the image's
+/// `mods` section, see docs/secure-boot.md).
+pub const GRUB_CFG_PATH: &str = "EFI/debian/grub.cfg";
+
+/// The FAT image, booted through Debian's signed chain so that it also
+/// starts under Secure Boot: shim at the removable path
+/// `EFI/BOOT/BOOTX64.EFI`, the signed GRUB beside it as `grubx64.efi`
+/// (shim's default loader, looked up in its own directory), GRUB's
+/// configuration at [`GRUB_CFG_PATH`], the kernel and the initramfs.
 fn write_efi(
     out: &Path,
     inputs: &BuildInputs,
@@ -867,25 +882,12 @@ fn write_efi(
     profile: &Profile,
     info: &ImageInfo,
 ) -> Result<()> {
-    let loader = "timeout 0\ndefault nodeflash.conf\nconsole-mode keep\neditor no\n";
-    let entry = format!(
-        "title nodeflash {} ({})\nlinux /nodeflash/vmlinuz\ninitrd /nodeflash/initrd.zst\noptions {}\n",
-        profile.name,
-        info.short_id(),
-        profile.image.cmdline
-    );
     let files = [
+        ("EFI/BOOT/BOOTX64.EFI", Source::Path(inputs.shim.clone())),
+        ("EFI/BOOT/grubx64.efi", Source::Path(inputs.grub.clone())),
         (
-            "EFI/BOOT/BOOTX64.EFI",
-            Source::Path(inputs.systemd_boot.clone()),
-        ),
-        (
-            "loader/loader.conf",
-            Source::Bytes(loader.as_bytes().to_vec()),
-        ),
-        (
-            "loader/entries/nodeflash.conf",
-            Source::Bytes(entry.into_bytes()),
+            GRUB_CFG_PATH,
+            Source::Bytes(grub_cfg(profile, info.short_id())?.into_bytes()),
         ),
         ("nodeflash/vmlinuz", Source::Path(inputs.kernel.clone())),
         ("nodeflash/initrd.zst", Source::Path(initrd.to_path_buf())),
@@ -900,4 +902,71 @@ fn write_efi(
     let id = u32::from_str_radix(&info.image_id[..8], 16).context("image id is not hex")?;
     write_fat_image(out, "NODEFLASH", id, &files)?;
     Ok(())
+}
+
+/// GRUB's configuration on the stick: boot the installer at once, with the
+/// profile's kernel command line. The kernel and initramfs are read from
+/// GRUB's `$root`, the partition GRUB itself was started from.
+///
+/// Each word of `[image] cmdline` is single-quoted for GRUB's shell-like
+/// parser (grub.texi, "Shell-like scripting"); a command line with quotes,
+/// backslashes or control characters is refused, since GRUB would escape
+/// them (`grub-core/lib/cmdline.c`) and the kernel would see other bytes
+/// than the profile's.
+fn grub_cfg(profile: &Profile, short_id: &str) -> Result<String> {
+    let cmdline = &profile.image.cmdline;
+    if let Some(c) = cmdline
+        .chars()
+        .find(|c| matches!(c, '"' | '\'' | '\\') || c.is_control())
+    {
+        bail!(
+            "profile {}: [image] cmdline holds {c:?}, which the stick's boot loader (GRUB) \
+             cannot pass to the kernel unchanged: remove it",
+            profile.name
+        );
+    }
+    let words: Vec<String> = cmdline
+        .split_whitespace()
+        .map(|w| format!("'{w}'"))
+        .collect();
+    Ok(format!(
+        "set timeout=0\nset default=0\nmenuentry 'nodeflash {} ({})' {{\n    linux /nodeflash/vmlinuz {}\n    initrd /nodeflash/initrd.zst\n}}\n",
+        profile.name,
+        short_id,
+        words.join(" ")
+    ))
+}
+
+#[cfg(test)]
+mod grub_tests {
+    use super::*;
+
+    fn profile(cmdline: &str) -> Profile {
+        Profile::parse(
+            &format!(
+                "name = \"t\"\n[image]\ncmdline = {cmdline:?}\n[disk]\nselect = {{ serial = \"S\" }}\n"
+            ),
+            "t.toml",
+        )
+        .expect("profile")
+    }
+
+    #[test]
+    fn grub_boots_the_installer_at_once_with_the_profiles_command_line() {
+        let cfg = grub_cfg(
+            &profile("console=ttyS0,115200 quiet a=$x;b"),
+            "0123456789ab",
+        )
+        .expect("cfg");
+        assert_eq!(
+            cfg,
+            "set timeout=0\nset default=0\nmenuentry 'nodeflash t (0123456789ab)' {\n    \
+             linux /nodeflash/vmlinuz 'console=ttyS0,115200' 'quiet' 'a=$x;b'\n    \
+             initrd /nodeflash/initrd.zst\n}\n"
+        );
+        for bad in ["a=\"b c\"", "it's", "a\\b"] {
+            let e = grub_cfg(&profile(bad), "0").expect_err("refused");
+            assert!(format!("{e:#}").contains("[image] cmdline holds"), "{e:#}");
+        }
+    }
 }

@@ -44,6 +44,20 @@ const USERSPACE: &[&str] = &[
 /// Only the files the image's modules name (`firmware=`) are copied.
 const FIRMWARE: &[&str] = &["firmware-realtek", "firmware-misc-nonfree"];
 
+/// The stick's first stage under UEFI: shim signed by Microsoft's UEFI CA
+/// (what firmware with Secure Boot on trusts out of the box). It starts
+/// `grubx64.efi` from its own directory (shim's `DEFAULT_LOADER`).
+const SHIM: &str = "shim-signed";
+/// Where [`SHIM`] has its binary.
+const SHIM_EFI: &str = "usr/lib/shim/shimx64.efi.signed";
+/// The stick's second stage: GRUB signed by Debian's key, which shim
+/// trusts; it checks the kernel's signature through shim when Secure Boot
+/// is on. Bookworm signs no systemd-boot.
+const GRUB: &str = "grub-efi-amd64-signed";
+/// Where [`GRUB`] has its monolithic image (modules built in; prefix
+/// `/EFI/debian` embedded, see `build::write_efi`).
+const GRUB_EFI: &str = "usr/lib/grub/x86_64-efi-signed/grubx64.efi.signed";
+
 /// Programs of the ZFS userspace the image carries.
 const PROGRAMS: &[&str] = &["/sbin/zpool", "/sbin/zfs", "/sbin/zdb"];
 
@@ -84,6 +98,8 @@ fn package_names(release: &str) -> Result<Vec<String>> {
         kbuild,
         "zfs-dkms".to_string(),
         "systemd-boot-efi".to_string(),
+        SHIM.to_string(),
+        GRUB.to_string(),
     ];
     names.extend(USERSPACE.iter().map(|s| s.to_string()));
     names.extend(FIRMWARE.iter().map(|s| s.to_string()));
@@ -771,6 +787,8 @@ impl Provider for Debian {
         let image_pkg = format!("linux-image-{release}");
         let kernel_tree = steps::step("Unpacking inputs", || unpacked(&image_pkg))?;
         let boot_tree = unpacked("systemd-boot-efi")?;
+        let shim_tree = unpacked(SHIM)?;
+        let grub_tree = unpacked(GRUB)?;
         let firmware = FIRMWARE
             .iter()
             .map(|n| {
@@ -845,6 +863,8 @@ impl Provider for Debian {
             programs: PROGRAMS.iter().map(PathBuf::from).collect(),
             sysroot,
             systemd_boot: boot_tree.join("usr/lib/systemd/boot/efi/systemd-bootx64.efi"),
+            shim: shim_tree.join(SHIM_EFI),
+            grub: grub_tree.join(GRUB_EFI),
             firmware,
             kernel_release: release,
             id,
@@ -955,14 +975,16 @@ mod tests {
     fn package_set_follows_the_kernel_release() {
         let names = package_names("6.1.0-56-amd64").expect("names");
         assert_eq!(
-            &names[..6],
+            &names[..8],
             [
                 "linux-image-6.1.0-56-amd64",
                 "linux-headers-6.1.0-56-amd64",
                 "linux-headers-6.1.0-56-common",
                 "linux-kbuild-6.1",
                 "zfs-dkms",
-                "systemd-boot-efi"
+                "systemd-boot-efi",
+                "shim-signed",
+                "grub-efi-amd64-signed",
             ]
         );
         assert!(names.contains(&"libc6".to_string()));

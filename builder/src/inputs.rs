@@ -1,5 +1,6 @@
 //! Build inputs: the kernel, its modules, OpenZFS modules built for it, the
-//! ZFS userspace with its libraries, and systemd-boot. A [`Provider`] turns a
+//! ZFS userspace with its libraries, systemd-boot, and the stick's signed
+//! boot chain (shim and GRUB). A [`Provider`] turns a
 //! lock file of pinned versions into files on disk, through the cache.
 
 use std::path::{Path, PathBuf};
@@ -25,8 +26,13 @@ pub struct BuildInputs {
     pub sysroot: PathBuf,
     /// Programs from `sysroot` to put into the image (absolute paths inside it).
     pub programs: Vec<PathBuf>,
-    /// systemd-boot's EFI binary.
+    /// systemd-boot's EFI binary (the installed disk's boot loader).
     pub systemd_boot: PathBuf,
+    /// shim signed by Microsoft's UEFI CA: the stick's `EFI/BOOT/BOOTX64.EFI`.
+    pub shim: PathBuf,
+    /// GRUB signed by Debian: the stick's `EFI/BOOT/grubx64.efi`, which
+    /// shim starts.
+    pub grub: PathBuf,
     /// Directories laid out as `/lib/firmware`, searched in order for the
     /// firmware files the image's modules name.
     pub firmware: Vec<PathBuf>,

@@ -27,6 +27,9 @@ pub const VM_TOOLS: &[(&str, &str)] = &[
 pub const TEST_TOOLS: &[(&str, &str)] = &[
     ("qemu-system-x86_64", "qemu-system-x86"),
     ("/usr/share/OVMF/OVMF_CODE_4M.fd", "ovmf"),
+    // Secure Boot firmware and Microsoft's keys (boot::under_secure_boot_…)
+    ("/usr/share/OVMF/OVMF_CODE_4M.secboot.fd", "ovmf"),
+    ("/usr/share/OVMF/OVMF_VARS_4M.ms.fd", "ovmf"),
     // independent readers of what the builder writes, for cross-checks
     ("fsck.fat", "dosfstools"),
     ("cpio", "cpio"),

@@ -69,6 +69,51 @@ pub fn ovmf() -> Result<(PathBuf, PathBuf)> {
         })
 }
 
+/// OVMF built with Secure Boot, and a variables template with Microsoft's
+/// keys enrolled and Secure Boot on (what a consumer board ships with):
+/// `(code, variables template)`, in the order they are looked for.
+const OVMF_SECURE_BOOT_CANDIDATES: &[(&str, &str)] = &[
+    // Debian, Ubuntu (package ovmf)
+    (
+        "/usr/share/OVMF/OVMF_CODE_4M.secboot.fd",
+        "/usr/share/OVMF/OVMF_VARS_4M.ms.fd",
+    ),
+    // Fedora (edk2-ovmf)
+    (
+        "/usr/share/edk2/ovmf/OVMF_CODE.secboot.fd",
+        "/usr/share/edk2/ovmf/OVMF_VARS.secboot.fd",
+    ),
+];
+
+/// The Secure Boot OVMF: `NODEFLASH_OVMF_SB_CODE` and
+/// `NODEFLASH_OVMF_SB_VARS` when set, else the first installed candidate.
+/// It needs SMM (`-machine q35,smm=on`) and a secure flash
+/// (`-global driver=cfi.pflash01,property=secure,value=on`), which
+/// [`command`] adds.
+pub fn ovmf_secure_boot() -> Result<(PathBuf, PathBuf)> {
+    if let (Some(code), Some(vars)) = (
+        std::env::var_os("NODEFLASH_OVMF_SB_CODE"),
+        std::env::var_os("NODEFLASH_OVMF_SB_VARS"),
+    ) {
+        return Ok((code.into(), vars.into()));
+    }
+    OVMF_SECURE_BOOT_CANDIDATES
+        .iter()
+        .find(|(code, vars)| Path::new(code).is_file() && Path::new(vars).is_file())
+        .map(|(code, vars)| (PathBuf::from(code), PathBuf::from(vars)))
+        .with_context(|| {
+            format!(
+                "no OVMF firmware with Secure Boot found (looked for {}): install the package ovmf, \
+                 or set NODEFLASH_OVMF_SB_CODE and NODEFLASH_OVMF_SB_VARS",
+                OVMF_SECURE_BOOT_CANDIDATES
+                    .iter()
+                    .map(|(c, v)| format!("{c} with {v}"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )
+        })
+}
+
 /// How the ISO is attached.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Boot {
@@ -136,6 +181,9 @@ pub struct Machine {
     /// line instead of the disk's boot loader (QEMU's `-kernel`), e.g. to
     /// look at a disk that was deliberately left unbootable.
     pub kernel: Option<(PathBuf, PathBuf, String)>,
+    /// Firmware with Secure Boot on and Microsoft's keys enrolled
+    /// ([`ovmf_secure_boot`]) instead of plain OVMF.
+    pub secure_boot: bool,
 }
 
 impl Machine {
@@ -149,6 +197,7 @@ impl Machine {
             smbios_serial: None,
             mac: None,
             kernel: None,
+            secure_boot: false,
         }
     }
 }
@@ -195,6 +244,7 @@ fn probe_kvm() -> Result<bool> {
         .args(firmware_and_serial(
             dir.path(),
             &Console::File(serial.clone()),
+            false,
         )?)
         .stdin(Stdio::null())
         .stdout(Stdio::null())
@@ -227,10 +277,14 @@ fn probe_kvm() -> Result<bool> {
     Ok(ok)
 }
 
-/// OVMF (code read-only, a fresh copy of the variables in `dir`) and the
-/// serial port.
-fn firmware_and_serial(dir: &Path, console: &Console) -> Result<Vec<String>> {
-    let (code, template) = ovmf()?;
+/// OVMF (code read-only, a fresh copy of the variables in `dir`; with
+/// Secure Boot when `secure_boot`) and the serial port.
+fn firmware_and_serial(dir: &Path, console: &Console, secure_boot: bool) -> Result<Vec<String>> {
+    let (code, template) = if secure_boot {
+        ovmf_secure_boot()?
+    } else {
+        ovmf()?
+    };
     let vars = dir.join("OVMF_VARS.fd");
     std::fs::copy(&template, &vars)
         .with_context(|| format!("cannot copy {} to {}", template.display(), vars.display()))?;
@@ -259,9 +313,12 @@ pub fn command(m: &Machine, kvm: bool, console: &Console, dir: &Path) -> Result<
     } else {
         c.args(["-accel", "tcg", "-cpu", "max"]);
     }
+    // Secure Boot OVMF keeps its variables behind SMM: without SMM and a
+    // secure flash it does not start (OvmfPkg/README, "SMM support").
+    let machine = if m.secure_boot { "q35,smm=on" } else { "q35" };
     c.args([
         "-machine",
-        "q35",
+        machine,
         "-smp",
         &m.cpus.to_string(),
         "-m",
@@ -275,7 +332,10 @@ pub fn command(m: &Machine, kvm: bool, console: &Console, dir: &Path) -> Result<
         "-vga",
         "none",
     ])
-    .args(firmware_and_serial(dir, console)?);
+    .args(firmware_and_serial(dir, console, m.secure_boot)?);
+    if m.secure_boot {
+        c.args(["-global", "driver=cfi.pflash01,property=secure,value=on"]);
+    }
     let mut nic = "user,model=virtio-net-pci".to_string();
     if let Some(mac) = &m.mac {
         nic.push_str(&format!(",mac={mac}"));
@@ -731,6 +791,10 @@ mod tests {
         std::fs::write(t.path().join("vars.fd"), b"vars").expect("write");
         std::env::set_var("NODEFLASH_OVMF_CODE", t.path().join("code.fd"));
         std::env::set_var("NODEFLASH_OVMF_VARS", t.path().join("vars.fd"));
+        std::fs::write(t.path().join("sb-code.fd"), b"sb code").expect("write");
+        std::fs::write(t.path().join("ms-vars.fd"), b"ms vars").expect("write");
+        std::env::set_var("NODEFLASH_OVMF_SB_CODE", t.path().join("sb-code.fd"));
+        std::env::set_var("NODEFLASH_OVMF_SB_VARS", t.path().join("ms-vars.fd"));
         f(t.path())
     }
 
@@ -784,6 +848,33 @@ mod tests {
             assert!(a.contains("-serial file:/t/c.log"), "{a}");
             assert!(!a.contains("stick"), "{a}");
             assert!(a.ends_with("physical_block_size=4096,bootindex=1"), "{a}");
+        });
+    }
+
+    #[test]
+    fn secure_boot_needs_smm_a_secure_flash_and_microsofts_keys() {
+        with_fake_ovmf(|fw| {
+            let dir = tempfile::tempdir().expect("tempdir");
+            let mut m = Machine::new(PathBuf::from("/images/q.iso"), Boot::UsbStick);
+            m.secure_boot = true;
+            let c = command(&m, false, &Console::Terminal, dir.path()).expect("command");
+            let a = args(&c).join(" ");
+            assert!(a.contains("-machine q35,smm=on "), "{a}");
+            assert!(
+                a.contains("-global driver=cfi.pflash01,property=secure,value=on"),
+                "{a}"
+            );
+            assert!(
+                a.contains(&format!(
+                    "unit=0,readonly=on,file={}",
+                    fw.join("sb-code.fd").display()
+                )),
+                "{a}"
+            );
+            assert_eq!(
+                std::fs::read(dir.path().join("OVMF_VARS.fd")).expect("vars copied"),
+                b"ms vars"
+            );
         });
     }
 

@@ -26,6 +26,8 @@ use crate::say;
 pub(crate) fn install(profile: &Profile, info: &ImageInfo, started: Instant) -> Result<()> {
     let mut phases = Phases::new(started);
     phases.start("kernel modules");
+    // Before the unsigned ZFS modules and before any disk is opened.
+    crate::secureboot::refuse_if_enforced(info)?;
     crate::pid1::load_modules(info);
     crate::pid1::links_up();
     phases.start("boot medium and disks");
@@ -434,6 +436,11 @@ fn dataset_holding(profile: &Profile, path: &str) -> Option<(String, String)> {
 /// not be written. Nothing is made bootable here.
 pub(crate) fn keep_failure_log(profile: &Profile) -> Result<Option<String>> {
     let pool = profile.pool.name.to_string();
+    // Without the ZFS module no pool can be imported (a refusal before the
+    // modules were loaded): `zpool` would only try to load it.
+    if !Path::new("/dev/zfs").exists() {
+        return Ok(None);
+    }
     // Fails when the pool is not imported (it was exported, or never made).
     if run(Command::new("zpool").args(["list", "-H", "-o", "name", &pool])).is_err() {
         return Ok(None);

@@ -22,5 +22,6 @@ pub mod pid1;
 pub mod plan;
 pub mod profile;
 pub mod report;
+pub mod secureboot;
 pub mod zfs;
 pub mod zprop;

@@ -301,6 +301,11 @@ pub(crate) fn load_modules(info: &ImageInfo) {
             Ok(()) | Err(nix::errno::Errno::EEXIST) => loaded += 1,
             // No such hardware or CPU feature (e.g. an accelerated crc variant).
             Err(nix::errno::Errno::ENODEV) => {}
+            Err(e @ nix::errno::Errno::EKEYREJECTED) => say!(
+                "warning: cannot load module {}: {e} ({})",
+                path.display(),
+                crate::secureboot::KEY_REJECTED_HINT
+            ),
             Err(e) => say!("warning: cannot load module {}: {e}", path.display()),
         }
     }

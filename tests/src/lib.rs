@@ -234,6 +234,8 @@ pub struct VmConfig {
     pub mac: Option<String>,
     /// See [`nodeflash_builder::vm::Machine::kernel`].
     pub kernel: Option<(PathBuf, PathBuf, String)>,
+    /// See [`nodeflash_builder::vm::Machine::secure_boot`].
+    pub secure_boot: bool,
 }
 
 impl VmConfig {
@@ -247,6 +249,7 @@ impl VmConfig {
             smbios_serial: None,
             mac: None,
             kernel: None,
+            secure_boot: false,
         }
     }
 }
@@ -270,6 +273,7 @@ impl Vm {
             smbios_serial: cfg.smbios_serial.clone(),
             mac: cfg.mac.clone(),
             kernel: cfg.kernel.clone(),
+            secure_boot: cfg.secure_boot,
             ..Machine::new(cfg.iso.clone(), cfg.boot)
         };
         let mut c = vm::command(

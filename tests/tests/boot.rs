@@ -1,6 +1,6 @@
 //! The built `qemu` image booted in QEMU under UEFI, as a USB stick and as a CD.
 
-use nodeflash_tests::{assert_console, images_dir, Boot, Nvme, Vm, VmConfig};
+use nodeflash_tests::{assert_console, images_dir, Boot, DiskImage, Nvme, Vm, VmConfig};
 
 fn summary() -> serde_json::Value {
     let path = images_dir().join("qemu.json");
@@ -126,4 +126,62 @@ fn the_image_carries_homelab_drivers_and_their_firmware() {
             .count(),
         "the summary's firmware count is not what the initramfs holds"
     );
+}
+
+/// Issue 17, case 12: a machine with Secure Boot on and Microsoft's keys
+/// enrolled (as consumer boards ship) starts the stick through Debian's
+/// signed chain (shim, GRUB, the kernel) and the installer stops with what
+/// to do, before loading the unsigned ZFS modules and before any disk is
+/// opened: the NVMe disk is byte for byte what it was.
+#[test]
+fn under_secure_boot_the_stick_starts_and_stops_before_touching_the_disk() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let disk = Nvme::create(dir.path(), "nvme.img", 2 << 30, "NFTEST0001").expect("disk image");
+    // Something to lose: a GPT and bytes at both ends.
+    {
+        use std::io::{Seek, SeekFrom, Write};
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&disk.image)
+            .expect("open the disk image");
+        f.write_all(&[0xa5; 1 << 20]).expect("write");
+        f.seek(SeekFrom::End(-(1 << 20))).expect("seek");
+        f.write_all(&[0x5a; 1 << 20]).expect("write");
+    }
+    let before = disk.sha256();
+    let mut cfg = VmConfig::new(images_dir().join("qemu.iso"), Boot::UsbStick);
+    cfg.nvme.push(disk.clone());
+    cfg.secure_boot = true;
+    let mut vm = Vm::start(&cfg).expect("qemu starts");
+    let console = vm.wait_for_poweroff().unwrap_or_else(|e| panic!("{e:#}"));
+    eprintln!("{console}");
+    // The signed chain ran: GRUB, then the installer as PID 1.
+    assert_console(&console, "Booting `nodeflash qemu");
+    assert_console(&console, "nodeflash 0.1.0 · profile qemu");
+    assert_console(
+        &console,
+        &format!(
+            "nodeflash: FAILED: {}",
+            nodeflash_installer::secureboot::REFUSAL
+                .lines()
+                .next()
+                .expect("first line")
+        ),
+    );
+    assert_console(&console, "turn Secure Boot off in the firmware setup");
+    assert_console(&console, "lanzaboote");
+    assert_console(&console, "nodeflash: powering off");
+    // Stopped before the modules and the disks.
+    for never in [
+        "kernel modules in",
+        "inventory after",
+        "EKEYREJECTED",
+        "partitioned",
+    ] {
+        assert!(
+            !console.contains(never),
+            "{never:?} on the console:\n{console}"
+        );
+    }
+    assert_eq!(disk.sha256(), before, "the disk was changed");
 }
