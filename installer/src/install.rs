@@ -256,6 +256,19 @@ pub(crate) fn install(profile: &Profile, info: &ImageInfo, started: Instant) -> 
     finished?;
     phases.start("final export");
     run(Command::new("zpool").args(["export", &pool]))?;
+    // Last: the disk no longer counts as an unfinished install.
+    let esp = plan
+        .partitions
+        .iter()
+        .find(|p| p.kind == crate::plan::PartKind::Esp)
+        .context("the plan has no ESP")?;
+    crate::disk::mark_finished(&dev, plan.logical_block_size.into(), esp.number, &esp.name)?;
+    say!(
+        "install finished: the ESP of {} is named {:?} in the GPT (it was {:?})",
+        dev.display(),
+        esp.name,
+        crate::disk::UNFINISHED_NAME
+    );
     let (list, total) = phases.finish();
     report.phases = list;
     report.total_secs = total;
