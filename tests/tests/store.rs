@@ -102,9 +102,14 @@ fn store_scenario_in_a_loop() {
         cfg.timeout = std::time::Duration::from_secs(420);
         let t = std::time::Instant::now();
         let mut vm = Vm::start(&cfg).expect("qemu starts");
-        let console = vm
-            .wait_for_poweroff()
-            .unwrap_or_else(|e| panic!("boot {i} of {boots} did not power off: {e:#}"));
+        let console = match vm.wait_for_poweroff() {
+            Ok(c) => c,
+            // The whole console: the stall watchdog's report is longer than a tail.
+            Err(e) => panic!(
+                "boot {i} of {boots} did not power off: {e:#}\nwhole console:\n{}",
+                vm.console()
+            ),
+        };
         let copied = console
             .lines()
             .find(|l| l.starts_with("store copied in"))
