@@ -36,13 +36,14 @@ def zstd(b):
     return subprocess.run(["zstd", "-q", "-c", "-19"], input=b, capture_output=True, check=True).stdout
 
 frames = [zstd(f) for f in raw_frames]
-manifest = {"version": 1, "frame_size": FRAME,
-            "frames": [{"len": len(c), "size": len(f)} for c, f in zip(frames, raw_frames)],
+manifest = {"version": 2, "frame_size": FRAME,
+            "frames": [{"len": len(c), "size": len(f), "sha256": hashlib.sha256(c).hexdigest()}
+                       for c, f in zip(frames, raw_frames)],
             "entries": entries}
 js = json.dumps(manifest).encode()
 zm = zstd(js)
 body = b"".join(frames)
-header = b"NFPAYLD\0" + struct.pack("<IIQ", 1, FRAME, len(zm)) + hashlib.sha256(zm).digest() + struct.pack("<Q", len(body))
+header = b"NFPAYLD\0" + struct.pack("<IIQ", 2, FRAME, len(zm)) + hashlib.sha256(zm).digest() + struct.pack("<Q", len(body))
 open("seeds/payload/whole.nfp", "wb").write(b"\0" + header + zm + body)
 open("seeds/payload/assembled-verify", "wb").write(b"\1" + js + b"\xff" + body)
 open("seeds/payload/assembled-extract", "wb").write(b"\3" + js + b"\xff" + body)

@@ -60,10 +60,97 @@ pub fn look_at(sys: &Path, dev: &Path, b: &mut crate::facts::BlockDevice) -> Res
     for l in &pools {
         signatures.push(format!("ZFS pool {} on {}", l.pool, l.device));
     }
+    let mut head = vec![0u8; b.size_bytes.min(MIB) as usize];
+    f.seek(SeekFrom::Start(0))
+        .and_then(|_| f.read_exact(&mut head))
+        .with_context(|| format!("cannot read the start of {}", node.display()))?;
+    b.unfinished_install = gpt_names(&head).iter().any(|n| n == UNFINISHED_NAME);
     b.signatures = signatures;
     b.zfs_pools = pools;
     b.contents_read = true;
     Ok(())
+}
+
+/// The GPT name the ESP carries while nodeflash installs the disk; it is
+/// renamed to its planned name ([`mark_finished`]) only when the install
+/// succeeded. A disk whose GPT has it holds an unfinished nodeflash install,
+/// which `wipe = "if-empty"` counts as empty.
+pub const UNFINISHED_NAME: &str = "nodeflash unfinished install";
+
+/// The partition names of the primary GPT in `head` (the disk's first
+/// bytes, sector size 512 or 4096): the header (`EFI PART` at LBA 1) gives
+/// the entries' LBA (offset 72), count (80) and size (84); each entry's
+/// name is 72 bytes of UTF-16LE at offset 56 (UEFI 2.10, 5.3.2 and 5.3.3).
+/// Entries outside `head`, and unused ones (zero type GUID), are skipped.
+pub fn gpt_names(head: &[u8]) -> Vec<String> {
+    let le = |b: &[u8]| b.iter().rev().fold(0u64, |v, x| (v << 8) | u64::from(*x));
+    let Some(lbs) = [512usize, 4096]
+        .into_iter()
+        .find(|l| head.get(*l..*l + 8) == Some(b"EFI PART"))
+    else {
+        return Vec::new();
+    };
+    let h = &head[lbs..];
+    let (Some(lba), Some(count), Some(size)) = (h.get(72..80), h.get(80..84), h.get(84..88)) else {
+        return Vec::new();
+    };
+    let (lba, count, size) = (le(lba) as usize, le(count) as usize, le(size) as usize);
+    if size < 128 {
+        return Vec::new();
+    }
+    (0..count.min(1024))
+        .filter_map(|i| {
+            let at = lba.checked_mul(lbs)?.checked_add(i * size)?;
+            let e = head.get(at..at + 128)?;
+            if e[..16].iter().all(|b| *b == 0) {
+                return None;
+            }
+            let units: Vec<u16> = e[56..128]
+                .chunks(2)
+                .map(|c| u16::from_le_bytes([c[0], c[1]]))
+                .take_while(|u| *u != 0)
+                .collect();
+            Some(String::from_utf16_lossy(&units))
+        })
+        .collect()
+}
+
+/// Clears nodeflash's mark on a disk whose install succeeded: renames the
+/// ESP (partition `esp_number`) in both GPTs from [`UNFINISHED_NAME`] to
+/// `name`, nothing else changed. `dev` is the whole disk (or an image
+/// file), `lbs` its sector size. Errors name the device.
+pub fn mark_finished(dev: &Path, lbs: u64, esp_number: u32, name: &str) -> Result<()> {
+    let mut file = open_for_writing(dev)?;
+    let block_size = match lbs {
+        512 => gpt::disk::LogicalBlockSize::Lb512,
+        _ => gpt::disk::LogicalBlockSize::Lb4096,
+    };
+    let mut gpt = gpt::GptConfig::new()
+        .writable(true)
+        .logical_block_size(block_size)
+        .open_from_device(&mut file)
+        .with_context(|| format!("cannot read the GPT of {}", dev.display()))?;
+    let mut parts = gpt.take_partitions();
+    let esp = parts
+        .get_mut(&esp_number)
+        .filter(|p| p.name == UNFINISHED_NAME)
+        .with_context(|| {
+            format!(
+                "partition {esp_number} of {} does not carry the mark of an unfinished install",
+                dev.display()
+            )
+        })?;
+    esp.name = name.to_string();
+    gpt.update_partitions(parts)
+        .and_then(|()| gpt.write().map(drop))
+        .with_context(|| {
+            format!(
+                "cannot rename partition {esp_number} in the GPT of {}",
+                dev.display()
+            )
+        })?;
+    file.sync_all()
+        .with_context(|| format!("cannot flush {}", dev.display()))
 }
 
 /// Names the signatures in the first and last MiB of a disk.
@@ -382,7 +469,12 @@ pub fn partition(plan: &Plan, dev: &Path, old: &[(u64, u64)]) -> Result<Layout> 
             PartKind::Zfs => gpt::partition_types::MACOS_ZFS,
         };
         debug_assert_eq!(ty.guid.to_string().to_uppercase(), p.type_guid);
-        gpt.add_partition_at(&p.name, p.number, p.first_lba, p.sectors(), ty, 0)
+        // The ESP carries the mark of an unfinished install until the end.
+        let name = match p.kind {
+            PartKind::Esp => UNFINISHED_NAME,
+            _ => &p.name,
+        };
+        gpt.add_partition_at(name, p.number, p.first_lba, p.sectors(), ty, 0)
             .with_context(|| {
                 format!(
                     "cannot add partition {} to the GPT of {}",

@@ -56,6 +56,10 @@ pub struct BlockDevice {
     /// ZFS pools whose labels are on the disk or its partitions.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub zfs_pools: Vec<ZfsPoolLabel>,
+    /// The disk's GPT carries nodeflash's mark of an install that did not
+    /// finish ([`crate::disk::UNFINISHED_NAME`], read by [`crate::disk::look_at`]).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub unfinished_install: bool,
 }
 
 /// A ZFS vdev label found on a disk or partition: the pool it belongs to.
@@ -106,6 +110,7 @@ impl BlockDevice {
             signatures: Vec::new(),
             contents_read: false,
             zfs_pools: Vec::new(),
+            unfinished_install: false,
         }
     }
 }
@@ -219,6 +224,7 @@ impl Facts {
                 signatures: Vec::new(),
                 contents_read: false,
                 zfs_pools: Vec::new(),
+                unfinished_install: false,
                 name,
             });
         }

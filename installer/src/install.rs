@@ -95,6 +95,11 @@ pub(crate) fn install(profile: &Profile, info: &ImageInfo, started: Instant) -> 
         );
     }
     let store = open_store(profile, info, boot.as_deref(), system.as_ref())?;
+    if let Some(store) = &store {
+        phases.start("payload pre-read");
+        let checked = preread_store(store)?;
+        phases.end_bytes(checked.bytes);
+    }
     if info.boot.is_none() {
         warn(
             &mut warnings,
@@ -246,6 +251,19 @@ pub(crate) fn install(profile: &Profile, info: &ImageInfo, started: Instant) -> 
     finished?;
     phases.start("final export");
     run(Command::new("zpool").args(["export", &pool]))?;
+    // Last: the disk no longer counts as an unfinished install.
+    let esp = plan
+        .partitions
+        .iter()
+        .find(|p| p.kind == crate::plan::PartKind::Esp)
+        .context("the plan has no ESP")?;
+    crate::disk::mark_finished(&dev, plan.logical_block_size.into(), esp.number, &esp.name)?;
+    say!(
+        "install finished: the ESP of {} is named {:?} in the GPT (it was {:?})",
+        dev.display(),
+        esp.name,
+        crate::disk::UNFINISHED_NAME
+    );
     let (list, total) = phases.finish();
     report.phases = list;
     report.total_secs = total;
@@ -736,6 +754,114 @@ fn open_store(
 }
 
 const MIB: f64 = 1024.0 * 1024.0;
+
+/// Reads the whole payload once, sequentially, and checks every frame
+/// against its sha256 in the manifest ([`Payload::check_frames`]) before
+/// the disk is touched. When the payload fits in the memory to spare, the
+/// copy then reads it from the page cache; when it does not, the copy reads
+/// the stick a second time, and checks every file again either way (so a
+/// stick that fails between the two reads is still caught, after
+/// partitioning). Errors name the damaged frame and its store paths.
+fn preread_store(store: &Store) -> Result<crate::payload::FramesChecked> {
+    use std::io::{Seek, SeekFrom};
+    let len = store.payload.header.total_len();
+    let available = mem_available();
+    say!(
+        "store: checking every frame of the payload ({:.1} MiB) before the disk is touched",
+        len as f64 / MIB
+    );
+    let damaged = || {
+        format!(
+            "the store payload {} on the stick is damaged; nothing was written to any disk. \
+             Write the image to the stick again (use another stick if this happens again)",
+            store.file.display()
+        )
+    };
+    let mut f =
+        File::open(&store.file).with_context(|| format!("cannot open {}", store.file.display()))?;
+    f.seek(SeekFrom::Start(store.payload.frames_offset()))
+        .with_context(|| format!("cannot read {}", store.file.display()))?;
+    let counters = crate::payload::Counters::default();
+    let frames_len = store.payload.header.frames_len;
+    let checked = with_progress(
+        &counters,
+        |c| {
+            let (_, _, read) = c.snapshot();
+            format!(
+                "store: checked {:.1}/{:.1} MiB of the payload",
+                read as f64 / MIB,
+                frames_len as f64 / MIB
+            )
+        },
+        || {
+            store.payload.check_frames(
+                std::io::BufReader::with_capacity(1 << 20, f),
+                store.workers,
+                &counters,
+            )
+        },
+    )
+    .with_context(damaged)?;
+    let cached = match available {
+        Some(a) if len <= a / 2 => format!(
+            "it fits in the memory to spare ({:.0} MiB available), so the copy reads it from the page cache",
+            a as f64 / MIB
+        ),
+        Some(a) => format!(
+            "it is larger than the memory to spare ({:.0} MiB available): the copy reads the stick \
+             a second time, and checks every file again as it writes",
+            a as f64 / MIB
+        ),
+        None => "the memory available is not known (no /proc/meminfo)".to_string(),
+    };
+    say!(
+        "store: payload checked before the disk is touched: {} frames, {:.1} MiB in {:.1}s ({:.1} MB/s); {cached}",
+        checked.frames,
+        checked.bytes as f64 / MIB,
+        checked.secs,
+        checked.bytes as f64 / checked.secs.max(1e-6) / 1e6
+    );
+    Ok(checked)
+}
+
+/// `MemAvailable` of `/proc/meminfo`, in bytes.
+fn mem_available() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let kib: u64 = text
+        .lines()
+        .find_map(|l| l.strip_prefix("MemAvailable:"))?
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()
+        .ok()?;
+    Some(kib * 1024)
+}
+
+/// Runs `f` while a thread prints `line(counters)` every 5 s.
+fn with_progress<T>(
+    counters: &crate::payload::Counters,
+    line: impl Fn(&crate::payload::Counters) -> String + Sync,
+    f: impl FnOnce() -> T,
+) -> T {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let done = AtomicBool::new(false);
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            let mut last = Instant::now();
+            while !done.load(Ordering::Relaxed) {
+                std::thread::sleep(Duration::from_millis(100));
+                if last.elapsed() >= Duration::from_secs(5) {
+                    say!("{}", line(counters));
+                    last = Instant::now();
+                }
+            }
+        });
+        let r = f();
+        done.store(true, Ordering::Relaxed);
+        r
+    })
+}
 
 /// Writes the store into the mounted datasets, every file checked against
 /// the manifest, with a plain progress line every few seconds.

@@ -213,7 +213,10 @@ pub fn plan(profile: &Profile, facts: &Facts) -> Result<Plan> {
 /// The plan with other disk rules (a node's own) than `[disk] select`.
 pub fn plan_with(profile: &Profile, select: &DiskSelect, facts: &Facts) -> Result<Plan> {
     let disk = select_disk(select, facts)?.clone();
-    if !disk.signatures.is_empty() && profile.disk.wipe == Wipe::IfEmpty {
+    // A disk that holds nothing but an unfinished nodeflash install (its
+    // GPT carries the mark, `disk::UNFINISHED_NAME`) counts as empty.
+    if !disk.signatures.is_empty() && profile.disk.wipe == Wipe::IfEmpty && !disk.unfinished_install
+    {
         bail!(
             "disk {} is not empty ({}); nothing was written. Set `wipe = \"always\"` in the profile's [disk] to reinstall it",
             disk.name,
@@ -320,7 +323,7 @@ pub fn plan_with(profile: &Profile, select: &DiskSelect, facts: &Facts) -> Resul
         last_lba: end - 1,
     });
     Ok(Plan {
-        wipe: if profile.disk.wipe == Wipe::Always {
+        wipe: if profile.disk.wipe == Wipe::Always || disk.unfinished_install {
             disk.signatures.clone()
         } else {
             Vec::new()
@@ -338,6 +341,14 @@ impl fmt::Display for Plan {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let lbs = u64::from(self.logical_block_size);
         writeln!(f, "plan: install on {}", describe(&self.disk))?;
+        if self.disk.unfinished_install {
+            writeln!(
+                f,
+                "plan: the disk holds an unfinished nodeflash install (its GPT names the ESP {:?}): \
+                 it counts as empty, even with `wipe = \"if-empty\"`, and is installed again",
+                crate::disk::UNFINISHED_NAME
+            )?;
+        }
         if !self.wipe.is_empty() {
             writeln!(f, "plan: wipe what is there: {}", self.wipe.join(", "))?;
         } else if self.disk.contents_read {
@@ -558,6 +569,29 @@ mod tests {
         prof.disk.wipe = Wipe::Always;
         let plan = plan(&prof, &facts(vec![d])).expect("wipe always");
         assert_eq!(plan.wipe, ["gpt partition table"]);
+    }
+
+    #[test]
+    fn an_unfinished_nodeflash_install_counts_as_empty() {
+        let mut d = disk("nvme0n1", 2, "NFTEST0001");
+        d.signatures = vec![
+            "GPT partition table".into(),
+            "ZFS pool rpool on nvme0n1p3".into(),
+        ];
+        d.contents_read = true;
+        d.unfinished_install = true;
+        let plan = plan(&profile(), &facts(vec![d])).expect("if-empty installs it");
+        assert_eq!(
+            plan.wipe,
+            ["GPT partition table", "ZFS pool rpool on nvme0n1p3"]
+        );
+        let text = plan.to_string();
+        assert!(
+            text.contains(
+                "plan: the disk holds an unfinished nodeflash install (its GPT names the ESP \"nodeflash unfinished install\"): it counts as empty"
+            ),
+            "{text}"
+        );
     }
 
     #[test]

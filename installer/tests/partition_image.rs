@@ -5,7 +5,7 @@
 use std::path::Path;
 use std::process::Command;
 
-use nodeflash_installer::disk::{partition, signatures};
+use nodeflash_installer::disk::{gpt_names, mark_finished, partition, signatures, UNFINISHED_NAME};
 use nodeflash_installer::facts::{BlockDevice, Facts};
 use nodeflash_installer::plan::{plan, PartKind, Plan};
 use nodeflash_installer::profile::Profile;
@@ -72,25 +72,29 @@ fn check(size: u64, lbs: u32) {
     } else {
         gpt::disk::LogicalBlockSize::Lb4096
     };
-    let disk = gpt::GptConfig::new()
-        .logical_block_size(block)
-        .open(&img)
-        .expect("GPT reads back");
-    assert_eq!(disk.guid().to_string().to_uppercase(), layout.disk_guid);
-    let got: Vec<(u32, u64, u64, String, String)> = disk
-        .partitions()
-        .iter()
-        .map(|(n, p)| {
-            (
-                *n,
-                p.first_lba,
-                p.last_lba,
-                p.part_type_guid.guid.to_string().to_uppercase(),
-                p.name.clone(),
-            )
-        })
-        .collect();
-    let want: Vec<(u32, u64, u64, String, String)> = plan
+    type Row = (u32, u64, u64, String, String);
+    let read_back = || -> (String, Vec<Row>) {
+        let disk = gpt::GptConfig::new()
+            .logical_block_size(block)
+            .only_valid_headers(true)
+            .open(&img)
+            .expect("GPT reads back, both headers valid");
+        let rows = disk
+            .partitions()
+            .iter()
+            .map(|(n, p)| {
+                (
+                    *n,
+                    p.first_lba,
+                    p.last_lba,
+                    p.part_type_guid.guid.to_string().to_uppercase(),
+                    p.name.clone(),
+                )
+            })
+            .collect();
+        (disk.guid().to_string().to_uppercase(), rows)
+    };
+    let want: Vec<Row> = plan
         .partitions
         .iter()
         .map(|p| {
@@ -103,7 +107,37 @@ fn check(size: u64, lbs: u32) {
             )
         })
         .collect();
+    let head = || {
+        let mut b = vec![0u8; 1 << 20];
+        std::io::Read::read_exact(&mut std::fs::File::open(&img).expect("open"), &mut b)
+            .expect("read");
+        b
+    };
+    // While the install runs, the ESP carries the mark of an unfinished
+    // install, and the disk's look finds it.
+    let (guid, got) = read_back();
+    assert_eq!(guid, layout.disk_guid);
+    let mut marked = want.clone();
+    marked[0].4 = UNFINISHED_NAME.to_string();
+    assert_eq!(got, marked);
+    assert!(gpt_names(&head()).iter().any(|n| n == UNFINISHED_NAME));
+    // Once it succeeded, the table is exactly the planned one.
+    mark_finished(
+        &img,
+        lbs64,
+        plan.partitions[0].number,
+        &plan.partitions[0].name,
+    )
+    .expect("the mark is cleared");
+    let (guid, got) = read_back();
+    assert_eq!(guid, layout.disk_guid);
     assert_eq!(got, want);
+    let names = gpt_names(&head());
+    assert_eq!(names, want.iter().map(|w| w.4.clone()).collect::<Vec<_>>());
+    assert!(
+        mark_finished(&img, lbs64, 1, "ESP").is_err(),
+        "no mark to clear"
+    );
 
     // blkid agrees: GPT with protective MBR (blkid reads files with 512-byte
     // sectors, so only there), a FAT32 ESP, a swap area.

@@ -244,6 +244,63 @@ fn a_damaged_frame_is_found_and_names_the_store_path() {
     );
 }
 
+/// The check of every frame before anything is written: one sequential read,
+/// no decompression; a damaged frame is named with its store paths, and
+/// truncation and trailing data are found too.
+#[test]
+fn check_frames_finds_a_damaged_frame_without_decompressing() {
+    use std::io::{Seek, SeekFrom};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let out = packed(dir.path());
+    let check = |path: &Path| -> anyhow::Result<nodeflash_installer::payload::FramesChecked> {
+        let p = Payload::open(File::open(path)?)?;
+        let mut f = File::open(path)?;
+        f.seek(SeekFrom::Start(p.frames_offset()))?;
+        p.check_frames(f, 2, &Counters::default())
+    };
+    let ok = check(&out).expect("an intact payload passes");
+    let bytes = std::fs::read(&out).expect("read");
+    let h = Header::parse(bytes[..HEADER_LEN].try_into().expect("header")).expect("header");
+    assert_eq!(ok.bytes, h.frames_len);
+    assert!(ok.frames > 1, "{ok:?}");
+
+    // Byte 20 of the frames: the frame that holds it, by the manifest's lengths.
+    let p = Payload::open(File::open(&out).expect("open")).expect("opens");
+    let mut end = 0;
+    let hit = p
+        .manifest
+        .frames
+        .iter()
+        .position(|f| {
+            end += f.len;
+            end > 20
+        })
+        .expect("a frame holds byte 20");
+    let mut damaged = bytes.clone();
+    damaged[frames_offset(&bytes) + 20] ^= 0xff;
+    std::fs::write(&out, &damaged).expect("write");
+    let msg = format!("{:#}", check(&out).expect_err("damaged"));
+    assert!(
+        msg.starts_with(&format!("payload frame {hit} of {} ", ok.frames))
+            && msg.contains("is damaged (store path")
+            && msg.contains("0123456789abcdfghijklmnpqrsvwxyz-hello-2.12")
+            && msg.contains("sha256 does not match"),
+        "{msg}"
+    );
+
+    std::fs::write(&out, &bytes[..bytes.len() - 10]).expect("write");
+    let msg = format!("{:#}", check(&out).expect_err("truncated"));
+    assert!(
+        msg.contains("the payload is truncated or unreadable"),
+        "{msg}"
+    );
+    let mut longer = bytes.clone();
+    longer.push(0);
+    std::fs::write(&out, &longer).expect("write");
+    let msg = format!("{:#}", check(&out).expect_err("trailing"));
+    assert!(msg.contains("data after its last frame"), "{msg}");
+}
+
 #[test]
 fn a_truncated_payload_is_found() {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -361,6 +418,7 @@ fn impossible_frames_are_refused_before_anything_is_read() {
         m.frames = vec![Frame {
             len: total,
             size: 0,
+            sha256: "0".repeat(64),
         }];
         m.entries.clear();
     });

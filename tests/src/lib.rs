@@ -227,6 +227,8 @@ pub struct VmConfig {
     pub boot: Boot,
     pub nvme: Vec<Nvme>,
     pub memory_mib: u32,
+    /// vCPUs (`-smp`): `NODEFLASH_TEST_CPUS`, else 1.
+    pub cpus: u32,
     pub timeout: Duration,
     /// SMBIOS system serial (`-smbios type=1,serial=…`).
     pub smbios_serial: Option<String>,
@@ -245,6 +247,11 @@ impl VmConfig {
             boot,
             nvme: Vec::new(),
             memory_mib: 2048,
+            cpus: std::env::var("NODEFLASH_TEST_CPUS")
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .filter(|n| *n > 0)
+                .unwrap_or(1),
             timeout: Duration::from_secs(300),
             smbios_serial: None,
             mac: None,
@@ -270,6 +277,7 @@ impl Vm {
         let machine = Machine {
             nvme: cfg.nvme.clone(),
             memory_mib: cfg.memory_mib,
+            cpus: cfg.cpus,
             smbios_serial: cfg.smbios_serial.clone(),
             mac: cfg.mac.clone(),
             kernel: cfg.kernel.clone(),

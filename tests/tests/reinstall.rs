@@ -1,13 +1,15 @@
-//! Installing again: after a power cut in the middle of the store copy, and
-//! over a finished install. With `wipe = "always"` the stick installs the
-//! disk again, and the result boots and is what a clean install gives.
+//! Installing again: after a power cut in the middle of the store copy
+//! (an unfinished install counts as empty, even with `wipe = "if-empty"`),
+//! and over a finished install (refused with `if-empty`; with
+//! `wipe = "always"` installed again). The result boots and is what a clean
+//! install gives.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use nodeflash_tests::{
     assert_console, assert_installed, boot_installed, boot_stick, build_variant, esp_boot_entries,
-    payload_digest, printed_hostid, Boot, Nvme, Vm, VmConfig,
+    images_dir, payload_digest, printed_hostid, Boot, DiskImage, Nvme, Vm, VmConfig,
 };
 
 /// The `qemu` image with `wipe = "always"`.
@@ -43,10 +45,16 @@ fn cut_after() -> Duration {
     Duration::from_millis(ms)
 }
 
+/// Issue 19: a power cut in the middle of the store copy leaves an
+/// unfinished install (the GPT's mark is still there), which the same stick,
+/// with `wipe = "if-empty"`, counts as empty: it installs the disk again,
+/// and the disk boots with the check result of a clean install. The same
+/// stick once more then refuses the finished install and leaves it as it is.
 #[test]
-fn a_power_cut_during_the_copy_leaves_nothing_bootable_and_a_reinstall_succeeds() {
+fn a_power_cut_mid_copy_counts_as_empty_and_a_finished_install_does_not() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let iso = image(dir.path());
+    // The qemu image as built: `wipe = "if-empty"`.
+    let iso = images_dir().join("qemu.iso");
     let disk = Nvme::create(dir.path(), "nvme.img", 2 << 30, "NFTEST0001").expect("disk");
 
     let mut cfg = VmConfig::new(iso.clone(), Boot::UsbStick);
@@ -65,9 +73,29 @@ fn a_power_cut_during_the_copy_leaves_nothing_bootable_and_a_reinstall_succeeds(
     assert_eq!(esp_boot_entries(&disk), Some(Vec::new()), "no boot entry");
 
     let console = install(&iso, &disk);
+    assert_console(
+        &console,
+        "plan: the disk holds an unfinished nodeflash install (its GPT names the ESP \"nodeflash unfinished install\"): it counts as empty",
+    );
+    assert_console(&console, "plan: wipe what is there: ");
+    assert_console(
+        &console,
+        "install finished: the ESP of /dev/nvme0n1 is named \"ESP\"",
+    );
     let hostid = printed_hostid(&console);
     let check = boot_installed(&disk);
     assert_installed(&check, "qemu-node", &hostid, &payload_digest(&iso));
+
+    // A finished install is data: refused, and left byte for byte.
+    let before = disk.sha256();
+    let console = boot_stick(&iso, &disk);
+    assert_console(&console, "disk nvme0n1 is not empty (");
+    assert_console(&console, "nodeflash: FAILED");
+    assert!(
+        !console.contains("unfinished nodeflash install"),
+        "{console}"
+    );
+    assert_eq!(disk.sha256(), before, "the finished install was changed");
 }
 
 #[test]

@@ -15,13 +15,15 @@ use anyhow::{bail, Result};
 use serde::{Deserialize, Serialize};
 
 pub use pack::{pack, PackOptions, PackStats};
-pub use read::{ExtractStats, Payload};
+pub use read::{ExtractStats, FramesChecked, Payload};
 pub use tree::{compare, digest, scan};
 
 /// First bytes of every payload.
 pub const MAGIC: [u8; 8] = *b"NFPAYLD\0";
-/// Version of the format; a reader refuses any other.
-pub const FORMAT_VERSION: u32 = 1;
+/// Version of the format; a reader refuses any other. Version 2 added each
+/// frame's sha256 (of its compressed bytes), so that the whole payload can
+/// be checked by one plain read before anything is written.
+pub const FORMAT_VERSION: u32 = 2;
 /// Length of the fixed header before the manifest.
 pub const HEADER_LEN: usize = 64;
 /// Uncompressed bytes per frame unless the packer is told otherwise.
@@ -81,8 +83,14 @@ impl Header {
         };
         if header.version != FORMAT_VERSION {
             bail!(
-                "payload format version {} is not supported (this nodeflash reads version {FORMAT_VERSION})",
-                header.version
+                "payload format version {} is not supported (this nodeflash reads version {FORMAT_VERSION} only{}); \
+                 pack it again with this nodeflash (`nodeflash build` or `nodeflash payload pack`)",
+                header.version,
+                if header.version < FORMAT_VERSION {
+                    ": older versions have no sha256 per frame"
+                } else {
+                    ""
+                }
             );
         }
         if header.frame_size == 0 || header.frame_size > MAX_FRAME_SIZE {
@@ -117,12 +125,15 @@ pub struct Manifest {
 }
 
 /// One independent zstd frame.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Frame {
     /// Compressed length.
     pub len: u64,
     /// Uncompressed length.
     pub size: u64,
+    /// sha256 of the compressed bytes (hex): [`Payload::check_frames`]
+    /// checks every frame with it before anything is written.
+    pub sha256: String,
 }
 
 /// One item of the tree; paths are relative to the store directory and use `/`.
@@ -270,9 +281,15 @@ impl Manifest {
 
     /// The store path whose data is in frame `i` (for error messages).
     pub fn store_path_of_frame(&self, i: usize) -> &str {
-        self.entries
+        self.store_paths_of_frame(i).first().copied().unwrap_or("?")
+    }
+
+    /// Every store path with data in frame `i`, in manifest order, once each.
+    pub fn store_paths_of_frame(&self, i: usize) -> Vec<&str> {
+        let mut v: Vec<&str> = self
+            .entries
             .iter()
-            .find_map(|e| match e {
+            .filter_map(|e| match e {
                 Entry::File {
                     frame,
                     size,
@@ -287,7 +304,9 @@ impl Manifest {
                 }
                 _ => None,
             })
-            .unwrap_or("?")
+            .collect();
+        v.dedup();
+        v
     }
 }
 
@@ -367,8 +386,16 @@ mod tests {
         bad[0] = b'X';
         assert!(format!("{:#}", Header::parse(&bad).expect_err("magic")).contains("magic"));
         let mut bad = b;
-        bad[8] = 2;
-        assert!(format!("{:#}", Header::parse(&bad).expect_err("version")).contains("version 2"));
+        bad[8] = 1;
+        let old = format!("{:#}", Header::parse(&bad).expect_err("version"));
+        assert!(
+            old.contains("format version 1 is not supported")
+                && old.contains("no sha256 per frame")
+                && old.contains("pack it again"),
+            "{old}"
+        );
+        bad[8] = 3;
+        assert!(format!("{:#}", Header::parse(&bad).expect_err("version")).contains("version 3"));
         let mut bad = b;
         bad[12..16].copy_from_slice(&(MAX_FRAME_SIZE + 1).to_le_bytes());
         assert!(Header::parse(&bad).is_err());

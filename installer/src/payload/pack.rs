@@ -277,6 +277,7 @@ fn write_frames(
                     frames.push(Frame {
                         len: data.len() as u64,
                         size: *size,
+                        sha256: hex::encode(Sha256::digest(data)),
                     });
                 }
                 hashes.files.extend(p.hashes);

@@ -38,6 +38,15 @@ pub struct Payload<R> {
     keep: Option<BTreeSet<String>>,
 }
 
+/// What [`Payload::check_frames`] read.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct FramesChecked {
+    pub frames: usize,
+    /// Compressed bytes read (all frames).
+    pub bytes: u64,
+    pub secs: f64,
+}
+
 #[derive(Debug, Clone, Default, serde::Serialize)]
 pub struct ExtractStats {
     pub files: usize,
@@ -103,6 +112,106 @@ impl<R: Read> Payload<R> {
                 ..self.manifest.clone()
             },
         }
+    }
+
+    /// Byte offset of frame 0 in the payload file.
+    pub fn frames_offset(&self) -> u64 {
+        HEADER_LEN as u64 + self.header.manifest_len
+    }
+
+    /// Reads every frame from `frames` (the payload file positioned at
+    /// [`Payload::frames_offset`]) in one sequential stream, one `read` per
+    /// frame, and checks each frame's compressed bytes against its sha256
+    /// in the manifest on `threads` hashing threads; then checks that
+    /// nothing follows the last frame. Nothing is decompressed or written:
+    /// this is the check of the whole payload before the disk is touched.
+    /// Adds compressed bytes to `counters.payload_bytes`. Errors name the
+    /// first damaged frame, its store paths, and what to do.
+    pub fn check_frames(
+        &self,
+        mut frames: impl Read,
+        threads: usize,
+        counters: &Counters,
+    ) -> Result<FramesChecked> {
+        let m = &self.manifest;
+        let n = m.frames.len();
+        let started = std::time::Instant::now();
+        let stop = AtomicBool::new(false);
+        let failure: Mutex<Option<anyhow::Error>> = Mutex::new(None);
+        let fail = |e: anyhow::Error| {
+            stop.store(true, Ordering::Relaxed);
+            if let Ok(mut f) = failure.lock() {
+                f.get_or_insert(e);
+            }
+        };
+        let names = |i: usize| {
+            let paths = m.store_paths_of_frame(i);
+            let more = paths.len().saturating_sub(3);
+            let mut s = paths[..paths.len().min(3)].join(", ");
+            if more > 0 {
+                s.push_str(&format!(" and {more} more"));
+            }
+            if paths.len() == 1 {
+                format!("store path {s}")
+            } else {
+                format!("store paths {s}")
+            }
+        };
+        let threads = threads.max(1);
+        let (tx, rx) = std::sync::mpsc::sync_channel::<(usize, Vec<u8>)>(threads * 2);
+        let rx = Mutex::new(rx);
+        std::thread::scope(|s| {
+            for _ in 0..threads {
+                s.spawn(|| loop {
+                    let job = match rx.lock() {
+                        Ok(rx) => rx.recv(),
+                        Err(_) => return,
+                    };
+                    let Ok((i, data)) = job else { return };
+                    if stop.load(Ordering::Relaxed) {
+                        continue;
+                    }
+                    if hex::encode(Sha256::digest(&data)) != m.frames[i].sha256 {
+                        return fail(anyhow::anyhow!(
+                            "payload frame {i} of {n} is damaged ({}): its sha256 does not match the manifest",
+                            names(i)
+                        ));
+                    }
+                });
+            }
+            for (i, frame) in m.frames.iter().enumerate() {
+                if stop.load(Ordering::Relaxed) {
+                    break;
+                }
+                let mut data = vec![0u8; frame.len as usize];
+                if let Err(e) = frames.read_exact(&mut data) {
+                    fail(anyhow::Error::new(e).context(format!(
+                        "cannot read payload frame {i} of {n} ({}): the payload is truncated or unreadable",
+                        names(i)
+                    )));
+                    break;
+                }
+                counters
+                    .payload_bytes
+                    .fetch_add(frame.len, Ordering::Relaxed);
+                if tx.send((i, data)).is_err() {
+                    break;
+                }
+            }
+            drop(tx);
+        });
+        if let Some(e) = failure.into_inner().ok().flatten() {
+            return Err(e);
+        }
+        let mut extra = [0u8; 1];
+        if frames.read(&mut extra).context("cannot read the payload")? != 0 {
+            bail!("the payload has data after its last frame: it is damaged or not what the header says");
+        }
+        Ok(FramesChecked {
+            frames: n,
+            bytes: m.frames.iter().map(|f| f.len).sum(),
+            secs: started.elapsed().as_secs_f64(),
+        })
     }
 
     pub fn manifest_sha256(&self) -> String {
@@ -273,6 +382,9 @@ fn check(header: &Header, m: &Manifest) -> Result<Vec<Vec<Piece>>> {
         .position(|f| f.size > fs || f.size == 0 || f.len == 0 || f.len > max_len)
     {
         bail!("payload frame {i} has an impossible size");
+    }
+    for (i, f) in m.frames.iter().enumerate() {
+        check_hash(&format!("payload frame {i}"), &f.sha256)?;
     }
     let mut pieces: Vec<Vec<Piece>> = vec![Vec::new(); m.frames.len()];
     let mut seen: BTreeSet<&str> = BTreeSet::new();
