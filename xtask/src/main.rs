@@ -414,7 +414,7 @@ fn test() -> Result<()> {
         );
     }
     let installer = build_installer()?;
-    // cargo-nextest (.config/nextest.toml: QEMU tests one at a time and
+    // cargo-nextest (.config/nextest.toml: one QEMU test per core, each
     // retried once, see issue 19); plain `cargo test` where it is missing.
     let nextest = cmd::run(cargo().args(["nextest", "--version"])).is_ok();
     if !nextest {
