@@ -40,11 +40,7 @@ pub fn standin_flake_with(
     if let Some(iso) = iso {
         let boot = dir.join("boot");
         crate::check_system(iso, &boot);
-        crate::esp_file(
-            iso,
-            "::/EFI/BOOT/BOOTX64.EFI",
-            &boot.join("systemd-bootx64.efi"),
-        );
+        crate::systemd_boot_of(iso, &boot.join("systemd-bootx64.efi"));
         copy_nix(&dir.join("nixbin"));
     }
     std::fs::create_dir_all(dir.join("bb")).expect("mkdir");

@@ -164,6 +164,20 @@ fn check_console(cfg: VmConfig) -> serde_json::Value {
     console_json(&console, "nodeflash-check: ")
 }
 
+/// Writes to `dest` the systemd-boot that the image `iso` installs on the
+/// nodes (its initramfs's `/usr/lib/nodeflash/systemd-bootx64.efi`; the
+/// stick itself boots through shim and GRUB). For stand-in systems that
+/// install systemd-boot as NixOS does.
+pub fn systemd_boot_of(iso: &Path, dest: &Path) {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let initrd = tmp.path().join("initrd.zst");
+    esp_file(iso, "::/nodeflash/initrd.zst", &initrd);
+    let data = std::fs::read(&initrd).expect("initrd");
+    let efi = scan::initramfs_file(&data, "usr/lib/nodeflash/systemd-bootx64.efi")
+        .unwrap_or_else(|e| panic!("{}: {e:#}", iso.display()));
+    std::fs::write(dest, efi).expect("systemd-bootx64.efi");
+}
+
 /// Copies a file out of the ESP appended to an ISO (mtools).
 pub fn esp_file(iso: &Path, path: &str, dest: &Path) {
     let out = Command::new("sfdisk")

@@ -367,6 +367,30 @@ pub fn decompress(data: &[u8]) -> Result<Vec<u8>> {
     Ok(out)
 }
 
+/// The file `path` (as the archive names it, without a leading `/`) of an
+/// initramfs as the builder writes it: cpio "newc" segments, the last one
+/// zstd-compressed. Errors when the data is neither, or `path` is missing.
+pub fn initramfs_file(data: &[u8], path: &str) -> Result<Vec<u8>> {
+    let mut pos = 0;
+    while pos < data.len() {
+        if data[pos..].starts_with(&ZSTD_MAGIC) {
+            return initramfs_file(&decompress(&data[pos..])?, path);
+        }
+        if !data[pos..].starts_with(NEWC_MAGIC) {
+            bail!("byte {pos}: neither a cpio entry nor a zstd stream");
+        }
+        let (name, body, next) = newc_entry(data, pos)?;
+        if name == path {
+            return Ok(body.to_vec());
+        }
+        pos = next;
+        while name == "TRAILER!!!" && pos < data.len() && data[pos] == 0 {
+            pos += 1;
+        }
+    }
+    bail!("{path} is not in the initramfs")
+}
+
 /// The newc entry at `pos`: its name, its data and where the next one starts.
 fn newc_entry(data: &[u8], pos: usize) -> Result<(String, &[u8], usize)> {
     let header = data

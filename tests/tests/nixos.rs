@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 
 use nodeflash_tests::{
     assert_console, assert_installed, boot_installed, boot_stick, build_variant, check_system,
-    check_unbootable, esp_boot_entries, esp_file, images_dir, payload_digest, printed_hostid, Nvme,
+    check_unbootable, esp_boot_entries, images_dir, payload_digest, printed_hostid, Nvme,
 };
 
 const BUSYBOX: &str = "0000000000000000000000000000000b-busybox";
@@ -94,17 +94,13 @@ fn standin_store(store: &Path) {
         std::os::unix::fs::symlink("busybox", bin.join(applet)).expect("applet link");
     }
 
-    // The stand-in: the check system's kernel and initrd, systemd-boot from
-    // the qemu image's own ESP.
+    // The stand-in: the check system's kernel and initrd, and the
+    // systemd-boot the qemu image installs on the nodes.
     let system = store.join(SYSTEM);
     let qemu = images_dir().join("qemu.iso");
     let (kernel, initrd) = check_system(&qemu, &system);
     assert!(kernel.is_file() && initrd.is_file());
-    esp_file(
-        &qemu,
-        "::/EFI/BOOT/BOOTX64.EFI",
-        &system.join("systemd-bootx64.efi"),
-    );
+    nodeflash_tests::systemd_boot_of(&qemu, &system.join("systemd-bootx64.efi"));
     script(
         &system,
         "activate",
