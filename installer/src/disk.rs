@@ -115,16 +115,22 @@ pub fn gpt_names(head: &[u8]) -> Vec<String> {
         .collect()
 }
 
+/// The `gpt` crate's block size for a disk of `lbs`-byte logical sectors
+/// (512, else 4096: the plan allows no other).
+fn gpt_block_size(lbs: u64) -> gpt::disk::LogicalBlockSize {
+    match lbs {
+        512 => gpt::disk::LogicalBlockSize::Lb512,
+        _ => gpt::disk::LogicalBlockSize::Lb4096,
+    }
+}
+
 /// Clears nodeflash's mark on a disk whose install succeeded: renames the
 /// ESP (partition `esp_number`) in both GPTs from [`UNFINISHED_NAME`] to
 /// `name`, nothing else changed. `dev` is the whole disk (or an image
 /// file), `lbs` its sector size. Errors name the device.
 pub fn mark_finished(dev: &Path, lbs: u64, esp_number: u32, name: &str) -> Result<()> {
     let mut file = open_for_writing(dev)?;
-    let block_size = match lbs {
-        512 => gpt::disk::LogicalBlockSize::Lb512,
-        _ => gpt::disk::LogicalBlockSize::Lb4096,
-    };
+    let block_size = gpt_block_size(lbs);
     let mut gpt = gpt::GptConfig::new()
         .writable(true)
         .logical_block_size(block_size)
@@ -453,10 +459,7 @@ pub fn partition(plan: &Plan, dev: &Path, old: &[(u64, u64)]) -> Result<Layout> 
         )?;
     }
 
-    let block_size = match lbs {
-        512 => gpt::disk::LogicalBlockSize::Lb512,
-        _ => gpt::disk::LogicalBlockSize::Lb4096,
-    };
+    let block_size = gpt_block_size(lbs);
     let mut gpt = gpt::GptConfig::new()
         .writable(true)
         .logical_block_size(block_size)

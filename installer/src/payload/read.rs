@@ -179,34 +179,17 @@ impl<R: Read> Payload<R> {
                     }
                 });
             }
-            for (i, frame) in m.frames.iter().enumerate() {
-                if stop.load(Ordering::Relaxed) {
-                    break;
-                }
-                let mut data = vec![0u8; frame.len as usize];
-                if let Err(e) = frames.read_exact(&mut data) {
-                    fail(anyhow::Error::new(e).context(format!(
-                        "cannot read payload frame {i} of {n} ({}): the payload is truncated or unreadable",
-                        names(i)
-                    )));
-                    break;
-                }
-                counters
-                    .payload_bytes
-                    .fetch_add(frame.len, Ordering::Relaxed);
-                if tx.send((i, data)).is_err() {
-                    break;
-                }
-            }
-            drop(tx);
+            send_frames(&mut frames, m, counters, &stop, &fail, tx, &|i| {
+                format!(
+                    "cannot read payload frame {i} of {n} ({}): the payload is truncated or unreadable",
+                    names(i)
+                )
+            });
         });
         if let Some(e) = failure.into_inner().ok().flatten() {
             return Err(e);
         }
-        let mut extra = [0u8; 1];
-        if frames.read(&mut extra).context("cannot read the payload")? != 0 {
-            bail!("the payload has data after its last frame: it is damaged or not what the header says");
-        }
+        ensure_nothing_follows(&mut frames)?;
         Ok(FramesChecked {
             frames: n,
             bytes: m.frames.iter().map(|f| f.len).sum(),
@@ -319,34 +302,17 @@ impl<R: Read> Payload<R> {
                     }
                 });
             }
-            for (i, frame) in manifest.frames.iter().enumerate() {
-                if stop.load(Ordering::Relaxed) {
-                    break;
-                }
-                let mut data = vec![0u8; frame.len as usize];
-                if let Err(e) = reader.read_exact(&mut data) {
-                    fail(anyhow::Error::new(e).context(format!(
-                        "the payload is truncated: cannot read frame {i} of {n} (store path {})",
-                        manifest.store_path_of_frame(i)
-                    )));
-                    break;
-                }
-                counters
-                    .payload_bytes
-                    .fetch_add(frame.len, Ordering::Relaxed);
-                if tx.send((i, data)).is_err() {
-                    break;
-                }
-            }
-            drop(tx);
+            send_frames(&mut reader, &manifest, counters, &stop, &fail, tx, &|i| {
+                format!(
+                    "the payload is truncated: cannot read frame {i} of {n} (store path {})",
+                    manifest.store_path_of_frame(i)
+                )
+            });
         });
         if let Some(e) = failure.into_inner().ok().flatten() {
             return Err(e);
         }
-        let mut extra = [0u8; 1];
-        if reader.read(&mut extra).context("cannot read the payload")? != 0 {
-            bail!("the payload has data after its last frame: it is damaged or not what the header says");
-        }
+        ensure_nothing_follows(&mut reader)?;
         if let Some(dest) = dest {
             finalize(dest, &manifest, &skip)?;
         }
@@ -356,6 +322,50 @@ impl<R: Read> Payload<R> {
             payload_bytes: manifest.frames.iter().map(|f| f.len).sum(),
         })
     }
+}
+
+/// Reads the manifest's frames from `reader` in order, one `read_exact` per
+/// frame, and sends each (index, compressed bytes) to the workers on `tx`,
+/// until `stop` is set or the workers are gone; adds the compressed bytes to
+/// `counters.payload_bytes`. A short read goes to `fail` with the context
+/// `cannot_read(frame index)`.
+fn send_frames(
+    reader: &mut impl Read,
+    m: &Manifest,
+    counters: &Counters,
+    stop: &AtomicBool,
+    fail: &dyn Fn(anyhow::Error),
+    tx: std::sync::mpsc::SyncSender<(usize, Vec<u8>)>,
+    cannot_read: &dyn Fn(usize) -> String,
+) {
+    for (i, frame) in m.frames.iter().enumerate() {
+        if stop.load(Ordering::Relaxed) {
+            break;
+        }
+        let mut data = vec![0u8; frame.len as usize];
+        if let Err(e) = reader.read_exact(&mut data) {
+            fail(anyhow::Error::new(e).context(cannot_read(i)));
+            break;
+        }
+        counters
+            .payload_bytes
+            .fetch_add(frame.len, Ordering::Relaxed);
+        if tx.send((i, data)).is_err() {
+            break;
+        }
+    }
+}
+
+/// Fails when `reader` (past the last frame) still has data: the payload is
+/// damaged or not what its header says.
+fn ensure_nothing_follows(reader: &mut impl Read) -> Result<()> {
+    let mut extra = [0u8; 1];
+    if reader.read(&mut extra).context("cannot read the payload")? != 0 {
+        bail!(
+            "the payload has data after its last frame: it is damaged or not what the header says"
+        );
+    }
+    Ok(())
 }
 
 /// Checks that the manifest describes a tree that can be extracted safely
