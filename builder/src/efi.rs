@@ -499,7 +499,9 @@ mod tests {
                 assert_eq!(report.lines().count(), 2, "fsck.fat: {report}");
             }
             Err(err) if err.kind() == std::io::ErrorKind::NotFound => {
-                println!("note: fsck.fat (dosfstools) is not installed; check skipped");
+                nodeflash_installer::testing::require_or_skip(
+                    "fsck.fat is not installed (package dosfstools)",
+                );
             }
             Err(err) => panic!("cannot run fsck.fat: {err}"),
         }

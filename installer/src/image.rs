@@ -8,8 +8,10 @@ pub const IMAGE_INFO_PATH: &str = "/etc/nodeflash/image.json";
 pub const PROFILE_PATH: &str = "/etc/nodeflash/profile.toml";
 /// Where the builder puts the profile's extra CA certificates (`0.pem`, …).
 pub const CA_DIR: &str = "/etc/nodeflash/ca";
-/// A clock earlier than this is wrong (before this nodeflash was made):
-/// 2026-01-01T00:00:00Z. TLS errors then say to check the clock.
+/// A fixed floor for the node's clock, 2026-01-01T00:00:00Z: earlier than
+/// any build of this version, so a clock before it is certainly wrong (not the
+/// image's build time, which reproducible builds keep out of the image). TLS
+/// errors then say to check the clock.
 pub const NOT_BEFORE_UNIX: u64 = 1_767_225_600;
 
 /// Prefix of the ISO9660 volume set ID; the image ID follows it.

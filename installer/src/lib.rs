@@ -23,5 +23,7 @@ pub mod plan;
 pub mod profile;
 pub mod report;
 pub mod secureboot;
+#[doc(hidden)]
+pub mod testing;
 pub mod zfs;
 pub mod zprop;

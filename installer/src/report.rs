@@ -201,7 +201,8 @@ pub struct PayloadReport {
     pub copy_to_read_ratio: f64,
     /// Digest of the tree read back from the imported pool.
     pub tree_digest: String,
-    /// The tree read back is exactly the manifest's.
+    /// `tree_digest` equals the digest of the manifest's entries
+    /// ([`crate::payload::digest`]): the tree read back is the manifest's.
     pub verified: bool,
 }
 

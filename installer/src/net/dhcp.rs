@@ -611,18 +611,20 @@ mod tests {
     /// `ip` or `dnsmasq`.
     fn server_namespace(prefix: &str) -> Option<ServerNamespace> {
         if !crate::net::keys::tests::is_root() {
-            eprintln!("skipped: needs root for network namespaces");
+            crate::testing::require_or_skip("network namespaces need root");
             return None;
         }
         for (tool, arg) in [("ip", "-V"), ("dnsmasq", "--version")] {
             if Command::new(tool).arg(arg).output().is_err() {
-                eprintln!("skipped: {tool} is not installed (packages iproute2, dnsmasq-base)");
+                crate::testing::require_or_skip(&format!(
+                    "{tool} is not installed (packages iproute2, dnsmasq-base)"
+                ));
                 return None;
             }
         }
         let name = format!("{prefix}-{}", std::process::id());
         if let Err(e) = ip(&["netns", "add", &name]) {
-            eprintln!("skipped: cannot create a network namespace: {e:#}");
+            crate::testing::require_or_skip(&format!("cannot create a network namespace: {e:#}"));
             return None;
         }
         Some(ServerNamespace {

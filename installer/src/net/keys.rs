@@ -306,7 +306,7 @@ pub(crate) mod tests {
     #[test]
     fn fingerprints_match_ssh_keygen() {
         if Command::new("ssh-keygen").arg("-?").output().is_err() {
-            eprintln!("skipped: ssh-keygen is not installed (package openssh-client)");
+            crate::testing::require_or_skip("ssh-keygen is not installed (package openssh-client)");
             return;
         }
         let dir = tempfile::tempdir().expect("tempdir");
@@ -414,7 +414,7 @@ pub(crate) mod tests {
         match write_authorized_keys(root.path(), &set) {
             Ok(()) => {}
             Err(e) if !is_root() => {
-                eprintln!("skipped: not root, cannot chown ({e:#})");
+                crate::testing::require_or_skip(&format!("not root, cannot chown ({e:#})"));
                 return;
             }
             Err(e) => panic!("{e:#}"),
