@@ -18,6 +18,7 @@ use nodeflash_installer::profile::{Profile, Size};
 mod bench;
 mod fuzz;
 mod readme;
+mod tidy;
 
 /// Nix settings for the tests' builds (see `test`).
 const TEST_NIX_CONFIG: &str = "build-users-group =\nsubstituters =\n";
