@@ -131,12 +131,14 @@ pub fn write_fat_image(out: &Path, label: &str, volume_id: u32, files: &[FatFile
             .with_context(|| format!("cannot unmount the fat image for {}", out.display()))?;
         break image.into_inner();
     };
-    fix_dot_entries(&mut image).with_context(|| {
-        format!(
-            "cannot fix the directories of the fat image for {}",
-            out.display()
-        )
-    })?;
+    nodeflash_installer::fat::fix_dot_entries(&mut Cursor::new(&mut image[..])).with_context(
+        || {
+            format!(
+                "cannot fix the directories of the fat image for {}",
+                out.display()
+            )
+        },
+    )?;
 
     std::fs::write(out, &image).with_context(|| format!("cannot write {}", out.display()))?;
     Ok(image.len() as u64)
@@ -242,201 +244,6 @@ fn write_file<T: fatfs::ReadWriteSeek>(fs: &FileSystem<T>, item: &Planned) -> Re
     item.file.source.copy_to(item.size, &mut file)?;
     file.flush().context("cannot flush the file")?;
     Ok(())
-}
-
-/// The layout of a FAT volume, read from its boot sector.
-struct Layout {
-    fat_bits: u32,
-    fat_offset: usize,
-    /// FAT12/16: the fixed root directory region (offset, length).
-    root_region: (usize, usize),
-    /// FAT32: the first cluster of the root directory.
-    root_cluster: u32,
-    data_offset: usize,
-    cluster_size: usize,
-    clusters: u32,
-}
-
-impl Layout {
-    fn read(image: &[u8]) -> Result<Self> {
-        let u16_at = |at: usize| u16::from_le_bytes([image[at], image[at + 1]]);
-        let u32_at = |at: usize| {
-            u32::from_le_bytes([image[at], image[at + 1], image[at + 2], image[at + 3]])
-        };
-        if image.len() < 512 {
-            bail!("fat image is too small");
-        }
-        let sector = u32::from(u16_at(11));
-        let per_cluster = u32::from(image[13]);
-        let reserved = u32::from(u16_at(14));
-        let fats = u32::from(image[16]);
-        let root_entries = u32::from(u16_at(17));
-        let total = match u16_at(19) {
-            0 => u32_at(32),
-            n => u32::from(n),
-        };
-        let per_fat = match u16_at(22) {
-            0 => u32_at(36),
-            n => u32::from(n),
-        };
-        let root_sectors = (root_entries * 32).div_ceil(sector.max(1));
-        let data_sector = reserved + fats * per_fat + root_sectors;
-        if sector == 0 || per_cluster == 0 || data_sector >= total {
-            bail!("fat image has an invalid boot sector");
-        }
-        let clusters = (total - data_sector) / per_cluster;
-        // The thresholds of the FAT specification, as fatfs uses them.
-        let fat_bits = if clusters < 4085 {
-            12
-        } else if clusters < 65525 {
-            16
-        } else {
-            32
-        };
-        let layout = Self {
-            fat_bits,
-            fat_offset: (reserved * sector) as usize,
-            root_region: (
-                ((data_sector - root_sectors) * sector) as usize,
-                (root_sectors * sector) as usize,
-            ),
-            root_cluster: if fat_bits == 32 { u32_at(44) } else { 0 },
-            data_offset: (data_sector * sector) as usize,
-            cluster_size: (per_cluster * sector) as usize,
-            clusters,
-        };
-        if (total as usize) * (sector as usize) > image.len() {
-            bail!("fat image is shorter than its boot sector says");
-        }
-        Ok(layout)
-    }
-
-    /// Byte ranges of the cluster chain starting at `first`.
-    fn chain(&self, image: &[u8], first: u32) -> Result<Vec<(usize, usize)>> {
-        let mut ranges = Vec::new();
-        let mut cluster = first;
-        while (2..self.clusters + 2).contains(&cluster) {
-            if ranges.len() > self.clusters as usize {
-                bail!("fat image has a cluster chain loop at cluster {first}");
-            }
-            let offset = self.data_offset + (cluster as usize - 2) * self.cluster_size;
-            ranges.push((offset, self.cluster_size));
-            cluster = self.next_cluster(image, cluster);
-        }
-        Ok(ranges)
-    }
-
-    fn next_cluster(&self, image: &[u8], cluster: u32) -> u32 {
-        let n = cluster as usize;
-        let at = |offset: usize| self.fat_offset + offset;
-        match self.fat_bits {
-            12 => {
-                let pair = u16::from_le_bytes([image[at(n * 3 / 2)], image[at(n * 3 / 2 + 1)]]);
-                u32::from(if n.is_multiple_of(2) {
-                    pair & 0xfff
-                } else {
-                    pair >> 4
-                })
-            }
-            16 => u32::from(u16::from_le_bytes([image[at(n * 2)], image[at(n * 2 + 1)]])),
-            _ => {
-                let bytes = [
-                    image[at(n * 4)],
-                    image[at(n * 4 + 1)],
-                    image[at(n * 4 + 2)],
-                    image[at(n * 4 + 3)],
-                ];
-                u32::from_le_bytes(bytes) & 0x0fff_ffff
-            }
-        }
-    }
-}
-
-const ATTR_LFN: u8 = 0x0f;
-const ATTR_VOLUME: u8 = 0x08;
-const ATTR_DIR: u8 = 0x10;
-const DOT: &[u8; 11] = b".          ";
-const DOTDOT: &[u8; 11] = b"..         ";
-
-/// Works around two fatfs 0.3.6 bugs in the directories it creates: it puts a
-/// long-name entry before each of "." and ".." (fsck.fat then reports the
-/// directory as damaged), and on FAT32 a first-level directory's ".." names
-/// the root's cluster instead of 0. Walks every directory, moves "." and ".."
-/// to the first two slots and marks the two freed slots deleted.
-fn fix_dot_entries(image: &mut [u8]) -> Result<()> {
-    let layout = Layout::read(image)?;
-    // Directories to visit: first cluster (0 for the root) and whether the
-    // parent is the root.
-    let mut pending = vec![(0u32, false)];
-    let mut visited = BTreeSet::new();
-    while let Some((dir, parent_is_root)) = pending.pop() {
-        if !visited.insert(dir) {
-            bail!("fat image directory at cluster {dir} is reachable twice");
-        }
-        let ranges = if dir != 0 {
-            let ranges = layout.chain(image, dir)?;
-            let (offset, _) = *ranges
-                .first()
-                .context("fat image directory has no cluster")?;
-            fix_first_slots(
-                &mut image[offset..offset + 4 * 32],
-                parent_is_root && layout.fat_bits == 32,
-            );
-            ranges
-        } else if layout.fat_bits == 32 {
-            layout.chain(image, layout.root_cluster)?
-        } else {
-            vec![layout.root_region]
-        };
-        let entries = ranges
-            .iter()
-            .flat_map(|&(offset, len)| (offset..offset + len).step_by(32));
-        for entry in entries.map(|offset| &image[offset..offset + 32]) {
-            match entry[0] {
-                0 => break,
-                0xe5 => continue,
-                _ => {}
-            }
-            let attr = entry[11];
-            let name = &entry[..11];
-            if attr == ATTR_LFN
-                || attr & ATTR_VOLUME != 0
-                || attr & ATTR_DIR == 0
-                || name == DOT
-                || name == DOTDOT
-            {
-                continue;
-            }
-            let high = u32::from(u16::from_le_bytes([entry[20], entry[21]]));
-            let low = u32::from(u16::from_le_bytes([entry[26], entry[27]]));
-            pending.push(((high << 16) | low, dir == 0));
-        }
-    }
-    Ok(())
-}
-
-/// Rewrites the first four slots of a directory, [LFN, ".", LFN, ".."], as
-/// [".", "..", deleted, deleted]; leaves other layouts alone. Also points ".."
-/// at the root (cluster 0) if `dotdot_to_root`.
-fn fix_first_slots(slots: &mut [u8], dotdot_to_root: bool) {
-    let name = |slots: &[u8], slot: usize| slots[slot * 32..slot * 32 + 11].to_vec();
-    let attr = |slots: &[u8], slot: usize| slots[slot * 32 + 11];
-    if attr(slots, 0) == ATTR_LFN
-        && name(slots, 1) == DOT
-        && attr(slots, 2) == ATTR_LFN
-        && name(slots, 3) == DOTDOT
-    {
-        slots.copy_within(32..64, 0);
-        slots.copy_within(96..128, 32);
-        slots[64..128].fill(0);
-        slots[64] = 0xe5;
-        slots[96] = 0xe5;
-    }
-    if dotdot_to_root && name(slots, 1) == DOTDOT {
-        // The high and low halves of the first cluster.
-        slots[32 + 20..32 + 22].fill(0);
-        slots[32 + 26..32 + 28].fill(0);
-    }
 }
 
 fn round_up(value: u64, multiple: u64) -> u64 {
@@ -627,30 +434,6 @@ mod tests {
         fsck(&image);
         let err = read_fat_file(&image, "missing").expect_err("no such file");
         assert!(format!("{err:#}").contains("missing"), "{err:#}");
-    }
-
-    #[test]
-    fn dot_entries_move_to_the_first_slots() {
-        let mut slots = [0u8; 128];
-        slots[11] = ATTR_LFN;
-        slots[32..43].copy_from_slice(DOT);
-        slots[43] = ATTR_DIR;
-        slots[58] = 5;
-        slots[64 + 11] = ATTR_LFN;
-        slots[96..107].copy_from_slice(DOTDOT);
-        slots[107] = ATTR_DIR;
-        slots[122] = 2;
-        fix_first_slots(&mut slots, false);
-        assert_eq!(&slots[..11], DOT);
-        assert_eq!(slots[26], 5);
-        assert_eq!(&slots[32..43], DOTDOT);
-        assert_eq!(slots[58], 2);
-        assert_eq!((slots[64], slots[96]), (0xe5, 0xe5));
-        let fixed = slots;
-        fix_first_slots(&mut slots, false);
-        assert_eq!(slots, fixed);
-        fix_first_slots(&mut slots, true);
-        assert_eq!(slots[58], 0);
     }
 
     #[test]

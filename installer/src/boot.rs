@@ -10,7 +10,7 @@
 //! - `loader/loader.conf`: `timeout 3`, `default <id>.conf`, `editor no`;
 //! - `loader/entries/<id>.conf`: the entry, written last.
 
-use std::collections::{btree_map, BTreeMap, BTreeSet};
+use std::collections::{btree_map, BTreeMap};
 use std::fs::File;
 use std::io::{self, Read, Seek, SeekFrom, Write};
 use std::os::unix::fs::FileExt;
@@ -139,7 +139,7 @@ pub fn install_systemd_boot(
     let mut boot_sector = [0u8; 512];
     disk.read_at(0, &mut boot_sector)
         .with_context(|| format!("cannot read the boot sector of {}", esp.display()))?;
-    Fat32::parse(&boot_sector).with_context(|| format!("{} is not usable", esp.display()))?;
+    fat32(&boot_sector).with_context(|| format!("{} is not usable", esp.display()))?;
     let on = |what: &str| format!("cannot {what} on {}", esp.display());
 
     // Remove the old entry, then create the directories, then fix what
@@ -164,7 +164,7 @@ pub fn install_systemd_boot(
         drop(root);
         fs.unmount().with_context(|| on("update the FAT"))?;
     }
-    fix_dot_entries(&mut disk).with_context(|| on("fix the new directories"))?;
+    crate::fat::fix_dot_entries(&mut disk).with_context(|| on("fix the new directories"))?;
     disk.flush().with_context(|| on("write the directories"))?;
     sync()?;
 
@@ -367,168 +367,14 @@ impl Seek for Cached {
     }
 }
 
-/// Where things are in a FAT32 volume, from its boot sector.
-#[derive(Debug, Clone, PartialEq, Eq)]
-struct Fat32 {
-    fat_offset: u64,
-    data_offset: u64,
-    cluster_size: u64,
-    root_cluster: u32,
-    clusters: u32,
-}
-
-impl Fat32 {
-    fn parse(b: &[u8; 512]) -> Result<Self> {
-        let u16_at = |i: usize| u64::from(u16::from_le_bytes([b[i], b[i + 1]]));
-        let u32_at = |i: usize| u32::from_le_bytes([b[i], b[i + 1], b[i + 2], b[i + 3]]);
-        let sector = u16_at(11);
-        let per_cluster = u64::from(b[13]);
-        let (reserved, fats, root_entries) = (u16_at(14), u64::from(b[16]), u16_at(17));
-        if b[510..512] != [0x55, 0xAA]
-            || ![512, 1024, 2048, 4096].contains(&sector)
-            || !per_cluster.is_power_of_two()
-            || fats == 0
-            || reserved == 0
-        {
-            bail!("no FAT file system (bad boot sector)");
-        }
-        let total = match u16_at(19) {
-            0 => u64::from(u32_at(32)),
-            n => n,
-        };
-        let fat_sectors = match u16_at(22) {
-            0 => u64::from(u32_at(36)),
-            n => n,
-        };
-        let data_sector = reserved + fats * fat_sectors + (root_entries * 32).div_ceil(sector);
-        let clusters = total.saturating_sub(data_sector) / per_cluster;
-        if clusters < 65525 || root_entries != 0 {
-            bail!("the FAT file system is FAT12 or FAT16, not FAT32 as an ESP on a disk must be");
-        }
-        Ok(Fat32 {
-            fat_offset: reserved * sector,
-            data_offset: data_sector * sector,
-            cluster_size: per_cluster * sector,
-            root_cluster: u32_at(44),
-            clusters: u32::try_from(clusters).context("too many clusters for FAT32")?,
-        })
+/// The layout of the FAT32 volume whose boot sector is `b`: an ESP on a
+/// disk is FAT32 (UEFI 2.10, 13.3.1.1). Errors: no FAT, or FAT12/16.
+fn fat32(b: &[u8; 512]) -> Result<crate::fat::Layout> {
+    let layout = crate::fat::Layout::parse(b)?;
+    if layout.fat_bits != 32 {
+        bail!("the FAT file system is FAT12 or FAT16, not FAT32 as an ESP on a disk must be");
     }
-
-    fn cluster_offset(&self, c: u32) -> u64 {
-        self.data_offset + u64::from(c - 2) * self.cluster_size
-    }
-
-    /// The clusters of the chain starting at `first`.
-    fn chain<D: Read + Seek>(&self, disk: &mut D, first: u32) -> Result<Vec<u32>> {
-        let mut chain = Vec::new();
-        let mut c = first;
-        while (2..self.clusters + 2).contains(&c) {
-            if chain.len() > self.clusters as usize {
-                bail!("the cluster chain at {first} loops");
-            }
-            chain.push(c);
-            let mut e = [0u8; 4];
-            disk.seek(SeekFrom::Start(self.fat_offset + u64::from(c) * 4))?;
-            disk.read_exact(&mut e)?;
-            c = u32::from_le_bytes(e) & 0x0fff_ffff;
-        }
-        Ok(chain)
-    }
-}
-
-const ATTR_LFN: u8 = 0x0f;
-const ATTR_VOLUME: u8 = 0x08;
-const ATTR_DIR: u8 = 0x10;
-const DOT: &[u8; 11] = b".          ";
-const DOTDOT: &[u8; 11] = b"..         ";
-
-/// Works around two fatfs 0.3.6 bugs in the directories it creates (the
-/// builder's `efi.rs` does the same on its in-memory image): it puts a
-/// long-name entry before each of "." and ".." (fsck.fat then reports the
-/// directory as damaged), and a first-level directory's ".." names the root's
-/// cluster instead of 0. Walks every directory of the FAT32 volume and
-/// rewrites the first slots of the ones that show either.
-fn fix_dot_entries<D: Read + Write + Seek>(disk: &mut D) -> Result<()> {
-    let mut boot = [0u8; 512];
-    disk.seek(SeekFrom::Start(0))?;
-    disk.read_exact(&mut boot)?;
-    let fat = Fat32::parse(&boot)?;
-    // First cluster of each directory to visit, and whether its parent is the root.
-    let mut pending = vec![(fat.root_cluster, false)];
-    let mut visited = BTreeSet::new();
-    let mut buf = vec![0u8; fat.cluster_size as usize];
-    while let Some((dir, parent_is_root)) = pending.pop() {
-        if !visited.insert(dir) {
-            bail!("the directory at cluster {dir} is reachable twice");
-        }
-        let chain = fat.chain(disk, dir)?;
-        let Some(&first) = chain.first() else {
-            bail!("the directory at cluster {dir} has no cluster");
-        };
-        if dir != fat.root_cluster {
-            let mut slots = [0u8; 128];
-            disk.seek(SeekFrom::Start(fat.cluster_offset(first)))?;
-            disk.read_exact(&mut slots)?;
-            if fix_first_slots(&mut slots, parent_is_root) {
-                disk.seek(SeekFrom::Start(fat.cluster_offset(first)))?;
-                disk.write_all(&slots)?;
-            }
-        }
-        'clusters: for c in chain {
-            disk.seek(SeekFrom::Start(fat.cluster_offset(c)))?;
-            disk.read_exact(&mut buf)?;
-            for e in buf.chunks_exact(32) {
-                match e[0] {
-                    0 => break 'clusters,
-                    0xe5 => continue,
-                    _ => {}
-                }
-                let (attr, name) = (e[11], &e[..11]);
-                if attr == ATTR_LFN
-                    || attr & ATTR_VOLUME != 0
-                    || attr & ATTR_DIR == 0
-                    || name == DOT
-                    || name == DOTDOT
-                {
-                    continue;
-                }
-                let high = u32::from(u16::from_le_bytes([e[20], e[21]]));
-                let low = u32::from(u16::from_le_bytes([e[26], e[27]]));
-                pending.push(((high << 16) | low, dir == fat.root_cluster));
-            }
-        }
-    }
-    Ok(())
-}
-
-/// Rewrites the first four slots of a directory, [LFN, ".", LFN, ".."], as
-/// [".", "..", deleted, deleted], and points ".." at cluster 0 if the parent
-/// is the root. True if anything changed.
-fn fix_first_slots(slots: &mut [u8; 128], parent_is_root: bool) -> bool {
-    let name = |s: &[u8; 128], i: usize| s[i * 32..i * 32 + 11].to_vec();
-    let attr = |s: &[u8; 128], i: usize| s[i * 32 + 11];
-    let mut changed = false;
-    if attr(slots, 0) == ATTR_LFN
-        && name(slots, 1) == DOT
-        && attr(slots, 2) == ATTR_LFN
-        && name(slots, 3) == DOTDOT
-    {
-        slots.copy_within(32..64, 0);
-        slots.copy_within(96..128, 32);
-        slots[64..128].fill(0);
-        slots[64] = 0xe5;
-        slots[96] = 0xe5;
-        changed = true;
-    }
-    if parent_is_root
-        && name(slots, 1) == DOTDOT
-        && (slots[52..54] != [0, 0] || slots[58..60] != [0, 0])
-    {
-        slots[52..54].fill(0);
-        slots[58..60].fill(0);
-        changed = true;
-    }
-    changed
+    Ok(layout)
 }
 
 #[cfg(test)]
@@ -546,69 +392,17 @@ mod tests {
     }
 
     #[test]
-    fn parses_fat32_and_refuses_others() {
+    fn fat32_only() {
         let disk = volume();
         let boot: [u8; 512] = disk.get_ref()[..512].try_into().expect("512 bytes");
-        let fat = Fat32::parse(&boot).expect("FAT32");
-        assert_eq!(fat.root_cluster, 2);
-        assert_eq!(fat.cluster_size, 512);
-        assert!(fat.clusters >= 65525);
+        let fat = fat32(&boot).expect("FAT32");
+        assert_eq!((fat.root_cluster, fat.cluster_size), (2, 512));
         let mut small = Cursor::new(vec![0u8; 8 << 20]);
         fatfs::format_volume(&mut small, fatfs::FormatVolumeOptions::new()).expect("format");
         let boot: [u8; 512] = small.get_ref()[..512].try_into().expect("512 bytes");
-        let e = Fat32::parse(&boot).expect_err("FAT16");
+        let e = fat32(&boot).expect_err("FAT16");
         assert!(format!("{e:#}").contains("not FAT32"), "{e:#}");
-        assert!(format!("{:#}", Fat32::parse(&[0; 512]).expect_err("zeros")).contains("no FAT"));
-    }
-
-    #[test]
-    fn fixes_dot_entries_of_new_directories() {
-        let mut disk = volume();
-        {
-            let fs = fatfs::FileSystem::new(&mut disk, fatfs::FsOptions::new()).expect("fs");
-            fs.root_dir().create_dir("EFI").expect("EFI");
-            fs.root_dir().create_dir("EFI/BOOT").expect("EFI/BOOT");
-            fs.unmount().expect("unmount");
-        }
-        let boot: [u8; 512] = disk.get_ref()[..512].try_into().expect("512 bytes");
-        let fat = Fat32::parse(&boot).expect("FAT32");
-        // The short-name entry of EFI in the root names its first cluster.
-        let root = fat.cluster_offset(2) as usize;
-        let cl = |e: &[u8]| u32::from(u16::from_le_bytes([e[26], e[27]]));
-        let efi = disk.get_ref()[root..root + fat.cluster_size as usize]
-            .chunks(32)
-            .find(|e| &e[..11] == b"EFI        ")
-            .map(cl)
-            .expect("EFI in the root");
-        let slots = |d: &Cursor<Vec<u8>>, c: u32| {
-            let o = fat.cluster_offset(c) as usize;
-            d.get_ref()[o..o + 128].to_vec()
-        };
-        let before = slots(&disk, efi);
-        assert_eq!(before[11], ATTR_LFN, "fatfs 0.3.6 bug is gone? {before:?}");
-        fix_dot_entries(&mut disk).expect("fix");
-        disk.set_position(0);
-        let after = slots(&disk, efi);
-        assert_eq!(&after[..11], DOT);
-        assert_eq!(&after[32..43], DOTDOT);
-        assert_eq!(cl(&after[..32]), efi, ". names the directory itself");
-        assert_eq!(cl(&after[32..64]), 0, ".. of a first-level directory is 0");
-        assert_eq!((after[64], after[96]), (0xe5, 0xe5));
-        // EFI/BOOT: "." first, ".." names EFI; fatfs still reads the tree.
-        let fs = fatfs::FileSystem::new(&mut disk, fatfs::FsOptions::new()).expect("fs");
-        let names: Vec<String> = fs
-            .root_dir()
-            .open_dir("EFI")
-            .expect("EFI")
-            .iter()
-            .map(|e| e.expect("entry").file_name())
-            .collect();
-        assert_eq!(names, [".", "..", "BOOT"]);
-        drop(fs);
-        disk.set_position(0);
-        let before = disk.get_ref().clone();
-        fix_dot_entries(&mut disk).expect("second fix");
-        assert!(*disk.get_ref() == before, "a fixed tree is left alone");
+        assert!(format!("{:#}", fat32(&[0; 512]).expect_err("zeros")).contains("no FAT"));
     }
 
     #[test]

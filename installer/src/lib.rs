@@ -12,6 +12,7 @@ pub mod console;
 pub mod datasets;
 pub mod disk;
 pub mod facts;
+pub mod fat;
 pub mod image;
 pub mod install;
 pub mod net;
