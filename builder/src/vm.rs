@@ -11,7 +11,7 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::OnceLock;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use nodeflash_installer::facts::human_bytes;
@@ -252,18 +252,19 @@ fn probe_kvm() -> Result<bool> {
         .spawn()
         .context("cannot start qemu-system-x86_64 (package qemu-system-x86)")?;
     // OVMF prints on the serial port within a second or two under KVM.
-    let deadline = Instant::now() + Duration::from_secs(8);
-    let mut ok = false;
-    while Instant::now() < deadline {
-        if std::fs::metadata(&serial).is_ok_and(|m| m.len() > 0) {
-            ok = true;
-            break;
-        }
-        if child.try_wait()?.is_some() {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    let printed = nodeflash_installer::wait::wait_until(
+        Duration::from_secs(8),
+        Duration::from_millis(100),
+        || {
+            if std::fs::metadata(&serial).is_ok_and(|m| m.len() > 0) {
+                Some(true)
+            } else {
+                // Exited (or cannot be asked): no point waiting.
+                (!matches!(child.try_wait(), Ok(None))).then_some(false)
+            }
+        },
+    );
+    let ok = printed == Some(true);
     let _ = child.kill();
     let _ = child.wait();
     eprintln!(

@@ -485,23 +485,20 @@ pub fn run_check(
 
 /// Waits until `zpool import` lists `pool` (an empty listing is an error exit).
 fn wait_for_pool(pool: &str, timeout: Duration) -> Result<Importable> {
-    let deadline = Instant::now() + timeout;
-    loop {
-        let listed = cmd::run(Command::new("zpool").args(["import", "-d", "/dev"]))
+    crate::wait::wait_until(timeout, Duration::from_secs(1), || {
+        cmd::run(Command::new("zpool").args(["import", "-d", "/dev"]))
             .map(|out| parse_import_list(&out))
-            .unwrap_or_default();
-        if let Some(p) = listed.into_iter().find(|p| p.name == pool) {
-            return Ok(p);
-        }
-        if Instant::now() >= deadline {
-            bail!(
-                "pool {pool} did not show up in `zpool import -d /dev` within {}s \
-                 (is the zfs module loaded, and is this the installed disk?)",
-                timeout.as_secs()
-            );
-        }
-        std::thread::sleep(Duration::from_secs(1));
-    }
+            .unwrap_or_default()
+            .into_iter()
+            .find(|p| p.name == pool)
+    })
+    .with_context(|| {
+        format!(
+            "pool {pool} did not show up in `zpool import -d /dev` within {}s \
+             (is the zfs module loaded, and is this the installed disk?)",
+            timeout.as_secs()
+        )
+    })
 }
 
 /// Mounts the pool's datasets read-only under [`SYSROOT`] in [`mount_plan`]

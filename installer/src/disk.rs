@@ -7,7 +7,7 @@ use std::fs::{File, OpenOptions};
 use std::io::{self, Read, Seek, SeekFrom, Write};
 use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use serde::Serialize;
@@ -696,25 +696,25 @@ fn reread_partitions(file: &File, dev: &Path) -> Result<()> {
 
 /// Waits until every node exists (devtmpfs creates them; there is no udev).
 fn wait_for_nodes(nodes: &[PathBuf], timeout: Duration) -> Result<()> {
-    let deadline = Instant::now() + timeout;
-    loop {
-        let missing: Vec<&PathBuf> = nodes.iter().filter(|n| !n.exists()).collect();
-        if missing.is_empty() {
-            return Ok(());
-        }
-        if Instant::now() > deadline {
-            bail!(
-                "the partition nodes {} did not appear within {}s after re-reading the table",
-                missing
-                    .iter()
-                    .map(|p| p.display().to_string())
-                    .collect::<Vec<_>>()
-                    .join(", "),
-                timeout.as_secs()
-            );
-        }
-        std::thread::sleep(Duration::from_millis(50));
+    let missing = || -> Vec<String> {
+        nodes
+            .iter()
+            .filter(|n| !n.exists())
+            .map(|p| p.display().to_string())
+            .collect()
+    };
+    if crate::wait::wait_until(timeout, Duration::from_millis(50), || {
+        missing().is_empty().then_some(())
+    })
+    .is_none()
+    {
+        bail!(
+            "the partition nodes {} did not appear within {}s after re-reading the table",
+            missing().join(", "),
+            timeout.as_secs()
+        );
     }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -26,5 +26,6 @@ pub mod report;
 pub mod secureboot;
 #[doc(hidden)]
 pub mod testing;
+pub mod wait;
 pub mod zfs;
 pub mod zprop;

@@ -7,7 +7,7 @@ use std::fs;
 use std::net::Ipv4Addr;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::Path;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use nix::libc;
@@ -44,20 +44,16 @@ pub fn wait_for_carrier(sysfs: &Path, names: &[String], timeout: Duration) -> Re
     if names.is_empty() {
         bail!("no wired network interface found (is its driver in the image?)");
     }
-    let deadline = Instant::now() + timeout;
-    loop {
-        if let Some(n) = names.iter().find(|n| has_carrier(sysfs, n)) {
-            return Ok(n.clone());
-        }
-        if Instant::now() >= deadline {
-            bail!(
-                "no link on {} after {}s: is a cable plugged in and the switch port up?",
-                names.join(", "),
-                timeout.as_secs()
-            );
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    crate::wait::wait_until(timeout, Duration::from_millis(100), || {
+        names.iter().find(|n| has_carrier(sysfs, n)).cloned()
+    })
+    .with_context(|| {
+        format!(
+            "no link on {} after {}s: is a cable plugged in and the switch port up?",
+            names.join(", "),
+            timeout.as_secs()
+        )
+    })
 }
 
 /// A socket for interface ioctls.
