@@ -206,7 +206,7 @@ struct FlashArgs {
     #[arg(long, value_name = "DEVICE")]
     force: Option<PathBuf>,
     /// Refuse disks larger than this.
-    #[arg(long, default_value = "128GiB")]
+    #[arg(long, default_value_t = nodeflash_installer::profile::Size(crate::flash::DEFAULT_MAX_SIZE))]
     max_size: nodeflash_installer::profile::Size,
     /// Print the listing or the result as JSON.
     #[arg(long)]
