@@ -96,6 +96,7 @@ impl Cache {
     ) -> Result<PathBuf> {
         let (dest, parent) = self.slot(kind, key)?;
         if dest.is_file() {
+            touch(&dest);
             return Ok(dest);
         }
         let tmp = tempfile::Builder::new()
@@ -107,6 +108,95 @@ impl Cache {
             .with_context(|| format!("cannot move a temporary file to {}", dest.display()))?;
         Ok(dest)
     }
+}
+
+/// The kinds of entry the size bound applies to: packed payloads and the
+/// frames of their units. Everything else in the cache (packages, extracted
+/// trees, compiled modules) is pinned by a lock and kept.
+pub const BOUNDED_KINDS: [&str; 2] = ["payload", "frames"];
+
+/// The size bound of [`BOUNDED_KINDS`] unless `NODEFLASH_CACHE_MAX` says
+/// otherwise: 20 GiB.
+pub const DEFAULT_MAX_BYTES: u64 = 20 << 30;
+
+/// What [`Cache::gc`] did.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+pub struct GcStats {
+    pub removed: usize,
+    pub removed_bytes: u64,
+    pub kept: usize,
+    pub kept_bytes: u64,
+}
+
+impl Cache {
+    /// The size bound: `NODEFLASH_CACHE_MAX` (a size such as `20GiB`), else
+    /// [`DEFAULT_MAX_BYTES`]. Errors when the variable is not a size.
+    pub fn max_bytes_from_env() -> Result<u64> {
+        match std::env::var("NODEFLASH_CACHE_MAX") {
+            Ok(v) => v
+                .parse::<nodeflash_installer::profile::Size>()
+                .map(|s| s.0)
+                .map_err(|e| anyhow::anyhow!("NODEFLASH_CACHE_MAX={v:?} is not a size: {e}")),
+            Err(_) => Ok(DEFAULT_MAX_BYTES),
+        }
+    }
+
+    /// Evicts the least recently used entries of [`BOUNDED_KINDS`] until
+    /// they hold at most `max_bytes` in all. An entry's last use is its
+    /// modification time ([`Cache::file`] and the packer's frame cache set
+    /// it on every hit). `keep` is never removed (what the running build
+    /// uses); temporary files (names starting with `.`) are left alone.
+    /// Errors name the entry that cannot be read or removed.
+    pub fn gc(&self, max_bytes: u64, keep: &[&Path]) -> Result<GcStats> {
+        let mut entries = Vec::new();
+        for kind in BOUNDED_KINDS {
+            let dir = self.root.join(kind);
+            let list = match std::fs::read_dir(&dir) {
+                Ok(l) => l,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(e).with_context(|| format!("cannot read {}", dir.display())),
+            };
+            for e in list {
+                let e = e.with_context(|| format!("cannot read {}", dir.display()))?;
+                if e.file_name().to_string_lossy().starts_with('.') {
+                    continue;
+                }
+                let path = e.path();
+                let meta = std::fs::symlink_metadata(&path)
+                    .with_context(|| format!("cannot stat {}", path.display()))?;
+                if !meta.is_file() {
+                    continue;
+                }
+                let used = meta
+                    .modified()
+                    .with_context(|| format!("cannot stat {}", path.display()))?;
+                entries.push((used, path, meta.len()));
+            }
+        }
+        // Oldest first; the name breaks ties so the order is the same every time.
+        entries.sort();
+        let mut total: u64 = entries.iter().map(|e| e.2).sum();
+        let mut stats = GcStats::default();
+        for (_, path, len) in entries {
+            if total > max_bytes && !keep.iter().any(|k| *k == path) {
+                std::fs::remove_file(&path)
+                    .with_context(|| format!("cannot remove {}", path.display()))?;
+                total -= len;
+                stats.removed += 1;
+                stats.removed_bytes += len;
+            } else {
+                stats.kept += 1;
+                stats.kept_bytes += len;
+            }
+        }
+        Ok(stats)
+    }
+}
+
+/// Marks a file as used now (its modification time), for [`Cache::gc`]. A
+/// file that cannot be touched is only evicted sooner, so failures are ignored.
+pub fn touch(path: &Path) {
+    let _ = std::fs::File::open(path).and_then(|f| f.set_modified(std::time::SystemTime::now()));
 }
 
 /// sha256 of a list of strings, unambiguously joined; hex.
@@ -155,6 +245,55 @@ mod tests {
             std::fs::read_dir(t.path().join("x")).expect("ls").count(),
             1
         );
+    }
+
+    #[test]
+    fn gc_evicts_the_least_recently_used_down_to_the_bound() {
+        use std::time::{Duration, SystemTime};
+        let t = tempfile::tempdir().expect("tempdir");
+        let cache = Cache::at(t.path().to_path_buf()).expect("cache");
+        let base = SystemTime::now() - Duration::from_secs(3600);
+        let mut paths = Vec::new();
+        for (i, kind) in ["payload", "frames", "frames", "payload", "frames"]
+            .iter()
+            .enumerate()
+        {
+            let p = cache
+                .file(kind, &format!("e{i}"), |out| {
+                    std::fs::write(out, vec![0u8; 100]).map_err(Into::into)
+                })
+                .expect("file");
+            let f = std::fs::File::open(&p).expect("open");
+            f.set_modified(base + Duration::from_secs(i as u64 * 10))
+                .expect("mtime");
+            paths.push(p);
+        }
+        // Not bounded: another kind, and a temporary file.
+        cache
+            .file("deb", "big", |out| {
+                std::fs::write(out, vec![0u8; 1000]).map_err(Into::into)
+            })
+            .expect("file");
+        std::fs::write(t.path().join("frames/.partial"), vec![0u8; 1000]).expect("write");
+        // A hit makes e0 the most recent; e1 is kept because it is in use.
+        cache
+            .file("payload", "e0", |_| anyhow::bail!("not built again"))
+            .expect("hit");
+        let stats = cache.gc(250, &[&paths[1]]).expect("gc");
+        assert_eq!(
+            stats,
+            GcStats {
+                removed: 3,
+                removed_bytes: 300,
+                kept: 2,
+                kept_bytes: 200
+            }
+        );
+        let left: Vec<bool> = paths.iter().map(|p| p.exists()).collect();
+        assert_eq!(left, [true, true, false, false, false]);
+        assert!(t.path().join("deb/big").exists() && t.path().join("frames/.partial").exists());
+        // Under the bound nothing goes.
+        assert_eq!(cache.gc(1000, &[]).expect("gc").removed, 0);
     }
 
     #[test]

@@ -150,6 +150,13 @@ enum Command {
         #[command(subcommand)]
         command: PayloadCommand,
     },
+    /// Bound the cache: evict the least recently used payloads and frames
+    /// (docs/payload.md, "The frame cache").
+    #[command(after_help = examples!("nodeflash cache gc --max-size 5GiB"))]
+    Cache {
+        #[command(subcommand)]
+        command: CacheCommand,
+    },
     /// Write an ISO onto a USB stick and read it back; without DEVICE, list
     /// the disks it would accept and refuse.
     #[command(after_help = FLASH_HELP)]
@@ -220,11 +227,31 @@ struct FlashArgs {
 }
 
 #[derive(Debug, Subcommand)]
+enum CacheCommand {
+    /// Evict the least recently used payloads and frames until they hold at
+    /// most the bound; packages, extracted trees and compiled modules stay.
+    #[command(after_help = examples!(
+        "nodeflash cache gc   # down to NODEFLASH_CACHE_MAX, default 20GiB",
+        "nodeflash cache gc --max-size 5GiB",
+        "nodeflash cache gc --max-size 0   # drop every payload and frame",
+    ))]
+    Gc {
+        /// The bound (default: NODEFLASH_CACHE_MAX, else 20GiB).
+        #[arg(long)]
+        max_size: Option<nodeflash_installer::profile::Size>,
+        /// Print the result as JSON on stdout.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
 enum PayloadCommand {
     /// Pack a store directory (its entries are store paths) into a payload.
     #[command(after_help = examples!(
         "nodeflash payload pack ./store store.nfp --registration ./registration",
         "nodeflash payload pack /tmp/store store.nfp --level 3 --json",
+        "nodeflash payload pack ./store store.nfp --cache ~/.cache/nodeflash/frames",
     ))]
     Pack {
         src: PathBuf,
@@ -238,6 +265,14 @@ enum PayloadCommand {
         /// Compression threads (default: one per CPU).
         #[arg(long)]
         jobs: Option<usize>,
+        /// Keep each unit's compressed frames in DIR and reuse them in later
+        /// packs (the payload is the same bytes either way).
+        #[arg(long, value_name = "DIR")]
+        cache: Option<PathBuf>,
+        /// With --cache: the store paths' names stand for their content (a
+        /// Nix store), so files are not hashed to find cached units.
+        #[arg(long, requires = "cache")]
+        names_are_content: bool,
         /// Print the result as JSON on stdout.
         #[arg(long)]
         json: bool,
@@ -422,6 +457,29 @@ fn run(cli: Cli) -> Result<()> {
             println!("{}", serde_json::to_string_pretty(&facts)?);
         }
         Command::Payload { command } => payload_command(command, cli.quiet)?,
+        Command::Cache {
+            command: CacheCommand::Gc { max_size, json },
+        } => {
+            let cache = Cache::from_env()?;
+            let max = match max_size {
+                Some(s) => s.0,
+                None => Cache::max_bytes_from_env()?,
+            };
+            let stats = cache.gc(max, &[])?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&stats)?);
+            } else if !cli.quiet {
+                println!(
+                    "{}: removed {} entries ({:.1} MiB), kept {} ({:.1} MiB) under {:.1} MiB",
+                    cache.root().display(),
+                    stats.removed,
+                    stats.removed_bytes as f64 / 1048576.0,
+                    stats.kept,
+                    stats.kept_bytes as f64 / 1048576.0,
+                    max as f64 / 1048576.0
+                );
+            }
+        }
         Command::Flash(a) => {
             let forced = match (&a.force, &a.device) {
                 (None, _) => false,
@@ -903,6 +961,8 @@ fn payload_command(command: PayloadCommand, quiet: bool) -> Result<()> {
             level,
             registration,
             jobs,
+            cache,
+            names_are_content,
             json,
         } => {
             let registration = registration
@@ -915,12 +975,16 @@ fn payload_command(command: PayloadCommand, quiet: bool) -> Result<()> {
                 level,
                 threads: threads(jobs),
                 registration,
+                cache: cache.map(|dir| payload::FrameCache {
+                    dir,
+                    names_are_content,
+                }),
                 ..PackOptions::default()
             };
             let stats = crate::payload::with_progress("packing", None, &counters, || {
                 payload::pack(&src, &out, &opts, &counters)
             })?;
-            let text = format!(
+            let mut text = format!(
                 "{}: {} files, {:.1} MiB → {:.1} MiB ({} frames) in {:.1}s",
                 out.display(),
                 stats.files,
@@ -929,6 +993,9 @@ fn payload_command(command: PayloadCommand, quiet: bool) -> Result<()> {
                 stats.frames,
                 started.elapsed().as_secs_f64()
             );
+            if opts.cache.is_some() {
+                text.push_str(&format!("; {}", crate::payload::reuse_note(&stats)));
+            }
             report(json, serde_json::to_value(&stats)?, text)
         }
         PayloadCommand::Unpack {

@@ -11,7 +11,9 @@ use std::collections::BTreeMap;
 
 use anyhow::{Context, Result};
 use nodeflash_installer::image::NodeSystem;
-use nodeflash_installer::payload::{self, Counters, PackOptions, Payload, FORMAT_VERSION};
+use nodeflash_installer::payload::{
+    self, Counters, FrameCache, PackOptions, Payload, FORMAT_VERSION,
+};
 use nodeflash_installer::profile::{default_system_attr, Profile};
 
 use crate::build::CheckSystem;
@@ -93,6 +95,7 @@ pub fn prepare(
     };
     let settings = [
         FORMAT_VERSION.to_string(),
+        payload::LAYOUT_VERSION.to_string(),
         p.level.to_string(),
         payload::DEFAULT_FRAME_SIZE.to_string(),
     ];
@@ -135,9 +138,19 @@ pub fn prepare(
     };
     let path = steps::step("Packing store", || {
         cache.file("payload", &format!("{key}.nfp"), |out| {
-            pack_source(&source, system, out, p.level)
+            pack_source(&source, system, out, p.level, cache)
         })
     })?;
+    let max = Cache::max_bytes_from_env()?;
+    let gc = cache.gc(max, &[&path])?;
+    if gc.removed > 0 {
+        steps::note(&format!(
+            "cache bound {:.1} GiB: evicted {} least recently used payloads and frames ({:.1} MiB)",
+            max as f64 / f64::from(1 << 30),
+            gc.removed,
+            gc.removed_bytes as f64 / 1048576.0
+        ));
+    }
     let opened = Payload::open(
         std::fs::File::open(&path).with_context(|| format!("cannot open {}", path.display()))?,
     )
@@ -231,9 +244,16 @@ fn pack_source(
     system: Option<&CheckSystem>,
     out: &Path,
     level: i32,
+    cache: &Cache,
 ) -> Result<()> {
     let mut opts = PackOptions {
         level,
+        cache: Some(FrameCache {
+            dir: cache.root().join("frames"),
+            // Only a Nix store's names stand for their content; a store
+            // directory or a synthetic store is hashed file by file.
+            names_are_content: matches!(source, Source::Closure { .. }),
+        }),
         ..PackOptions::default()
     };
     let generated;
@@ -293,14 +313,32 @@ fn pack_dir(src: &Path, out: &Path, opts: &PackOptions) -> Result<()> {
         payload::pack(src, out, opts, &counters)
     })?;
     steps::note(&format!(
-        "{} files, {:.1} MiB → {:.1} MiB in {} frames (zstd {})",
+        "{} files, {:.1} MiB → {:.1} MiB in {} frames (zstd {}); {}",
         stats.files,
         stats.bytes as f64 / 1048576.0,
         stats.payload_bytes as f64 / 1048576.0,
         stats.frames,
-        opts.level
+        opts.level,
+        reuse_note(&stats)
     ));
     Ok(())
+}
+
+/// How much of a pack came from the frame cache, in words.
+pub fn reuse_note(stats: &payload::PackStats) -> String {
+    let mut s = format!(
+        "{} of {} units from the frame cache, {:.1} MiB compressed",
+        stats.units_reused,
+        stats.units,
+        stats.bytes_compressed as f64 / 1048576.0
+    );
+    if stats.cache_damaged > 0 {
+        s.push_str(&format!(
+            "; {} damaged cache entries compressed again",
+            stats.cache_damaged
+        ));
+    }
+    s
 }
 
 /// Runs `f` with a progress bar fed from `counters` when stderr is a terminal.

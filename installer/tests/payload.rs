@@ -7,7 +7,8 @@ use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::Path;
 
 use nodeflash_installer::payload::{
-    compare, digest, pack, scan, Counters, Header, Manifest, PackOptions, Payload, HEADER_LEN,
+    compare, digest, pack, scan, Counters, FrameCache, Header, Manifest, PackOptions, PackStats,
+    Payload, HEADER_LEN,
 };
 use sha2::{Digest, Sha256};
 
@@ -89,6 +90,7 @@ fn opts() -> PackOptions {
         threads: 3,
         registration: Some("/nix/store/x\n\n\n0\n".into()),
         only: None,
+        cache: None,
     }
 }
 
@@ -204,6 +206,111 @@ fn packing_is_deterministic() {
         first == std::fs::read(&two).expect("read"),
         "same tree, same bytes"
     );
+}
+
+/// Adds `n` small store paths (a file of a few hundred bytes each) named
+/// from `tag`, so that they share buckets.
+fn small_paths(root: &Path, tag: &str, n: usize) {
+    for i in 0..n {
+        let name = format!(
+            "{:0>32}-small-{tag}-{i}",
+            hex::encode(Sha256::digest(format!("{tag}{i}")))[..32].to_string()
+        );
+        let d = root.join(name);
+        std::fs::create_dir(&d).expect("mkdir");
+        write(
+            &d.join("unit.conf"),
+            format!("[Unit]\nDescription={tag} {i}\n")
+                .repeat(8)
+                .as_bytes(),
+            0o444,
+        );
+    }
+}
+
+fn pack_with(src: &Path, out: &Path, cache: Option<&Path>) -> (Vec<u8>, PackStats) {
+    let mut o = opts();
+    o.cache = cache.map(|dir| FrameCache {
+        dir: dir.to_path_buf(),
+        names_are_content: false,
+    });
+    let stats = pack(src, out, &o, &Counters::default()).expect("pack");
+    (std::fs::read(out).expect("read"), stats)
+}
+
+#[test]
+fn packing_from_the_frame_cache_is_byte_identical() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let src = dir.path().join("src");
+    std::fs::create_dir(&src).expect("mkdir");
+    sample_store(&src);
+    small_paths(&src, "v1", 40);
+    let cache = dir.path().join("frames");
+    let out = dir.path().join("out.nfp");
+
+    let (scratch, s0) = pack_with(&src, &out, None);
+    assert!(s0.units > 3, "{s0:?}");
+    assert!(s0.units < 40, "small paths share units: {s0:?}");
+    let (filled, s1) = pack_with(&src, &out, Some(&cache));
+    assert!(filled == scratch, "filling the cache changes nothing");
+    assert_eq!((s1.units_reused, s1.bytes_compressed), (0, s1.bytes));
+    let entries = std::fs::read_dir(&cache).expect("ls").count();
+    assert_eq!(entries, s1.units, "one entry per unit");
+    let (reused, s2) = pack_with(&src, &out, Some(&cache));
+    assert!(reused == scratch, "a pack from the cache is the same bytes");
+    assert_eq!((s2.units_reused, s2.bytes_compressed), (s2.units, 0));
+    extract(&out, None).expect("the cached payload reads back");
+
+    // v2: one file of a large store path changes, one small path is added.
+    let lib = src.join("abcdfghijklmnpqrsvwxyz0123456789-lib");
+    std::fs::set_permissions(&lib, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    std::fs::set_permissions(lib.join("lib"), std::fs::Permissions::from_mode(0o755))
+        .expect("chmod");
+    let f = lib.join("lib/f07");
+    std::fs::set_permissions(&f, std::fs::Permissions::from_mode(0o644)).expect("chmod");
+    std::fs::write(&f, b"7 changed\n").expect("write");
+    small_paths(&src, "v2", 1);
+    let (scratch2, s3) = pack_with(&src, &out, None);
+    assert!(scratch2 != scratch);
+    let (cached2, s4) = pack_with(&src, &out, Some(&cache));
+    assert!(
+        cached2 == scratch2,
+        "v2 from the cache is the same bytes as v2 from scratch"
+    );
+    assert_eq!(s4.units, s3.units);
+    // The changed unit, the bucket that got the new path (or two, if it
+    // moved a bucket's end) are compressed; the rest comes from the cache.
+    assert!(
+        s4.units_reused >= s4.units - 3 && s4.units_reused < s4.units,
+        "{s4:?}"
+    );
+    // The unchanged large store path is not compressed again.
+    let hello: u64 = scan(&src.join("0123456789abcdfghijklmnpqrsvwxyz-hello-2.12"), 1)
+        .expect("scan")
+        .iter()
+        .map(|(e, _)| match e {
+            nodeflash_installer::payload::Entry::File { size, .. } => *size,
+            _ => 0,
+        })
+        .sum();
+    assert!(hello > 16 * 1024);
+    assert!(s4.bytes_compressed <= s4.bytes - hello, "{s4:?}");
+
+    // A damaged entry is found, compressed again and replaced.
+    let mut names: Vec<_> = std::fs::read_dir(&cache)
+        .expect("ls")
+        .map(|e| e.expect("entry").path())
+        .collect();
+    names.sort();
+    let mut bytes = std::fs::read(&names[0]).expect("read");
+    bytes[3] ^= 0x55;
+    std::fs::write(&names[0], &bytes).expect("write");
+    let (repaired, s5) = pack_with(&src, &out, Some(&cache));
+    assert!(repaired == scratch2);
+    assert_eq!(s5.cache_damaged, 1, "{s5:?}");
+    assert_eq!(s5.units_reused, s5.units - 1, "{s5:?}");
+    let (_, s6) = pack_with(&src, &out, Some(&cache));
+    assert_eq!((s6.cache_damaged, s6.units_reused), (0, s6.units));
 }
 
 #[test]

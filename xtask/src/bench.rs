@@ -98,6 +98,82 @@ fn prepare_store(dir: &Path, spec: &Spec) -> Result<(PathBuf, String)> {
     Ok((store, generated))
 }
 
+/// Makes `v2`: a copy of `v1` (hard links) where a few store paths, spread
+/// over the store, get a new name (a new hash, as Nix gives a rebuilt path)
+/// and one changed file. Returns how many.
+fn make_v2(v1: &Path, v2: &Path) -> Result<usize> {
+    use std::os::unix::fs::PermissionsExt;
+    remove_tree(v2)?;
+    cmd::run(Command::new("cp").arg("-al").arg(v1).arg(v2))?;
+    let mut names: Vec<String> = fs::read_dir(v2)
+        .with_context(|| format!("cannot read {}", v2.display()))?
+        .map(|e| e.map(|e| e.file_name().to_string_lossy().into_owned()))
+        .collect::<std::io::Result<_>>()
+        .with_context(|| format!("cannot read {}", v2.display()))?;
+    names.sort();
+    let dirs: Vec<&String> = names.iter().filter(|n| v2.join(n).is_dir()).collect();
+    const CHANGED: usize = 6;
+    let picked: Vec<&String> = (0..CHANGED)
+        .filter_map(|i| dirs.get(dirs.len() * (2 * i + 1) / (2 * CHANGED)).copied())
+        .collect();
+    let writable = |p: &Path, mode: u32| {
+        fs::set_permissions(p, fs::Permissions::from_mode(mode))
+            .with_context(|| format!("cannot set the mode of {}", p.display()))
+    };
+    writable(v2, 0o755)?;
+    for old in &picked {
+        let hash = &old.as_bytes()[..32.min(old.len())];
+        // Another hash of the same form: each character moved along Nix's alphabet.
+        const ALPHABET: &[u8] = b"0123456789abcdfghijklmnpqrsvwxyz";
+        let new_hash: String = hash
+            .iter()
+            .map(|c| {
+                let i = ALPHABET.iter().position(|a| a == c).unwrap_or(0);
+                char::from(ALPHABET[(i + 7) % ALPHABET.len()])
+            })
+            .collect();
+        let new = format!("{new_hash}{}", &old[hash.len()..]);
+        cmd::run(
+            Command::new("cp")
+                .arg("-a")
+                .arg(v2.join(old))
+                .arg(v2.join(&new)),
+        )?;
+        remove_tree(&v2.join(old))?;
+        // One file changes: the first regular file, depth first.
+        let mut stack = vec![v2.join(&new)];
+        'walk: while let Some(d) = stack.pop() {
+            let mut list: Vec<PathBuf> = fs::read_dir(&d)
+                .with_context(|| format!("cannot read {}", d.display()))?
+                .map(|e| e.map(|e| e.path()))
+                .collect::<std::io::Result<_>>()
+                .with_context(|| format!("cannot read {}", d.display()))?;
+            list.sort();
+            for p in list {
+                let meta = fs::symlink_metadata(&p)
+                    .with_context(|| format!("cannot stat {}", p.display()))?;
+                if meta.is_file() {
+                    let mode = meta.permissions().mode() & 0o777;
+                    writable(&p, 0o644)?;
+                    let mut f = fs::OpenOptions::new()
+                        .append(true)
+                        .open(&p)
+                        .with_context(|| format!("cannot open {}", p.display()))?;
+                    std::io::Write::write_all(&mut f, b"\n# changed by the rebuild\n")
+                        .with_context(|| format!("cannot write {}", p.display()))?;
+                    drop(f);
+                    writable(&p, mode)?;
+                    break 'walk;
+                } else if meta.is_dir() {
+                    stack.push(p);
+                }
+            }
+        }
+    }
+    writable(v2, 0o755)?;
+    Ok(picked.len())
+}
+
 /// Wall time, and the output's size for packs.
 struct Measure {
     time: Duration,
@@ -136,11 +212,18 @@ pub fn store(spec: &Spec, jobs: Option<usize>) -> Result<()> {
     let nodeflash = target_dir().join("release/nodeflash");
     let nfp = dir.join("store.nfp");
     let sqfs = dir.join("store.sqfs");
+    let frames = dir.join("frames");
+    remove_tree(&frames)?;
     let dest = dir.join("unpacked");
     let mut cache_dropped = true;
     let mut rows = Vec::new();
 
-    let mut pack = |tool: String, nodeflash: bool, out: &Path, c: &mut Command| -> Result<()> {
+    let mut pack = |step: &'static str,
+                    tool: String,
+                    nodeflash: bool,
+                    out: &Path,
+                    c: &mut Command|
+     -> Result<()> {
         let _ = fs::remove_file(out);
         cache_dropped &= drop_caches()?;
         let result = timed(c).and_then(|t| {
@@ -153,35 +236,106 @@ pub fn store(spec: &Spec, jobs: Option<usize>) -> Result<()> {
             })
         });
         rows.push(Row {
-            step: "pack",
+            step,
             tool,
             nodeflash,
             result,
         });
         Ok(())
     };
+    let squashfs = |src: &Path, out: &Path| {
+        let mut c = Command::new("mksquashfs");
+        c.arg(src)
+            .arg(out)
+            .args(["-comp", "zstd", "-Xcompression-level", "19", "-b", "1M"])
+            .args(["-noappend", "-no-progress", "-processors"])
+            .arg(jobs.to_string());
+        c
+    };
+    let squashfs_tool = format!("mksquashfs (zstd -19, 1 MiB blocks, {jobs} processors)");
     steps::step("Packing", || {
         pack(
-            "nodeflash payload pack".into(),
+            "pack",
+            "nodeflash payload pack (empty frame cache)".into(),
             true,
             &nfp,
             Command::new(&nodeflash)
-                .args(["payload", "pack"])
+                .args(["payload", "pack", "--names-are-content", "--cache"])
+                .arg(&frames)
                 .arg(&store)
                 .arg(&nfp),
         )?;
         pack(
-            format!("mksquashfs (zstd -19, 1 MiB blocks, {jobs} processors)"),
+            "pack",
+            squashfs_tool.clone(),
             false,
             &sqfs,
-            Command::new("mksquashfs")
-                .arg(&store)
-                .arg(&sqfs)
-                .args(["-comp", "zstd", "-Xcompression-level", "19", "-b", "1M"])
-                .args(["-noappend", "-no-progress", "-processors"])
-                .arg(jobs.to_string()),
+            &mut squashfs(&store, &sqfs),
         )
     })?;
+
+    // The rebuild: v2 changes a few store paths of v1, as a NixOS rebuild
+    // after one option changes `etc`, the toplevel, the activation script
+    // and a few units.
+    let v2 = dir.join("store-v2");
+    let changed = steps::step("Making v2 of the store", || make_v2(&store, &v2))?;
+    let nfp2 = dir.join("store-v2.nfp");
+    let nfp2_full = dir.join("store-v2-full.nfp");
+    let sqfs2 = dir.join("store-v2.sqfs");
+    steps::step("Packing v2", || {
+        pack(
+            "rebuild",
+            "nodeflash payload pack v2, frame cache of v1 (names are content)".into(),
+            true,
+            &nfp2,
+            Command::new(&nodeflash)
+                .args(["payload", "pack", "--names-are-content", "--cache"])
+                .arg(&frames)
+                .arg(&v2)
+                .arg(&nfp2),
+        )?;
+        let hashed = dir.join("store-v2-hashed.nfp");
+        pack(
+            "rebuild",
+            "nodeflash payload pack v2, frame cache of v1 (every file hashed)".into(),
+            true,
+            &hashed,
+            Command::new(&nodeflash)
+                .args(["payload", "pack", "--cache"])
+                .arg(&frames)
+                .arg(&v2)
+                .arg(&hashed),
+        )?;
+        let _ = fs::remove_file(&hashed);
+        pack(
+            "rebuild",
+            "nodeflash payload pack v2, full repack".into(),
+            true,
+            &nfp2_full,
+            Command::new(&nodeflash)
+                .args(["payload", "pack"])
+                .arg(&v2)
+                .arg(&nfp2_full),
+        )?;
+        pack(
+            "rebuild",
+            format!("{squashfs_tool} of v2"),
+            false,
+            &sqfs2,
+            &mut squashfs(&v2, &sqfs2),
+        )
+    })?;
+    let identical = fs::read(&nfp2)
+        .ok()
+        .is_some_and(|a| fs::read(&nfp2_full).is_ok_and(|b| a == b));
+    for p in [&nfp2, &nfp2_full, &sqfs2] {
+        let _ = fs::remove_file(p);
+    }
+    remove_tree(&v2)?;
+    let rebuild = format!(
+        "v2 changes {changed} store paths of v1; its payload from the frame cache is {} the full repack's, byte for byte",
+        if identical { "identical to" } else { "NOT identical to" }
+    );
 
     // The destination exists beforehand only where the command needs it.
     let mut unpack = |tool: &str, nodeflash: bool, create: bool, c: &mut Command| -> Result<()> {
@@ -256,7 +410,7 @@ pub fn store(spec: &Spec, jobs: Option<usize>) -> Result<()> {
         remove_tree(&dest)
     })?;
 
-    let report = report(spec, &generated, jobs, cache_dropped, &rows)?;
+    let report = report(spec, &generated, jobs, cache_dropped, &rebuild, &rows)?;
     let path = dir.join("store.md");
     fs::write(&path, &report).with_context(|| format!("cannot write {}", path.display()))?;
     println!("{report}");
@@ -276,6 +430,7 @@ fn report(
     generated: &str,
     jobs: usize,
     cache_dropped: bool,
+    rebuild: &str,
     rows: &[Row],
 ) -> Result<String> {
     let kernel = cmd::run(Command::new("uname").arg("-r"))?;
@@ -303,6 +458,7 @@ fn report(
         spec.seed
     );
     let _ = writeln!(md, "- mksquashfs processors: {jobs}");
+    let _ = writeln!(md, "- rebuild: {rebuild}");
     let _ = writeln!(
         md,
         "- page cache: {}\n",
@@ -381,6 +537,40 @@ fn report(
             |a, b| a < b
         )
     ));
+    let rebuild_time = |tool: &str| {
+        rows.iter()
+            .find(|r| r.step == "rebuild" && r.tool.contains(tool))
+            .and_then(|r| r.result.as_ref().ok())
+            .map(|m| m.time.as_secs_f64())
+    };
+    let cached = rebuild_time("names are content");
+    let full = rebuild_time("full repack");
+    met.push(format!(
+        "rebuild ≤ 5 % of a full repack: {}{}",
+        verdict(cached, full, |a, b| a <= 0.05 * b),
+        match (cached, full) {
+            (Some(a), Some(b)) if b > 0.0 => format!(" ({:.1} %)", 100.0 * a / b),
+            _ => String::new(),
+        }
+    ));
+    let rebuild_size = rows
+        .iter()
+        .find(|r| r.step == "rebuild" && r.tool.contains("names are content"))
+        .and_then(|r| r.result.as_ref().ok())
+        .and_then(size_of);
+    met.push(format!(
+        "rebuilt payload ≤ squashfs of v2: {}",
+        verdict(rebuild_size, best_peer(rows, "rebuild", size_of), |a, b| a
+            <= b)
+    ));
+    met.push(format!(
+        "full pack time ≤ mksquashfs: {}",
+        verdict(
+            own("pack", time_of),
+            best_peer(rows, "pack", time_of),
+            |a, b| a <= b
+        )
+    ));
     let _ = writeln!(md, "\nTargets: {}.", met.join("; "));
     if !errors.is_empty() {
         let _ = writeln!(md, "\nFailed:\n\n{}", errors.join("\n"));
@@ -422,7 +612,7 @@ mod tests {
                 ..row("unpack", "cp -a", false, 0, None)
             },
         ];
-        let md = report(&spec, "generated", 2, true, &rows).expect("report");
+        let md = report(&spec, "generated", 2, true, "v2", &rows).expect("report");
         assert!(
             md.contains("| pack | nodeflash | 0.0 MiB | 4.00 s | 0.90x | 0.50x |"),
             "{md}"

@@ -14,7 +14,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use anyhow::{bail, Result};
 use serde::{Deserialize, Serialize};
 
-pub use pack::{pack, PackOptions, PackStats};
+pub use pack::{pack, FrameCache, PackOptions, PackStats, LAYOUT_VERSION};
 pub use read::{ExtractStats, FramesChecked, Payload};
 pub use tree::{compare, digest, scan};
 

@@ -1,15 +1,51 @@
 //! Packing a store tree into a payload file.
+//!
+//! Frames never cross a *unit*: a store path whose files hold at least a
+//! quarter of the frame size is a unit of its own, and smaller store paths
+//! are gathered into buckets of consecutive paths (at most one frame size of
+//! data) whose ends are picked by the paths' names (a bucket ends after a
+//! path whose name's sha256 starts with a byte divisible by
+//! [`BUCKET_CUT`]), so that adding or removing one small path changes only
+//! its own bucket. A unit's frames depend on nothing but its files and the
+//! compression settings, which is what lets [`FrameCache`] keep them from
+//! one pack to the next.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
 use std::io::{BufWriter, Read, Seek, Write};
+use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use super::{tree, Counters, Entry, Frame, Header, Manifest, FORMAT_VERSION, MAX_FRAME_SIZE};
+
+/// Version of the packer's layout (where files go in frames, what a unit
+/// is); part of every [`FrameCache`] key. Version 2 cut frames at units.
+pub const LAYOUT_VERSION: u32 = 2;
+
+/// A bucket of small store paths ends after a path whose name's sha256
+/// starts with a multiple of this (about one path in 8).
+pub const BUCKET_CUT: u8 = 8;
+
+/// Where the compressed frames of each unit are kept between packs: one file
+/// per unit, named by the sha256 of everything its frames are made from
+/// (layout and format versions, zstd version, level, frame size, each
+/// file's path and size, and, unless `names_are_content`, each file's
+/// sha256). A hit has its modification time set to now, which is what the
+/// builder's size bound (`nodeflash cache gc`) evicts by.
+#[derive(Debug, Clone)]
+pub struct FrameCache {
+    /// The directory of the entries (created when missing).
+    pub dir: PathBuf,
+    /// Whether a store path's name stands for its content, as in a Nix
+    /// store (`/nix/store/HASH-NAME` never changes once built). When false,
+    /// every file is hashed before packing and the hashes are part of the key.
+    pub names_are_content: bool,
+}
 
 #[derive(Debug, Clone)]
 pub struct PackOptions {
@@ -23,6 +59,8 @@ pub struct PackOptions {
     pub registration: Option<String>,
     /// Pack only these entries of the source directory (a closure's store paths).
     pub only: Option<Vec<String>>,
+    /// Reuse and keep each unit's compressed frames here.
+    pub cache: Option<FrameCache>,
 }
 
 impl Default for PackOptions {
@@ -33,6 +71,7 @@ impl Default for PackOptions {
             threads: std::thread::available_parallelism().map_or(1, |n| n.get()),
             registration: None,
             only: None,
+            cache: None,
         }
     }
 }
@@ -47,6 +86,19 @@ pub struct PackStats {
     pub manifest_sha256: String,
     /// Digest of the tree (see [`super::digest`]).
     pub tree_digest: String,
+    /// Units with data (see the module's description).
+    #[serde(default)]
+    pub units: usize,
+    /// Units whose frames came from the [`FrameCache`].
+    #[serde(default)]
+    pub units_reused: usize,
+    /// Uncompressed bytes that were compressed in this pack.
+    #[serde(default)]
+    pub bytes_compressed: u64,
+    /// Cache entries found damaged (their unit was compressed again and the
+    /// entry rewritten).
+    #[serde(default)]
+    pub cache_damaged: usize,
 }
 
 /// A run of a file's bytes in a frame.
@@ -65,9 +117,63 @@ struct Group {
     large: Option<usize>,
 }
 
-/// Places every file's data in frames and records the place in its entry.
-fn layout(entries: &mut [Entry], frame_size: u64) -> Vec<Group> {
+/// Bytes of file data in an entry.
+fn data_len(e: &Entry) -> u64 {
+    match e {
+        Entry::File { size, .. } => *size,
+        _ => 0,
+    }
+}
+
+/// Cuts the entries (in payload order, each store path's entries in a row)
+/// into units, as ranges of entries.
+fn units(entries: &[Entry], frame_size: u64) -> Vec<Range<usize>> {
+    let mut spans: Vec<(Range<usize>, u64)> = Vec::new();
+    for (i, e) in entries.iter().enumerate() {
+        match spans.last_mut() {
+            Some((r, bytes)) if e.path().contains('/') => {
+                r.end = i + 1;
+                *bytes += data_len(e);
+            }
+            _ => spans.push((i..i + 1, data_len(e))),
+        }
+    }
+    let small = frame_size / 4;
+    let mut out = Vec::new();
+    let mut bucket: Option<(Range<usize>, u64)> = None;
+    for (span, bytes) in spans {
+        if bytes >= small {
+            out.extend(bucket.take().map(|b| b.0));
+            out.push(span);
+            continue;
+        }
+        match &mut bucket {
+            Some((r, b)) if *b + bytes <= frame_size => {
+                r.end = span.end;
+                *b += bytes;
+            }
+            _ => {
+                out.extend(bucket.take().map(|b| b.0));
+                bucket = Some((span.clone(), bytes));
+            }
+        }
+        if Sha256::digest(entries[span.start].path().as_bytes())[0] % BUCKET_CUT == 0 {
+            out.extend(bucket.take().map(|b| b.0));
+        }
+    }
+    out.extend(bucket.map(|b| b.0));
+    out
+}
+
+/// Places every file's data in frames and records the place in its entry;
+/// no frame crosses a unit. Returns the groups and each unit's range of them.
+fn layout(
+    entries: &mut [Entry],
+    frame_size: u64,
+    units: &[Range<usize>],
+) -> (Vec<Group>, Vec<Range<usize>>) {
     let mut groups: Vec<Group> = Vec::new();
+    let mut unit_groups = Vec::with_capacity(units.len());
     let mut cur: Vec<Piece> = Vec::new();
     let mut cur_len = 0u64;
     let mut next_frame = 0u32;
@@ -82,63 +188,101 @@ fn layout(entries: &mut [Entry], frame_size: u64) -> Vec<Group> {
                 *cur_len = 0;
             }
         };
-    for (i, e) in entries.iter_mut().enumerate() {
-        let Entry::File {
-            size,
-            frame,
-            offset,
-            ..
-        } = e
-        else {
-            continue;
-        };
-        let size = *size;
-        if size == 0 {
-            (*frame, *offset) = (0, 0);
-        } else if size > frame_size {
-            flush(&mut groups, &mut cur, &mut cur_len, &mut next_frame);
-            let k = size.div_ceil(frame_size);
-            (*frame, *offset) = (next_frame, 0);
-            groups.push(Group {
-                frames: (0..k)
-                    .map(|c| {
-                        vec![Piece {
-                            entry: i,
-                            file_offset: c * frame_size,
-                            len: frame_size.min(size - c * frame_size),
-                        }]
-                    })
-                    .collect(),
-                large: Some(i),
-            });
-            next_frame += k as u32;
-        } else {
-            if cur_len + size > frame_size {
+    for unit in units {
+        let first_group = groups.len();
+        for i in unit.clone() {
+            let Entry::File {
+                size,
+                frame,
+                offset,
+                ..
+            } = &mut entries[i]
+            else {
+                continue;
+            };
+            let size = *size;
+            if size == 0 {
+                (*frame, *offset) = (0, 0);
+            } else if size > frame_size {
                 flush(&mut groups, &mut cur, &mut cur_len, &mut next_frame);
+                let k = size.div_ceil(frame_size);
+                (*frame, *offset) = (next_frame, 0);
+                groups.push(Group {
+                    frames: (0..k)
+                        .map(|c| {
+                            vec![Piece {
+                                entry: i,
+                                file_offset: c * frame_size,
+                                len: frame_size.min(size - c * frame_size),
+                            }]
+                        })
+                        .collect(),
+                    large: Some(i),
+                });
+                next_frame += k as u32;
+            } else {
+                if cur_len + size > frame_size {
+                    flush(&mut groups, &mut cur, &mut cur_len, &mut next_frame);
+                }
+                (*frame, *offset) = (next_frame, cur_len);
+                cur.push(Piece {
+                    entry: i,
+                    file_offset: 0,
+                    len: size,
+                });
+                cur_len += size;
             }
-            (*frame, *offset) = (next_frame, cur_len);
-            cur.push(Piece {
-                entry: i,
-                file_offset: 0,
-                len: size,
-            });
-            cur_len += size;
         }
+        flush(&mut groups, &mut cur, &mut cur_len, &mut next_frame);
+        unit_groups.push(first_group..groups.len());
     }
-    flush(&mut groups, &mut cur, &mut cur_len, &mut next_frame);
-    groups
+    (groups, unit_groups)
 }
 
-/// What a worker made of one group.
+/// What a worker made of one job.
 struct Packed {
-    group: usize,
+    job: usize,
+    /// Compressed frames and their uncompressed sizes.
     frames: Vec<(Vec<u8>, u64)>,
+    /// The frames' sha256, when they came from the cache (already checked).
+    frame_sha256: Option<Vec<String>>,
     hashes: Vec<(usize, String)>,
-    chunks: Vec<String>,
+    chunks: Vec<(usize, Vec<String>)>,
+    /// Compressed in this pack (not loaded from the cache).
+    fresh: bool,
+    /// A cache entry was there but damaged.
+    damaged: bool,
+}
+
+/// One piece of work, in payload order.
+#[derive(Debug, Clone, Copy)]
+enum Job {
+    /// Compress this group.
+    Group(usize),
+    /// Load this unit from the cache (or compress it whole if the entry is damaged).
+    Cached(usize),
+}
+
+/// Everything about the units that workers and the writer share.
+struct Plan<'a> {
+    src: &'a Path,
+    entries: &'a [Entry],
+    groups: &'a [Group],
+    units: &'a [Range<usize>],
+    unit_groups: &'a [Range<usize>],
+    /// Each unit's cache entry, when caching.
+    unit_files: Vec<Option<PathBuf>>,
+    /// sha256 of every non-empty file, when the names do not stand for content.
+    known: Option<HashMap<usize, String>>,
+    jobs: Vec<Job>,
+    job_unit: Vec<usize>,
+    frame_size: u64,
 }
 
 /// Packs the tree under `src` into the payload file `out` (written beside
-/// and renamed into place).
+/// and renamed into place). With `opts.cache`, units found there are not
+/// compressed again, and new units are added to it; the payload is the same,
+/// byte for byte, either way.
 pub fn pack(src: &Path, out: &Path, opts: &PackOptions, counters: &Counters) -> Result<PackStats> {
     if opts.frame_size == 0 || opts.frame_size > MAX_FRAME_SIZE {
         bail!(
@@ -153,7 +297,8 @@ pub fn pack(src: &Path, out: &Path, opts: &PackOptions, counters: &Counters) -> 
     if entries.is_empty() {
         bail!("{} is empty: there is no store to pack", src.display());
     }
-    let groups = layout(&mut entries, opts.frame_size.into());
+    let units = units(&entries, opts.frame_size.into());
+    let (groups, unit_groups) = layout(&mut entries, opts.frame_size.into(), &units);
     // Empty files have no data in any frame.
     for e in &mut entries {
         if let Entry::File {
@@ -164,16 +309,16 @@ pub fn pack(src: &Path, out: &Path, opts: &PackOptions, counters: &Counters) -> 
             counters.files.fetch_add(1, Ordering::Relaxed);
         }
     }
+    let plan = plan(src, &entries, &groups, &units, &unit_groups, opts)?;
     let frames_tmp = sibling(out, "frames.tmp");
-    let result = write_frames(src, &entries, &groups, opts, counters, &frames_tmp);
-    let frames = match result {
+    let result = write_frames(&plan, opts, counters, &frames_tmp);
+    let (frames, hashes, mut stats) = match result {
         Ok(v) => v,
         Err(e) => {
             let _ = std::fs::remove_file(&frames_tmp);
             return Err(e);
         }
     };
-    let (frames, hashes) = frames;
     for (i, h) in hashes.files {
         if let Entry::File { sha256, .. } = &mut entries[i] {
             *sha256 = h;
@@ -194,14 +339,107 @@ pub fn pack(src: &Path, out: &Path, opts: &PackOptions, counters: &Counters) -> 
     let finished = finish(out, &manifest, &frames_tmp);
     let _ = std::fs::remove_file(&frames_tmp);
     let (header, payload_bytes) = finished?;
-    Ok(PackStats {
-        files: manifest.files(),
-        bytes: manifest.bytes(),
-        frames: manifest.frames.len(),
-        payload_bytes,
-        manifest_sha256: hex::encode(header.manifest_sha256),
-        tree_digest: super::digest(&manifest.entries),
+    stats.files = manifest.files();
+    stats.bytes = manifest.bytes();
+    stats.frames = manifest.frames.len();
+    stats.payload_bytes = payload_bytes;
+    stats.manifest_sha256 = hex::encode(header.manifest_sha256);
+    stats.tree_digest = super::digest(&manifest.entries);
+    Ok(stats)
+}
+
+/// Decides which units come from the cache and lists the jobs.
+fn plan<'a>(
+    src: &'a Path,
+    entries: &'a [Entry],
+    groups: &'a [Group],
+    units: &'a [Range<usize>],
+    unit_groups: &'a [Range<usize>],
+    opts: &PackOptions,
+) -> Result<Plan<'a>> {
+    let mut known = None;
+    let mut unit_files = vec![None; units.len()];
+    if let Some(cache) = &opts.cache {
+        std::fs::create_dir_all(&cache.dir)
+            .with_context(|| format!("cannot create {}", cache.dir.display()))?;
+        if !cache.names_are_content {
+            let files: Vec<(usize, &str)> = entries
+                .iter()
+                .enumerate()
+                .filter(|(_, e)| data_len(e) > 0)
+                .map(|(i, e)| (i, e.path()))
+                .collect();
+            let hashed = tree::hash_files(src, &files, opts.threads)?;
+            known = Some(hashed.into_iter().collect::<HashMap<_, _>>());
+        }
+        for (u, unit) in units.iter().enumerate() {
+            if unit_groups[u].is_empty() {
+                continue;
+            }
+            let key = unit_key(&entries[unit.clone()], unit.start, opts, known.as_ref());
+            unit_files[u] = Some(cache.dir.join(format!("{key}.nfu")));
+        }
+    }
+    let mut jobs = Vec::new();
+    let mut job_unit = Vec::new();
+    for (u, gs) in unit_groups.iter().enumerate() {
+        if gs.is_empty() {
+            continue;
+        }
+        if unit_files[u].as_ref().is_some_and(|f| f.is_file()) {
+            jobs.push(Job::Cached(u));
+            job_unit.push(u);
+        } else {
+            for g in gs.clone() {
+                jobs.push(Job::Group(g));
+                job_unit.push(u);
+            }
+        }
+    }
+    Ok(Plan {
+        src,
+        entries,
+        groups,
+        units,
+        unit_groups,
+        unit_files,
+        known,
+        jobs,
+        job_unit,
+        frame_size: opts.frame_size.into(),
     })
+}
+
+/// The cache key of the unit whose entries (from index `first`) are
+/// `entries`: the sha256 of everything its frames are made from.
+fn unit_key(
+    entries: &[Entry],
+    first: usize,
+    opts: &PackOptions,
+    known: Option<&HashMap<usize, String>>,
+) -> String {
+    let mut h = Sha256::new();
+    let mut part = |p: &[u8]| {
+        h.update((p.len() as u64).to_le_bytes());
+        h.update(p);
+    };
+    part(b"nodeflash payload unit");
+    part(&LAYOUT_VERSION.to_le_bytes());
+    part(&FORMAT_VERSION.to_le_bytes());
+    part(&zstd::zstd_safe::version_number().to_le_bytes());
+    part(&opts.level.to_le_bytes());
+    part(&opts.frame_size.to_le_bytes());
+    for (k, e) in entries.iter().enumerate() {
+        if data_len(e) == 0 {
+            continue;
+        }
+        part(e.path().as_bytes());
+        part(&data_len(e).to_le_bytes());
+        if let Some(h) = known.and_then(|k2| k2.get(&(first + k))) {
+            part(h.as_bytes());
+        }
+    }
+    hex::encode(h.finalize())
 }
 
 fn sibling(path: &Path, suffix: &str) -> PathBuf {
@@ -216,15 +454,40 @@ struct Hashes {
     chunks: Vec<(usize, Vec<String>)>,
 }
 
-/// Compresses the groups on worker threads and writes their frames in order.
+/// A cache entry: the unit's frames back to back, then this as JSON, then
+/// the JSON's length (8 bytes, little-endian).
+#[derive(Debug, Serialize, Deserialize)]
+struct CachedUnit {
+    /// Every non-empty file of the unit, in payload order.
+    files: Vec<CachedFile>,
+    frames: Vec<Frame>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct CachedFile {
+    path: String,
+    size: u64,
+    sha256: String,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    chunks: Vec<String>,
+}
+
+/// A cache entry being written by the writer.
+struct Storing {
+    unit: usize,
+    tmp: PathBuf,
+    out: BufWriter<File>,
+    frames: Vec<Frame>,
+    hashes: Hashes,
+}
+
+/// Compresses (or loads) the jobs on worker threads and writes their frames in order.
 fn write_frames(
-    src: &Path,
-    entries: &[Entry],
-    groups: &[Group],
+    plan: &Plan,
     opts: &PackOptions,
     counters: &Counters,
     tmp: &Path,
-) -> Result<(Vec<Frame>, Hashes)> {
+) -> Result<(Vec<Frame>, Hashes, PackStats)> {
     let file = File::create(tmp).with_context(|| format!("cannot create {}", tmp.display()))?;
     let mut w = BufWriter::with_capacity(1 << 20, file);
     let next = AtomicUsize::new(0);
@@ -232,7 +495,20 @@ fn write_frames(
     let (tx, rx) = std::sync::mpsc::channel::<Result<Packed>>();
     let mut frames = Vec::new();
     let mut hashes = Hashes::default();
-    std::thread::scope(|s| -> Result<()> {
+    let mut stats = PackStats {
+        files: 0,
+        bytes: 0,
+        frames: 0,
+        payload_bytes: 0,
+        manifest_sha256: String::new(),
+        tree_digest: String::new(),
+        units: plan.unit_groups.iter().filter(|g| !g.is_empty()).count(),
+        units_reused: 0,
+        bytes_compressed: 0,
+        cache_damaged: 0,
+    };
+    let mut storing: Option<Storing> = None;
+    let result = std::thread::scope(|s| -> Result<()> {
         for _ in 0..opts.threads.max(1) {
             let tx = tx.clone();
             let (next, stop) = (&next, &stop);
@@ -245,9 +521,9 @@ fn write_frames(
                     }
                 };
                 while !stop.load(Ordering::Relaxed) {
-                    let g = next.fetch_add(1, Ordering::Relaxed);
-                    let Some(group) = groups.get(g) else { break };
-                    let r = pack_group(src, entries, g, group, &mut z, counters);
+                    let j = next.fetch_add(1, Ordering::Relaxed);
+                    let Some(&job) = plan.jobs.get(j) else { break };
+                    let r = run_job(plan, j, job, &mut z, counters);
                     let failed = r.is_err();
                     if tx.send(r).is_err() || failed {
                         break;
@@ -266,35 +542,276 @@ fn write_frames(
                     return Err(e);
                 }
             };
-            pending.insert(p.group, p);
+            pending.insert(p.job, p);
             while let Some(p) = pending.remove(&written) {
-                for (data, size) in &p.frames {
+                let u = plan.job_unit[written];
+                if p.damaged {
+                    stats.cache_damaged += 1;
+                }
+                if p.fresh {
+                    stats.bytes_compressed += p.frames.iter().map(|f| f.1).sum::<u64>();
+                } else {
+                    stats.units_reused += 1;
+                }
+                if p.fresh && storing.is_none() {
+                    if let Some(path) = &plan.unit_files[u] {
+                        storing = Some(start_entry(u, path)?);
+                    }
+                }
+                for (k, (data, size)) in p.frames.iter().enumerate() {
                     w.write_all(data)
                         .with_context(|| format!("cannot write {}", tmp.display()))?;
                     counters
                         .payload_bytes
                         .fetch_add(data.len() as u64, Ordering::Relaxed);
-                    frames.push(Frame {
+                    let sha256 = match p.frame_sha256.as_ref().and_then(|v| v.get(k)) {
+                        Some(h) => h.clone(),
+                        None => hex::encode(Sha256::digest(data)),
+                    };
+                    let frame = Frame {
                         len: data.len() as u64,
                         size: *size,
-                        sha256: hex::encode(Sha256::digest(data)),
-                    });
+                        sha256,
+                    };
+                    if let Some(st) = storing.as_mut() {
+                        st.out
+                            .write_all(data)
+                            .with_context(|| format!("cannot write {}", st.tmp.display()))?;
+                        st.frames.push(frame.clone());
+                    }
+                    frames.push(frame);
+                }
+                if let Some(st) = storing.as_mut() {
+                    st.hashes.files.extend(p.hashes.iter().cloned());
+                    st.hashes.chunks.extend(p.chunks.iter().cloned());
                 }
                 hashes.files.extend(p.hashes);
-                if let Some(i) = groups[written].large {
-                    hashes.chunks.push((i, p.chunks));
-                }
+                hashes.chunks.extend(p.chunks);
                 written += 1;
+                let unit_done = plan.job_unit.get(written) != Some(&u);
+                if unit_done {
+                    if let Some(st) = storing.take() {
+                        finish_entry(plan, st)?;
+                    }
+                }
             }
         }
-        if written != groups.len() {
+        if written != plan.jobs.len() {
             bail!("a compression thread stopped early");
         }
         Ok(())
-    })?;
+    });
+    if let Some(st) = storing {
+        let _ = std::fs::remove_file(&st.tmp);
+    }
+    result?;
     w.flush()
         .with_context(|| format!("cannot write {}", tmp.display()))?;
-    Ok((frames, hashes))
+    Ok((frames, hashes, stats))
+}
+
+fn start_entry(unit: usize, path: &Path) -> Result<Storing> {
+    let tmp = sibling(path, &format!("{}.tmp", std::process::id()));
+    let f = File::create(&tmp).with_context(|| format!("cannot create {}", tmp.display()))?;
+    Ok(Storing {
+        unit,
+        tmp,
+        out: BufWriter::with_capacity(1 << 20, f),
+        frames: Vec::new(),
+        hashes: Hashes::default(),
+    })
+}
+
+/// Writes the entry's trailer and moves it into place.
+fn finish_entry(plan: &Plan, mut st: Storing) -> Result<()> {
+    let Some(dest) = plan.unit_files[st.unit].as_ref() else {
+        bail!("internal error: unit {} has no cache entry", st.unit);
+    };
+    let sums: HashMap<usize, String> = st.hashes.files.drain(..).collect();
+    let chunks: HashMap<usize, Vec<String>> = st.hashes.chunks.drain(..).collect();
+    let mut files = Vec::new();
+    for i in plan.units[st.unit].clone() {
+        let e = &plan.entries[i];
+        if data_len(e) == 0 {
+            continue;
+        }
+        files.push(CachedFile {
+            path: e.path().to_string(),
+            size: data_len(e),
+            sha256: sums.get(&i).cloned().unwrap_or_default(),
+            chunks: chunks.get(&i).cloned().unwrap_or_default(),
+        });
+    }
+    let json = serde_json::to_vec(&CachedUnit {
+        files,
+        frames: std::mem::take(&mut st.frames),
+    })
+    .context("cannot serialize a frame cache entry")?;
+    let written = st
+        .out
+        .write_all(&json)
+        .and_then(|()| st.out.write_all(&(json.len() as u64).to_le_bytes()))
+        .and_then(|()| st.out.flush())
+        .with_context(|| format!("cannot write {}", st.tmp.display()))
+        .and_then(|()| {
+            std::fs::rename(&st.tmp, dest)
+                .with_context(|| format!("cannot move {} to {}", st.tmp.display(), dest.display()))
+        });
+    if written.is_err() {
+        let _ = std::fs::remove_file(&st.tmp);
+    }
+    written
+}
+
+fn run_job(
+    plan: &Plan,
+    j: usize,
+    job: Job,
+    z: &mut zstd::bulk::Compressor<'static>,
+    counters: &Counters,
+) -> Result<Packed> {
+    match job {
+        Job::Group(g) => {
+            let mut p = pack_group(plan.src, plan.entries, &plan.groups[g], z, counters)?;
+            p.job = j;
+            Ok(p)
+        }
+        Job::Cached(u) => {
+            let Some(path) = plan.unit_files[u].as_ref() else {
+                bail!("internal error: unit {u} has no cache entry");
+            };
+            match load_entry(plan, u, path) {
+                Ok(mut p) => {
+                    // The entry's modification time is its last use, for
+                    // the size bound; a file that cannot be touched is only
+                    // evicted sooner.
+                    let _ =
+                        File::open(path).and_then(|f| f.set_modified(std::time::SystemTime::now()));
+                    p.job = j;
+                    let unit = &plan.units[u];
+                    let entries = &plan.entries[unit.clone()];
+                    counters
+                        .bytes
+                        .fetch_add(entries.iter().map(data_len).sum::<u64>(), Ordering::Relaxed);
+                    counters.files.fetch_add(
+                        entries.iter().filter(|e| data_len(e) > 0).count() as u64,
+                        Ordering::Relaxed,
+                    );
+                    Ok(p)
+                }
+                Err(_) => {
+                    // Damaged: compress the unit again; the writer replaces the entry.
+                    let mut whole = Packed {
+                        job: j,
+                        frames: Vec::new(),
+                        frame_sha256: None,
+                        hashes: Vec::new(),
+                        chunks: Vec::new(),
+                        fresh: true,
+                        damaged: true,
+                    };
+                    for g in plan.unit_groups[u].clone() {
+                        let p = pack_group(plan.src, plan.entries, &plan.groups[g], z, counters)?;
+                        whole.frames.extend(p.frames);
+                        whole.hashes.extend(p.hashes);
+                        whole.chunks.extend(p.chunks);
+                    }
+                    Ok(whole)
+                }
+            }
+        }
+    }
+}
+
+/// Reads unit `u`'s cache entry and checks it against the unit: the same
+/// files with the same sizes (and hashes, when known), the same frame sizes,
+/// every frame's sha256. Any difference is an error (the entry is damaged).
+fn load_entry(plan: &Plan, u: usize, path: &Path) -> Result<Packed> {
+    let bytes = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let damaged = || format!("frame cache entry {} is damaged", path.display());
+    let n = bytes.len();
+    let json_len = n
+        .checked_sub(8)
+        .and_then(|i| bytes.get(i..))
+        .and_then(|b| <[u8; 8]>::try_from(b).ok())
+        .map(u64::from_le_bytes)
+        .with_context(damaged)?;
+    let json_start = usize::try_from(json_len)
+        .ok()
+        .and_then(|l| (n - 8).checked_sub(l))
+        .with_context(damaged)?;
+    let cached: CachedUnit =
+        serde_json::from_slice(&bytes[json_start..n - 8]).with_context(damaged)?;
+    let unit = plan.units[u].clone();
+    let files: Vec<usize> = unit.filter(|&i| data_len(&plan.entries[i]) > 0).collect();
+    if files.len() != cached.files.len() {
+        bail!("{}", damaged());
+    }
+    let mut hashes = Vec::new();
+    let mut chunks = Vec::new();
+    for (&i, c) in files.iter().zip(&cached.files) {
+        let e = &plan.entries[i];
+        if c.path != e.path()
+            || c.size != data_len(e)
+            || c.sha256.len() != 64
+            || c.chunks.len() as u64
+                != if c.size > plan.frame_size {
+                    c.size.div_ceil(plan.frame_size)
+                } else {
+                    0
+                }
+            || c.chunks.iter().any(|h| h.len() != 64)
+            || plan
+                .known
+                .as_ref()
+                .is_some_and(|k| k.get(&i) != Some(&c.sha256))
+        {
+            bail!("{}", damaged());
+        }
+        hashes.push((i, c.sha256.clone()));
+        if !c.chunks.is_empty() {
+            chunks.push((i, c.chunks.clone()));
+        }
+    }
+    let want: Vec<u64> = plan.unit_groups[u]
+        .clone()
+        .flat_map(|g| plan.groups[g].frames.iter())
+        .map(|pieces| pieces.iter().map(|p| p.len).sum())
+        .collect();
+    if want.len() != cached.frames.len()
+        || want.iter().zip(&cached.frames).any(|(w, f)| *w != f.size)
+    {
+        bail!("{}", damaged());
+    }
+    let mut frames = Vec::with_capacity(want.len());
+    let mut sums = Vec::with_capacity(want.len());
+    let mut at = 0usize;
+    for f in &cached.frames {
+        let end = usize::try_from(f.len)
+            .ok()
+            .and_then(|l| at.checked_add(l))
+            .filter(|&e| e <= json_start)
+            .with_context(damaged)?;
+        let data = &bytes[at..end];
+        if hex::encode(Sha256::digest(data)) != f.sha256 {
+            bail!("{}", damaged());
+        }
+        frames.push((data.to_vec(), f.size));
+        sums.push(f.sha256.clone());
+        at = end;
+    }
+    if at != json_start {
+        bail!("{}", damaged());
+    }
+    Ok(Packed {
+        job: 0,
+        frames,
+        frame_sha256: Some(sums),
+        hashes,
+        chunks,
+        fresh: false,
+        damaged: false,
+    })
 }
 
 fn compressor(level: i32) -> Result<zstd::bulk::Compressor<'static>> {
@@ -307,17 +824,20 @@ fn compressor(level: i32) -> Result<zstd::bulk::Compressor<'static>> {
 fn pack_group(
     src: &Path,
     entries: &[Entry],
-    g: usize,
     group: &Group,
     z: &mut zstd::bulk::Compressor<'static>,
     counters: &Counters,
 ) -> Result<Packed> {
     let mut packed = Packed {
-        group: g,
+        job: 0,
         frames: Vec::with_capacity(group.frames.len()),
+        frame_sha256: None,
         hashes: Vec::new(),
         chunks: Vec::new(),
+        fresh: true,
+        damaged: false,
     };
+    let mut large_chunks = Vec::new();
     let mut buf: Vec<u8> = Vec::new();
     // A large file is read in order across its frames.
     let mut large: Option<(File, Sha256, PathBuf)> = None;
@@ -344,9 +864,7 @@ fn pack_group(
                     )
                 })?;
                 whole.update(&buf[start..]);
-                packed
-                    .chunks
-                    .push(hex::encode(Sha256::digest(&buf[start..])));
+                large_chunks.push(hex::encode(Sha256::digest(&buf[start..])));
             } else {
                 let mut f =
                     File::open(&path).with_context(|| format!("cannot open {}", path.display()))?;
@@ -383,6 +901,7 @@ fn pack_group(
             bail!("{} changed while packing", path.display());
         }
         packed.hashes.push((i, hex::encode(whole.finalize())));
+        packed.chunks.push((i, large_chunks));
         counters.files.fetch_add(1, Ordering::Relaxed);
     }
     Ok(packed)
@@ -451,6 +970,67 @@ mod tests {
         }
     }
 
+    /// Store paths `name` with one file of `size` bytes each.
+    fn store(paths: &[(String, u64)]) -> Vec<Entry> {
+        let mut v = Vec::new();
+        for (name, size) in paths {
+            v.push(Entry::Dir {
+                path: name.clone(),
+                mode: 0o555,
+            });
+            v.push(file(&format!("{name}/f"), *size));
+        }
+        v
+    }
+
+    /// The store path names of each unit.
+    fn unit_names(entries: &[Entry], frame_size: u64) -> Vec<Vec<String>> {
+        units(entries, frame_size)
+            .into_iter()
+            .map(|r| {
+                entries[r]
+                    .iter()
+                    .filter(|e| !e.path().contains('/'))
+                    .map(|e| e.path().to_string())
+                    .collect()
+            })
+            .collect()
+    }
+
+    #[test]
+    fn small_paths_share_buckets_whose_ends_follow_the_names() {
+        let name = |i: u32| format!("{}-p{i}", hex::encode(Sha256::digest(i.to_le_bytes())));
+        let mut paths: Vec<(String, u64)> = (0..300).map(|i| (name(i), 10)).collect();
+        // Two large paths are units of their own.
+        paths.push((name(1000), 250));
+        paths.push((name(1001), 1000));
+        paths.sort();
+        let before = unit_names(&store(&paths), 1000);
+        assert!(before.contains(&vec![name(1000)]) && before.contains(&vec![name(1001)]));
+        let buckets = before.len() - 2;
+        // About one small path in BUCKET_CUT ends a bucket.
+        assert!((20..=60).contains(&buckets), "{buckets} buckets");
+        // Every small path is in exactly one unit, in order.
+        let flat: Vec<String> = before.iter().flatten().cloned().collect();
+        let mut sorted = flat.clone();
+        sorted.sort();
+        assert_eq!(flat, sorted);
+        assert_eq!(flat.len(), 302);
+        // One small path more changes one bucket (its own), no other.
+        paths.push((name(5000), 10));
+        paths.sort();
+        let after = unit_names(&store(&paths), 1000);
+        let changed = after.iter().filter(|u| !before.contains(u)).count();
+        assert_eq!(changed, 1, "{changed} units differ");
+        // A bucket holds at most one frame size of data.
+        let big: Vec<(String, u64)> = (0..40).map(|i| (name(i), 200)).collect();
+        let mut big = big;
+        big.sort();
+        for u in unit_names(&store(&big), 1000) {
+            assert!(u.len() * 200 <= 1000, "{u:?}");
+        }
+    }
+
     #[test]
     fn small_files_share_frames_and_large_files_get_their_own() {
         let mut entries = vec![
@@ -465,7 +1045,8 @@ mod tests {
             file("a/big", 25),
             file("a/4", 10),
         ];
-        let groups = layout(&mut entries, 10);
+        let one_unit = std::iter::once(0..entries.len()).collect::<Vec<_>>();
+        let (groups, _) = layout(&mut entries, 10, &one_unit);
         let places: Vec<(u32, u64)> = entries[1..].iter().map(place).collect();
         // 1 and 2 fill frame 0; 3 starts frame 1; big takes frames 2..5; 4 is frame 5.
         assert_eq!(places, [(0, 0), (0, 6), (0, 0), (1, 0), (2, 0), (5, 0)]);

@@ -143,9 +143,29 @@ pub fn scan(root: &Path, threads: usize) -> Result<Vec<(Entry, i64)>> {
                 .strip_prefix(NIX_LINKS_DIR)
                 .is_some_and(|rest| rest.starts_with('/'))
     });
-    let files: Vec<usize> = (0..entries.len())
-        .filter(|&i| matches!(entries[i].0, Entry::File { .. }))
+    let files: Vec<(usize, &str)> = entries
+        .iter()
+        .enumerate()
+        .filter(|(_, e)| matches!(e.0, Entry::File { .. }))
+        .map(|(i, e)| (i, e.0.path()))
         .collect();
+    let hashes = hash_files(root, &files, threads)?;
+    for (i, h) in hashes {
+        if let Entry::File { sha256, .. } = &mut entries[i].0 {
+            *sha256 = h;
+        }
+    }
+    Ok(entries)
+}
+
+/// The sha256 (hex) of every file `(index, path under root)` in `files`, on
+/// `threads` threads, as `(index, sha256)` in no particular order. Errors
+/// name the file that cannot be read.
+pub(crate) fn hash_files(
+    root: &Path,
+    files: &[(usize, &str)],
+    threads: usize,
+) -> Result<Vec<(usize, String)>> {
     let next = AtomicUsize::new(0);
     let hashes: Vec<Result<Vec<(usize, String)>>> = std::thread::scope(|s| {
         let workers: Vec<_> = (0..threads.max(1))
@@ -154,9 +174,10 @@ pub fn scan(root: &Path, threads: usize) -> Result<Vec<(Entry, i64)>> {
                     let mut done = Vec::new();
                     loop {
                         let k = next.fetch_add(1, Ordering::Relaxed);
-                        let Some(&i) = files.get(k) else { break };
-                        let path = root.join(entries[i].0.path());
-                        done.push((i, hash_file(&path)?));
+                        let Some(&(i, path)) = files.get(k) else {
+                            break;
+                        };
+                        done.push((i, hash_file(&root.join(path))?));
                     }
                     Ok(done)
                 })
@@ -170,14 +191,11 @@ pub fn scan(root: &Path, threads: usize) -> Result<Vec<(Entry, i64)>> {
             })
             .collect()
     });
+    let mut out = Vec::with_capacity(files.len());
     for part in hashes {
-        for (i, h) in part? {
-            if let Entry::File { sha256, .. } = &mut entries[i].0 {
-                *sha256 = h;
-            }
-        }
+        out.extend(part?);
     }
-    Ok(entries)
+    Ok(out)
 }
 
 /// sha256 over the entries' identities: equal for equal trees, whatever the
