@@ -2,6 +2,7 @@
 //! initramfs, the EFI system partition image and the hybrid ISO.
 
 pub mod build;
+pub mod archive;
 pub mod cache;
 pub mod cli;
 pub mod debian;

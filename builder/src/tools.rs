@@ -7,8 +7,8 @@ use anyhow::{bail, Result};
 
 /// (program, Debian package) the image build needs.
 pub const BUILD_TOOLS: &[(&str, &str)] = &[
-    ("apt-get", "apt"),
-    ("dpkg-deb", "dpkg"),
+    // the signature of the Debian archive's InRelease (archive.rs)
+    ("gpgv", "gpgv"),
     ("xorriso", "xorriso"),
     ("make", "make"),
     ("gcc-12", "gcc-12"),

@@ -337,7 +337,7 @@ fn lock_mode(locked: bool) -> LockMode {
 }
 
 fn update_inputs(profile: &str, check: bool) -> Result<()> {
-    ensure_packages(&[("apt-get", "apt")])?;
+    ensure_packages(&[("gpgv", "gpgv")])?;
     let path = find_profile(profile, &root().join("profiles"))?;
     let profile = Profile::load(&path)?;
     if check {
