@@ -270,6 +270,24 @@ fn sources(suite: &str) -> Result<Vec<Dist>> {
     )
 }
 
+/// The mirrors a build reads, as (environment variable, URI): what
+/// `NODEFLASH_DEBIAN_MIRROR` and `NODEFLASH_DEBIAN_SECURITY_MIRROR` say, else
+/// the host's apt sources. Errors as [`sources`] does.
+pub fn configured_mirrors() -> Result<Vec<(&'static str, String)>> {
+    Ok(sources(SUITE)?
+        .into_iter()
+        .filter(|d| !d.suite.ends_with("-updates"))
+        .map(|d| {
+            let var = if d.suite.ends_with("-security") {
+                "NODEFLASH_DEBIAN_SECURITY_MIRROR"
+            } else {
+                "NODEFLASH_DEBIAN_MIRROR"
+            };
+            (var, d.uri)
+        })
+        .collect())
+}
+
 /// [`sources`] from the environment's values and the host's sources.
 fn pick_sources(
     suite: &str,

@@ -17,6 +17,7 @@ use nodeflash_installer::profile::{Profile, Size};
 
 mod bench;
 mod fuzz;
+mod noapt;
 mod readme;
 
 /// Nix settings for the tests' builds (see `test`).
@@ -65,6 +66,10 @@ enum Cmd {
     },
     /// The whole test suite: format, lints, unit tests, and the QEMU tests on the built `qemu` image.
     Test,
+    /// Build profile `qemu`, then again with the host's apt and dpkg hidden
+    /// in an empty cache, and compare the ISOs byte for byte; then check the
+    /// errors of a missing mirror and of a wrong sha256 (part of `test`).
+    NoApt,
     /// Write a deterministic synthetic Nix store: exactly FILES regular files
     /// of BYTES bytes in total, plus directories and symlinks.
     GenStore {
@@ -120,6 +125,7 @@ fn main() -> ExitCode {
         Cmd::RunVm { vm } => run_vm(vm),
         Cmd::UpdateInputs { profile, check } => update_inputs(&profile, check),
         Cmd::Test => test(),
+        Cmd::NoApt => no_apt(),
         Cmd::Fuzz { target, seconds } => fuzz::run(&root(), target.as_deref(), seconds),
         Cmd::GenStore {
             files,
@@ -389,6 +395,9 @@ fn test() -> Result<()> {
     for profile in ["qemu", "qemu-bus"] {
         cli::print_summary(&build_iso(profile, LockMode::Update)?);
     }
+    // The same `qemu` image again with the host's apt and dpkg hidden, in
+    // an empty cache: byte-identical, or the test fails (issue 21).
+    noapt::check(&noapt::ordinary_iso(), &build_installer()?)?;
     // README's image, built by README's command as written: its QEMU test
     // installs it on a 1 TB disk.
     let profile = readme_build_profile(&readme_build)?;
@@ -448,6 +457,13 @@ fn test() -> Result<()> {
                 .env("NIX_CONFIG", TEST_NIX_CONFIG),
         )
     })
+}
+
+/// `cargo xtask no-apt`: the ordinary `qemu` build, then [`noapt::check`].
+fn no_apt() -> Result<()> {
+    ensure_packages(tools::BUILD_TOOLS)?;
+    cli::print_summary(&build_iso("qemu", LockMode::Locked)?);
+    noapt::check(&noapt::ordinary_iso(), &build_installer()?)
 }
 
 /// README's two commands (see `readme.rs`).
