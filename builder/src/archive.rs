@@ -258,11 +258,7 @@ fn parse_date(text: &str) -> Result<i64> {
     const MONTHS: [&str; 12] = [
         "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
     ];
-    let m = MONTHS
-        .iter()
-        .position(|x| *x == month)
-        .with_context(bad)? as i64
-        + 1;
+    let m = MONTHS.iter().position(|x| *x == month).with_context(bad)? as i64 + 1;
     let d: i64 = day.parse().with_context(bad)?;
     let y: i64 = year.parse().with_context(bad)?;
     let hms: Vec<i64> = time
@@ -331,7 +327,9 @@ pub fn compare_versions(a: &str, b: &str) -> std::cmp::Ordering {
             let num = |s: &[u8], k: &mut usize| {
                 let mut n: u128 = 0;
                 while *k < s.len() && s[*k].is_ascii_digit() {
-                    n = n.saturating_mul(10).saturating_add(u128::from(s[*k] - b'0'));
+                    n = n
+                        .saturating_mul(10)
+                        .saturating_add(u128::from(s[*k] - b'0'));
                     *k += 1;
                 }
                 n
@@ -355,7 +353,8 @@ pub fn compare_versions(a: &str, b: &str) -> std::cmp::Ordering {
 /// bits and modification times kept, ownership not changed, no path
 /// outside `into` (the `tar` crate refuses `..` and absolute paths).
 pub fn extract_deb(deb: &Path, into: &Path) -> Result<()> {
-    let file = std::fs::File::open(deb).with_context(|| format!("cannot open {}", deb.display()))?;
+    let file =
+        std::fs::File::open(deb).with_context(|| format!("cannot open {}", deb.display()))?;
     let mut ar = ar::Archive::new(std::io::BufReader::new(file));
     while let Some(member) = ar.next_entry() {
         let member = member.with_context(|| format!("{} is not a .deb (ar)", deb.display()))?;
@@ -381,9 +380,8 @@ pub fn extract_deb(deb: &Path, into: &Path) -> Result<()> {
         tar.set_preserve_mtime(true);
         tar.set_unpack_xattrs(false);
         tar.set_overwrite(true);
-        tar.unpack(into).with_context(|| {
-            format!("cannot unpack {} into {}", deb.display(), into.display())
-        })?;
+        tar.unpack(into)
+            .with_context(|| format!("cannot unpack {} into {}", deb.display(), into.display()))?;
         return Ok(());
     }
     bail!("{} has no data.tar member", deb.display())
@@ -444,7 +442,10 @@ mod tests {
                 },
             ]
         );
-        assert_eq!(parse_date("Thu, 01 Jan 1970 00:00:00 UTC").expect("epoch"), 0);
+        assert_eq!(
+            parse_date("Thu, 01 Jan 1970 00:00:00 UTC").expect("epoch"),
+            0
+        );
         assert!(parse_date("Thu, 01 Jan 1970 00:00:00 +0100").is_err());
     }
 
@@ -485,7 +486,13 @@ mod tests {
         };
         add("./usr/", tar::EntryType::Directory, 0o755, b"", "");
         add("./usr/sbin/", tar::EntryType::Directory, 0o755, b"", "");
-        add("./usr/sbin/zpool", tar::EntryType::Regular, 0o755, b"elf", "");
+        add(
+            "./usr/sbin/zpool",
+            tar::EntryType::Regular,
+            0o755,
+            b"elf",
+            "",
+        );
         add("./usr/sbin/suid", tar::EntryType::Regular, 0o4755, b"x", "");
         add("./sbin", tar::EntryType::Symlink, 0o777, b"", "usr/sbin");
         let data = data.into_inner().expect("tar");
@@ -516,7 +523,10 @@ mod tests {
             std::fs::read_link(out.join("sbin")).expect("link"),
             Path::new("usr/sbin")
         );
-        assert_eq!(std::fs::read(out.join("sbin/zpool")).expect("via link"), b"elf");
+        assert_eq!(
+            std::fs::read(out.join("sbin/zpool")).expect("via link"),
+            b"elf"
+        );
         let not_deb = t.path().join("x.deb");
         std::fs::write(&not_deb, b"nope").expect("write");
         let err = extract_deb(&not_deb, &out).expect_err("not a deb");

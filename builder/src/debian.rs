@@ -807,9 +807,8 @@ fn deb_key(pkg: &Package) -> String {
 /// The archive with lists refreshed once per build, opened on first use.
 fn open<'a>(cache: &Cache, apt: &'a mut Option<Indices>) -> Result<&'a Indices> {
     if apt.is_none() {
-        *apt = Some(
-            Indices::open(cache).context("cannot read the Debian archive's package lists")?,
-        );
+        *apt =
+            Some(Indices::open(cache).context("cannot read the Debian archive's package lists")?);
     }
     apt.as_ref().context("the archive is open")
 }

@@ -1,8 +1,8 @@
 //! The nodeflash image builder: fetches and caches the inputs, writes the
 //! initramfs, the EFI system partition image and the hybrid ISO.
 
-pub mod build;
 pub mod archive;
+pub mod build;
 pub mod cache;
 pub mod cli;
 pub mod debian;

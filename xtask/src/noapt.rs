@@ -62,9 +62,17 @@ exec "$@"
     if !super::is_root() {
         c.arg("--user").arg("--map-root-user");
     }
-    c.args(["--mount", "--propagation", "private", "sh", "-c", &script, "sh"])
-        .arg(&stub)
-        .args(argv);
+    c.args([
+        "--mount",
+        "--propagation",
+        "private",
+        "sh",
+        "-c",
+        &script,
+        "sh",
+    ])
+    .arg(&stub)
+    .args(argv);
     c.env_remove("NODEFLASH_DEBIAN_MIRROR")
         .env_remove("NODEFLASH_DEBIAN_SECURITY_MIRROR");
     Ok(c)
@@ -96,7 +104,8 @@ pub fn check(ordinary_iso: &Path, installer: &Path) -> Result<()> {
             .with_context(|| format!("cannot remove {}", work.display()))?;
     }
     let cache = work.join("cache");
-    std::fs::create_dir_all(&cache).with_context(|| format!("cannot create {}", cache.display()))?;
+    std::fs::create_dir_all(&cache)
+        .with_context(|| format!("cannot create {}", cache.display()))?;
     let shared = Cache::from_env()?;
     let modules = shared.root().join("zfs-modules");
     if modules.is_dir() {
@@ -188,7 +197,10 @@ pub fn check(ordinary_iso: &Path, installer: &Path) -> Result<()> {
         &format!("Building from a lock with a wrong sha256 for {name}"),
         || run(&mut c),
     )?;
-    let want = format!("but {} pins {wrong}: refusing it", tampered.join("inputs.lock").display());
+    let want = format!(
+        "but {} pins {wrong}: refusing it",
+        tampered.join("inputs.lock").display()
+    );
     if ok || !stderr.contains(&want) || !stderr.contains(&name) {
         bail!("a build from a tampered lock did not fail with `…{name}…{want}`");
     }
