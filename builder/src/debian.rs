@@ -1007,8 +1007,12 @@ fn build_zfs(cache: &Cache, release: &str, debs: &[PathBuf], out: &Path) -> Resu
                 .is_some_and(|n| n.to_string_lossy().starts_with("zfs-"))
         })
         .context("zfs-dkms holds no usr/src/zfs-* source")?;
+    // configure's own checks compile with `CC`, the modules with the
+    // headers' `gcc-12` (`.kernelvariables`): the same compiler for both,
+    // and no `gcc` or `cc` needed on the host besides it.
     cmd::run(
         Command::new("./configure")
+            .env("CC", "gcc-12")
             .arg("--with-config=kernel")
             .arg(format!("--with-linux={}", common.display()))
             .arg(format!("--with-linux-obj={}", arch.display()))
@@ -1130,6 +1134,104 @@ mod tests {
         assert_eq!(Lock::load(&p).expect("load"), lock);
         let err = Lock::load(&t.path().join("missing.lock")).expect_err("missing");
         assert!(format!("{err:#}").contains("cargo xtask update-inputs"));
+    }
+    /// A mirror that serves other bytes than the lock pins: the download is
+    /// refused with both sha256 and nothing enters the cache. The mirror is
+    /// a one-request HTTP server on the loopback.
+    #[test]
+    fn a_download_with_another_sha256_is_refused_and_not_cached() {
+        use std::io::{BufRead, Write};
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let port = listener.local_addr().expect("addr").port();
+        let server = std::thread::spawn(move || {
+            let (conn, _) = listener.accept().expect("accept");
+            let mut reader = std::io::BufReader::new(conn.try_clone().expect("clone"));
+            let mut line = String::new();
+            while reader.read_line(&mut line).is_ok_and(|n| n > 2) {
+                line.clear();
+            }
+            let body = b"not the pinned package";
+            let mut conn = conn;
+            write!(
+                conn,
+                "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                body.len()
+            )
+            .expect("head");
+            conn.write_all(body).expect("body");
+        });
+        let pinned = hex::encode(Sha256::digest(b"the pinned package"));
+        let served = hex::encode(Sha256::digest(b"not the pinned package"));
+        let pkg = Package {
+            name: "libkeyutils1".into(),
+            version: "1.6.3-2".into(),
+            sha256: pinned.clone(),
+        };
+        let mut records = HashMap::new();
+        records.insert(
+            pkg.name.clone(),
+            vec![Record {
+                package: pkg.name.clone(),
+                version: pkg.version.clone(),
+                sha256: pinned.clone(),
+                depends: String::new(),
+                filename: format!("http://127.0.0.1:{port}/pool/main/k/keyutils/k.deb"),
+            }],
+        );
+        let t = tempfile::tempdir().expect("tempdir");
+        let cache = Cache::at(t.path().join("cache")).expect("cache");
+        let debian = Debian {
+            lock_path: PathBuf::from("profiles/inputs.lock"),
+            profile_arg: "qemu".into(),
+        };
+        let err = debian
+            .fetch(&cache, &mut Some(Indices { records }), &pkg)
+            .expect_err("refused");
+        server.join().expect("server");
+        let msg = format!("{err:#}");
+        assert!(
+            msg.contains(&format!(
+                "libkeyutils1 1.6.3-2 from http://127.0.0.1:{port}/pool/main/k/keyutils/k.deb \
+                 has sha256 {served}, but profiles/inputs.lock pins {pinned}: refusing it"
+            )),
+            "{msg}"
+        );
+        assert!(!cache.has("debs", &deb_key(&pkg)));
+    }
+
+    #[test]
+    fn a_missing_mirror_says_how_to_set_it() {
+        let err = pick_sources("bookworm", None, None, &[]).expect_err("no mirror");
+        assert_eq!(
+            err.to_string(),
+            "no Debian mirror configured: set NODEFLASH_DEBIAN_MIRROR (for example \
+             NODEFLASH_DEBIAN_MIRROR=http://deb.debian.org/debian and \
+             NODEFLASH_DEBIAN_SECURITY_MIRROR=http://deb.debian.org/debian-security); \
+             on a Debian host a bookworm source in /etc/apt/sources.list{,.d} is used instead"
+        );
+        let host = parse_deb822(
+            "Types: deb\nURIs: http://m.example/debian\nSuites: bookworm bookworm-updates\n\n\
+             Types: deb\nURIs: http://s.example/debian-security\nSuites: bookworm-security\n",
+        );
+        let got = pick_sources(
+            "bookworm",
+            Some("http://env.example/debian".into()),
+            None,
+            &host,
+        )
+        .expect("sources");
+        let pairs: Vec<(&str, &str)> = got
+            .iter()
+            .map(|d| (d.uri.as_str(), d.suite.as_str()))
+            .collect();
+        assert_eq!(
+            pairs,
+            [
+                ("http://env.example/debian", "bookworm"),
+                ("http://env.example/debian", "bookworm-updates"),
+                ("http://s.example/debian-security", "bookworm-security"),
+            ]
+        );
     }
 }
 

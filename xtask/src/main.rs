@@ -297,7 +297,9 @@ fn build_installer() -> Result<PathBuf> {
 fn build_iso(profile: &str, lock_mode: LockMode) -> Result<nodeflash_builder::build::BuildSummary> {
     let path = find_profile(profile, &root().join("profiles"))?;
     // Nix too when the profile builds its systems from a flake.
-    ensure_packages(&tools::for_profile(&Profile::load(&path)?))?;
+    let mut needed = tools::for_profile(&Profile::load(&path)?);
+    needed.extend_from_slice(tools::INSTALLER_TOOLS);
+    ensure_packages(&needed)?;
     let installer = build_installer()?;
     build(&BuildOptions {
         profile: path,
@@ -317,6 +319,7 @@ fn run_vm(mut vm: nodeflash_builder::vm::RunVmArgs) -> Result<()> {
     if vm.boot != nodeflash_builder::vm::Boots::Disk {
         let all: Vec<(&str, &str)> = tools::BUILD_TOOLS
             .iter()
+            .chain(tools::INSTALLER_TOOLS)
             .chain(tools::VM_TOOLS)
             .copied()
             .collect();
@@ -362,6 +365,7 @@ fn test() -> Result<()> {
     // The tests build stand-in systems with real Nix (tests/fixtures/flake).
     let all: Vec<(&str, &str)> = tools::BUILD_TOOLS
         .iter()
+        .chain(tools::INSTALLER_TOOLS)
         .chain(tools::TEST_TOOLS)
         .chain(tools::NIX_TOOLS)
         .copied()
@@ -461,7 +465,7 @@ fn test() -> Result<()> {
 
 /// `cargo xtask no-apt`: the ordinary `qemu` build, then [`noapt::check`].
 fn no_apt() -> Result<()> {
-    ensure_packages(tools::BUILD_TOOLS)?;
+    ensure_packages(&[tools::BUILD_TOOLS, tools::INSTALLER_TOOLS].concat())?;
     cli::print_summary(&build_iso("qemu", LockMode::Locked)?);
     noapt::check(&noapt::ordinary_iso(), &build_installer()?)
 }
