@@ -467,6 +467,80 @@ mod tests {
         assert!(parse_status("[GNUPG:] NO_PUBKEY 6ED0\n").valid.is_empty());
     }
 
+    /// A clearsigned `Release` made here with a fresh key (GnuPG's `gpg`):
+    /// good with that key's keyring, refused with Debian's, refused once a
+    /// signed line is changed; only the signed text comes back.
+    #[test]
+    fn inrelease_is_checked_by_gpgv() {
+        let t = tempfile::tempdir().expect("tempdir");
+        let home = t.path().join("gnupg");
+        std::fs::create_dir(&home).expect("home");
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&home, std::fs::Permissions::from_mode(0o700)).expect("chmod");
+        let gpg = |args: &[&str]| {
+            let out = Command::new("gpg")
+                .arg("--homedir")
+                .arg(&home)
+                .args(["--batch", "--pinentry-mode", "loopback", "--passphrase", ""])
+                .args(args)
+                .output()
+                .expect("gpg (package gnupg) runs");
+            assert!(
+                out.status.success(),
+                "{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            out.stdout
+        };
+        gpg(&[
+            "--quick-gen-key",
+            "nodeflash test <test@nodeflash.invalid>",
+            "ed25519",
+            "sign",
+            "never",
+        ]);
+        let keyring = t.path().join("test.gpg");
+        std::fs::write(&keyring, gpg(&["--export"])).expect("keyring");
+        let text =
+            "Origin: Debian\nCodename: bookworm\nSHA256:\n aa 1 main/binary-amd64/Packages\n";
+        let release = t.path().join("Release");
+        std::fs::write(&release, text).expect("release");
+        let signed_path = t.path().join("InRelease");
+        gpg(&[
+            "--clearsign",
+            "--output",
+            signed_path.to_str().expect("utf-8"),
+            release.to_str().expect("utf-8"),
+        ]);
+        let _ = Command::new("gpgconf")
+            .arg("--homedir")
+            .arg(&home)
+            .args(["--kill", "gpg-agent"])
+            .status();
+        let signed = std::fs::read(&signed_path).expect("signed");
+        assert_eq!(
+            verify_inrelease(&keyring, "http://m/InRelease", &signed).expect("good"),
+            text
+        );
+        let debian = t.path().join("debian.gpg");
+        std::fs::write(&debian, KEYRING).expect("debian keyring");
+        let err = verify_inrelease(&debian, "http://m/InRelease", &signed).expect_err("no key");
+        assert!(
+            err.to_string()
+                .starts_with("the signature of http://m/InRelease is not good by any key of"),
+            "{err:#}"
+        );
+        let tampered = String::from_utf8(signed)
+            .expect("text")
+            .replace(" aa 1 ", " bb 1 ");
+        let err = verify_inrelease(&keyring, "http://m/InRelease", tampered.as_bytes())
+            .expect_err("bad signature");
+        assert!(
+            err.to_string().contains("is not good by any key"),
+            "{err:#}"
+        );
+    }
+
     /// A `.deb` made here (ar with a `data.tar.xz`) unpacks with its modes,
     /// symlinks and times; a `..` path is refused.
     #[test]
