@@ -699,7 +699,7 @@ impl Debian {
         &self,
         cache: &Cache,
         mode: LockMode,
-        apt: &mut Option<Indices>,
+        indices: &mut Option<Indices>,
     ) -> Result<(DebianLock, Vec<Repin>)> {
         let locked = mode == LockMode::Locked;
         let lock = Lock::load_if_present(&self.lock_path)?.and_then(|l| l.debian);
@@ -711,7 +711,7 @@ impl Debian {
                 self.update_command()
             ),
             None => {
-                let new = newest(open(cache, apt)?)?;
+                let new = newest(open(cache, indices)?)?;
                 self.save(&new)?;
                 steps::note(&format!(
                     "inputs: created {} (kernel {}, {} packages)",
@@ -735,7 +735,7 @@ impl Debian {
         if absent.is_empty() && unpinned.is_empty() {
             return Ok((lock, Vec::new()));
         }
-        let archive = open(cache, apt)?;
+        let archive = open(cache, indices)?;
         let gone = unpublished(archive, &absent, &self.lock_path)?;
         if gone.is_empty() && unpinned.is_empty() {
             return Ok((lock, Vec::new()));
@@ -780,9 +780,14 @@ impl Debian {
     }
 
     /// The verified `.deb` of a pinned package, downloaded if not cached.
-    fn fetch(&self, cache: &Cache, apt: &mut Option<Indices>, pkg: &Package) -> Result<PathBuf> {
+    fn fetch(
+        &self,
+        cache: &Cache,
+        indices: &mut Option<Indices>,
+        pkg: &Package,
+    ) -> Result<PathBuf> {
         cache.file("debs", &deb_key(pkg), |dest| {
-            let indices = open(cache, apt)?;
+            let indices = open(cache, indices)?;
             steps::note(&format!("downloading {} {}", pkg.name, pkg.version));
             indices
                 .download(pkg, dest, &self.lock_path)
@@ -805,12 +810,12 @@ fn deb_key(pkg: &Package) -> String {
 }
 
 /// The archive with lists refreshed once per build, opened on first use.
-fn open<'a>(cache: &Cache, apt: &'a mut Option<Indices>) -> Result<&'a Indices> {
-    if apt.is_none() {
-        *apt =
+fn open<'a>(cache: &Cache, indices: &'a mut Option<Indices>) -> Result<&'a Indices> {
+    if indices.is_none() {
+        *indices =
             Some(Indices::open(cache).context("cannot read the Debian archive's package lists")?);
     }
-    apt.as_ref().context("the archive is open")
+    indices.as_ref().context("the archive is open")
 }
 
 fn extract(deb: &Path, into: &Path) -> Result<()> {
@@ -819,8 +824,8 @@ fn extract(deb: &Path, into: &Path) -> Result<()> {
 
 impl Provider for Debian {
     fn update_lock(&self, cache: &Cache) -> Result<Vec<Repin>> {
-        let mut apt = None;
-        let new = newest(open(cache, &mut apt)?)?;
+        let mut indices = None;
+        let new = newest(open(cache, &mut indices)?)?;
         let old = Lock::load_if_present(&self.lock_path)?.and_then(|l| l.debian);
         let changes = differences(old.as_ref(), &new, "the newest published version");
         if old.as_ref() == Some(&new) {
@@ -847,21 +852,21 @@ impl Provider for Debian {
         let lock = Lock::load(&self.lock_path)?
             .debian
             .with_context(|| format!("{} pins no Debian packages", self.lock_path.display()))?;
-        let mut apt = None;
-        let archive = open(cache, &mut apt)?;
+        let mut indices = None;
+        let archive = open(cache, &mut indices)?;
         let pins: Vec<&Package> = lock.packages.iter().collect();
         let gone = unpublished(archive, &pins, &self.lock_path)?;
         Ok(repin(&lock, &gone, archive)?.1)
     }
 
     fn provide(&self, cache: &Cache, mode: LockMode) -> Result<BuildInputs> {
-        let mut apt = None;
+        let mut indices = None;
         let (lock, changes, debs) = steps::long_step("Fetching inputs", || {
-            let (lock, changes) = self.settle(cache, mode, &mut apt)?;
+            let (lock, changes) = self.settle(cache, mode, &mut indices)?;
             let debs = lock
                 .packages
                 .iter()
-                .map(|p| Ok((p.name.clone(), self.fetch(cache, &mut apt, p)?)))
+                .map(|p| Ok((p.name.clone(), self.fetch(cache, &mut indices, p)?)))
                 .collect::<Result<Vec<_>>>()?;
             Ok((lock, changes, debs))
         })?;
