@@ -43,6 +43,8 @@ pub const TEST_TOOLS: &[(&str, &str)] = &[
     ("dnsmasq", "dnsmasq-base"),
     ("ip", "iproute2"),
     ("ssh-keygen", "openssh-client"),
+    // the private mount namespace of the no-apt build (xtask/src/noapt.rs)
+    ("unshare", "util-linux"),
     // signs a Release in archive.rs's test of the InRelease check
     ("gpg", "gnupg"),
     // the shell of the stand-in NixOS system's scripts (static)
