@@ -1,16 +1,21 @@
-//! The Debian provider: bookworm packages fetched with apt (a sources file of
-//! its own with `contrib`, never the host's `/etc/apt` changed), checked
+//! The Debian provider: bookworm packages read from the archive directly
+//! (signed indices, see [`crate::archive`]; no `apt` or `dpkg` on the host),
+//! checked
 //! against the sha256 pinned in the lock, extracted without installing, and
 //! OpenZFS compiled from `zfs-dkms` against the matching kernel headers.
 
+use std::collections::HashMap;
+use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use anyhow::{bail, Context, Result};
 use nodeflash_installer::cmd;
 use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
 
-use crate::cache::{key_of, sha256_file, Cache};
+use crate::archive::{self, Http};
+use crate::cache::{key_of, Cache};
 use crate::inputs::{BuildInputs, Lock, LockMode, PackageVersion, Provider, Repin};
 use crate::steps;
 
@@ -106,111 +111,225 @@ fn package_names(release: &str) -> Result<Vec<String>> {
     Ok(names)
 }
 
-/// apt with a private sources file and state under the cache.
-struct Apt {
-    dir: PathBuf,
+/// The archive's package lists, read once per build from the signed
+/// indices of every configured suite (see [`crate::archive`]).
+struct Indices {
+    /// Every record of every suite, by package name.
+    records: HashMap<String, Vec<Record>>,
 }
 
-impl Apt {
-    fn new(cache: &Cache) -> Result<Self> {
-        let sources = sources_file(SUITE)?;
-        let dir = cache
-            .root()
-            .join("apt")
-            .join(&key_of([sources.as_bytes()])[..16]);
-        for sub in ["lists/partial", "cache/archives/partial"] {
-            std::fs::create_dir_all(dir.join(sub))
-                .with_context(|| format!("cannot create {}", dir.join(sub).display()))?;
+/// The components read: the ZFS packages are in `contrib`, the firmware in
+/// `non-free-firmware`.
+const COMPONENTS: &[&str] = &["main", "contrib", "non-free-firmware"];
+
+impl Indices {
+    /// Fetches and checks `InRelease` of each suite of [`sources`], then
+    /// each component's `Packages` (from the cache when its sha256 is
+    /// there already).
+    fn open(cache: &Cache) -> Result<Self> {
+        let dists = sources(SUITE)?;
+        let keyring = archive::keyring(cache)?;
+        let http = Http::new();
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs() as i64);
+        let mut records: HashMap<String, Vec<Record>> = HashMap::new();
+        for dist in &dists {
+            let base = format!("{}/dists/{}", dist.uri.trim_end_matches('/'), dist.suite);
+            let url = format!("{base}/InRelease");
+            steps::note(&format!("reading {url}"));
+            let signed = http.get_vec(&url)?;
+            let text = archive::verify_inrelease(&keyring, &url, &signed)?;
+            let release = archive::parse_release(&text)
+                .with_context(|| format!("cannot read the signed text of {url}"))?;
+            if release.codename != dist.suite && release.suite != dist.suite {
+                bail!(
+                    "{url} is signed for {} ({}), not for {}: refusing it",
+                    release.codename,
+                    release.suite,
+                    dist.suite
+                );
+            }
+            if let Some(until) = release.valid_until.filter(|u| *u < now) {
+                bail!(
+                    "{url} expired {} s ago (Valid-Until): the mirror serves stale package \
+                     lists; use another mirror",
+                    now - until
+                );
+            }
+            for component in COMPONENTS {
+                let plain = format!("{component}/binary-{}/Packages", archive::ARCH);
+                let xz = format!("{plain}.xz");
+                let find = |path: &str| release.sha256.iter().find(|i| i.path == path);
+                let (Some(plain_entry), Some(xz_entry)) = (find(&plain), find(&xz)) else {
+                    continue;
+                };
+                let index_url = if release.by_hash {
+                    format!(
+                        "{base}/{component}/binary-{}/by-hash/SHA256/{}",
+                        archive::ARCH,
+                        xz_entry.sha256
+                    )
+                } else {
+                    format!("{base}/{xz}")
+                };
+                let path = cache.file("debian-index", &plain_entry.sha256, |dest| {
+                    let compressed = http.get_vec(&index_url)?;
+                    let got = hex::encode(Sha256::digest(&compressed));
+                    if got != xz_entry.sha256 {
+                        bail!(
+                            "{index_url} has sha256 {got}, but the signed {url} lists {}: refusing it",
+                            xz_entry.sha256
+                        );
+                    }
+                    let mut text = Vec::new();
+                    liblzma::read::XzDecoder::new(&compressed[..])
+                        .read_to_end(&mut text)
+                        .with_context(|| format!("cannot decompress {index_url}"))?;
+                    let got = hex::encode(Sha256::digest(&text));
+                    if got != plain_entry.sha256 {
+                        bail!(
+                            "{index_url} unpacks to sha256 {got}, but the signed {url} lists {}: refusing it",
+                            plain_entry.sha256
+                        );
+                    }
+                    std::fs::write(dest, &text)
+                        .with_context(|| format!("cannot write {}", dest.display()))
+                })?;
+                let text = std::fs::read_to_string(&path)
+                    .with_context(|| format!("cannot read {}", path.display()))?;
+                // A cached index is checked again: the cache is keyed by
+                // the sha256 the signed list gives, not trusted for it.
+                let got = hex::encode(Sha256::digest(text.as_bytes()));
+                if got != plain_entry.sha256 {
+                    bail!(
+                        "{} has sha256 {got}, not {} as its name says: remove it",
+                        path.display(),
+                        plain_entry.sha256
+                    );
+                }
+                for mut r in parse_records(&text) {
+                    r.filename = format!("{}/{}", dist.uri.trim_end_matches('/'), r.filename);
+                    records.entry(r.package.clone()).or_default().push(r);
+                }
+            }
         }
-        std::fs::write(dir.join("nodeflash.sources"), sources)
-            .with_context(|| format!("cannot write {}", dir.join("nodeflash.sources").display()))?;
-        Ok(Self { dir })
+        Ok(Self { records })
     }
 
-    fn command(&self, program: &str) -> Command {
-        let mut c = Command::new(program);
-        let d = self.dir.display();
-        for opt in [
-            format!("Dir::Etc::SourceList={d}/nodeflash.sources"),
-            "Dir::Etc::SourceParts=/nonexistent".to_string(),
-            format!("Dir::State::Lists={d}/lists"),
-            format!("Dir::Cache={d}/cache"),
-            "Dir::State::status=/dev/null".to_string(),
-            "APT::Sandbox::User=root".to_string(),
-            "Acquire::Retries=3".to_string(),
-        ] {
-            c.arg("-o").arg(opt);
-        }
-        c
-    }
-
-    fn update(&self) -> Result<()> {
-        cmd::run(self.command("apt-get").args(["-q", "update"]))
-            .context("cannot read the Debian package lists")?;
-        Ok(())
-    }
-
-    fn download(&self, pkg: &Package, into: &Path) -> Result<PathBuf> {
-        cmd::run(
-            self.command("apt-get")
-                .args(["-q", "download", &format!("{}={}", pkg.name, pkg.version)])
-                .current_dir(into),
-        )?;
-        let deb = std::fs::read_dir(into)
-            .with_context(|| format!("cannot list {}", into.display()))?
-            .flatten()
-            .map(|e| e.path())
-            .find(|p| p.extension().is_some_and(|e| e == "deb"))
+    /// Downloads `pkg` into `dest`, checked against the lock's sha256.
+    fn download(&self, pkg: &Package, dest: &Path, lock_path: &Path) -> Result<()> {
+        let r = self
+            .records
+            .get(&pkg.name)
+            .and_then(|rs| rs.iter().find(|r| r.version == pkg.version))
             .with_context(|| {
                 format!(
-                    "apt-get download left no .deb for {} in {}",
-                    pkg.name,
-                    into.display()
+                    "the Debian archive ({SUITE}) does not list {} {}",
+                    pkg.name, pkg.version
                 )
             })?;
-        Ok(deb)
+        let mut file = std::fs::File::create(dest)
+            .with_context(|| format!("cannot create {}", dest.display()))?;
+        let got = Http::new().get(&r.filename, &mut file)?;
+        file.sync_all()
+            .with_context(|| format!("cannot write {}", dest.display()))?;
+        if got != pkg.sha256 {
+            bail!(
+                "{} {} from {} has sha256 {got}, but {} pins {}: refusing it",
+                pkg.name,
+                pkg.version,
+                r.filename,
+                lock_path.display(),
+                pkg.sha256
+            );
+        }
+        Ok(())
     }
 }
 
-/// Our sources file: the host's Debian mirrors for `suite`, `-updates` and
-/// `-security`, with `main contrib`. `NODEFLASH_DEBIAN_MIRROR` and
-/// `NODEFLASH_DEBIAN_SECURITY_MIRROR` override the host's.
-fn sources_file(suite: &str) -> Result<String> {
-    let host = host_sources();
-    let pick = |env: &str, want_security: bool| -> Option<(String, Option<String>)> {
-        if let Ok(uri) = std::env::var(env) {
-            return Some((uri, None));
-        }
+/// One suite of a mirror.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Dist {
+    uri: String,
+    suite: String,
+}
+
+/// The suites read: `suite` and `suite-updates` from the main mirror,
+/// `suite-security` from the security mirror. The mirrors are
+/// `NODEFLASH_DEBIAN_MIRROR` and `NODEFLASH_DEBIAN_SECURITY_MIRROR`, else
+/// the host's apt sources (`/etc/apt/sources.list{,.d}`) when it has them.
+/// Errors when neither names a main mirror.
+fn sources(suite: &str) -> Result<Vec<Dist>> {
+    let env = |name: &str| std::env::var(name).ok().filter(|v| !v.trim().is_empty());
+    pick_sources(
+        suite,
+        env("NODEFLASH_DEBIAN_MIRROR"),
+        env("NODEFLASH_DEBIAN_SECURITY_MIRROR"),
+        &host_sources(),
+    )
+}
+
+/// The mirrors a build reads, as (environment variable, URI): what
+/// `NODEFLASH_DEBIAN_MIRROR` and `NODEFLASH_DEBIAN_SECURITY_MIRROR` say, else
+/// the host's apt sources. Errors as [`sources`] does.
+pub fn configured_mirrors() -> Result<Vec<(&'static str, String)>> {
+    Ok(sources(SUITE)?
+        .into_iter()
+        .filter(|d| !d.suite.ends_with("-updates"))
+        .map(|d| {
+            let var = if d.suite.ends_with("-security") {
+                "NODEFLASH_DEBIAN_SECURITY_MIRROR"
+            } else {
+                "NODEFLASH_DEBIAN_MIRROR"
+            };
+            (var, d.uri)
+        })
+        .collect())
+}
+
+/// [`sources`] from the environment's values and the host's sources.
+fn pick_sources(
+    suite: &str,
+    main_env: Option<String>,
+    security_env: Option<String>,
+    host: &[HostSource],
+) -> Result<Vec<Dist>> {
+    let from_host = |want_security: bool| {
         host.iter()
             .find(|s| {
                 s.suites
                     .iter()
                     .any(|x| x.starts_with(suite) && x.ends_with("-security") == want_security)
             })
-            .map(|s| (s.uri.clone(), s.signed_by.clone()))
+            .map(|s| s.uri.clone())
     };
-    let main = pick("NODEFLASH_DEBIAN_MIRROR", false);
-    let security = pick("NODEFLASH_DEBIAN_SECURITY_MIRROR", true);
-    let Some((main_uri, main_key)) = main else {
+    let Some(main) = main_env.or_else(|| from_host(false)) else {
         bail!(
-            "no Debian {suite} mirror found in /etc/apt/sources.list{{,.d}}: set NODEFLASH_DEBIAN_MIRROR \
-             (and NODEFLASH_DEBIAN_SECURITY_MIRROR) to the archive's URIs"
+            "no Debian mirror configured: set NODEFLASH_DEBIAN_MIRROR (for example \
+             NODEFLASH_DEBIAN_MIRROR=http://deb.debian.org/debian and \
+             NODEFLASH_DEBIAN_SECURITY_MIRROR=http://deb.debian.org/debian-security); \
+             on a Debian host a {suite} source in /etc/apt/sources.list{{,.d}} is used instead"
         );
     };
-    let key = |k: Option<String>| {
-        k.unwrap_or_else(|| "/usr/share/keyrings/debian-archive-keyring.gpg".to_string())
-    };
-    let mut out = format!(
-        "Types: deb\nURIs: {main_uri}\nSuites: {suite} {suite}-updates\nComponents: main contrib non-free-firmware\nSigned-By: {}\n",
-        key(main_key)
-    );
-    match security {
-        Some((uri, k)) => out.push_str(&format!(
-            "\nTypes: deb\nURIs: {uri}\nSuites: {suite}-security\nComponents: main contrib non-free-firmware\nSigned-By: {}\n",
-            key(k)
-        )),
+    let mut out = vec![
+        Dist {
+            uri: main.clone(),
+            suite: suite.to_string(),
+        },
+        Dist {
+            uri: main,
+            suite: format!("{suite}-updates"),
+        },
+    ];
+    match security_env.or_else(|| from_host(true)) {
+        Some(uri) => out.push(Dist {
+            uri,
+            suite: format!("{suite}-security"),
+        }),
         None => steps::note(&format!(
-            "warning: no {suite}-security source on this host: kernel security updates will not be pinned"
+            "warning: no {suite}-security mirror (NODEFLASH_DEBIAN_SECURITY_MIRROR): \
+             kernel security updates will not be pinned"
         )),
     }
     Ok(out)
@@ -220,7 +339,6 @@ fn sources_file(suite: &str) -> Result<String> {
 struct HostSource {
     uri: String,
     suites: Vec<String>,
-    signed_by: Option<String>,
 }
 
 fn host_sources() -> Vec<HostSource> {
@@ -278,7 +396,6 @@ fn parse_deb822(text: &str) -> Vec<HostSource> {
             out.push(HostSource {
                 uri: uri.to_string(),
                 suites: suites.clone(),
-                signed_by: field("Signed-By").filter(|s| s.starts_with('/')),
             });
         }
     }
@@ -293,15 +410,10 @@ fn parse_one_line(text: &str) -> Vec<HostSource> {
             continue;
         };
         let mut rest = rest.trim();
-        let mut signed_by = None;
         if let Some(opts) = rest.strip_prefix('[') {
-            let Some((opts, tail)) = opts.split_once(']') else {
+            let Some((_, tail)) = opts.split_once(']') else {
                 continue;
             };
-            signed_by = opts
-                .split_whitespace()
-                .find_map(|o| o.strip_prefix("signed-by="))
-                .map(str::to_string);
             rest = tail.trim();
         }
         let mut words = rest.split_whitespace();
@@ -309,7 +421,6 @@ fn parse_one_line(text: &str) -> Vec<HostSource> {
             out.push(HostSource {
                 uri: uri.to_string(),
                 suites: vec![suite.to_string()],
-                signed_by,
             });
         }
     }
@@ -323,10 +434,12 @@ struct Record {
     version: String,
     sha256: String,
     depends: String,
+    /// `Filename` (below the mirror's URI), then the whole URL.
+    filename: String,
 }
 
-/// The records of `apt-cache show` output (deb822 paragraphs); a paragraph
-/// without `Package`, `Version` or `SHA256` is skipped.
+/// The records of a `Packages` index (deb822 paragraphs); a paragraph
+/// without `Package`, `Version`, `SHA256` or `Filename` is skipped.
 fn parse_records(text: &str) -> Vec<Record> {
     text.split("\n\n")
         .filter_map(|para| {
@@ -340,14 +453,14 @@ fn parse_records(text: &str) -> Vec<Record> {
                 version: field("Version")?,
                 sha256: field("SHA256")?,
                 depends: field("Depends").unwrap_or_default(),
+                filename: field("Filename")?,
             })
         })
         .collect()
 }
 
-/// What resolving pins needs of the archive. [`Apt`] answers from the live
-/// archive's signed indices (apt checks their signatures, as for any
-/// `apt-get install`); the re-pinning rules below are written against this
+/// What resolving pins needs of the archive. [`Indices`] answers from the
+/// live archive's signed indices; the re-pinning rules below are written against this
 /// trait so they can be unit-tested.
 trait Archive {
     /// Every published version of each of `names` (one query for all); a
@@ -368,24 +481,27 @@ trait Archive {
     }
 }
 
-impl Apt {
-    /// `apt-cache show ARGS… NAMES…`; no output when none of the names is known.
-    fn show(&self, args: &[&str], names: &[&str]) -> Result<Vec<Record>> {
-        match cmd::run(self.command("apt-cache").arg("show").args(args).args(names)) {
-            Ok(out) => Ok(parse_records(&out)),
-            Err(e) if format!("{e:#}").contains("No packages found") => Ok(Vec::new()),
-            Err(e) => Err(e).context("cannot look packages up in the Debian archive"),
-        }
-    }
-}
-
-impl Archive for Apt {
+impl Archive for Indices {
     fn published(&self, names: &[&str]) -> Result<Vec<Record>> {
-        self.show(&[], names)
+        Ok(names
+            .iter()
+            .flat_map(|n| self.records.get(*n).cloned().unwrap_or_default())
+            .collect())
     }
 
+    /// The newest version of each name across the suites: every suite has
+    /// apt's default priority (500), so apt takes the highest version.
     fn candidates(&self, names: &[&str]) -> Result<Vec<Record>> {
-        self.show(&["--no-all-versions"], names)
+        Ok(names
+            .iter()
+            .filter_map(|n| {
+                self.records
+                    .get(*n)?
+                    .iter()
+                    .max_by(|a, b| archive::compare_versions(&a.version, &b.version))
+                    .cloned()
+            })
+            .collect())
     }
 }
 
@@ -583,7 +699,7 @@ impl Debian {
         &self,
         cache: &Cache,
         mode: LockMode,
-        apt: &mut Option<Apt>,
+        indices: &mut Option<Indices>,
     ) -> Result<(DebianLock, Vec<Repin>)> {
         let locked = mode == LockMode::Locked;
         let lock = Lock::load_if_present(&self.lock_path)?.and_then(|l| l.debian);
@@ -595,7 +711,7 @@ impl Debian {
                 self.update_command()
             ),
             None => {
-                let new = newest(open(cache, apt)?)?;
+                let new = newest(open(cache, indices)?)?;
                 self.save(&new)?;
                 steps::note(&format!(
                     "inputs: created {} (kernel {}, {} packages)",
@@ -619,7 +735,7 @@ impl Debian {
         if absent.is_empty() && unpinned.is_empty() {
             return Ok((lock, Vec::new()));
         }
-        let archive = open(cache, apt)?;
+        let archive = open(cache, indices)?;
         let gone = unpublished(archive, &absent, &self.lock_path)?;
         if gone.is_empty() && unpinned.is_empty() {
             return Ok((lock, Vec::new()));
@@ -664,33 +780,25 @@ impl Debian {
     }
 
     /// The verified `.deb` of a pinned package, downloaded if not cached.
-    fn fetch(&self, cache: &Cache, apt: &mut Option<Apt>, pkg: &Package) -> Result<PathBuf> {
+    fn fetch(
+        &self,
+        cache: &Cache,
+        indices: &mut Option<Indices>,
+        pkg: &Package,
+    ) -> Result<PathBuf> {
         cache.file("debs", &deb_key(pkg), |dest| {
-            let apt = open(cache, apt)?;
+            let indices = open(cache, indices)?;
             steps::note(&format!("downloading {} {}", pkg.name, pkg.version));
-            let tmp =
-                tempfile::tempdir_in(cache.root()).context("cannot create a download directory")?;
-            let deb = apt.download(pkg, tmp.path()).with_context(|| {
-                format!(
-                    "cannot download {} {} pinned in {}",
-                    pkg.name,
-                    pkg.version,
-                    self.lock_path.display(),
-                )
-            })?;
-            let got = sha256_file(&deb)?;
-            if got != pkg.sha256 {
-                bail!(
-                    "{} {} has sha256 {got}, but {} pins {}: refusing it",
-                    pkg.name,
-                    pkg.version,
-                    self.lock_path.display(),
-                    pkg.sha256
-                );
-            }
-            std::fs::copy(&deb, dest)
-                .with_context(|| format!("cannot copy {} to {}", deb.display(), dest.display()))?;
-            Ok(())
+            indices
+                .download(pkg, dest, &self.lock_path)
+                .with_context(|| {
+                    format!(
+                        "cannot download {} {} pinned in {}",
+                        pkg.name,
+                        pkg.version,
+                        self.lock_path.display(),
+                    )
+                })
         })
     }
 }
@@ -702,25 +810,22 @@ fn deb_key(pkg: &Package) -> String {
 }
 
 /// The archive with lists refreshed once per build, opened on first use.
-fn open<'a>(cache: &Cache, apt: &'a mut Option<Apt>) -> Result<&'a Apt> {
-    if apt.is_none() {
-        let a = Apt::new(cache)?;
-        a.update()?;
-        *apt = Some(a);
+fn open<'a>(cache: &Cache, indices: &'a mut Option<Indices>) -> Result<&'a Indices> {
+    if indices.is_none() {
+        *indices =
+            Some(Indices::open(cache).context("cannot read the Debian archive's package lists")?);
     }
-    apt.as_ref().context("the archive is open")
+    indices.as_ref().context("the archive is open")
 }
 
 fn extract(deb: &Path, into: &Path) -> Result<()> {
-    cmd::run(Command::new("dpkg-deb").arg("-x").arg(deb).arg(into))
-        .with_context(|| format!("cannot extract {}", deb.display()))?;
-    Ok(())
+    archive::extract_deb(deb, into)
 }
 
 impl Provider for Debian {
     fn update_lock(&self, cache: &Cache) -> Result<Vec<Repin>> {
-        let mut apt = None;
-        let new = newest(open(cache, &mut apt)?)?;
+        let mut indices = None;
+        let new = newest(open(cache, &mut indices)?)?;
         let old = Lock::load_if_present(&self.lock_path)?.and_then(|l| l.debian);
         let changes = differences(old.as_ref(), &new, "the newest published version");
         if old.as_ref() == Some(&new) {
@@ -747,21 +852,21 @@ impl Provider for Debian {
         let lock = Lock::load(&self.lock_path)?
             .debian
             .with_context(|| format!("{} pins no Debian packages", self.lock_path.display()))?;
-        let mut apt = None;
-        let archive = open(cache, &mut apt)?;
+        let mut indices = None;
+        let archive = open(cache, &mut indices)?;
         let pins: Vec<&Package> = lock.packages.iter().collect();
         let gone = unpublished(archive, &pins, &self.lock_path)?;
         Ok(repin(&lock, &gone, archive)?.1)
     }
 
     fn provide(&self, cache: &Cache, mode: LockMode) -> Result<BuildInputs> {
-        let mut apt = None;
+        let mut indices = None;
         let (lock, changes, debs) = steps::long_step("Fetching inputs", || {
-            let (lock, changes) = self.settle(cache, mode, &mut apt)?;
+            let (lock, changes) = self.settle(cache, mode, &mut indices)?;
             let debs = lock
                 .packages
                 .iter()
-                .map(|p| Ok((p.name.clone(), self.fetch(cache, &mut apt, p)?)))
+                .map(|p| Ok((p.name.clone(), self.fetch(cache, &mut indices, p)?)))
                 .collect::<Result<Vec<_>>>()?;
             Ok((lock, changes, debs))
         })?;
@@ -907,8 +1012,12 @@ fn build_zfs(cache: &Cache, release: &str, debs: &[PathBuf], out: &Path) -> Resu
                 .is_some_and(|n| n.to_string_lossy().starts_with("zfs-"))
         })
         .context("zfs-dkms holds no usr/src/zfs-* source")?;
+    // configure's own checks compile with `CC`, the modules with the
+    // headers' `gcc-12` (`.kernelvariables`): the same compiler for both,
+    // and no `gcc` or `cc` needed on the host besides it.
     cmd::run(
         Command::new("./configure")
+            .env("CC", "gcc-12")
             .arg("--with-config=kernel")
             .arg(format!("--with-linux={}", common.display()))
             .arg(format!("--with-linux-obj={}", arch.display()))
@@ -999,7 +1108,6 @@ mod tests {
             vec![HostSource {
                 uri: "http://mirror.example/debian".into(),
                 suites: vec!["bookworm".into(), "bookworm-updates".into()],
-                signed_by: Some("/usr/share/keyrings/k.gpg".into()),
             }]
         );
         let one = "# comment\ndeb [arch=amd64 signed-by=/k.gpg] http://sec.example/debian-security bookworm-security main\ndeb-src http://x bookworm main\n";
@@ -1008,7 +1116,6 @@ mod tests {
             vec![HostSource {
                 uri: "http://sec.example/debian-security".into(),
                 suites: vec!["bookworm-security".into()],
-                signed_by: Some("/k.gpg".into()),
             }]
         );
     }
@@ -1032,6 +1139,104 @@ mod tests {
         assert_eq!(Lock::load(&p).expect("load"), lock);
         let err = Lock::load(&t.path().join("missing.lock")).expect_err("missing");
         assert!(format!("{err:#}").contains("cargo xtask update-inputs"));
+    }
+    /// A mirror that serves other bytes than the lock pins: the download is
+    /// refused with both sha256 and nothing enters the cache. The mirror is
+    /// a one-request HTTP server on the loopback.
+    #[test]
+    fn a_download_with_another_sha256_is_refused_and_not_cached() {
+        use std::io::{BufRead, Write};
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let port = listener.local_addr().expect("addr").port();
+        let server = std::thread::spawn(move || {
+            let (conn, _) = listener.accept().expect("accept");
+            let mut reader = std::io::BufReader::new(conn.try_clone().expect("clone"));
+            let mut line = String::new();
+            while reader.read_line(&mut line).is_ok_and(|n| n > 2) {
+                line.clear();
+            }
+            let body = b"not the pinned package";
+            let mut conn = conn;
+            write!(
+                conn,
+                "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                body.len()
+            )
+            .expect("head");
+            conn.write_all(body).expect("body");
+        });
+        let pinned = hex::encode(Sha256::digest(b"the pinned package"));
+        let served = hex::encode(Sha256::digest(b"not the pinned package"));
+        let pkg = Package {
+            name: "libkeyutils1".into(),
+            version: "1.6.3-2".into(),
+            sha256: pinned.clone(),
+        };
+        let mut records = HashMap::new();
+        records.insert(
+            pkg.name.clone(),
+            vec![Record {
+                package: pkg.name.clone(),
+                version: pkg.version.clone(),
+                sha256: pinned.clone(),
+                depends: String::new(),
+                filename: format!("http://127.0.0.1:{port}/pool/main/k/keyutils/k.deb"),
+            }],
+        );
+        let t = tempfile::tempdir().expect("tempdir");
+        let cache = Cache::at(t.path().join("cache")).expect("cache");
+        let debian = Debian {
+            lock_path: PathBuf::from("profiles/inputs.lock"),
+            profile_arg: "qemu".into(),
+        };
+        let err = debian
+            .fetch(&cache, &mut Some(Indices { records }), &pkg)
+            .expect_err("refused");
+        server.join().expect("server");
+        let msg = format!("{err:#}");
+        assert!(
+            msg.contains(&format!(
+                "libkeyutils1 1.6.3-2 from http://127.0.0.1:{port}/pool/main/k/keyutils/k.deb \
+                 has sha256 {served}, but profiles/inputs.lock pins {pinned}: refusing it"
+            )),
+            "{msg}"
+        );
+        assert!(!cache.has("debs", &deb_key(&pkg)));
+    }
+
+    #[test]
+    fn a_missing_mirror_says_how_to_set_it() {
+        let err = pick_sources("bookworm", None, None, &[]).expect_err("no mirror");
+        assert_eq!(
+            err.to_string(),
+            "no Debian mirror configured: set NODEFLASH_DEBIAN_MIRROR (for example \
+             NODEFLASH_DEBIAN_MIRROR=http://deb.debian.org/debian and \
+             NODEFLASH_DEBIAN_SECURITY_MIRROR=http://deb.debian.org/debian-security); \
+             on a Debian host a bookworm source in /etc/apt/sources.list{,.d} is used instead"
+        );
+        let host = parse_deb822(
+            "Types: deb\nURIs: http://m.example/debian\nSuites: bookworm bookworm-updates\n\n\
+             Types: deb\nURIs: http://s.example/debian-security\nSuites: bookworm-security\n",
+        );
+        let got = pick_sources(
+            "bookworm",
+            Some("http://env.example/debian".into()),
+            None,
+            &host,
+        )
+        .expect("sources");
+        let pairs: Vec<(&str, &str)> = got
+            .iter()
+            .map(|d| (d.uri.as_str(), d.suite.as_str()))
+            .collect();
+        assert_eq!(
+            pairs,
+            [
+                ("http://env.example/debian", "bookworm"),
+                ("http://env.example/debian", "bookworm-updates"),
+                ("http://s.example/debian-security", "bookworm-security"),
+            ]
+        );
     }
 }
 
@@ -1058,6 +1263,7 @@ mod repin_tests {
                     version: version.to_string(),
                     sha256: sha.to_string(),
                     depends,
+                    filename: String::new(),
                 });
             }
             Self(t)
@@ -1226,8 +1432,8 @@ mod repin_tests {
     }
 
     #[test]
-    fn apt_cache_records_are_parsed_per_paragraph() {
-        let text = "Package: linux-kbuild-6.1\nVersion: 6.1.192-3\nDepends: libc6 (>= 2.34)\nSHA256: aa\n\nPackage: linux-kbuild-6.1\nVersion: 6.1.176-1\nSHA256: bb\nDescription-md5: x\n\nPackage: broken\n";
+    fn index_records_are_parsed_per_paragraph() {
+        let text = "Package: linux-kbuild-6.1\nVersion: 6.1.192-3\nDepends: libc6 (>= 2.34)\nFilename: pool/main/l/linux/k_6.1.192-3_amd64.deb\nSHA256: aa\n\nPackage: linux-kbuild-6.1\nVersion: 6.1.176-1\nFilename: pool/main/l/linux/k_6.1.176-1_amd64.deb\nSHA256: bb\nDescription-md5: x\n\nPackage: broken\n";
         assert_eq!(
             parse_records(text),
             vec![
@@ -1235,13 +1441,15 @@ mod repin_tests {
                     package: "linux-kbuild-6.1".into(),
                     version: "6.1.192-3".into(),
                     sha256: "aa".into(),
-                    depends: "libc6 (>= 2.34)".into()
+                    depends: "libc6 (>= 2.34)".into(),
+                    filename: "pool/main/l/linux/k_6.1.192-3_amd64.deb".into(),
                 },
                 Record {
                     package: "linux-kbuild-6.1".into(),
                     version: "6.1.176-1".into(),
                     sha256: "bb".into(),
-                    depends: String::new()
+                    depends: String::new(),
+                    filename: "pool/main/l/linux/k_6.1.176-1_amd64.deb".into(),
                 },
             ]
         );

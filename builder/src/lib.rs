@@ -1,6 +1,7 @@
 //! The nodeflash image builder: fetches and caches the inputs, writes the
 //! initramfs, the EFI system partition image and the hybrid ISO.
 
+pub mod archive;
 pub mod build;
 pub mod cache;
 pub mod cli;

@@ -5,17 +5,20 @@ use std::path::Path;
 
 use anyhow::{bail, Result};
 
-/// (program, Debian package) the image build needs.
+/// (program, Debian package) the image build needs (`nodeflash build`):
+/// no `apt` or `dpkg`, Debian's packages are read by the builder itself.
 pub const BUILD_TOOLS: &[(&str, &str)] = &[
-    ("apt-get", "apt"),
-    ("dpkg-deb", "dpkg"),
+    // the signature of the Debian archive's InRelease (archive.rs)
+    ("gpgv", "gpgv"),
     ("xorriso", "xorriso"),
     ("make", "make"),
     ("gcc-12", "gcc-12"),
     ("strip", "binutils"),
-    // C parts of the installer's crates (zstd, ring) for the static musl target
-    ("musl-gcc", "musl-tools"),
 ];
+
+/// (program, Debian package) compiling the installer needs (`cargo xtask`):
+/// the C parts of its crates (zstd, ring) for the static musl target.
+pub const INSTALLER_TOOLS: &[(&str, &str)] = &[("musl-gcc", "musl-tools")];
 
 /// (program or file, Debian package) the QEMU tests need.
 /// What `run-vm` needs: QEMU and the UEFI firmware.
@@ -40,6 +43,10 @@ pub const TEST_TOOLS: &[(&str, &str)] = &[
     ("dnsmasq", "dnsmasq-base"),
     ("ip", "iproute2"),
     ("ssh-keygen", "openssh-client"),
+    // the private mount namespace of the no-apt build (xtask/src/noapt.rs)
+    ("unshare", "util-linux"),
+    // signs a Release in archive.rs's test of the InRelease check
+    ("gpg", "gnupg"),
     // the shell of the stand-in NixOS system's scripts (static)
     ("/bin/busybox", "busybox-static"),
 ];
@@ -105,7 +112,9 @@ pub fn require(tools: &[(&str, &str)]) -> Result<()> {
         .map(|(t, p)| format!("{t} (package {p})"))
         .collect();
     bail!(
-        "missing host tools: {}\n  install them with: sudo apt-get install {}\n  (`cargo xtask build-iso` installs them itself when run as root)",
+        "missing host tools: {}\n  on Debian or Ubuntu install them with: sudo apt-get install {}\n  \
+         (`cargo xtask build-iso` installs them itself there when run as root); on other \
+         distributions install the same programs (README.md, \"Set-up\")",
         names.join(", "),
         missing_packages(tools).join(" ")
     )

@@ -61,7 +61,9 @@ fn cache_without(shared: &Path, into: &Path, lock: &Lock, package: &str) {
                     }
                 }
             }
-            Some("apt") => {}
+            // apt's lists of the old builder, and the package indices
+            // (fetched again from the signed InRelease of today)
+            Some("apt" | "debian-index") => {}
             _ => std::os::unix::fs::symlink(entry.path(), into.join(&name)).expect("link"),
         }
     }

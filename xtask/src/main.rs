@@ -17,6 +17,7 @@ use nodeflash_installer::profile::{Profile, Size};
 
 mod bench;
 mod fuzz;
+mod noapt;
 mod readme;
 mod tidy;
 
@@ -66,6 +67,10 @@ enum Cmd {
     },
     /// The whole test suite: format, lints, unit tests, and the QEMU tests on the built `qemu` image.
     Test,
+    /// Build profile `qemu`, then again with the host's apt and dpkg hidden
+    /// in an empty cache, and compare the ISOs byte for byte; then check the
+    /// errors of a missing mirror and of a wrong sha256 (part of `test`).
+    NoApt,
     /// Write a deterministic synthetic Nix store: exactly FILES regular files
     /// of BYTES bytes in total, plus directories and symlinks.
     GenStore {
@@ -121,6 +126,7 @@ fn main() -> ExitCode {
         Cmd::RunVm { vm } => run_vm(vm),
         Cmd::UpdateInputs { profile, check } => update_inputs(&profile, check),
         Cmd::Test => test(),
+        Cmd::NoApt => no_apt(),
         Cmd::Fuzz { target, seconds } => fuzz::run(&root(), target.as_deref(), seconds),
         Cmd::GenStore {
             files,
@@ -292,7 +298,9 @@ fn build_installer() -> Result<PathBuf> {
 fn build_iso(profile: &str, lock_mode: LockMode) -> Result<nodeflash_builder::build::BuildSummary> {
     let path = find_profile(profile, &root().join("profiles"))?;
     // Nix too when the profile builds its systems from a flake.
-    ensure_packages(&tools::for_profile(&Profile::load(&path)?))?;
+    let mut needed = tools::for_profile(&Profile::load(&path)?);
+    needed.extend_from_slice(tools::INSTALLER_TOOLS);
+    ensure_packages(&needed)?;
     let installer = build_installer()?;
     build(&BuildOptions {
         profile: path,
@@ -312,6 +320,7 @@ fn run_vm(mut vm: nodeflash_builder::vm::RunVmArgs) -> Result<()> {
     if vm.boot != nodeflash_builder::vm::Boots::Disk {
         let all: Vec<(&str, &str)> = tools::BUILD_TOOLS
             .iter()
+            .chain(tools::INSTALLER_TOOLS)
             .chain(tools::VM_TOOLS)
             .copied()
             .collect();
@@ -338,7 +347,7 @@ fn lock_mode(locked: bool) -> LockMode {
 }
 
 fn update_inputs(profile: &str, check: bool) -> Result<()> {
-    ensure_packages(&[("apt-get", "apt")])?;
+    ensure_packages(&[("gpgv", "gpgv")])?;
     let path = find_profile(profile, &root().join("profiles"))?;
     let profile = Profile::load(&path)?;
     if check {
@@ -357,6 +366,7 @@ fn test() -> Result<()> {
     // The tests build stand-in systems with real Nix (tests/fixtures/flake).
     let all: Vec<(&str, &str)> = tools::BUILD_TOOLS
         .iter()
+        .chain(tools::INSTALLER_TOOLS)
         .chain(tools::TEST_TOOLS)
         .chain(tools::NIX_TOOLS)
         .copied()
@@ -390,6 +400,9 @@ fn test() -> Result<()> {
     for profile in ["qemu", "qemu-bus"] {
         cli::print_summary(&build_iso(profile, LockMode::Update)?);
     }
+    // The same `qemu` image again with the host's apt and dpkg hidden, in
+    // an empty cache: byte-identical, or the test fails (issue 21).
+    noapt::check(&noapt::ordinary_iso(), &build_installer()?)?;
     // README's image, built by README's command as written: its QEMU test
     // installs it on a 1 TB disk.
     let profile = readme_build_profile(&readme_build)?;
@@ -449,6 +462,13 @@ fn test() -> Result<()> {
                 .env("NIX_CONFIG", TEST_NIX_CONFIG),
         )
     })
+}
+
+/// `cargo xtask no-apt`: the ordinary `qemu` build, then [`noapt::check`].
+fn no_apt() -> Result<()> {
+    ensure_packages(&[tools::BUILD_TOOLS, tools::INSTALLER_TOOLS].concat())?;
+    cli::print_summary(&build_iso("qemu", LockMode::Locked)?);
+    noapt::check(&noapt::ordinary_iso(), &build_installer()?)
 }
 
 /// README's two commands (see `readme.rs`).
