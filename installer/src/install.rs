@@ -698,9 +698,7 @@ impl std::fmt::Display for Source {
     }
 }
 
-/// The kernel command line word that makes a network boot: where the store
-/// payload is (`nodeflash serve` writes it into its iPXE script).
-pub const PAYLOAD_URL_WORD: &str = "nodeflash.payload=";
+use crate::image::PAYLOAD_URL_WORD;
 
 /// The payload URL of the kernel command line, if any.
 fn payload_url() -> Option<String> {
