@@ -301,6 +301,24 @@ impl<R: Read> Read for Counted<R> {
     }
 }
 
+/// Responses under way: (log line's start, bytes sent, bytes to send), so
+/// that a stop logs each as failed.
+type Active = std::sync::Mutex<std::collections::BTreeMap<u64, (String, Arc<AtomicU64>, u64)>>;
+static ACTIVE: Active = std::sync::Mutex::new(std::collections::BTreeMap::new());
+static NEXT: AtomicU64 = AtomicU64::new(0);
+
+/// Logs every response still under way as failed (the server stops).
+fn log_unfinished(log: fn(&str)) {
+    if let Ok(active) = ACTIVE.lock() {
+        for (start, sent, total) in active.values() {
+            log(&format!(
+                "{start}: failed after {} of {total} bytes: the server stopped",
+                sent.load(Ordering::Relaxed)
+            ));
+        }
+    }
+}
+
 /// The `mac=` of a request's query, lower case, if it looks like a MAC.
 fn mac_of(url: &str) -> Option<String> {
     let query = url.split_once('?')?.1;
@@ -435,7 +453,15 @@ fn respond(image: &Image, base: &str, req: tiny_http::Request, log: fn(&str)) {
             } else {
                 format!("{} ({total} bytes)", &path[1..])
             };
-            (what, len, req.respond(r))
+            let id = NEXT.fetch_add(1, Ordering::Relaxed);
+            if let Ok(mut a) = ACTIVE.lock() {
+                a.insert(id, (format!("serve: {peer} {who}: {what}"), sent.clone(), len));
+            }
+            let result = req.respond(r);
+            if let Ok(mut a) = ACTIVE.lock() {
+                a.remove(&id);
+            }
+            (what, len, result)
         }
         _ => {
             let r = req.respond(Response::empty(StatusCode(404)));
@@ -500,6 +526,10 @@ impl Drop for Dnsmasq {
 /// `nodeflash serve`: loads the image, starts HTTP and (unless `no_dhcp`)
 /// dnsmasq, and runs until SIGINT or SIGTERM.
 pub fn run(a: &ServeArgs, iso: &Path) -> Result<()> {
+    // Before any thread starts, so that every thread has them blocked and
+    // the signal reaches `wait_for_signal` (and dnsmasq is stopped).
+    let signals = stop_signals();
+    signals.thread_block().context("cannot block SIGINT and SIGTERM")?;
     let image = Image::load(iso)?;
     let image = Arc::new(image);
     let state = match &a.state_dir {
@@ -556,21 +586,20 @@ pub fn run(a: &ServeArgs, iso: &Path) -> Result<()> {
         );
         Some(d)
     };
-    wait_for_signal()?;
+    signals.wait().context("cannot wait for a signal")?;
     eprintln!("serve: stopping");
     server.unblock();
+    log_unfinished(log);
     Ok(())
 }
 
-/// Blocks until SIGINT or SIGTERM arrives.
-fn wait_for_signal() -> Result<()> {
+/// SIGINT and SIGTERM: what stops `serve`.
+fn stop_signals() -> nix::sys::signal::SigSet {
     use nix::sys::signal::{SigSet, Signal};
     let mut set = SigSet::empty();
     set.add(Signal::SIGINT);
     set.add(Signal::SIGTERM);
-    set.thread_block().context("cannot block the signals")?;
-    set.wait().context("cannot wait for a signal")?;
-    Ok(())
+    set
 }
 
 #[cfg(test)]
