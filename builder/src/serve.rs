@@ -274,7 +274,11 @@ pub fn parse_range(header: Option<&str>, total: u64) -> Result<Option<(u64, u64)
     let (a, b) = spec
         .split_once('-')
         .ok_or_else(|| format!("bad range {h:?}"))?;
-    let num = |s: &str| s.trim().parse::<u64>().map_err(|_| format!("bad range {h:?}"));
+    let num = |s: &str| {
+        s.trim()
+            .parse::<u64>()
+            .map_err(|_| format!("bad range {h:?}"))
+    };
     let (start, end) = match (a.trim().is_empty(), b.trim().is_empty()) {
         (false, true) => (num(a)?, total),
         (false, false) => (num(a)?, num(b)?.saturating_add(1).min(total)),
@@ -323,7 +327,10 @@ fn log_unfinished(log: fn(&str)) {
 fn mac_of(url: &str) -> Option<String> {
     let query = url.split_once('?')?.1;
     let mac = query.split('&').find_map(|kv| kv.strip_prefix("mac="))?;
-    let mac = mac.replace("%3A", ":").replace("%3a", ":").to_ascii_lowercase();
+    let mac = mac
+        .replace("%3A", ":")
+        .replace("%3a", ":")
+        .to_ascii_lowercase();
     let ok = mac.len() == 17
         && mac
             .split(':')
@@ -371,9 +378,8 @@ fn respond(image: &Image, base: &str, req: tiny_http::Request, log: fn(&str)) {
         },
         None => "unknown MAC".to_string(),
     };
-    let header = |name: &str, value: &str| {
-        Header::from_bytes(name.as_bytes(), value.as_bytes()).ok()
-    };
+    let header =
+        |name: &str, value: &str| Header::from_bytes(name.as_bytes(), value.as_bytes()).ok();
     let range = req
         .headers()
         .iter()
@@ -401,7 +407,9 @@ fn respond(image: &Image, base: &str, req: tiny_http::Request, log: fn(&str)) {
             let total = bytes.map_or_else(|| extent.map_or(0, |e| e.len), |b| b.len() as u64);
             if bytes.is_none() && extent.is_none() {
                 let r = req.respond(Response::empty(StatusCode(404)));
-                log(&format!("serve: {peer} {who}: {path}: 404 (the image has no payload)"));
+                log(&format!(
+                    "serve: {peer} {who}: {path}: 404 (the image has no payload)"
+                ));
                 let _ = r;
                 return;
             }
@@ -420,7 +428,9 @@ fn respond(image: &Image, base: &str, req: tiny_http::Request, log: fn(&str)) {
             };
             let len = end - start;
             let reader: Box<dyn Read + Send> = match (bytes, extent) {
-                (Some(b), _) => Box::new(std::io::Cursor::new(b[start as usize..end as usize].to_vec())),
+                (Some(b), _) => Box::new(std::io::Cursor::new(
+                    b[start as usize..end as usize].to_vec(),
+                )),
                 (None, Some(e)) => match File::open(&image.iso).and_then(|mut f| {
                     f.seek(SeekFrom::Start(e.offset + start))?;
                     Ok(f)
@@ -428,7 +438,10 @@ fn respond(image: &Image, base: &str, req: tiny_http::Request, log: fn(&str)) {
                     Ok(f) => Box::new(f.take(len)),
                     Err(err) => {
                         let _ = req.respond(Response::empty(StatusCode(500)));
-                        log(&format!("serve: {peer} {who}: {path}: failed: cannot read {}: {err}", image.iso.display()));
+                        log(&format!(
+                            "serve: {peer} {who}: {path}: failed: cannot read {}: {err}",
+                            image.iso.display()
+                        ));
                         return;
                     }
                 },
@@ -455,7 +468,10 @@ fn respond(image: &Image, base: &str, req: tiny_http::Request, log: fn(&str)) {
             };
             let id = NEXT.fetch_add(1, Ordering::Relaxed);
             if let Ok(mut a) = ACTIVE.lock() {
-                a.insert(id, (format!("serve: {peer} {who}: {what}"), sent.clone(), len));
+                a.insert(
+                    id,
+                    (format!("serve: {peer} {who}: {what}"), sent.clone(), len),
+                );
             }
             let result = req.respond(r);
             if let Ok(mut a) = ACTIVE.lock() {
@@ -529,7 +545,9 @@ pub fn run(a: &ServeArgs, iso: &Path) -> Result<()> {
     // Before any thread starts, so that every thread has them blocked and
     // the signal reaches `wait_for_signal` (and dnsmasq is stopped).
     let signals = stop_signals();
-    signals.thread_block().context("cannot block SIGINT and SIGTERM")?;
+    signals
+        .thread_block()
+        .context("cannot block SIGINT and SIGTERM")?;
     let image = Image::load(iso)?;
     let image = Arc::new(image);
     let state = match &a.state_dir {
@@ -562,7 +580,8 @@ pub fn run(a: &ServeArgs, iso: &Path) -> Result<()> {
     } else {
         crate::tools::require(crate::tools::SERVE_TOOLS)?;
         let tftp = dir.join("tftp");
-        std::fs::create_dir_all(&tftp).with_context(|| format!("cannot create {}", tftp.display()))?;
+        std::fs::create_dir_all(&tftp)
+            .with_context(|| format!("cannot create {}", tftp.display()))?;
         std::fs::copy(IPXE_EFI, tftp.join("ipxe.efi"))
             .with_context(|| format!("cannot copy {IPXE_EFI} (Debian package ipxe)"))?;
         let conf = dir.join("dnsmasq.conf");

@@ -352,11 +352,18 @@ pub fn command(m: &Machine, kvm: bool, console: &Console, dir: &Path) -> Result<
                 .arg(format!(
                     "virtio-net-pci,netdev=net0{}{}",
                     mac.unwrap_or_default(),
-                    if m.boot == Boot::Network { ",bootindex=1" } else { "" }
+                    if m.boot == Boot::Network {
+                        ",bootindex=1"
+                    } else {
+                        ""
+                    }
                 ));
         }
         None => {
-            c.args(["-nic", &format!("user,model=virtio-net-pci{}", mac.unwrap_or_default())]);
+            c.args([
+                "-nic",
+                &format!("user,model=virtio-net-pci{}", mac.unwrap_or_default()),
+            ]);
         }
     }
     if let Some(serial) = &m.smbios_serial {

@@ -718,10 +718,7 @@ fn payload_url_of(cmdline: &str) -> Option<String> {
 }
 
 /// The HTTP client and reader settings of a payload stream.
-fn payload_stream(
-    url: &str,
-    range: (u64, u64, u64),
-) -> Result<crate::net::stream::RangeReader> {
+fn payload_stream(url: &str, range: (u64, u64, u64)) -> Result<crate::net::stream::RangeReader> {
     let cas = ca_certificates()?;
     let not_before = std::time::UNIX_EPOCH + Duration::from_secs(crate::image::NOT_BEFORE_UNIX);
     let client = crate::net::Client::new(&cas, true, not_before)?;
@@ -748,8 +745,9 @@ fn open_store_http(
     let Some(want) = &info.payload else {
         return Ok(None);
     };
-    let lease = crate::net::up(&|l| say!("{l}"))
-        .with_context(|| format!("no network, so the store payload {url} cannot be read; nothing was written"))?;
+    let lease = crate::net::up(&|l| say!("{l}")).with_context(|| {
+        format!("no network, so the store payload {url} cannot be read; nothing was written")
+    })?;
     say!(
         "store: payload over the network from {url} ({} bytes, to this node at {})",
         want.bytes,
@@ -775,7 +773,14 @@ fn open_store_http(
     let reader: Box<dyn Read + Send> =
         Box::new(std::io::Cursor::new(head).chain(manifest).chain(frames));
     let payload = Payload::open(reader).with_context(|| format!("{url}: {refused}"))?;
-    finish_open(profile, payload, Source::Http(url.to_string()), system, want, refused)
+    finish_open(
+        profile,
+        payload,
+        Source::Http(url.to_string()),
+        system,
+        want,
+        refused,
+    )
 }
 
 fn open_store(

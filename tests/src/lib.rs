@@ -314,7 +314,9 @@ impl Vm {
         let mut c = match &cfg.netns {
             Some(ns) => {
                 let mut n = Command::new("ip");
-                n.args(["netns", "exec", ns]).arg(c.get_program()).args(c.get_args());
+                n.args(["netns", "exec", ns])
+                    .arg(c.get_program())
+                    .args(c.get_args());
                 n
             }
             None => c,

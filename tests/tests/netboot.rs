@@ -13,8 +13,8 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use nodeflash_tests::{
-    assert_console, assert_installed, boot_installed, env_path, images_dir,
-    payload_digest, printed_hostid, Boot, Nvme, Vm, VmConfig,
+    assert_console, assert_installed, boot_installed, env_path, images_dir, payload_digest,
+    printed_hostid, Boot, Nvme, Vm, VmConfig,
 };
 
 const SERVER: &str = "10.99.0.1";
@@ -47,7 +47,15 @@ impl Lan {
         }
         ip(&["-n", &ns, "link", "set", "lo", "up"]);
         ip(&["-n", &ns, "link", "add", "br0", "type", "bridge"]);
-        ip(&["-n", &ns, "addr", "add", &format!("{SERVER}/24"), "dev", "br0"]);
+        ip(&[
+            "-n",
+            &ns,
+            "addr",
+            "add",
+            &format!("{SERVER}/24"),
+            "dev",
+            "br0",
+        ]);
         ip(&["-n", &ns, "link", "set", "br0", "up"]);
         ip(&[
             "-n", &ns, "link", "add", "veth0", "type", "veth", "peer", "name", "lan0", "netns",
@@ -71,7 +79,10 @@ impl Lan {
                 "--dhcp-authoritative",
                 "--log-dhcp",
             ])
-            .arg(format!("--log-facility={}", dir.join("lan-dhcp.log").display()))
+            .arg(format!(
+                "--log-facility={}",
+                dir.join("lan-dhcp.log").display()
+            ))
             .arg(format!("--pid-file={}", dir.join("lan-dhcp.pid").display()))
             .stdin(Stdio::null())
             .spawn()
@@ -188,8 +199,9 @@ fn assert_netbooted(console: &str, log: &str, name: &str, mac: &str) {
     assert_console(console, "nodeflash: done in");
     for file in ["vmlinuz", "initrd", "payload"] {
         assert!(
-            log.lines().any(|l| l.contains(&format!("{mac} (node {name}): {file}"))
-                && l.contains(": done,")),
+            log.lines()
+                .any(|l| l.contains(&format!("{mac} (node {name}): {file}"))
+                    && l.contains(": done,")),
             "the server's log has no finished {file} for {name}:\n{log}"
         );
     }
@@ -214,7 +226,10 @@ fn one_node_installs_from_the_network() {
     let console = vm.wait_for_poweroff().unwrap_or_else(|e| panic!("{e:#}"));
     drop(vm);
     eprintln!("{console}");
-    eprintln!("netboot: one node installed in {:.0}s", t.elapsed().as_secs_f64());
+    eprintln!(
+        "netboot: one node installed in {:.0}s",
+        t.elapsed().as_secs_f64()
+    );
     assert_netbooted(&console, &server.text(), "beta", "52:54:00:00:be:7a");
     assert_disk(&disk, &console, "beta", &payload_digest(&iso));
 }
@@ -247,7 +262,9 @@ fn three_nodes_install_at_once_and_one_resumes_after_a_server_restart() {
     let lan = Lan::new("three", nodes.len(), dir.path());
     let mut server = Server::start(&lan, &iso, dir.path());
     let disks: Vec<Nvme> = (0..nodes.len())
-        .map(|i| Nvme::create(dir.path(), &format!("nvme{i}.img"), 2 << 30, "NFTEST0001").expect("disk"))
+        .map(|i| {
+            Nvme::create(dir.path(), &format!("nvme{i}.img"), 2 << 30, "NFTEST0001").expect("disk")
+        })
         .collect();
     let t = Instant::now();
     let mut vms: Vec<Vm> = nodes

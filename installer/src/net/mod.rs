@@ -130,7 +130,9 @@ pub fn bring_up(cfg: &NetConfig, log: &dyn Fn(&str)) -> Result<Lease> {
 /// HTTP, then the keys) returns the first lease.
 pub fn up(log: &dyn Fn(&str)) -> Result<Lease> {
     static LEASE: std::sync::Mutex<Option<Lease>> = std::sync::Mutex::new(None);
-    let mut lease = LEASE.lock().map_err(|_| anyhow!("the network lock is poisoned"))?;
+    let mut lease = LEASE
+        .lock()
+        .map_err(|_| anyhow!("the network lock is poisoned"))?;
     if let Some(l) = &*lease {
         return Ok(l.clone());
     }

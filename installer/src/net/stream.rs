@@ -224,7 +224,11 @@ mod tests {
                     data.len()
                 );
                 let _ = s.write_all(head.as_bytes());
-                let send = if n < cut { &body[..chunk.min(body.len())] } else { body };
+                let send = if n < cut {
+                    &body[..chunk.min(body.len())]
+                } else {
+                    body
+                };
                 let _ = s.write_all(send);
             }
         });
@@ -257,20 +261,15 @@ mod tests {
         assert_eq!(r.resumed, 3);
         assert_eq!(
             *seen.lock().expect("lock"),
-            [
-                "1000-99999",
-                "11000-99999",
-                "21000-99999",
-                "31000-99999"
-            ]
+            ["1000-99999", "11000-99999", "21000-99999", "31000-99999"]
         );
     }
 
     #[test]
     fn a_file_of_another_length_is_refused_at_once() {
         let (url, _) = server(vec![1u8; 500], 0, 0);
-        let mut r = RangeReader::new(client(), &url, (0, 100, 1000), quick(), |_| {})
-            .expect("reader");
+        let mut r =
+            RangeReader::new(client(), &url, (0, 100, 1000), quick(), |_| {}).expect("reader");
         let e = r.read(&mut [0u8; 10]).expect_err("refused").to_string();
         assert!(e.contains("instead of \"bytes 0-99/1000\""), "{e}");
     }
