@@ -161,6 +161,10 @@ enum Command {
     /// the disks it would accept and refuse.
     #[command(after_help = FLASH_HELP)]
     Flash(FlashArgs),
+    /// Serve an image to nodes that boot from the network: proxy DHCP and
+    /// iPXE by dnsmasq, the kernel, initramfs and store payload over HTTP.
+    #[command(after_help = crate::serve::SERVE_HELP)]
+    Serve(crate::serve::ServeArgs),
     /// Boot an ISO in QEMU with the serial console on this terminal: the
     /// stick installs a fresh NVMe disk, then the disk boots alone.
     #[command(after_help = crate::vm::RUN_VM_HELP)]
@@ -500,6 +504,14 @@ fn run(cli: Cli) -> Result<()> {
                 sysfs: a.sysfs,
                 proc: a.proc,
             })?
+        }
+        Command::Serve(a) => {
+            let iso = match (&a.iso, &a.profile) {
+                (Some(iso), _) => iso.clone(),
+                (None, Some(p)) => PathBuf::from("target/nodeflash").join(format!("{p}.iso")),
+                (None, None) => usage_error("serve needs --profile NAME or --iso PATH"),
+            };
+            crate::serve::run(&a, &iso)?
         }
         Command::RunVm(a) => {
             if a.boot == crate::vm::Boots::Disk && a.disk.is_none() {

@@ -15,6 +15,7 @@ pub mod iso;
 pub mod kmod;
 pub mod nix;
 pub mod payload;
+pub mod serve;
 pub mod steps;
 pub mod synthetic;
 pub mod tools;

@@ -42,6 +42,8 @@ pub const TEST_TOOLS: &[(&str, &str)] = &[
     // the DHCP client's test peer, and a reference for key fingerprints
     ("dnsmasq", "dnsmasq-base"),
     ("ip", "iproute2"),
+    // the network boot test: iPXE for UEFI, served over TFTP
+    (crate::serve::IPXE_EFI, "ipxe"),
     ("ssh-keygen", "openssh-client"),
     // the private mount namespace of the no-apt build (xtask/src/noapt.rs)
     ("unshare", "util-linux"),
@@ -49,6 +51,13 @@ pub const TEST_TOOLS: &[(&str, &str)] = &[
     ("gpg", "gnupg"),
     // the shell of the stand-in NixOS system's scripts (static)
     ("/bin/busybox", "busybox-static"),
+];
+
+/// (program or file, Debian package) `nodeflash serve` needs for proxy
+/// DHCP and TFTP: dnsmasq, and iPXE for UEFI.
+pub const SERVE_TOOLS: &[(&str, &str)] = &[
+    ("dnsmasq", "dnsmasq-base"),
+    (crate::serve::IPXE_EFI, "ipxe"),
 ];
 
 /// (program, Debian package) a profile that builds or lists Nix store paths

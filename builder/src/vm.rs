@@ -123,6 +123,9 @@ pub enum Boot {
     Cdrom,
     /// No stick: the firmware boots the first NVMe disk (an installed node).
     Disk,
+    /// No stick: the firmware boots from the network (PXE) on the NIC,
+    /// which should be a [`Machine::tap`] on a LAN with a boot server.
+    Network,
 }
 
 /// An NVMe disk backed by a raw image file.
@@ -177,6 +180,9 @@ pub struct Machine {
     pub smbios_serial: Option<String>,
     /// MAC address of the NIC (QEMU's default otherwise).
     pub mac: Option<String>,
+    /// The NIC on this host's tap interface (`-netdev tap`, made
+    /// beforehand) instead of QEMU's user networking.
+    pub tap: Option<String>,
     /// With [`Boot::Disk`]: start this kernel and initrd with this command
     /// line instead of the disk's boot loader (QEMU's `-kernel`), e.g. to
     /// look at a disk that was deliberately left unbootable.
@@ -196,6 +202,7 @@ impl Machine {
             cpus: 1,
             smbios_serial: None,
             mac: None,
+            tap: None,
             kernel: None,
             secure_boot: false,
         }
@@ -337,11 +344,29 @@ pub fn command(m: &Machine, kvm: bool, console: &Console, dir: &Path) -> Result<
     if m.secure_boot {
         c.args(["-global", "driver=cfi.pflash01,property=secure,value=on"]);
     }
-    let mut nic = "user,model=virtio-net-pci".to_string();
-    if let Some(mac) = &m.mac {
-        nic.push_str(&format!(",mac={mac}"));
+    let mac = m.mac.as_ref().map(|mac| format!(",mac={mac}"));
+    match &m.tap {
+        Some(tap) => {
+            c.arg("-netdev")
+                .arg(format!("tap,id=net0,ifname={tap},script=no,downscript=no"))
+                .arg("-device")
+                .arg(format!(
+                    "virtio-net-pci,netdev=net0{}{}",
+                    mac.unwrap_or_default(),
+                    if m.boot == Boot::Network {
+                        ",bootindex=1"
+                    } else {
+                        ""
+                    }
+                ));
+        }
+        None => {
+            c.args([
+                "-nic",
+                &format!("user,model=virtio-net-pci{}", mac.unwrap_or_default()),
+            ]);
+        }
     }
-    c.args(["-nic", &nic]);
     if let Some(serial) = &m.smbios_serial {
         c.args(["-smbios", &format!("type=1,serial={serial}")]);
     }
@@ -366,6 +391,7 @@ pub fn command(m: &Machine, kvm: bool, console: &Console, dir: &Path) -> Result<
                 ))
                 .args(["-device", "ide-cd,drive=cd,bootindex=1"]);
         }
+        Boot::Network => {}
         Boot::Disk => {
             if let Some((kernel, initrd, append)) = &m.kernel {
                 c.arg("-kernel")

@@ -375,3 +375,8 @@ mod tests {
         assert!(plain.refuse_generic_without_system(None, &f, 1).is_ok());
     }
 }
+
+/// The kernel command line word that makes a network boot: where the store
+/// payload is, `nodeflash.payload=URL` (`nodeflash serve` writes it into its
+/// iPXE script; the installer then reads the payload from there).
+pub const PAYLOAD_URL_WORD: &str = "nodeflash.payload=";

@@ -32,7 +32,15 @@ pub(crate) fn install(profile: &Profile, info: &ImageInfo, started: Instant) -> 
     crate::pid1::links_up();
     phases.start("boot medium and disks");
     let timeout = Duration::from_secs(profile.image.device_timeout_secs.into());
-    let boot = crate::pid1::wait_for_boot_medium(info, timeout);
+    // Netbooted: the payload comes over HTTP and there is no boot medium.
+    let payload_url = payload_url();
+    let boot = match &payload_url {
+        Some(url) => {
+            say!("boot medium: none (network boot; the store payload is at {url})");
+            None
+        }
+        None => crate::pid1::wait_for_boot_medium(info, timeout),
+    };
     crate::pid1::settle_block_devices(Duration::from_secs(3));
     let facts = crate::pid1::wait_for_target(profile, boot.as_deref(), timeout);
     say!(
@@ -41,7 +49,7 @@ pub(crate) fn install(profile: &Profile, info: &ImageInfo, started: Instant) -> 
         facts.inventory().trim_end()
     );
     let mut warnings = Vec::new();
-    if boot.is_none() {
+    if boot.is_none() && payload_url.is_none() {
         warn(
             &mut warnings,
             format!(
@@ -94,10 +102,15 @@ pub(crate) fn install(profile: &Profile, info: &ImageInfo, started: Instant) -> 
             s.closure.len()
         );
     }
-    let store = open_store(profile, info, boot.as_deref(), system.as_ref())?;
+    let mut read_mb_s = 0.0;
+    let store = match &payload_url {
+        Some(url) => open_store_http(profile, info, url, system.as_ref())?,
+        None => open_store(profile, info, boot.as_deref(), system.as_ref())?,
+    };
     if let Some(store) = &store {
         phases.start("payload pre-read");
         let checked = preread_store(store)?;
+        read_mb_s = checked.bytes as f64 / checked.secs.max(1e-6) / 1e6;
         phases.end_bytes(checked.bytes);
     }
     if info.boot.is_none() {
@@ -158,7 +171,8 @@ pub(crate) fn install(profile: &Profile, info: &ImageInfo, started: Instant) -> 
             std::fs::create_dir_all(STORE_DIR)
                 .with_context(|| format!("cannot create {STORE_DIR}"))?;
             crate::zfs::ensure_on_pool(Path::new(STORE_DIR), &pool)?;
-            let copied = copy_store(store)?;
+            let mut copied = copy_store(store)?;
+            copied.preread_mb_s = read_mb_s;
             phases.end_bytes(copied.manifest.bytes());
             Some(copied)
         }
@@ -294,7 +308,11 @@ fn finish(
         phases.start("store read back");
         let digest = check_store(profile, &c.manifest)?;
         phases.start("payload read test");
-        let raw = raw_read_speed(&c.file)?;
+        // Over the network, the pre-read was the plain read.
+        let raw = match &c.source {
+            Source::File(file) => raw_read_speed(file)?,
+            Source::Http(_) => c.preread_mb_s,
+        };
         report.payload = Some(report_store(c, raw, digest)?);
     }
     if let Some(toplevel) = info.boot.as_ref().and_then(|b| b.nixos.as_deref()) {
@@ -630,18 +648,22 @@ fn report_store(c: &Copied, raw: f64, digest: String) -> Result<crate::report::P
 fn ssh_keys(profile: &Profile, identity: &crate::nodes::Identity) -> Result<crate::net::KeySet> {
     let mut ssh = profile.ssh.clone();
     ssh.keys.extend(identity.keys.iter().cloned());
-    let mut cas: Vec<std::path::PathBuf> = std::fs::read_dir(crate::image::CA_DIR)
-        .map(|rd| rd.flatten().map(|e| e.path()).collect())
-        .unwrap_or_default();
-    cas.sort();
-    let cas: Vec<Vec<u8>> = cas
-        .iter()
-        .map(|p| std::fs::read(p).with_context(|| format!("cannot read {}", p.display())))
-        .collect::<Result<_>>()?;
+    let cas = ca_certificates()?;
     let not_before = std::time::UNIX_EPOCH + Duration::from_secs(crate::image::NOT_BEFORE_UNIX);
     let keys = crate::net::fetch_keys(&ssh, &cas, not_before, |l| say!("{l}"))
         .context("the SSH keys could not be fetched; nothing was written")?;
     Ok(keys)
+}
+
+/// The profile's CA certificates (PEM) that the builder put in the image.
+fn ca_certificates() -> Result<Vec<Vec<u8>>> {
+    let mut cas: Vec<PathBuf> = std::fs::read_dir(crate::image::CA_DIR)
+        .map(|rd| rd.flatten().map(|e| e.path()).collect())
+        .unwrap_or_default();
+    cas.sort();
+    cas.iter()
+        .map(|p| std::fs::read(p).with_context(|| format!("cannot read {}", p.display())))
+        .collect()
 }
 
 /// Where the store goes on the target (under the pool's altroot).
@@ -652,9 +674,113 @@ const MEDIUM_DIR: &str = "/run/nodeflash/medium";
 /// The store payload on the boot medium, opened and checked (length,
 /// header, manifest and that it belongs to this image) before the disk is touched.
 struct Store {
-    file: PathBuf,
-    payload: Payload<File>,
+    source: Source,
+    payload: Payload<Box<dyn Read + Send>>,
     workers: usize,
+}
+
+/// Where the store payload is read from.
+#[derive(Debug, Clone)]
+enum Source {
+    /// The file on the mounted boot medium.
+    File(PathBuf),
+    /// A URL (`nodeflash.payload=` on the kernel command line, a network
+    /// boot), read with range requests ([`crate::net::stream::RangeReader`]).
+    Http(String),
+}
+
+impl std::fmt::Display for Source {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Source::File(p) => write!(f, "{}", p.display()),
+            Source::Http(u) => write!(f, "{u}"),
+        }
+    }
+}
+
+use crate::image::PAYLOAD_URL_WORD;
+
+/// The payload URL of the kernel command line, if any.
+fn payload_url() -> Option<String> {
+    let cmdline = std::fs::read_to_string("/proc/cmdline").ok()?;
+    payload_url_of(&cmdline)
+}
+
+/// `nodeflash.payload=URL` of a kernel command line (the last one wins, as
+/// the kernel does for its own parameters).
+fn payload_url_of(cmdline: &str) -> Option<String> {
+    cmdline
+        .split_whitespace()
+        .filter_map(|w| w.strip_prefix(PAYLOAD_URL_WORD))
+        .filter(|u| !u.is_empty())
+        .last()
+        .map(str::to_string)
+}
+
+/// The HTTP client and reader settings of a payload stream.
+fn payload_stream(url: &str, range: (u64, u64, u64)) -> Result<crate::net::stream::RangeReader> {
+    let cas = ca_certificates()?;
+    let not_before = std::time::UNIX_EPOCH + Duration::from_secs(crate::image::NOT_BEFORE_UNIX);
+    let client = crate::net::Client::new(&cas, true, not_before)?;
+    crate::net::stream::RangeReader::new(
+        client,
+        url,
+        range,
+        crate::net::stream::StreamPolicy::default(),
+        |l| say!("{l}"),
+    )
+}
+
+/// The store payload of a network boot: the network up, then the payload's
+/// header and manifest read with range requests and checked as from the
+/// stick (length, header, manifest, that it belongs to this image) before
+/// the disk is touched. The frames are read later, by the pre-read and by
+/// the copy, each with its own stream.
+fn open_store_http(
+    profile: &Profile,
+    info: &ImageInfo,
+    url: &str,
+    system: Option<&crate::image::NodeSystem>,
+) -> Result<Option<Store>> {
+    let Some(want) = &info.payload else {
+        return Ok(None);
+    };
+    let lease = crate::net::up(&|l| say!("{l}")).with_context(|| {
+        format!("no network, so the store payload {url} cannot be read; nothing was written")
+    })?;
+    say!(
+        "store: payload over the network from {url} ({} bytes, to this node at {})",
+        want.bytes,
+        lease.describe()
+    );
+    let refused = "nothing was written. Check that `nodeflash serve` runs with this image";
+    let total = want.bytes;
+    let mut head = [0u8; crate::payload::HEADER_LEN];
+    payload_stream(url, (0, head.len() as u64, total))?
+        .read_exact(&mut head)
+        .with_context(|| format!("cannot read the store payload's header from {url}; {refused}"))?;
+    let header = crate::payload::Header::parse(&head)
+        .with_context(|| format!("{url} is not this image's store payload; {refused}"))?;
+    if header.total_len() != total {
+        bail!(
+            "the store payload at {url} says it is {} bytes instead of {total}; {refused}",
+            header.total_len()
+        );
+    }
+    let frames_at = crate::payload::HEADER_LEN as u64 + header.manifest_len;
+    let manifest = payload_stream(url, (head.len() as u64, frames_at, total))?;
+    let frames = payload_stream(url, (frames_at, total, total))?;
+    let reader: Box<dyn Read + Send> =
+        Box::new(std::io::Cursor::new(head).chain(manifest).chain(frames));
+    let payload = Payload::open(reader).with_context(|| format!("{url}: {refused}"))?;
+    finish_open(
+        profile,
+        payload,
+        Source::Http(url.to_string()),
+        system,
+        want,
+        refused,
+    )
 }
 
 fn open_store(
@@ -707,13 +833,26 @@ fn open_store(
         );
     }
     let f = File::open(&file).with_context(|| format!("cannot open {}", file.display()))?;
-    let mut payload = Payload::open(f)
+    let reader: Box<dyn Read + Send> = Box::new(f);
+    let payload = Payload::open(reader)
         .with_context(|| format!("{} on {}: {damaged}", want.path, dev.display()))?;
+    say!("store: payload from the boot medium {}", dev.display());
+    finish_open(profile, payload, Source::File(file), system, want, damaged)
+}
+
+/// The checks and settings common to both sources: the manifest is this
+/// image's, the workers, this node's closure.
+fn finish_open(
+    profile: &Profile,
+    mut payload: Payload<Box<dyn Read + Send>>,
+    source: Source,
+    system: Option<&crate::image::NodeSystem>,
+    want: &crate::image::PayloadInfo,
+    damaged: &str,
+) -> Result<Option<Store>> {
+    let len = want.bytes;
     if payload.manifest_sha256() != want.manifest_sha256 {
-        bail!(
-            "the store payload on {} does not belong to this image; {damaged}",
-            dev.display()
-        );
+        bail!("the store payload {source} does not belong to this image; {damaged}");
     }
     let workers = profile.payload.workers.map_or_else(
         // At least two, so that one writes while another waits on the disk.
@@ -726,15 +865,14 @@ fn open_store(
         payload.manifest.bytes() as f64 / MIB,
         payload.manifest.store_paths().len(),
         len as f64 / MIB,
-        dev.display()
+        source
     );
     if let Some(system) = system {
         payload
             .keep_only(system.closure.iter().cloned().collect())
             .with_context(|| {
                 format!(
-                    "the payload on {} lacks part of {}'s closure; {damaged}",
-                    dev.display(),
+                    "the payload {source} lacks part of {}'s closure; {damaged}",
                     system.toplevel
                 )
             })?;
@@ -747,7 +885,7 @@ fn open_store(
         );
     }
     Ok(Some(Store {
-        file,
+        source,
         payload,
         workers,
     }))
@@ -770,17 +908,30 @@ fn preread_store(store: &Store) -> Result<crate::payload::FramesChecked> {
         "store: checking every frame of the payload ({:.1} MiB) before the disk is touched",
         len as f64 / MIB
     );
-    let damaged = || {
-        format!(
+    let damaged = || match &store.source {
+        Source::File(file) => format!(
             "the store payload {} on the stick is damaged; nothing was written to any disk. \
              Write the image to the stick again (use another stick if this happens again)",
-            store.file.display()
-        )
+            file.display()
+        ),
+        Source::Http(url) => format!(
+            "the store payload {url} could not be read whole or is damaged; nothing was written \
+             to any disk. Check the server (`nodeflash serve`) and the network, then boot again"
+        ),
     };
-    let mut f =
-        File::open(&store.file).with_context(|| format!("cannot open {}", store.file.display()))?;
-    f.seek(SeekFrom::Start(store.payload.frames_offset()))
-        .with_context(|| format!("cannot read {}", store.file.display()))?;
+    let f: Box<dyn Read + Send> = match &store.source {
+        Source::File(file) => {
+            let mut f =
+                File::open(file).with_context(|| format!("cannot open {}", file.display()))?;
+            f.seek(SeekFrom::Start(store.payload.frames_offset()))
+                .with_context(|| format!("cannot read {}", file.display()))?;
+            Box::new(f)
+        }
+        Source::Http(url) => Box::new(payload_stream(
+            url,
+            (store.payload.frames_offset(), len, len),
+        )?),
+    };
     let counters = crate::payload::Counters::default();
     let frames_len = store.payload.header.frames_len;
     let checked = with_progress(
@@ -868,7 +1019,7 @@ fn with_progress<T>(
 fn copy_store(store: Store) -> Result<Copied> {
     use std::sync::atomic::{AtomicBool, Ordering};
     let Store {
-        file,
+        source,
         payload,
         workers,
     } = store;
@@ -903,7 +1054,10 @@ fn copy_store(store: Store) -> Result<Copied> {
         done.store(true, Ordering::Relaxed);
         r
     });
-    result.context("the store was not copied completely, so the disk was not made bootable; if the payload is damaged, write the image to the stick again")?;
+    result.with_context(|| match &source {
+        Source::File(_) => "the store was not copied completely, so the disk was not made bootable; if the payload is damaged, write the image to the stick again".to_string(),
+        Source::Http(url) => format!("the store was not copied completely from {url}, so the disk was not made bootable; check the server and boot the node again"),
+    })?;
     let secs = t.elapsed().as_secs_f64();
     // As Nix has it: sticky and group-writable.
     std::fs::set_permissions(
@@ -921,8 +1075,9 @@ fn copy_store(store: Store) -> Result<Copied> {
     Ok(Copied {
         manifest,
         manifest_sha256,
-        file,
+        source,
         secs,
+        preread_mb_s: 0.0,
     })
 }
 
@@ -930,9 +1085,11 @@ fn copy_store(store: Store) -> Result<Copied> {
 struct Copied {
     manifest: crate::payload::Manifest,
     manifest_sha256: String,
-    /// The payload on the boot medium.
-    file: PathBuf,
+    /// Where the payload was read from.
+    source: Source,
     secs: f64,
+    /// The pre-read's speed, MB/s: over the network, the plain read.
+    preread_mb_s: f64,
 }
 
 /// Loads the closure's registration into the installed Nix database with
@@ -1031,4 +1188,20 @@ fn raw_read_speed(file: &Path) -> Result<f64> {
         n += r as u64;
     }
     Ok(n as f64 / t.elapsed().as_secs_f64().max(1e-6) / 1e6)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_payload_url_is_read_from_the_kernel_command_line() {
+        assert_eq!(super::payload_url_of("console=ttyS0 quiet"), None);
+        assert_eq!(super::payload_url_of("nodeflash.payload= quiet"), None);
+        assert_eq!(
+            super::payload_url_of(
+                "quiet nodeflash.payload=http://10.0.0.1:8080/p nodeflash.payload=http://h/q?mac=52:54:00:00:00:01 x"
+            )
+            .as_deref(),
+            Some("http://h/q?mac=52:54:00:00:00:01")
+        );
+    }
 }

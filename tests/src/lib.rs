@@ -248,6 +248,10 @@ pub struct VmConfig {
     pub smbios_serial: Option<String>,
     /// MAC address of the NIC (QEMU's default otherwise).
     pub mac: Option<String>,
+    /// See [`nodeflash_builder::vm::Machine::tap`].
+    pub tap: Option<String>,
+    /// Run QEMU in this network namespace (`ip netns exec`).
+    pub netns: Option<String>,
     /// See [`nodeflash_builder::vm::Machine::kernel`].
     pub kernel: Option<(PathBuf, PathBuf, String)>,
     /// See [`nodeflash_builder::vm::Machine::secure_boot`].
@@ -269,6 +273,8 @@ impl VmConfig {
             timeout: Duration::from_secs(300),
             smbios_serial: None,
             mac: None,
+            tap: None,
+            netns: None,
             kernel: None,
             secure_boot: false,
         }
@@ -294,16 +300,27 @@ impl Vm {
             cpus: cfg.cpus,
             smbios_serial: cfg.smbios_serial.clone(),
             mac: cfg.mac.clone(),
+            tap: cfg.tap.clone(),
             kernel: cfg.kernel.clone(),
             secure_boot: cfg.secure_boot,
             ..Machine::new(cfg.iso.clone(), cfg.boot)
         };
-        let mut c = vm::command(
+        let c = vm::command(
             &machine,
             vm::kvm_works(),
             &vm::Console::File(console.clone()),
             dir.path(),
         )?;
+        let mut c = match &cfg.netns {
+            Some(ns) => {
+                let mut n = Command::new("ip");
+                n.args(["netns", "exec", ns])
+                    .arg(c.get_program())
+                    .args(c.get_args());
+                n
+            }
+            None => c,
+        };
         let child = c
             .stdin(Stdio::null())
             .stdout(Stdio::null())

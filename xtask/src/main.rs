@@ -428,6 +428,17 @@ fn test() -> Result<()> {
         );
     }
     let installer = build_installer()?;
+    // `nodeflash serve` for the network boot test (tests/tests/netboot.rs).
+    steps::step("Compiling nodeflash", || {
+        run_visible(cargo().args([
+            "build",
+            "--quiet",
+            "-p",
+            "nodeflash-builder",
+            "--bin",
+            "nodeflash",
+        ]))
+    })?;
     // cargo-nextest (.config/nextest.toml: one QEMU test per core, each
     // retried once, see issue 19); plain `cargo test` where it is missing.
     let nextest = cmd::run(cargo().args(["nextest", "--version"])).is_ok();
@@ -455,6 +466,10 @@ fn test() -> Result<()> {
                 .env("NODEFLASH_ACCEL", accel)
                 .env("NODEFLASH_TEST_IMAGES", target_dir().join("nodeflash"))
                 .env("NODEFLASH_TEST_INSTALLER", &installer)
+                .env(
+                    "NODEFLASH_TEST_NODEFLASH",
+                    target_dir().join("debug/nodeflash"),
+                )
                 .env("NODEFLASH_PROFILES", root().join("profiles"))
                 // The stand-in flake builds with Debian's nix-bin as root:
                 // no `nixbld` build users (that group comes with the

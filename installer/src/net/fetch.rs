@@ -148,9 +148,9 @@ pub fn clock_note(now: SystemTime, not_before: SystemTime) -> Option<String> {
 
 /// Why one attempt failed.
 #[derive(Debug, Clone, PartialEq, Eq)]
-struct Failure {
-    message: String,
-    retry: bool,
+pub(super) struct Failure {
+    pub(super) message: String,
+    pub(super) retry: bool,
     /// The wait the server asked for before another attempt.
     after: Option<Duration>,
 }
@@ -362,6 +362,74 @@ impl Client {
                 ),
             }
         }
+    }
+
+    /// One ranged GET of bytes `from..to` (end exclusive) of the file at
+    /// `uri`, which must be `total` bytes long: the response must be
+    /// `206 Partial Content` with exactly that `Content-Range` (RFC 9110
+    /// §14.4), or a `200` with the whole file when the whole file was
+    /// asked for. Connecting and the response head are bounded by the
+    /// policy's attempt timeout, and each read of the body by `per_read`
+    /// (a server that stops sending is an error, not a hang). Returns the
+    /// body as a reader (no size limit: the caller reads `to - from` bytes).
+    pub(super) fn open_range(
+        &self,
+        uri: &Uri,
+        (from, to, total): (u64, u64, u64),
+        per_read: Duration,
+    ) -> Result<Box<dyn io::Read + Send>, Failure> {
+        let host = uri.host().unwrap_or_default();
+        let host = host.trim_start_matches('[').trim_end_matches(']');
+        let whole = from == 0 && to == total;
+        let resp = self
+            .agent
+            .get(uri)
+            .header("Range", format!("bytes={from}-{}", to.saturating_sub(1)))
+            .header("Accept", "application/octet-stream")
+            .config()
+            .timeout_connect(Some(self.policy.attempt_timeout))
+            .timeout_recv_response(Some(self.policy.attempt_timeout))
+            .timeout_per_read(Some(per_read))
+            .https_only(!self.allow_http)
+            .build()
+            .call()
+            .map_err(|e| self.failure(uri, host, e))?;
+        let status = resp.status().as_u16();
+        let header = |name: &str| {
+            resp.headers()
+                .get(name)
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or_default()
+                .trim()
+                .to_string()
+        };
+        match status {
+            206 => {
+                let want = format!("bytes {from}-{}/{total}", to.saturating_sub(1));
+                let got = header("content-range");
+                if got != want {
+                    return Err(Failure::stop(format!(
+                        "the server answered Content-Range {got:?} instead of {want:?} \
+                         (is it serving another file of another length?)"
+                    )));
+                }
+            }
+            200 if whole => {
+                let len = header("content-length");
+                if len != total.to_string() {
+                    return Err(Failure::stop(format!(
+                        "the server sends {len:?} bytes instead of {total}"
+                    )));
+                }
+            }
+            200 => {
+                return Err(Failure::stop(
+                    "the server ignores range requests (it answered 200, not 206)".into(),
+                ))
+            }
+            _ => return Err(classify(resp.status(), resp.headers())),
+        }
+        Ok(Box::new(resp.into_body().into_reader()))
     }
 
     /// One attempt (redirects followed by ureq), within `timeout`.

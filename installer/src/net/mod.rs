@@ -9,6 +9,7 @@ pub mod dhcp;
 pub mod fetch;
 pub mod keys;
 pub mod link;
+pub mod stream;
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant, SystemTime};
@@ -125,6 +126,21 @@ pub fn bring_up(cfg: &NetConfig, log: &dyn Fn(&str)) -> Result<Lease> {
     }
 }
 
+/// [`bring_up`] with the defaults, once: a second call (the payload over
+/// HTTP, then the keys) returns the first lease.
+pub fn up(log: &dyn Fn(&str)) -> Result<Lease> {
+    static LEASE: std::sync::Mutex<Option<Lease>> = std::sync::Mutex::new(None);
+    let mut lease = LEASE
+        .lock()
+        .map_err(|_| anyhow!("the network lock is poisoned"))?;
+    if let Some(l) = &*lease {
+        return Ok(l.clone());
+    }
+    let l = bring_up(&NetConfig::default(), log)?;
+    *lease = Some(l.clone());
+    Ok(l)
+}
+
 /// The SSH keys for root: the profile's inline keys, and when users are
 /// given, theirs fetched from `key-url` (after [`bring_up`] with the
 /// defaults), checked and without duplicates. `extra_ca_pem` are the
@@ -140,7 +156,7 @@ pub fn fetch_keys(
     log: impl Fn(&str),
 ) -> Result<KeySet> {
     let connect = || {
-        bring_up(&NetConfig::default(), &log)?;
+        up(&log)?;
         let mut client = Client::new(extra_ca_pem, ssh.allow_http, not_before)?;
         client.policy.total = Duration::from_secs(ssh.fetch_timeout_secs.into());
         Ok(client)
