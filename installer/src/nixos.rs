@@ -323,6 +323,53 @@ pub fn install_boot_loader(root: &Path, esp: &Path, log: &dyn Fn(&str)) -> Resul
     Ok(warnings)
 }
 
+/// Copies every file of the ESP `from` (a vfat partition, where the
+/// system's `switch-to-configuration boot` installed systemd-boot, its
+/// entries, kernels and initrds) onto each ESP of `to` (formatted empty by
+/// the install), so that the node boots from any disk of a mirror or
+/// raidz. The installed system keeps them equal itself: see the
+/// `extraInstallCommands` of [`flake_module`]. Errors name the ESP.
+pub fn mirror_esp(from: &str, to: &[String], log: &dyn Fn(&str)) -> Result<()> {
+    if to.is_empty() {
+        return Ok(());
+    }
+    let mut mounts = Mounts::default();
+    let src = PathBuf::from("/run/nodeflash/esp-from");
+    mounts.mount(from, src.clone(), Some("vfat"), MsFlags::MS_RDONLY)?;
+    for (i, dev) in to.iter().enumerate() {
+        let dst = PathBuf::from(format!("/run/nodeflash/esp-to-{i}"));
+        mounts.mount(dev, dst.clone(), Some("vfat"), MsFlags::empty())?;
+        let n = copy_tree(&src, &dst)
+            .with_context(|| format!("cannot copy the boot files of {from} to {dev}"))?;
+        log(&format!("boot loader: {n} files of {from} copied to {dev}"));
+    }
+    nix::unistd::sync();
+    mounts.unmount()
+}
+
+/// Copies the regular files and directories below `src` into `dst`; the
+/// number of files.
+fn copy_tree(src: &Path, dst: &Path) -> Result<usize> {
+    let mut n = 0;
+    for e in std::fs::read_dir(src).with_context(|| format!("cannot read {}", src.display()))? {
+        let e = e.with_context(|| format!("cannot read {}", src.display()))?;
+        let (from, to) = (e.path(), dst.join(e.file_name()));
+        let ty = e
+            .file_type()
+            .with_context(|| format!("cannot stat {}", from.display()))?;
+        if ty.is_dir() {
+            std::fs::create_dir_all(&to)
+                .with_context(|| format!("cannot create {}", to.display()))?;
+            n += copy_tree(&from, &to)?;
+        } else {
+            std::fs::copy(&from, &to)
+                .with_context(|| format!("cannot copy {} to {}", from.display(), to.display()))?;
+            n += 1;
+        }
+    }
+    Ok(n)
+}
+
 /// Mounts `efivarfs` for the installer (and with it the chroot); false when
 /// the firmware's variables are not available.
 fn mount_efivarfs() -> bool {

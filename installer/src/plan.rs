@@ -4,12 +4,12 @@
 
 use std::fmt::{self, Write as _};
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use serde::Serialize;
 
 use crate::datasets::{Effective, Mounted};
 use crate::facts::{human_bytes, BlockDevice, Facts, ZfsPoolLabel};
-use crate::profile::{Bus, DiskSelect, Profile, Wipe};
+use crate::profile::{Bus, DiskSelect, Profile, Vdev, Wipe};
 
 /// Partitions start and end on 1 MiB boundaries.
 pub const ALIGN_BYTES: u64 = 1 << 20;
@@ -61,9 +61,59 @@ pub struct Plan {
     /// ZFS pools on the other disks (none may have the profile's pool name).
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub other_pools: Vec<ZfsPoolLabel>,
+    /// How the root pool's disks are joined (`[pool] vdev`).
+    pub vdev: Vdev,
+    /// The root pool's other disks (`[disk] members`, in profile order),
+    /// each with the same layout as `disk`.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub members: Vec<Member>,
+}
+
+/// Another disk of the root pool, with its own layout (same partitions as
+/// the first disk, at this disk's sector size).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Member {
+    pub disk: BlockDevice,
+    /// What is on the disk and will be wiped.
+    pub wipe: Vec<String>,
+    pub logical_block_size: u32,
+    pub partitions: Vec<PlannedPartition>,
 }
 
 impl Plan {
+    /// One single-disk plan per disk of the root pool, the first disk first:
+    /// what [`crate::disk::partition`] writes on each. Datasets and mounts are
+    /// the pool's, shared.
+    pub fn each_disk(&self) -> Vec<Plan> {
+        let first = Plan {
+            members: Vec::new(),
+            ..self.clone()
+        };
+        let mut all = vec![first.clone()];
+        for m in &self.members {
+            all.push(Plan {
+                disk: m.disk.clone(),
+                wipe: m.wipe.clone(),
+                logical_block_size: m.logical_block_size,
+                partitions: m.partitions.clone(),
+                ..first.clone()
+            });
+        }
+        all
+    }
+
+    /// The pool's name (its root dataset's).
+    pub fn pool_name(&self) -> &str {
+        self.datasets.first().map_or("", |d| d.name.as_str())
+    }
+
+    /// The kernel names of every disk of the root pool, the first first.
+    pub fn disk_names(&self) -> Vec<&str> {
+        std::iter::once(self.disk.name.as_str())
+            .chain(self.members.iter().map(|m| m.disk.name.as_str()))
+            .collect()
+    }
+
     /// The dataset mounted at `/` (the boot file system), if any.
     pub fn root(&self) -> Option<&Mounted> {
         self.mounts.iter().find(|m| m.mountpoint == "/")
@@ -166,6 +216,56 @@ fn failed_rule(sel: &DiskSelect, d: &BlockDevice) -> Option<String> {
 /// The one disk the profile's rules select; every candidate and the rule it
 /// failed are in the error otherwise.
 pub fn select_disk<'a>(sel: &DiskSelect, facts: &'a Facts) -> Result<&'a BlockDevice, SelectError> {
+    select_disk_named(sel, "[disk] select", facts)
+}
+
+/// Every selection of the root pool: the first disk's rules (`select`, or
+/// a node's own), then `[disk] members`, with the key each comes from.
+pub fn selections<'a>(
+    profile: &'a Profile,
+    select: &'a DiskSelect,
+) -> Vec<(String, &'a DiskSelect)> {
+    let mut all = vec![("[disk] select".to_string(), select)];
+    for (i, m) in profile.disk.members.iter().enumerate() {
+        all.push((format!("[disk] members[{i}]"), m));
+    }
+    all
+}
+
+/// One disk for each selection of [`selections`], all resolved before any
+/// disk is touched: each set of rules must match exactly one disk, and no
+/// disk may be matched by two sets (the pool would hold it twice). The
+/// first error names the rules (`[disk] members[1]`) and every disk.
+pub fn select_all<'a>(
+    profile: &Profile,
+    select: &DiskSelect,
+    facts: &'a Facts,
+) -> Result<Vec<&'a BlockDevice>, SelectError> {
+    let mut chosen: Vec<(String, &BlockDevice)> = Vec::new();
+    for (label, sel) in selections(profile, select) {
+        let d = select_disk_named(sel, &label, facts)?;
+        if let Some((other, _)) = chosen.iter().find(|(_, c)| c.name == d.name) {
+            return Err(SelectError {
+                matching: 1,
+                message: format!(
+                    "disk {} is chosen by both the profile's {other} and {label} rules; the pool \
+                     needs {} different disks: give each disk rules that match only it (a serial \
+                     or wwn)",
+                    describe(d),
+                    1 + profile.disk.members.len()
+                ),
+            });
+        }
+        chosen.push((label, d));
+    }
+    Ok(chosen.into_iter().map(|(_, d)| d).collect())
+}
+
+fn select_disk_named<'a>(
+    sel: &DiskSelect,
+    label: &str,
+    facts: &'a Facts,
+) -> Result<&'a BlockDevice, SelectError> {
     let mut matching = Vec::new();
     let mut report = String::new();
     for d in &facts.block_devices {
@@ -181,7 +281,7 @@ pub fn select_disk<'a>(sel: &DiskSelect, facts: &'a Facts) -> Result<&'a BlockDe
         [] => Err(SelectError {
             matching: 0,
             message: format!(
-                "no disk matches the profile's [disk] select rules; the disks here:\n{}",
+                "no disk matches the profile's {label} rules; the disks here:\n{}",
                 if report.is_empty() {
                     "  (none)\n".to_string()
                 } else {
@@ -196,7 +296,7 @@ pub fn select_disk<'a>(sel: &DiskSelect, facts: &'a Facts) -> Result<&'a BlockDe
             Err(SelectError {
                 matching: several.len(),
                 message: format!(
-                    "{} disks match the profile's [disk] select rules, refusing to guess; \
+                    "{} disks match the profile's {label} rules, refusing to guess; \
                      add a serial or wwn rule to pick one:\n{report}",
                     several.len()
                 ),
@@ -210,25 +310,22 @@ pub fn plan(profile: &Profile, facts: &Facts) -> Result<Plan> {
     plan_with(profile, &profile.disk.select, facts)
 }
 
-/// The plan with other disk rules (a node's own) than `[disk] select`.
+/// The plan with other disk rules (a node's own) than `[disk] select` for
+/// the first disk; `[disk] members` are the profile's. Every disk is
+/// chosen ([`select_all`]) and checked (empty unless `wipe = "always"`,
+/// sector size, room for the layout) before the plan is returned: any
+/// refusal comes before anything is written to any disk.
 pub fn plan_with(profile: &Profile, select: &DiskSelect, facts: &Facts) -> Result<Plan> {
-    let disk = select_disk(select, facts)?.clone();
-    // A disk that holds nothing but an unfinished nodeflash install (its
-    // GPT carries the mark, `disk::UNFINISHED_NAME`) counts as empty.
-    if !disk.signatures.is_empty() && profile.disk.wipe == Wipe::IfEmpty && !disk.unfinished_install
-    {
-        bail!(
-            "disk {} is not empty ({}); nothing was written. Set `wipe = \"always\"` in the profile's [disk] to reinstall it",
-            disk.name,
-            disk.signatures.join(", ")
-        );
-    }
+    let chosen: Vec<BlockDevice> = select_all(profile, select, facts)?
+        .into_iter()
+        .cloned()
+        .collect();
     // `zpool import NAME` on the installed system must find one pool.
     let pool_name = profile.pool.name.to_string();
     let other_pools: Vec<ZfsPoolLabel> = facts
         .block_devices
         .iter()
-        .filter(|d| d.name != disk.name)
+        .filter(|d| !chosen.iter().any(|c| c.name == d.name))
         .flat_map(|d| d.zfs_pools.iter().cloned())
         .collect();
     if let Some(old) = other_pools
@@ -240,6 +337,7 @@ pub fn plan_with(profile: &Profile, select: &DiskSelect, facts: &Facts) -> Resul
             .iter()
             .find(|d| d.zfs_pools.contains(old))
             .map_or(old.device.clone(), describe);
+        let targets: Vec<String> = chosen.iter().map(describe).collect();
         bail!(
             "{holder} holds an old ZFS pool named {pool_name} on /dev/{} (pool GUID {}), the name of the pool \
              to be created on {}; the installed system imports {pool_name} by name and would find two \
@@ -248,13 +346,68 @@ pub fn plan_with(profile: &Profile, select: &DiskSelect, facts: &Facts) -> Resul
              another name in the profile's [pool] name",
             old.device,
             old.guid.as_deref().unwrap_or("?"),
-            describe(&disk),
+            targets.join(" and "),
             old.device
         );
     }
     let datasets = crate::datasets::tree(&profile.pool)
         .map_err(|e| anyhow::anyhow!("profile key {}: {}", e.key, e.message))?;
     let mounts = crate::datasets::mount_order(&datasets);
+    let mut disks = Vec::new();
+    for (i, disk) in chosen.into_iter().enumerate() {
+        let (wipe, partitions) = layout(profile, &disk, i)?;
+        disks.push(Member {
+            wipe,
+            logical_block_size: disk.logical_block_size,
+            partitions,
+            disk,
+        });
+    }
+    let mut disks = disks.into_iter();
+    let first = disks.next().context("no disk was chosen")?;
+    Ok(Plan {
+        disk: first.disk,
+        wipe: first.wipe,
+        logical_block_size: first.logical_block_size,
+        partitions: first.partitions,
+        datasets,
+        mounts,
+        other_pools,
+        vdev: profile.pool.vdev,
+        members: disks.collect(),
+    })
+}
+
+/// The GPT name of the ESP or swap partition on the pool's disk `index`
+/// (0 first): `ESP`, `ESP2`, `ESP3`…, so that every name is unique on the
+/// machine and the installed system finds each by its partition label
+/// (`/dev/disk/by-partlabel/ESP2`).
+pub fn part_name(base: &str, index: usize) -> String {
+    if index == 0 {
+        base.to_string()
+    } else {
+        format!("{base}{}", index + 1)
+    }
+}
+
+/// One disk's checks and layout: what is wiped, and the partitions (ESP,
+/// swap, ZFS with the rest) at this disk's sector size; `index` is the
+/// disk's place in the pool (names, [`part_name`]).
+fn layout(
+    profile: &Profile,
+    disk: &BlockDevice,
+    index: usize,
+) -> Result<(Vec<String>, Vec<PlannedPartition>)> {
+    // A disk that holds nothing but an unfinished nodeflash install (its
+    // GPT carries the mark, `disk::UNFINISHED_NAME`) counts as empty.
+    if !disk.signatures.is_empty() && profile.disk.wipe == Wipe::IfEmpty && !disk.unfinished_install
+    {
+        bail!(
+            "disk {} is not empty ({}); nothing was written. Set `wipe = \"always\"` in the profile's [disk] to reinstall it",
+            disk.name,
+            disk.signatures.join(", ")
+        );
+    }
     let lbs = u64::from(disk.logical_block_size);
     if !(lbs == 512 || lbs == 4096) {
         bail!(
@@ -292,9 +445,14 @@ pub fn plan_with(profile: &Profile, select: &DiskSelect, facts: &Facts) -> Resul
             last_lba: last,
         });
     };
-    add("ESP", PartKind::Esp, ESP_TYPE, profile.disk.esp_size.0);
+    add(
+        &part_name("ESP", index),
+        PartKind::Esp,
+        ESP_TYPE,
+        profile.disk.esp_size.0,
+    );
     if let Some(swap) = profile.disk.swap_size {
-        add("swap", PartKind::Swap, SWAP_TYPE, swap.0);
+        add(&part_name("swap", index), PartKind::Swap, SWAP_TYPE, swap.0);
     }
     // ZFS takes the rest, ending on a 1 MiB boundary.
     let first = next;
@@ -322,23 +480,30 @@ pub fn plan_with(profile: &Profile, select: &DiskSelect, facts: &Facts) -> Resul
         first_lba: first,
         last_lba: end - 1,
     });
-    Ok(Plan {
-        wipe: if profile.disk.wipe == Wipe::Always || disk.unfinished_install {
-            disk.signatures.clone()
-        } else {
-            Vec::new()
-        },
-        logical_block_size: disk.logical_block_size,
-        disk,
-        partitions,
-        datasets,
-        mounts,
-        other_pools,
-    })
+    let wipe = if profile.disk.wipe == Wipe::Always || disk.unfinished_install {
+        disk.signatures.clone()
+    } else {
+        Vec::new()
+    };
+    Ok((wipe, partitions))
 }
 
-impl fmt::Display for Plan {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+impl Plan {
+    /// The ZFS partition of each disk, as `/dev/…` paths, the first disk first.
+    pub fn zfs_devices(&self) -> Vec<String> {
+        self.each_disk()
+            .iter()
+            .filter_map(|p| {
+                p.partitions
+                    .iter()
+                    .find(|x| x.kind == PartKind::Zfs)
+                    .map(|x| format!("/dev/{}", crate::disk::partition_name(&p.disk.name, x.number)))
+            })
+            .collect()
+    }
+
+    /// The one disk's lines of the plan: the disk, what is wiped, the GPT.
+    fn fmt_disk(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let lbs = u64::from(self.logical_block_size);
         writeln!(f, "plan: install on {}", describe(&self.disk))?;
         if self.disk.unfinished_install {
@@ -378,6 +543,31 @@ impl fmt::Display for Plan {
                 p.first_lba,
                 p.last_lba,
                 human_bytes(p.sectors() * lbs)
+            )?;
+        }
+        Ok(())
+    }
+}
+
+impl fmt::Display for Plan {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.members.is_empty() {
+            self.fmt_disk(f)?;
+        } else {
+            let all = self.each_disk();
+            for (i, p) in all.iter().enumerate() {
+                writeln!(f, "plan: disk {} of {} of pool {}:", i + 1, all.len(), self.pool_name())?;
+                p.fmt_disk(f)?;
+            }
+            writeln!(
+                f,
+                "plan: pool {}: one {} vdev of {} (the pool survives {} of {} disks lost); \
+                 an ESP with the boot files on every disk, so that any of them boots",
+                self.pool_name(),
+                self.vdev.keyword().unwrap_or("single"),
+                self.zfs_devices().join(", "),
+                self.vdev.tolerates(all.len()),
+                all.len()
             )?;
         }
         for d in &self.datasets {

@@ -128,6 +128,11 @@ pub struct Disk {
     /// Swap partition size; absent means no swap partition.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub swap_size: Option<Size>,
+    /// The other disks of the root pool's vdev (`[pool] vdev`), each chosen
+    /// by rules of its own (the keys of `select`); each gets the same layout
+    /// as the disk of `select` (ESP, swap, ZFS). Empty: one disk.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub members: Vec<DiskSelect>,
 }
 
 fn default_esp_size() -> Size {
@@ -237,6 +242,57 @@ pub struct Pool {
     pub root_options: BTreeMap<String, String>,
     #[serde(default)]
     pub datasets: Vec<Dataset>,
+    /// How the root pool's disks (`[disk] select` and `members`) are
+    /// joined: one vdev of this type.
+    #[serde(default)]
+    pub vdev: Vdev,
+}
+
+/// The root pool's vdev type, as `zpool create` names it (zpoolconcepts(7)).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Vdev {
+    /// One disk (no `[disk] members`).
+    #[default]
+    Single,
+    /// Every disk holds a copy; the pool survives all but one disk.
+    Mirror,
+    /// Single parity: survives one disk, at least 2 disks.
+    Raidz1,
+    /// Double parity: survives two disks, at least 3 disks.
+    Raidz2,
+}
+
+impl Vdev {
+    /// The word before the devices in `zpool create` (none for one disk).
+    pub fn keyword(self) -> Option<&'static str> {
+        match self {
+            Vdev::Single => None,
+            Vdev::Mirror => Some("mirror"),
+            Vdev::Raidz1 => Some("raidz1"),
+            Vdev::Raidz2 => Some("raidz2"),
+        }
+    }
+
+    /// The fewest disks `zpool create` accepts for this type: a mirror 2,
+    /// raidzN N + 1 (`is_grouping` in OpenZFS's `cmd/zpool/zpool_vdev.c`).
+    pub fn min_disks(self) -> usize {
+        match self {
+            Vdev::Single => 1,
+            Vdev::Mirror | Vdev::Raidz1 => 2,
+            Vdev::Raidz2 => 3,
+        }
+    }
+
+    /// How many disks may fail with the pool still imported.
+    pub fn tolerates(self, disks: usize) -> usize {
+        match self {
+            Vdev::Single => 0,
+            Vdev::Mirror => disks.saturating_sub(1),
+            Vdev::Raidz1 => 1,
+            Vdev::Raidz2 => 2,
+        }
+    }
 }
 
 fn default_pool_name() -> PoolName {
@@ -250,6 +306,7 @@ impl Default for Pool {
             options: BTreeMap::new(),
             root_options: BTreeMap::new(),
             datasets: Vec::new(),
+            vdev: Vdev::default(),
         }
     }
 }
@@ -1079,6 +1136,45 @@ impl Profile {
             .select
             .check()
             .map_err(|(sub, msg)| (None, format!("disk.select{sub}"), msg))?;
+        for (i, m) in self.disk.members.iter().enumerate() {
+            m.check()
+                .map_err(|(sub, msg)| (None, format!("disk.members[{i}]{sub}"), msg))?;
+            let same = std::iter::once(&self.disk.select).chain(&self.disk.members[..i]);
+            if same.clone().any(|o| o == m) {
+                return Err((
+                    None,
+                    format!("disk.members[{i}]"),
+                    "these rules are given twice: each disk of the pool needs rules of its own \
+                     (a serial or wwn each)"
+                        .into(),
+                ));
+            }
+        }
+        let disks = 1 + self.disk.members.len();
+        let vdev = self.pool.vdev;
+        if vdev == Vdev::Single && disks > 1 {
+            return Err((
+                None,
+                "pool.vdev".into(),
+                format!(
+                    "[disk] names {disks} disks (select and members) and the pool's vdev is \
+                     `single`: say how they are joined, `mirror`, `raidz1` or `raidz2` \
+                     (a stripe, which loses the pool with any one disk, is not offered)"
+                ),
+            ));
+        }
+        if disks < vdev.min_disks() {
+            return Err((
+                None,
+                "pool.vdev".into(),
+                format!(
+                    "a {} needs at least {} disks and [disk] names {disks} (select and members); \
+                     add disks to `members`",
+                    vdev.keyword().unwrap_or("single"),
+                    vdev.min_disks()
+                ),
+            ));
+        }
         if self.disk.wipe == Wipe::Always && self.finish.on_success == OnSuccess::Reboot {
             return Err((
                 None,
@@ -1369,6 +1465,9 @@ impl Profile {
             + crate::plan::MIN_ZFS_BYTES
             + crate::plan::ALIGN_BYTES;
         let mut selects = vec![("disk.select".to_string(), &self.disk.select, None)];
+        for (i, m) in self.disk.members.iter().enumerate() {
+            selects.push((format!("disk.members[{i}]"), m, None));
+        }
         for (i, node) in self.nodes.iter().enumerate() {
             if let Some(sel) = &node.disk {
                 selects.push((format!("nodes[{i}].disk"), sel, Some(node.name.span())));

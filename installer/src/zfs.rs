@@ -70,10 +70,14 @@ pub fn set_live_hostid(id: u32) -> Result<()> {
 /// is not first). `bootfs` is the dataset at `/`, whatever its
 /// `canmount` (a `noauto` root is mounted here explicitly). Mountpoints are
 /// passed normalised ([`crate::datasets::normalise`]).
+///
+/// `devices` are the ZFS partitions of the pool's disks, the first disk
+/// first; with more than one they become one vdev of `pool.vdev`'s type
+/// (`mirror A B`, `raidz1 A B C`), as zpoolconcepts(7) writes it.
 pub fn create_commands(
     pool: &Pool,
     mounts: &[Mounted],
-    device: &str,
+    devices: &[String],
     altroot: &str,
 ) -> Vec<Vec<String>> {
     let name = pool.name.to_string();
@@ -97,7 +101,13 @@ pub fn create_commands(
     for (k, v) in &pool.root_options {
         create.extend(["-O".into(), prop(k, v)]);
     }
-    create.extend([name.clone(), device.to_string()]);
+    create.push(name.clone());
+    if devices.len() > 1 {
+        if let Some(kind) = pool.vdev.keyword() {
+            create.push(kind.into());
+        }
+    }
+    create.extend(devices.iter().cloned());
     cmds.push(create);
     for ds in &pool.datasets {
         let mut c = vec!["zfs".to_string(), "create".into(), "-u".into()];
@@ -365,7 +375,7 @@ mountpoint = "/"
 
     fn commands(pool: &Pool) -> Vec<String> {
         let mounts = crate::datasets::mounts(pool);
-        create_commands(pool, &mounts, "/dev/nvme0n1p3", "/mnt")
+        create_commands(pool, &mounts, &["/dev/nvme0n1p3".into()], "/mnt")
             .iter()
             .map(|c| c.join(" "))
             .collect()
