@@ -938,6 +938,127 @@ mod tests {
         assert_eq!(select_disk(&mmc, &f).expect("mmc").name, "mmcblk0");
     }
 
+    fn mirror_profile(extra: &str) -> Profile {
+        Profile::parse(
+            &format!(
+                "name = \"t\"\n[disk]\nselect = {{ serial = \"A\" }}\nmembers = [ {{ serial = \"B\" }} ]\n\
+                 esp-size = \"512MiB\"\nswap-size = \"256MiB\"\n[pool]\nvdev = \"mirror\"\n{extra}"
+            ),
+            "t.toml",
+        )
+        .expect("profile")
+    }
+
+    #[test]
+    fn a_mirror_plans_the_same_layout_and_an_esp_on_every_disk() {
+        let mut b = disk("nvme1n1", 3, "B");
+        b.logical_block_size = 4096;
+        let p = plan(
+            &mirror_profile(""),
+            &facts(vec![stick(), disk("nvme0n1", 2, "A"), b]),
+        )
+        .expect("plan");
+        assert_eq!(p.disk_names(), ["nvme0n1", "nvme1n1"]);
+        assert_eq!(p.vdev, Vdev::Mirror);
+        let each = p.each_disk();
+        let names: Vec<Vec<(&str, PartKind)>> = each
+            .iter()
+            .map(|d| d.partitions.iter().map(|x| (x.name.as_str(), x.kind)).collect())
+            .collect();
+        assert_eq!(
+            names,
+            [
+                vec![("ESP", PartKind::Esp), ("swap", PartKind::Swap), ("rpool", PartKind::Zfs)],
+                vec![("ESP2", PartKind::Esp), ("swap2", PartKind::Swap), ("rpool", PartKind::Zfs)],
+            ]
+        );
+        // Each disk's own sector size: the 4Kn disk's ESP starts at 256.
+        assert_eq!(each[1].logical_block_size, 4096);
+        assert_eq!(each[1].partitions[0].first_lba, 256);
+        assert_eq!(p.zfs_devices(), ["/dev/nvme0n1p3", "/dev/nvme1n1p3"]);
+        let text = p.to_string();
+        for want in [
+            "plan: disk 1 of 2 of pool rpool:\nplan: install on nvme0n1",
+            "plan: disk 2 of 2 of pool rpool:\nplan: install on nvme1n1",
+            "plan: pool rpool: one mirror vdev of /dev/nvme0n1p3, /dev/nvme1n1p3 (the pool survives 1 of 2 disks lost); an ESP with the boot files on every disk",
+        ] {
+            assert!(text.contains(want), "{want}:\n{text}");
+        }
+    }
+
+    #[test]
+    fn every_selection_resolves_or_nothing_is_planned() {
+        let prof = mirror_profile("");
+        // The member's disk is missing.
+        let err = plan(&prof, &facts(vec![disk("nvme0n1", 2, "A")])).expect_err("no B");
+        let msg = err.to_string();
+        assert!(
+            msg.contains("no disk matches the profile's [disk] members[0] rules")
+                && msg.contains("serial \"A\" is not \"B\""),
+            "{msg}"
+        );
+        // A member's rules match two disks.
+        let prof = Profile::parse(
+            "name = \"t\"\n[disk]\nselect = { serial = \"A\" }\nmembers = [ { bus = \"nvme\", min-size = \"3GiB\" } ]\n[pool]\nvdev = \"mirror\"\n",
+            "t.toml",
+        )
+        .expect("profile");
+        let err = plan(
+            &prof,
+            &facts(vec![disk("nvme0n1", 2, "A"), disk("nvme1n1", 4, "B"), disk("nvme2n1", 4, "C")]),
+        )
+        .expect_err("ambiguous");
+        assert!(
+            err.to_string().contains("2 disks match the profile's [disk] members[0] rules"),
+            "{err}"
+        );
+        // One disk matched by two sets of rules.
+        let err = plan(
+            &prof,
+            &facts(vec![disk("nvme0n1", 4, "A"), disk("nvme1n1", 2, "B")]),
+        )
+        .expect_err("same disk twice");
+        assert!(
+            err.to_string().contains(
+                "disk nvme0n1 (4.0 GiB, model \"QEMU NVMe Ctrl\", serial \"A\", bus nvme) is chosen by both the profile's [disk] select and [disk] members[0] rules"
+            ),
+            "{err}"
+        );
+        // A member that is not empty is refused like the first disk.
+        let mut b = disk("nvme1n1", 2, "B");
+        b.signatures = vec!["ext4 file system".into()];
+        let err = plan(&mirror_profile(""), &facts(vec![disk("nvme0n1", 2, "A"), b]))
+            .expect_err("B not empty");
+        assert!(
+            err.to_string().contains("disk nvme1n1 is not empty (ext4 file system)"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn an_old_pool_on_a_member_is_wiped_and_one_elsewhere_refused() {
+        let mut b = disk("nvme1n1", 2, "B");
+        b.zfs_pools = vec![ZfsPoolLabel {
+            device: "nvme1n1p3".into(),
+            pool: "rpool".into(),
+            guid: None,
+            state: Some(0),
+        }];
+        b.signatures = vec!["ZFS pool rpool on nvme1n1p3".into()];
+        let prof = mirror_profile("");
+        let mut always = prof.clone();
+        always.disk.wipe = Wipe::Always;
+        let f = facts(vec![disk("nvme0n1", 2, "A"), b.clone()]);
+        assert_eq!(plan(&always, &f).expect("member wiped").members[0].wipe, b.signatures);
+        let mut c = b.clone();
+        c.name = "sda".into();
+        c.serial = Some("C".into());
+        c.zfs_pools[0].device = "sda3".into();
+        let f = facts(vec![disk("nvme0n1", 2, "A"), disk("nvme1n1", 2, "B"), c]);
+        let msg = plan(&prof, &f).expect_err("old pool elsewhere").to_string();
+        assert!(msg.contains("/dev/sda3") && msg.contains("nvme0n1") && msg.contains("nvme1n1"), "{msg}");
+    }
+
     #[test]
     fn the_plan_shows_effective_mountpoints_and_the_mount_order() {
         let prof = Profile::parse(
