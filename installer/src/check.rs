@@ -126,9 +126,7 @@ pub fn parse_status_config(out: &str) -> Vec<VdevStatus> {
         let indent = body.len() - body.trim_start().len();
         let words: Vec<&str> = body.split_whitespace().collect();
         let Some(name) = words.first() else { continue };
-        let was = body
-            .find(" was ")
-            .map(|i| body[i + 5..].trim().to_string());
+        let was = body.find(" was ").map(|i| body[i + 5..].trim().to_string());
         vdevs.push(VdevStatus {
             depth: indent.saturating_sub(base) / 2,
             name: name.to_string(),

@@ -478,7 +478,10 @@ mod tests {
         )
         .expect("profile");
         let text = flake_module(&one, "t.toml");
-        assert!(text.contains("  common = {\n") && !text.contains("boot2"), "{text}");
+        assert!(
+            text.contains("  common = {\n") && !text.contains("boot2"),
+            "{text}"
+        );
     }
 
     #[test]

@@ -280,9 +280,9 @@ pub(crate) fn wait_for_target(profile: &Profile, boot: Option<&str>, timeout: Du
             .and_then(|id| id.disk_select)
             .unwrap_or_else(|| profile.disk.select.clone());
         // Every disk of the pool (`[disk] members` too) must have shown up.
-        let waiting = crate::plan::selections(profile, &select)
-            .iter()
-            .any(|(_, sel)| matches!(crate::plan::select_disk(sel, &facts), Err(e) if e.matching == 0));
+        let waiting = crate::plan::selections(profile, &select).iter().any(
+            |(_, sel)| matches!(crate::plan::select_disk(sel, &facts), Err(e) if e.matching == 0),
+        );
         if !waiting || Instant::now() >= deadline {
             return facts;
         }

@@ -67,6 +67,12 @@ pub struct Plan {
     /// each with the same layout as `disk`.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub members: Vec<Member>,
+    /// Snapshots taken right after their dataset's creation (`POOL/DS@NAME`).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub snapshots: Vec<String>,
+    /// Volumes: full name and volsize in bytes.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub zvols: Vec<(String, u64)>,
 }
 
 /// Another disk of the root pool, with its own layout (same partitions as
@@ -375,6 +381,23 @@ pub fn plan_with(profile: &Profile, select: &DiskSelect, facts: &Facts) -> Resul
         other_pools,
         vdev: profile.pool.vdev,
         members: disks.collect(),
+        snapshots: profile
+            .pool
+            .datasets
+            .iter()
+            .flat_map(|d| {
+                let pool_name = &pool_name;
+                d.snapshots
+                    .iter()
+                    .map(move |s| format!("{pool_name}/{}@{s}", d.name.get_ref()))
+            })
+            .collect(),
+        zvols: profile
+            .pool
+            .zvols
+            .iter()
+            .map(|z| (format!("{pool_name}/{}", z.name.get_ref()), z.volsize.0))
+            .collect(),
     })
 }
 
@@ -497,7 +520,12 @@ impl Plan {
                 p.partitions
                     .iter()
                     .find(|x| x.kind == PartKind::Zfs)
-                    .map(|x| format!("/dev/{}", crate::disk::partition_name(&p.disk.name, x.number)))
+                    .map(|x| {
+                        format!(
+                            "/dev/{}",
+                            crate::disk::partition_name(&p.disk.name, x.number)
+                        )
+                    })
             })
             .collect()
     }
@@ -556,7 +584,13 @@ impl fmt::Display for Plan {
         } else {
             let all = self.each_disk();
             for (i, p) in all.iter().enumerate() {
-                writeln!(f, "plan: disk {} of {} of pool {}:", i + 1, all.len(), self.pool_name())?;
+                writeln!(
+                    f,
+                    "plan: disk {} of {} of pool {}:",
+                    i + 1,
+                    all.len(),
+                    self.pool_name()
+                )?;
                 p.fmt_disk(f)?;
             }
             writeln!(
@@ -586,6 +620,19 @@ impl fmt::Display for Plan {
                     crate::datasets::CanMount::Noauto => "noauto",
                 },
                 if mounted { ", mounted" } else { "" }
+            )?;
+        }
+        for snap in &self.snapshots {
+            writeln!(
+                f,
+                "plan:   snapshot {snap}, taken before anything is written to it"
+            )?;
+        }
+        for (name, size) in &self.zvols {
+            writeln!(
+                f,
+                "plan:   zvol {name} volsize={} ({size} bytes)",
+                human_bytes(*size)
             )?;
         }
         if self.mounts.is_empty() {
@@ -963,19 +1010,48 @@ mod tests {
         let each = p.each_disk();
         let names: Vec<Vec<(&str, PartKind)>> = each
             .iter()
-            .map(|d| d.partitions.iter().map(|x| (x.name.as_str(), x.kind)).collect())
+            .map(|d| {
+                d.partitions
+                    .iter()
+                    .map(|x| (x.name.as_str(), x.kind))
+                    .collect()
+            })
             .collect();
         assert_eq!(
             names,
             [
-                vec![("ESP", PartKind::Esp), ("swap", PartKind::Swap), ("rpool", PartKind::Zfs)],
-                vec![("ESP2", PartKind::Esp), ("swap2", PartKind::Swap), ("rpool", PartKind::Zfs)],
+                vec![
+                    ("ESP", PartKind::Esp),
+                    ("swap", PartKind::Swap),
+                    ("rpool", PartKind::Zfs)
+                ],
+                vec![
+                    ("ESP2", PartKind::Esp),
+                    ("swap2", PartKind::Swap),
+                    ("rpool", PartKind::Zfs)
+                ],
             ]
         );
         // Each disk's own sector size: the 4Kn disk's ESP starts at 256.
         assert_eq!(each[1].logical_block_size, 4096);
         assert_eq!(each[1].partitions[0].first_lba, 256);
         assert_eq!(p.zfs_devices(), ["/dev/nvme0n1p3", "/dev/nvme1n1p3"]);
+        let z = plan(
+            &mirror_profile("[[pool.datasets]]\nname = \"root\"\nsnapshots = [\"blank\"]\n[[pool.zvols]]\nname = \"root/vm\"\nvolsize = \"1GiB\"\n"),
+            &facts(vec![disk("nvme0n1", 2, "A"), disk("nvme1n1", 2, "B")]),
+        )
+        .expect("plan")
+        .to_string();
+        assert!(
+            z.contains(
+                "plan:   snapshot rpool/root@blank, taken before anything is written to it\n"
+            ),
+            "{z}"
+        );
+        assert!(
+            z.contains("plan:   zvol rpool/root/vm volsize=1.0 GiB (1073741824 bytes)\n"),
+            "{z}"
+        );
         let text = p.to_string();
         for want in [
             "plan: disk 1 of 2 of pool rpool:\nplan: install on nvme0n1",
@@ -1005,11 +1081,16 @@ mod tests {
         .expect("profile");
         let err = plan(
             &prof,
-            &facts(vec![disk("nvme0n1", 2, "A"), disk("nvme1n1", 4, "B"), disk("nvme2n1", 4, "C")]),
+            &facts(vec![
+                disk("nvme0n1", 2, "A"),
+                disk("nvme1n1", 4, "B"),
+                disk("nvme2n1", 4, "C"),
+            ]),
         )
         .expect_err("ambiguous");
         assert!(
-            err.to_string().contains("2 disks match the profile's [disk] members[0] rules"),
+            err.to_string()
+                .contains("2 disks match the profile's [disk] members[0] rules"),
             "{err}"
         );
         // One disk matched by two sets of rules.
@@ -1027,10 +1108,14 @@ mod tests {
         // A member that is not empty is refused like the first disk.
         let mut b = disk("nvme1n1", 2, "B");
         b.signatures = vec!["ext4 file system".into()];
-        let err = plan(&mirror_profile(""), &facts(vec![disk("nvme0n1", 2, "A"), b]))
-            .expect_err("B not empty");
+        let err = plan(
+            &mirror_profile(""),
+            &facts(vec![disk("nvme0n1", 2, "A"), b]),
+        )
+        .expect_err("B not empty");
         assert!(
-            err.to_string().contains("disk nvme1n1 is not empty (ext4 file system)"),
+            err.to_string()
+                .contains("disk nvme1n1 is not empty (ext4 file system)"),
             "{err}"
         );
     }
@@ -1049,14 +1134,20 @@ mod tests {
         let mut always = prof.clone();
         always.disk.wipe = Wipe::Always;
         let f = facts(vec![disk("nvme0n1", 2, "A"), b.clone()]);
-        assert_eq!(plan(&always, &f).expect("member wiped").members[0].wipe, b.signatures);
+        assert_eq!(
+            plan(&always, &f).expect("member wiped").members[0].wipe,
+            b.signatures
+        );
         let mut c = b.clone();
         c.name = "sda".into();
         c.serial = Some("C".into());
         c.zfs_pools[0].device = "sda3".into();
         let f = facts(vec![disk("nvme0n1", 2, "A"), disk("nvme1n1", 2, "B"), c]);
         let msg = plan(&prof, &f).expect_err("old pool elsewhere").to_string();
-        assert!(msg.contains("/dev/sda3") && msg.contains("nvme0n1") && msg.contains("nvme1n1"), "{msg}");
+        assert!(
+            msg.contains("/dev/sda3") && msg.contains("nvme0n1") && msg.contains("nvme1n1"),
+            "{msg}"
+        );
     }
 
     #[test]

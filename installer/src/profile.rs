@@ -1448,7 +1448,11 @@ impl Profile {
                     })
                     .map_err(|e| (Some(ds.name.span()), key.clone(), e))?;
                 if !seen.insert(snap) {
-                    return Err((Some(ds.name.span()), key, format!("snapshot `{snap}` is given twice")));
+                    return Err((
+                        Some(ds.name.span()),
+                        key,
+                        format!("snapshot `{snap}` is given twice"),
+                    ));
                 }
             }
         }
@@ -1479,7 +1483,11 @@ impl Profile {
                 }
             }
             if !taken.insert(name.clone()) {
-                return Err((span, format!("{key}.name"), format!("`{name}` is defined twice")));
+                return Err((
+                    span,
+                    format!("{key}.name"),
+                    format!("`{name}` is defined twice"),
+                ));
             }
             crate::zprop::check_full_dataset_name(pool, name)
                 .map_err(|e| (span.clone(), format!("{key}.name"), e))?;
@@ -1650,11 +1658,20 @@ select = { serial = "S1" }
         let two = "name = \"t\"\n[disk]\nselect = { serial = \"A\" }\nmembers = [ { serial = \"B\" } ]\n[pool]\n";
         let e = err(two);
         assert_eq!(e.key, "pool.vdev", "{e}");
-        assert!(e.message.contains("names 2 disks") && e.message.contains("`mirror`, `raidz1` or `raidz2`"), "{e}");
+        assert!(
+            e.message.contains("names 2 disks")
+                && e.message.contains("`mirror`, `raidz1` or `raidz2`"),
+            "{e}"
+        );
         let e = err(&format!("{two}vdev = \"raidz2\"\n"));
         assert_eq!(e.key, "pool.vdev", "{e}");
-        assert!(e.message.contains("a raidz2 needs at least 3 disks and [disk] names 2"), "{e}");
-        let e = err("name = \"t\"\n[disk]\nselect = { serial = \"A\" }\n[pool]\nvdev = \"mirror\"\n");
+        assert!(
+            e.message
+                .contains("a raidz2 needs at least 3 disks and [disk] names 2"),
+            "{e}"
+        );
+        let e =
+            err("name = \"t\"\n[disk]\nselect = { serial = \"A\" }\n[pool]\nvdev = \"mirror\"\n");
         assert!(e.message.contains("a mirror needs at least 2 disks"), "{e}");
         let e = err("name = \"t\"\n[disk]\nselect = { serial = \"A\" }\nmembers = [ { serial = \"A\" } ]\n[pool]\nvdev = \"mirror\"\n");
         assert_eq!(e.key, "disk.members[0]", "{e}");

@@ -122,7 +122,11 @@ pub fn create_commands(
         cmds.push(c);
         // Before anything is written to it (`-u`: not even mounted yet).
         for snap in &ds.snapshots {
-            cmds.push(vec!["zfs".into(), "snapshot".into(), format!("{full}@{snap}")]);
+            cmds.push(vec![
+                "zfs".into(),
+                "snapshot".into(),
+                format!("{full}@{snap}"),
+            ]);
         }
     }
     for z in &pool.zvols {
@@ -452,12 +456,14 @@ options = { volblocksize = "16K", compression = "lz4" }
     #[test]
     fn volumes_and_snapshots_are_checked_at_build_time() {
         let base = "name = \"t\"\n[disk]\nselect = { serial = \"A\" }\n[pool]\n[[pool.datasets]]\nname = \"vm\"\n";
-        let err = |extra: &str| {
-            Profile::parse(&format!("{base}{extra}"), "t.toml").expect_err("refused")
-        };
+        let err =
+            |extra: &str| Profile::parse(&format!("{base}{extra}"), "t.toml").expect_err("refused");
         let e = err("[[pool.zvols]]\nname = \"vm/swap\"\nvolsize = \"1GiB\"\nswap = true\n");
         assert_eq!(e.key, "pool.zvols[0].swap", "{e}");
-        assert!(e.message.contains("openzfs/zfs#7734") && e.message.contains("swap-size"), "{e}");
+        assert!(
+            e.message.contains("openzfs/zfs#7734") && e.message.contains("swap-size"),
+            "{e}"
+        );
         let e = err("[[pool.zvols]]\nname = \"other/d\"\nvolsize = \"1GiB\"\n");
         assert_eq!(e.key, "pool.zvols[0].name", "{e}");
         assert!(e.message.contains("parent dataset `other`"), "{e}");

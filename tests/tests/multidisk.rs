@@ -1,15 +1,18 @@
 //! A root pool across two NVMe disks (`[disk] members`, `[pool] vdev =
-//! "mirror"`) in QEMU: the install lays out both disks with an ESP each and
-//! creates one mirror vdev; the installed node then boots with both disks,
-//! and with each disk removed in turn (from the ESP of the disk that is
-//! left), its check system reporting the pool ONLINE, then DEGRADED with
-//! the store intact. Refusals leave every disk byte-identical.
+//! "mirror"`) in QEMU, from disko's example/zfs.nix translated
+//! (`tests/fixtures/disko/zfs.toml`: the pool's root dataset as `/`, a
+//! dataset without a mountpoint, a legacy one, a volume, user properties):
+//! the install lays out both disks with an ESP each and creates one mirror
+//! vdev; the installed node then boots with both disks, and with each disk
+//! removed in turn (from the ESP of the disk that is left), its check
+//! system reporting the pool ONLINE, then DEGRADED with the store intact.
+//! Refusals leave every disk byte-identical.
 
 use std::path::{Path, PathBuf};
 
 use nodeflash_tests::{
-    assert_console, build_variant, console_json, esp_boot_entries, payload_digest, Boot,
-    DiskImage, Nvme, Vm, VmConfig,
+    assert_console, build_profile_file, build_variant, console_json, esp_boot_entries,
+    payload_digest, Boot, DiskImage, Nvme, Vm, VmConfig,
 };
 
 const GIB: u64 = 1 << 30;
@@ -25,7 +28,10 @@ fn mirror_iso(dir: &Path, members: &str) -> PathBuf {
                 "max-size = \"8GiB\" }\n",
                 &format!("max-size = \"8GiB\" }}\nmembers = {members}\n"),
             )
-            .replace("[pool]\nname = \"rpool\"\n", "[pool]\nname = \"rpool\"\nvdev = \"mirror\"\n")
+            .replace(
+                "[pool]\nname = \"rpool\"\n",
+                "[pool]\nname = \"rpool\"\nvdev = \"mirror\"\n",
+            )
         },
         &[],
     )
@@ -65,19 +71,40 @@ fn tree(check: &serde_json::Value) -> Vec<(u64, String)> {
 #[test]
 fn a_mirror_installs_and_boots_from_either_disk_alone() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let iso = mirror_iso(dir.path(), "[ { serial = \"NFTEST0002\", bus = \"nvme\" } ]");
-    let a = Nvme::create(dir.path(), "a.img", 2 * GIB, "NFTEST0001").expect("disk a");
-    let b = Nvme::create(dir.path(), "b.img", 2 * GIB, "NFTEST0002").expect("disk b");
+    let fixture = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("fixtures/disko/zfs.toml");
+    let iso = build_profile_file(dir.path(), &fixture);
+    let a = Nvme::create(dir.path(), "a.img", GIB, "NFTEST0001").expect("disk a");
+    let b = Nvme::create(dir.path(), "b.img", GIB, "NFTEST0002").expect("disk b");
     let mut cfg = VmConfig::new(iso.clone(), Boot::UsbStick);
     cfg.nvme = vec![a.clone(), b.clone()];
     let console = run(&cfg);
     assert_console(&console, "nodeflash: done in");
-    assert_console(&console, "plan: disk 1 of 2 of pool rpool:");
-    assert_console(&console, "plan: disk 2 of 2 of pool rpool:");
-    assert_console(&console, "(the pool survives 1 of 2 disks lost); an ESP with the boot files on every disk");
-    assert_console(&console, "pool rpool created on mirror /dev/nvme");
+    assert_console(&console, "plan: disk 1 of 2 of pool zroot:");
+    assert_console(&console, "plan: disk 2 of 2 of pool zroot:");
+    assert_console(
+        &console,
+        "(the pool survives 1 of 2 disks lost); an ESP with the boot files on every disk",
+    );
+    assert_console(
+        &console,
+        "plan:   zvol zroot/zfs_testvolume volsize=10.0 MiB (10485760 bytes)",
+    );
+    assert_console(&console, "pool zroot created on mirror /dev/nvme");
     let pool = console_json(&console, "nodeflash-pool: ");
     assert_eq!(pool["pool_properties"]["health"], "ONLINE", "{pool:#}");
+    // What disko's example describes, as ZFS reports it.
+    let ds = &pool["datasets"];
+    assert_eq!(ds["zroot"]["com.sun:auto-snapshot"], "false", "{pool:#}");
+    assert_eq!(
+        ds["zroot/zfs_fs"]["com.sun:auto-snapshot"], "true",
+        "{pool:#}"
+    );
+    assert_eq!(ds["zroot/zfs_testvolume"]["type"], "volume", "{pool:#}");
+    assert_eq!(
+        ds["zroot/zfs_testvolume"]["volsize"], "10485760",
+        "{pool:#}"
+    );
+    assert_eq!(pool["pool_properties"]["bootfs"], "zroot", "{pool:#}");
     // systemd-boot and the entry on both ESPs.
     for d in [&a, &b] {
         assert_eq!(
@@ -109,20 +136,61 @@ fn a_mirror_installs_and_boots_from_either_disk_alone() {
         "{both:#}"
     );
     assert_eq!(both["store"]["digest"], digest.as_str());
+    let mut names: Vec<&String> = both["datasets"]
+        .as_object()
+        .expect("datasets")
+        .keys()
+        .collect();
+    names.sort();
+    assert_eq!(
+        names,
+        [
+            "zroot",
+            "zroot/zfs_fs",
+            "zroot/zfs_legacy_fs",
+            "zroot/zfs_testvolume",
+            "zroot/zfs_unmounted_fs"
+        ],
+        "{both:#}"
+    );
+    for (name, mountpoint) in [
+        ("zroot", "/"),
+        ("zroot/zfs_fs", "/zfs_fs"),
+        ("zroot/zfs_unmounted_fs", "none"),
+        ("zroot/zfs_legacy_fs", "legacy"),
+        ("zroot/zfs_testvolume", "-"),
+    ] {
+        assert_eq!(
+            both["datasets"][name]["mountpoint"], mountpoint,
+            "{name}: {both:#}"
+        );
+        assert_eq!(
+            both["datasets"][name]["compression"], "lz4",
+            "{name}: {both:#}"
+        );
+    }
 
     // Each disk alone: it boots from its own ESP, the pool is DEGRADED
     // (one side of the mirror missing) and the store is whole.
     for (left, gone) in [(&a, &b), (&b, &a)] {
         let check = boot_disks(std::slice::from_ref(left));
-        assert_eq!(check["health"], "DEGRADED", "{} alone: {check:#}", left.serial);
+        assert_eq!(
+            check["health"], "DEGRADED",
+            "{} alone: {check:#}",
+            left.serial
+        );
         assert_eq!(
             check["problems"],
-            serde_json::json!(["pool rpool is DEGRADED, not ONLINE"]),
+            serde_json::json!(["pool zroot is DEGRADED, not ONLINE"]),
             "{} alone: {check:#}",
             left.serial
         );
         let t = tree(&check);
-        assert_eq!(t[..2], [(0, "DEGRADED".into()), (1, "DEGRADED".into())], "{check:#}");
+        assert_eq!(
+            t[..2],
+            [(0, "DEGRADED".into()), (1, "DEGRADED".into())],
+            "{check:#}"
+        );
         let mut leaves: Vec<&str> = t[2..].iter().map(|(_, s)| s.as_str()).collect();
         leaves.sort();
         assert_eq!(leaves.len(), 2, "{check:#}");
@@ -160,7 +228,10 @@ fn member_selections_that_do_not_resolve_leave_every_disk_unchanged() {
     // The member holds a file system: refused as the first disk would be,
     // after the first disk was found empty, and neither is written.
     let dir = tempfile::tempdir().expect("tempdir");
-    let iso = mirror_iso(dir.path(), "[ { serial = \"NFTEST0002\", bus = \"nvme\" } ]");
+    let iso = mirror_iso(
+        dir.path(),
+        "[ { serial = \"NFTEST0002\", bus = \"nvme\" } ]",
+    );
     let a = Nvme::create(dir.path(), "a.img", 2 * GIB, "NFTEST0001").expect("disk a");
     let b = Nvme::create(dir.path(), "b.img", 2 * GIB, "NFTEST0002").expect("disk b");
     let status = std::process::Command::new("mkfs.ext4")
