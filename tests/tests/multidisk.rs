@@ -109,7 +109,7 @@ fn a_mirror_installs_and_boots_from_either_disk_alone() {
     for d in [&a, &b] {
         assert_eq!(
             esp_boot_entries(d),
-            Some(vec!["nodeflash.conf".to_string()]),
+            Some(vec!["::/loader/entries/nodeflash.conf".to_string()]),
             "the ESP of {}",
             d.serial
         );
@@ -191,12 +191,19 @@ fn a_mirror_installs_and_boots_from_either_disk_alone() {
             [(0, "DEGRADED".into()), (1, "DEGRADED".into())],
             "{check:#}"
         );
-        let mut leaves: Vec<&str> = t[2..].iter().map(|(_, s)| s.as_str()).collect();
-        leaves.sort();
+        // One side ONLINE; the other missing: UNAVAIL, or FAULTED when the
+        // kernel gave its old path to the disk that is left.
+        let leaves: Vec<&str> = t[2..].iter().map(|(_, s)| s.as_str()).collect();
         assert_eq!(leaves.len(), 2, "{check:#}");
-        assert_eq!(leaves[0], "ONLINE", "{check:#}");
+        assert_eq!(
+            leaves.iter().filter(|s| **s == "ONLINE").count(),
+            1,
+            "{check:#}"
+        );
         assert!(
-            ["UNAVAIL", "REMOVED", "FAULTED"].contains(&leaves[1]),
+            leaves
+                .iter()
+                .any(|s| ["UNAVAIL", "REMOVED", "FAULTED"].contains(s)),
             "{} missing: {check:#}",
             gone.serial
         );
