@@ -84,7 +84,57 @@ pub struct CheckReport {
     pub failed_install_log: Option<Vec<String>>,
     /// The store path the NixOS system profile points at, when there is one.
     pub nixos_system: Option<String>,
+    /// The pool's vdev tree as `zpool status -P` shows it, the pool first.
+    pub vdevs: Vec<VdevStatus>,
     pub check_secs: f64,
+}
+
+/// One line of the `config:` tree of `zpool status -P` (zpool-status(8)).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct VdevStatus {
+    /// 0 for the pool, 1 for its top-level vdevs (`mirror-0`, or a disk),
+    /// 2 for their disks; section headers (`logs`, `cache`) are 0.
+    pub depth: usize,
+    /// The vdev's name, a device path, or a GUID for a missing device.
+    pub name: String,
+    /// `ONLINE`, `DEGRADED`, `UNAVAIL`, `FAULTED`, … (empty for headers).
+    pub state: String,
+    /// For a missing device, the path it had (`was /dev/nvme1n1p3`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub was: Option<String>,
+}
+
+/// The vdev tree of `zpool status -P` output: the lines after the
+/// `NAME STATE READ WRITE CKSUM` header up to the first empty line. Each
+/// level is indented by two more spaces after the leading tab
+/// (`print_status_config` in OpenZFS's `cmd/zpool/zpool_main.c`).
+pub fn parse_status_config(out: &str) -> Vec<VdevStatus> {
+    let mut lines = out.lines().skip_while(|l| {
+        let w: Vec<&str> = l.split_whitespace().collect();
+        !(w.first() == Some(&"NAME") && w.get(1) == Some(&"STATE"))
+    });
+    let Some(header) = lines.next() else {
+        return Vec::new();
+    };
+    let base = header.trim_start_matches('\t').len() - header.trim_start().len();
+    let mut vdevs = Vec::new();
+    for line in lines {
+        if line.trim().is_empty() {
+            break;
+        }
+        let body = line.trim_start_matches('\t');
+        let indent = body.len() - body.trim_start().len();
+        let words: Vec<&str> = body.split_whitespace().collect();
+        let Some(name) = words.first() else { continue };
+        let was = body.find(" was ").map(|i| body[i + 5..].trim().to_string());
+        vdevs.push(VdevStatus {
+            depth: indent.saturating_sub(base) / 2,
+            name: name.to_string(),
+            state: words.get(1).map_or(String::new(), |s| s.to_string()),
+            was,
+        });
+    }
+    vdevs
 }
 
 pub use crate::datasets::Mounted;
@@ -225,6 +275,8 @@ pub struct Gathered {
     pub failed_log: Option<Result<String, String>>,
     /// Where the NixOS system profile points (through its generation link).
     pub nixos_system: Option<String>,
+    /// `zpool status -P`'s vdev tree; None: not read (no problem either).
+    pub vdevs: Option<Result<Vec<VdevStatus>, String>>,
 }
 
 /// The report and its problems from what was gathered. `expected_datasets`
@@ -245,6 +297,10 @@ pub fn build_report(
     let datasets: Option<BTreeMap<_, _>> = take(&mut problems, "dataset properties", g.datasets);
     let keys: Option<Vec<String>> = take(&mut problems, "ssh keys", g.ssh_keys);
     let install: Option<InstallReport> = take(&mut problems, "install report", g.install);
+    let vdevs = match g.vdevs {
+        None => None,
+        Some(r) => take(&mut problems, "vdevs", Some(r)),
+    };
     let store = match g.store {
         None => None,
         Some(r) => take(&mut problems, "store", Some(r)),
@@ -309,6 +365,7 @@ pub fn build_report(
         install_log_lines: install_log.map(|t| t.lines().count()),
         failed_install_log: failed,
         nixos_system: g.nixos_system,
+        vdevs: vdevs.unwrap_or_default(),
         check_secs,
     }
 }
@@ -460,6 +517,11 @@ pub fn run_check(
                 .map_err(|e| format!("{e:#}")),
         );
         g.pool_properties = Some(pool_properties(pool).map_err(|e| format!("{e:#}")));
+        g.vdevs = Some(
+            cmd::run(Command::new("zpool").args(["status", "-P", pool]))
+                .map(|out| parse_status_config(&out))
+                .map_err(|e| format!("{e:#}")),
+        );
         g.datasets = Some(dataset_properties(pool).map_err(|e| format!("{e:#}")));
         g
     });
@@ -547,6 +609,27 @@ fn dataset_properties(pool: &str) -> Result<DatasetProps> {
 mod tests {
     use super::*;
     use crate::payload::Entry;
+
+    #[test]
+    fn parses_the_vdev_tree_of_zpool_status() {
+        // As OpenZFS 2.1 prints a mirror with one disk missing.
+        let out = "  pool: rpool\n state: DEGRADED\nstatus: One or more devices could not be used because the label is missing or\n\tinvalid.\nconfig:\n\n\tNAME                STATE     READ WRITE CKSUM\n\trpool               DEGRADED     0     0     0\n\t  mirror-0          DEGRADED     0     0     0\n\t    /dev/nvme0n1p3  ONLINE       0     0     0\n\t    4223018364471364  UNAVAIL      0     0     0  was /dev/nvme1n1p3\n\nerrors: No known data errors\n";
+        let v = parse_status_config(out);
+        let rows: Vec<(usize, &str, &str, Option<&str>)> = v
+            .iter()
+            .map(|v| (v.depth, v.name.as_str(), v.state.as_str(), v.was.as_deref()))
+            .collect();
+        assert_eq!(
+            rows,
+            [
+                (0, "rpool", "DEGRADED", None),
+                (1, "mirror-0", "DEGRADED", None),
+                (2, "/dev/nvme0n1p3", "ONLINE", None),
+                (2, "4223018364471364", "UNAVAIL", Some("/dev/nvme1n1p3")),
+            ]
+        );
+        assert!(parse_status_config("no pools available\n").is_empty());
+    }
 
     #[test]
     fn parses_the_import_listing() {
@@ -652,6 +735,7 @@ mod tests {
             install_log: Some(Ok("nodeflash 0.1.0\nnodeflash: done in 1.0s\n".into())),
             failed_log: None,
             nixos_system: None,
+            vdevs: None,
         }
     }
 

@@ -122,49 +122,64 @@ pub(crate) fn install(profile: &Profile, info: &ImageInfo, started: Instant) -> 
 
     // The plan names the disk by its kernel name: make sure that name still
     // is the disk that was chosen (same serial, model and size) right before writing.
+    // Every disk of the pool, before the first is written.
     let now = Facts::read(Path::new("/sys"));
-    let same = now.block_devices.iter().any(|d| {
-        d.name == plan.disk.name
-            && d.serial == plan.disk.serial
-            && d.model == plan.disk.model
-            && d.size_bytes == plan.disk.size_bytes
-    });
-    if !same {
-        bail!(
-            "{} is no longer the disk that was planned for (serial {:?}); nothing was written. Boot the stick again",
-            plan.disk.name,
-            plan.disk.serial.as_deref().unwrap_or("")
-        );
+    let disks = plan.each_disk();
+    for d in &disks {
+        let same = now.block_devices.iter().any(|n| {
+            n.name == d.disk.name
+                && n.serial == d.disk.serial
+                && n.model == d.disk.model
+                && n.size_bytes == d.disk.size_bytes
+        });
+        if !same {
+            bail!(
+                "{} is no longer the disk that was planned for (serial {:?}); nothing was written. Boot the stick again",
+                d.disk.name,
+                d.disk.serial.as_deref().unwrap_or("")
+            );
+        }
     }
     phases.start("partitioning");
-    let dev = Path::new("/dev").join(&plan.disk.name);
-    let old: Vec<(u64, u64)> = crate::disk::old_partitions(Path::new("/sys"), &plan.disk.name)
-        .into_iter()
-        .map(|(_, start, len)| (start, len))
-        .collect();
-    let layout = crate::disk::partition(&plan, &dev, &old)?;
-    say!(
-        "partitioned {}: GPT disk GUID {}, ESP FAT32 volume {}",
-        dev.display(),
-        layout.disk_guid,
-        layout.esp_volume_id
-    );
-    for p in &layout.partitions {
-        say!("  {} {:?} partition GUID {}", p.device, p.kind, p.guid);
+    let mut layouts = Vec::new();
+    for d in &disks {
+        let dev = Path::new("/dev").join(&d.disk.name);
+        let old: Vec<(u64, u64)> = crate::disk::old_partitions(Path::new("/sys"), &d.disk.name)
+            .into_iter()
+            .map(|(_, start, len)| (start, len))
+            .collect();
+        let layout = crate::disk::partition(d, &dev, &old)?;
+        say!(
+            "partitioned {}: GPT disk GUID {}, ESP FAT32 volume {}",
+            dev.display(),
+            layout.disk_guid,
+            layout.esp_volume_id
+        );
+        for p in &layout.partitions {
+            say!("  {} {:?} partition GUID {}", p.device, p.kind, p.guid);
+        }
+        layouts.push(layout);
     }
-    let part = |kind: crate::plan::PartKind| {
+    let part = |layout: &crate::disk::Layout, kind: crate::plan::PartKind| {
         layout
             .partitions
             .iter()
             .find(|p| p.kind == kind)
             .map(|p| p.device.clone())
     };
-    let zfs_dev = part(crate::plan::PartKind::Zfs).context("the plan has no ZFS partition")?;
-    let esp_dev = part(crate::plan::PartKind::Esp).context("the plan has no ESP")?;
+    let zfs_devs: Vec<String> = layouts
+        .iter()
+        .map(|l| part(l, crate::plan::PartKind::Zfs).context("the plan has no ZFS partition"))
+        .collect::<Result<_>>()?;
+    let esp_devs: Vec<String> = layouts
+        .iter()
+        .map(|l| part(l, crate::plan::PartKind::Esp).context("the plan has no ESP"))
+        .collect::<Result<_>>()?;
+    let layout = &layouts[0];
 
     phases.start("pool");
     let pool = profile.pool.name.to_string();
-    let root_mounted = create_pool(profile, &plan, &identity.hostname, hostid, &zfs_dev)?;
+    let root_mounted = create_pool(profile, &plan, &identity.hostname, hostid, &zfs_devs)?;
     let copied = match store {
         Some(store) => {
             phases.start("store copy");
@@ -240,7 +255,7 @@ pub(crate) fn install(profile: &Profile, info: &ImageInfo, started: Instant) -> 
     // From here on the pool is imported again, as the installed system will
     // import it, and exported at the end whatever happens.
     phases.start("export and import");
-    let facts = check_pool(profile, &zfs_dev)?;
+    let facts = check_pool(profile, &zfs_devs)?;
     report.pool.guid = facts
         .pool_properties
         .get("guid")
@@ -255,7 +270,7 @@ pub(crate) fn install(profile: &Profile, info: &ImageInfo, started: Instant) -> 
         Finishing {
             copied: copied.as_ref(),
             staged: staged.as_deref(),
-            esp_dev: &esp_dev,
+            esp_devs: &esp_devs,
             hostid,
             root_mounted,
         },
@@ -265,19 +280,22 @@ pub(crate) fn install(profile: &Profile, info: &ImageInfo, started: Instant) -> 
     finished?;
     phases.start("final export");
     run(Command::new("zpool").args(["export", &pool]))?;
-    // Last: the disk no longer counts as an unfinished install.
-    let esp = plan
-        .partitions
-        .iter()
-        .find(|p| p.kind == crate::plan::PartKind::Esp)
-        .context("the plan has no ESP")?;
-    crate::disk::mark_finished(&dev, plan.logical_block_size.into(), esp.number, &esp.name)?;
-    say!(
-        "install finished: the ESP of {} is named {:?} in the GPT (it was {:?})",
-        dev.display(),
-        esp.name,
-        crate::disk::UNFINISHED_NAME
-    );
+    // Last: the disks no longer count as an unfinished install.
+    for d in &disks {
+        let dev = Path::new("/dev").join(&d.disk.name);
+        let esp = d
+            .partitions
+            .iter()
+            .find(|p| p.kind == crate::plan::PartKind::Esp)
+            .context("the plan has no ESP")?;
+        crate::disk::mark_finished(&dev, d.logical_block_size.into(), esp.number, &esp.name)?;
+        say!(
+            "install finished: the ESP of {} is named {:?} in the GPT (it was {:?})",
+            dev.display(),
+            esp.name,
+            crate::disk::UNFINISHED_NAME
+        );
+    }
     let (list, total) = phases.finish();
     report.phases = list;
     report.total_secs = total;
@@ -289,7 +307,8 @@ pub(crate) fn install(profile: &Profile, info: &ImageInfo, started: Instant) -> 
 struct Finishing<'a> {
     copied: Option<&'a Copied>,
     staged: Option<&'a Path>,
-    esp_dev: &'a str,
+    /// The ESP of every disk of the pool, the first disk's first.
+    esp_devs: &'a [String],
     hostid: u32,
     root_mounted: bool,
 }
@@ -320,9 +339,14 @@ fn finish(
         say!("boot loader: the NixOS system {toplevel} installs its own");
         let mounted = mount_system(profile)?;
         let done = crate::nixos::set_system_profile(Path::new("/mnt"), toplevel).and_then(|()| {
-            crate::nixos::install_boot_loader(Path::new("/mnt"), Path::new(f.esp_dev), &|l| {
+            crate::nixos::install_boot_loader(Path::new("/mnt"), Path::new(&f.esp_devs[0]), &|l| {
                 say!("  {l}")
             })
+        });
+        // The other disks' ESPs get the same files: any disk boots.
+        let done = done.and_then(|w| {
+            crate::nixos::mirror_esp(&f.esp_devs[0], &f.esp_devs[1..], &|l| say!("  {l}"))?;
+            Ok(w)
         });
         let unmounted = unmount_all(mounted);
         for w in done? {
@@ -331,7 +355,7 @@ fn finish(
         unmounted?;
         say!(
             "boot loader: installed by {toplevel}'s switch-to-configuration on {}",
-            f.esp_dev
+            f.esp_devs.join(", ")
         );
     }
     if let (Some(bi), Some(staged)) = (&info.boot, f.staged) {
@@ -347,19 +371,23 @@ fn finish(
             initrd: staged.join("initrd"),
             cmdline,
         };
-        let files = crate::boot::install_systemd_boot(
-            Path::new(f.esp_dev),
-            Path::new(SYSTEMD_BOOT_PATH),
-            &entry,
-        )
-        .with_context(|| format!("cannot install the boot loader on {}", f.esp_dev))?;
-        say!(
-            "boot loader: systemd-boot and entry {:?} on {} ({} files)",
-            entry.title,
-            f.esp_dev,
-            files.files.len()
-        );
-        report.boot = Some(files);
+        // On every disk's ESP, so that the node boots from any of them.
+        let mut first = None;
+        for esp in f.esp_devs {
+            let files = crate::boot::install_systemd_boot(
+                Path::new(esp),
+                Path::new(SYSTEMD_BOOT_PATH),
+                &entry,
+            )
+            .with_context(|| format!("cannot install the boot loader on {esp}"))?;
+            say!(
+                "boot loader: systemd-boot and entry {:?} on {esp} ({} files)",
+                entry.title,
+                files.files.len()
+            );
+            first.get_or_insert(files);
+        }
+        report.boot = first;
     }
     if f.root_mounted {
         phases.start("report");
@@ -393,7 +421,7 @@ fn create_pool(
     plan: &crate::plan::Plan,
     hostname: &str,
     hostid: u32,
-    device: &str,
+    devices: &[String],
 ) -> Result<bool> {
     use crate::zfs;
     zfs::set_live_hostid(hostid)?;
@@ -401,7 +429,7 @@ fn create_pool(
     zfs::run_all(&zfs::create_commands(
         &profile.pool,
         &plan.mounts,
-        device,
+        devices,
         "/mnt",
     ))?;
     let root_mounted = plan.root().is_some();
@@ -415,8 +443,13 @@ fn create_pool(
             .context("cannot write /mnt/etc/hostname")?;
     }
     say!(
-        "pool {} created on {device} with {} datasets",
+        "pool {} created on {}{} with {} datasets",
         profile.pool.name,
+        match (devices.len(), plan.vdev.keyword()) {
+            (2.., Some(kind)) => format!("{kind} "),
+            _ => String::new(),
+        },
+        devices.join(" "),
         profile.pool.datasets.len()
     );
     Ok(root_mounted)
@@ -424,21 +457,17 @@ fn create_pool(
 
 /// Exports the pool and imports it again as the installed system will
 /// (without -f); returns its facts. The pool stays imported.
-fn check_pool(profile: &Profile, device: &str) -> Result<crate::zfs::PoolFacts> {
+fn check_pool(profile: &Profile, devices: &[String]) -> Result<crate::zfs::PoolFacts> {
     let pool = profile.pool.name.to_string();
     run(Command::new("zpool").args(["export", &pool]))?;
-    run(Command::new("zpool").args([
-        "import",
-        "-N",
-        "-o",
-        "cachefile=none",
-        // Look only at the new partition: another disk may hold a pool of the same name.
-        "-d",
-        device,
-        &pool,
-    ]))
-    .context("the new pool does not import without -f")?;
-    let facts = crate::zfs::pool_facts(&profile.pool, device);
+    let mut import = Command::new("zpool");
+    import.args(["import", "-N", "-o", "cachefile=none"]);
+    // Look only at the new partitions: another disk may hold a pool of the same name.
+    for d in devices {
+        import.args(["-d", d]);
+    }
+    run(import.arg(&pool)).context("the new pool does not import without -f")?;
+    let facts = crate::zfs::pool_facts(&profile.pool, &devices[0]);
     let facts = match facts {
         Ok(f) => f,
         Err(e) => {

@@ -83,8 +83,14 @@ pub fn flake_module(profile: &crate::profile::Profile, source: &str) -> String {
          # change the profile and run `nodeflash nixos-module` again. Use it as\n\
          #   let nodeflash = import ./nodeflash.nix; in\n\
          #   modules = [ nodeflash.common nodeflash.nodes.\"NAME\" ./hosts/NAME.nix ];\n\
-         {{\n  common = {{",
-        profile.name
+         {{\n  common = {}{{",
+        profile.name,
+        // The ESPs' copy needs packages.
+        if profile.disk.members.is_empty() {
+            ""
+        } else {
+            "{ pkgs, ... }: "
+        }
     );
     let _ = writeln!(t, "    boot.supportedFilesystems = [ \"zfs\" ];");
     let _ = writeln!(t, "    boot.loader.systemd-boot.enable = true;");
@@ -101,11 +107,45 @@ pub fn flake_module(profile: &crate::profile::Profile, source: &str) -> String {
         t,
         "    fileSystems.\"/boot\" = {{ device = \"/dev/disk/by-partlabel/ESP\"; fsType = \"vfat\"; }};"
     );
-    if profile.disk.swap_size.is_some() {
+    let disks = 1 + profile.disk.members.len();
+    let others: Vec<String> = (1..disks)
+        .map(|i| format!("/{}", crate::plan::part_name("boot", i)))
+        .collect();
+    for (i, mp) in others.iter().enumerate() {
         let _ = writeln!(
             t,
-            "    swapDevices = [ {{ device = \"/dev/disk/by-partlabel/swap\"; }} ];"
+            "    fileSystems.{} = {{ device = \"/dev/disk/by-partlabel/{}\"; fsType = \"vfat\"; options = [ \"nofail\" ]; }};",
+            quote(mp),
+            crate::plan::part_name("ESP", i + 1)
         );
+    }
+    if !others.is_empty() {
+        // NixOS has `mirroredBoots` for GRUB only; systemd-boot writes one
+        // ESP, and this copies it onto the others after every install.
+        let _ = writeln!(
+            t,
+            "    boot.loader.systemd-boot.extraInstallCommands = ''\n      \
+             # nodeflash: every disk of the pool carries the boot files, so that any one boots.\n      \
+             for esp in {}; do\n        \
+               if ${{pkgs.util-linux}}/bin/mountpoint -q \"$esp\"; then\n          \
+                 ${{pkgs.rsync}}/bin/rsync -r --delete --checksum /boot/ \"$esp\"/\n        \
+               else\n          \
+                 echo \"nodeflash: $esp is not mounted (its disk is missing?), its boot files are not updated\" >&2\n        \
+               fi\n      \
+             done\n    '';",
+            others.join(" ")
+        );
+    }
+    if profile.disk.swap_size.is_some() {
+        let swaps: Vec<String> = (0..disks)
+            .map(|i| {
+                format!(
+                    "{{ device = \"/dev/disk/by-partlabel/{}\"; }}",
+                    crate::plan::part_name("swap", i)
+                )
+            })
+            .collect();
+        let _ = writeln!(t, "    swapDevices = [ {} ];", swaps.join(" "));
     }
     if !profile.ssh.github_users.is_empty() {
         let _ = writeln!(
@@ -323,6 +363,53 @@ pub fn install_boot_loader(root: &Path, esp: &Path, log: &dyn Fn(&str)) -> Resul
     Ok(warnings)
 }
 
+/// Copies every file of the ESP `from` (a vfat partition, where the
+/// system's `switch-to-configuration boot` installed systemd-boot, its
+/// entries, kernels and initrds) onto each ESP of `to` (formatted empty by
+/// the install), so that the node boots from any disk of a mirror or
+/// raidz. The installed system keeps them equal itself: see the
+/// `extraInstallCommands` of [`flake_module`]. Errors name the ESP.
+pub fn mirror_esp(from: &str, to: &[String], log: &dyn Fn(&str)) -> Result<()> {
+    if to.is_empty() {
+        return Ok(());
+    }
+    let mut mounts = Mounts::default();
+    let src = PathBuf::from("/run/nodeflash/esp-from");
+    mounts.mount(from, src.clone(), Some("vfat"), MsFlags::MS_RDONLY)?;
+    for (i, dev) in to.iter().enumerate() {
+        let dst = PathBuf::from(format!("/run/nodeflash/esp-to-{i}"));
+        mounts.mount(dev, dst.clone(), Some("vfat"), MsFlags::empty())?;
+        let n = copy_tree(&src, &dst)
+            .with_context(|| format!("cannot copy the boot files of {from} to {dev}"))?;
+        log(&format!("boot loader: {n} files of {from} copied to {dev}"));
+    }
+    nix::unistd::sync();
+    mounts.unmount()
+}
+
+/// Copies the regular files and directories below `src` into `dst`; the
+/// number of files.
+fn copy_tree(src: &Path, dst: &Path) -> Result<usize> {
+    let mut n = 0;
+    for e in std::fs::read_dir(src).with_context(|| format!("cannot read {}", src.display()))? {
+        let e = e.with_context(|| format!("cannot read {}", src.display()))?;
+        let (from, to) = (e.path(), dst.join(e.file_name()));
+        let ty = e
+            .file_type()
+            .with_context(|| format!("cannot stat {}", from.display()))?;
+        if ty.is_dir() {
+            std::fs::create_dir_all(&to)
+                .with_context(|| format!("cannot create {}", to.display()))?;
+            n += copy_tree(&from, &to)?;
+        } else {
+            std::fs::copy(&from, &to)
+                .with_context(|| format!("cannot copy {} to {}", from.display(), to.display()))?;
+            n += 1;
+        }
+    }
+    Ok(n)
+}
+
 /// Mounts `efivarfs` for the installer (and with it the chroot); false when
 /// the firmware's variables are not available.
 fn mount_efivarfs() -> bool {
@@ -363,6 +450,38 @@ mod tests {
             "{text}"
         );
         assert_eq!(quote(r"a\b"), r#""a\\b""#);
+    }
+
+    #[test]
+    fn a_mirror_module_mounts_every_esp_and_copies_the_boot_files() {
+        let src = "name = \"t\"\n[disk]\nselect = { serial = \"A\" }\n\
+                   members = [ { serial = \"B\" }, { serial = \"C\" } ]\nswap-size = \"1GiB\"\n\
+                   [pool]\nvdev = \"raidz1\"\n";
+        let p = crate::profile::Profile::parse(src, "t.toml").expect("profile");
+        let text = flake_module(&p, "t.toml");
+        for want in [
+            "  common = { pkgs, ... }: {\n",
+            "fileSystems.\"/boot\" = { device = \"/dev/disk/by-partlabel/ESP\"; fsType = \"vfat\"; };",
+            "fileSystems.\"/boot2\" = { device = \"/dev/disk/by-partlabel/ESP2\"; fsType = \"vfat\"; options = [ \"nofail\" ]; };",
+            "fileSystems.\"/boot3\" = { device = \"/dev/disk/by-partlabel/ESP3\"; fsType = \"vfat\"; options = [ \"nofail\" ]; };",
+            "boot.loader.systemd-boot.extraInstallCommands = ''\n",
+            "      for esp in /boot2 /boot3; do\n",
+            "${pkgs.rsync}/bin/rsync -r --delete --checksum /boot/ \"$esp\"/\n",
+            "swapDevices = [ { device = \"/dev/disk/by-partlabel/swap\"; } { device = \"/dev/disk/by-partlabel/swap2\"; } { device = \"/dev/disk/by-partlabel/swap3\"; } ];",
+        ] {
+            assert!(text.contains(want), "{want}:\n{text}");
+        }
+        // One disk: the module is as before, a plain attribute set.
+        let one = crate::profile::Profile::parse(
+            "name = \"t\"\n[disk]\nselect = { serial = \"A\" }\n",
+            "t.toml",
+        )
+        .expect("profile");
+        let text = flake_module(&one, "t.toml");
+        assert!(
+            text.contains("  common = {\n") && !text.contains("boot2"),
+            "{text}"
+        );
     }
 
     #[test]

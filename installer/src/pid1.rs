@@ -279,8 +279,10 @@ pub(crate) fn wait_for_target(profile: &Profile, boot: Option<&str>, timeout: Du
             .ok()
             .and_then(|id| id.disk_select)
             .unwrap_or_else(|| profile.disk.select.clone());
-        let waiting =
-            matches!(crate::plan::select_disk(&select, &facts), Err(e) if e.matching == 0);
+        // Every disk of the pool (`[disk] members` too) must have shown up.
+        let waiting = crate::plan::selections(profile, &select).iter().any(
+            |(_, sel)| matches!(crate::plan::select_disk(sel, &facts), Err(e) if e.matching == 0),
+        );
         if !waiting || Instant::now() >= deadline {
             return facts;
         }

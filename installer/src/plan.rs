@@ -4,12 +4,12 @@
 
 use std::fmt::{self, Write as _};
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use serde::Serialize;
 
 use crate::datasets::{Effective, Mounted};
 use crate::facts::{human_bytes, BlockDevice, Facts, ZfsPoolLabel};
-use crate::profile::{Bus, DiskSelect, Profile, Wipe};
+use crate::profile::{Bus, DiskSelect, Profile, Vdev, Wipe};
 
 /// Partitions start and end on 1 MiB boundaries.
 pub const ALIGN_BYTES: u64 = 1 << 20;
@@ -61,9 +61,65 @@ pub struct Plan {
     /// ZFS pools on the other disks (none may have the profile's pool name).
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub other_pools: Vec<ZfsPoolLabel>,
+    /// How the root pool's disks are joined (`[pool] vdev`).
+    pub vdev: Vdev,
+    /// The root pool's other disks (`[disk] members`, in profile order),
+    /// each with the same layout as `disk`.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub members: Vec<Member>,
+    /// Snapshots taken right after their dataset's creation (`POOL/DS@NAME`).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub snapshots: Vec<String>,
+    /// Volumes: full name and volsize in bytes.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub zvols: Vec<(String, u64)>,
+}
+
+/// Another disk of the root pool, with its own layout (same partitions as
+/// the first disk, at this disk's sector size).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Member {
+    pub disk: BlockDevice,
+    /// What is on the disk and will be wiped.
+    pub wipe: Vec<String>,
+    pub logical_block_size: u32,
+    pub partitions: Vec<PlannedPartition>,
 }
 
 impl Plan {
+    /// One single-disk plan per disk of the root pool, the first disk first:
+    /// what [`crate::disk::partition`] writes on each. Datasets and mounts are
+    /// the pool's, shared.
+    pub fn each_disk(&self) -> Vec<Plan> {
+        let first = Plan {
+            members: Vec::new(),
+            ..self.clone()
+        };
+        let mut all = vec![first.clone()];
+        for m in &self.members {
+            all.push(Plan {
+                disk: m.disk.clone(),
+                wipe: m.wipe.clone(),
+                logical_block_size: m.logical_block_size,
+                partitions: m.partitions.clone(),
+                ..first.clone()
+            });
+        }
+        all
+    }
+
+    /// The pool's name (its root dataset's).
+    pub fn pool_name(&self) -> &str {
+        self.datasets.first().map_or("", |d| d.name.as_str())
+    }
+
+    /// The kernel names of every disk of the root pool, the first first.
+    pub fn disk_names(&self) -> Vec<&str> {
+        std::iter::once(self.disk.name.as_str())
+            .chain(self.members.iter().map(|m| m.disk.name.as_str()))
+            .collect()
+    }
+
     /// The dataset mounted at `/` (the boot file system), if any.
     pub fn root(&self) -> Option<&Mounted> {
         self.mounts.iter().find(|m| m.mountpoint == "/")
@@ -166,6 +222,56 @@ fn failed_rule(sel: &DiskSelect, d: &BlockDevice) -> Option<String> {
 /// The one disk the profile's rules select; every candidate and the rule it
 /// failed are in the error otherwise.
 pub fn select_disk<'a>(sel: &DiskSelect, facts: &'a Facts) -> Result<&'a BlockDevice, SelectError> {
+    select_disk_named(sel, "[disk] select", facts)
+}
+
+/// Every selection of the root pool: the first disk's rules (`select`, or
+/// a node's own), then `[disk] members`, with the key each comes from.
+pub fn selections<'a>(
+    profile: &'a Profile,
+    select: &'a DiskSelect,
+) -> Vec<(String, &'a DiskSelect)> {
+    let mut all = vec![("[disk] select".to_string(), select)];
+    for (i, m) in profile.disk.members.iter().enumerate() {
+        all.push((format!("[disk] members[{i}]"), m));
+    }
+    all
+}
+
+/// One disk for each selection of [`selections`], all resolved before any
+/// disk is touched: each set of rules must match exactly one disk, and no
+/// disk may be matched by two sets (the pool would hold it twice). The
+/// first error names the rules (`[disk] members[1]`) and every disk.
+pub fn select_all<'a>(
+    profile: &Profile,
+    select: &DiskSelect,
+    facts: &'a Facts,
+) -> Result<Vec<&'a BlockDevice>, SelectError> {
+    let mut chosen: Vec<(String, &BlockDevice)> = Vec::new();
+    for (label, sel) in selections(profile, select) {
+        let d = select_disk_named(sel, &label, facts)?;
+        if let Some((other, _)) = chosen.iter().find(|(_, c)| c.name == d.name) {
+            return Err(SelectError {
+                matching: 1,
+                message: format!(
+                    "disk {} is chosen by both the profile's {other} and {label} rules; the pool \
+                     needs {} different disks: give each disk rules that match only it (a serial \
+                     or wwn)",
+                    describe(d),
+                    1 + profile.disk.members.len()
+                ),
+            });
+        }
+        chosen.push((label, d));
+    }
+    Ok(chosen.into_iter().map(|(_, d)| d).collect())
+}
+
+fn select_disk_named<'a>(
+    sel: &DiskSelect,
+    label: &str,
+    facts: &'a Facts,
+) -> Result<&'a BlockDevice, SelectError> {
     let mut matching = Vec::new();
     let mut report = String::new();
     for d in &facts.block_devices {
@@ -181,7 +287,7 @@ pub fn select_disk<'a>(sel: &DiskSelect, facts: &'a Facts) -> Result<&'a BlockDe
         [] => Err(SelectError {
             matching: 0,
             message: format!(
-                "no disk matches the profile's [disk] select rules; the disks here:\n{}",
+                "no disk matches the profile's {label} rules; the disks here:\n{}",
                 if report.is_empty() {
                     "  (none)\n".to_string()
                 } else {
@@ -196,7 +302,7 @@ pub fn select_disk<'a>(sel: &DiskSelect, facts: &'a Facts) -> Result<&'a BlockDe
             Err(SelectError {
                 matching: several.len(),
                 message: format!(
-                    "{} disks match the profile's [disk] select rules, refusing to guess; \
+                    "{} disks match the profile's {label} rules, refusing to guess; \
                      add a serial or wwn rule to pick one:\n{report}",
                     several.len()
                 ),
@@ -210,25 +316,22 @@ pub fn plan(profile: &Profile, facts: &Facts) -> Result<Plan> {
     plan_with(profile, &profile.disk.select, facts)
 }
 
-/// The plan with other disk rules (a node's own) than `[disk] select`.
+/// The plan with other disk rules (a node's own) than `[disk] select` for
+/// the first disk; `[disk] members` are the profile's. Every disk is
+/// chosen ([`select_all`]) and checked (empty unless `wipe = "always"`,
+/// sector size, room for the layout) before the plan is returned: any
+/// refusal comes before anything is written to any disk.
 pub fn plan_with(profile: &Profile, select: &DiskSelect, facts: &Facts) -> Result<Plan> {
-    let disk = select_disk(select, facts)?.clone();
-    // A disk that holds nothing but an unfinished nodeflash install (its
-    // GPT carries the mark, `disk::UNFINISHED_NAME`) counts as empty.
-    if !disk.signatures.is_empty() && profile.disk.wipe == Wipe::IfEmpty && !disk.unfinished_install
-    {
-        bail!(
-            "disk {} is not empty ({}); nothing was written. Set `wipe = \"always\"` in the profile's [disk] to reinstall it",
-            disk.name,
-            disk.signatures.join(", ")
-        );
-    }
+    let chosen: Vec<BlockDevice> = select_all(profile, select, facts)?
+        .into_iter()
+        .cloned()
+        .collect();
     // `zpool import NAME` on the installed system must find one pool.
     let pool_name = profile.pool.name.to_string();
     let other_pools: Vec<ZfsPoolLabel> = facts
         .block_devices
         .iter()
-        .filter(|d| d.name != disk.name)
+        .filter(|d| !chosen.iter().any(|c| c.name == d.name))
         .flat_map(|d| d.zfs_pools.iter().cloned())
         .collect();
     if let Some(old) = other_pools
@@ -240,6 +343,7 @@ pub fn plan_with(profile: &Profile, select: &DiskSelect, facts: &Facts) -> Resul
             .iter()
             .find(|d| d.zfs_pools.contains(old))
             .map_or(old.device.clone(), describe);
+        let targets: Vec<String> = chosen.iter().map(describe).collect();
         bail!(
             "{holder} holds an old ZFS pool named {pool_name} on /dev/{} (pool GUID {}), the name of the pool \
              to be created on {}; the installed system imports {pool_name} by name and would find two \
@@ -248,13 +352,85 @@ pub fn plan_with(profile: &Profile, select: &DiskSelect, facts: &Facts) -> Resul
              another name in the profile's [pool] name",
             old.device,
             old.guid.as_deref().unwrap_or("?"),
-            describe(&disk),
+            targets.join(" and "),
             old.device
         );
     }
     let datasets = crate::datasets::tree(&profile.pool)
         .map_err(|e| anyhow::anyhow!("profile key {}: {}", e.key, e.message))?;
     let mounts = crate::datasets::mount_order(&datasets);
+    let mut disks = Vec::new();
+    for (i, disk) in chosen.into_iter().enumerate() {
+        let (wipe, partitions) = layout(profile, &disk, i)?;
+        disks.push(Member {
+            wipe,
+            logical_block_size: disk.logical_block_size,
+            partitions,
+            disk,
+        });
+    }
+    let mut disks = disks.into_iter();
+    let first = disks.next().context("no disk was chosen")?;
+    Ok(Plan {
+        disk: first.disk,
+        wipe: first.wipe,
+        logical_block_size: first.logical_block_size,
+        partitions: first.partitions,
+        datasets,
+        mounts,
+        other_pools,
+        vdev: profile.pool.vdev,
+        members: disks.collect(),
+        snapshots: profile
+            .pool
+            .datasets
+            .iter()
+            .flat_map(|d| {
+                let pool_name = &pool_name;
+                d.snapshots
+                    .iter()
+                    .map(move |s| format!("{pool_name}/{}@{s}", d.name.get_ref()))
+            })
+            .collect(),
+        zvols: profile
+            .pool
+            .zvols
+            .iter()
+            .map(|z| (format!("{pool_name}/{}", z.name.get_ref()), z.volsize.0))
+            .collect(),
+    })
+}
+
+/// The GPT name of the ESP or swap partition on the pool's disk `index`
+/// (0 first): `ESP`, `ESP2`, `ESP3`…, so that every name is unique on the
+/// machine and the installed system finds each by its partition label
+/// (`/dev/disk/by-partlabel/ESP2`).
+pub fn part_name(base: &str, index: usize) -> String {
+    if index == 0 {
+        base.to_string()
+    } else {
+        format!("{base}{}", index + 1)
+    }
+}
+
+/// One disk's checks and layout: what is wiped, and the partitions (ESP,
+/// swap, ZFS with the rest) at this disk's sector size; `index` is the
+/// disk's place in the pool (names, [`part_name`]).
+fn layout(
+    profile: &Profile,
+    disk: &BlockDevice,
+    index: usize,
+) -> Result<(Vec<String>, Vec<PlannedPartition>)> {
+    // A disk that holds nothing but an unfinished nodeflash install (its
+    // GPT carries the mark, `disk::UNFINISHED_NAME`) counts as empty.
+    if !disk.signatures.is_empty() && profile.disk.wipe == Wipe::IfEmpty && !disk.unfinished_install
+    {
+        bail!(
+            "disk {} is not empty ({}); nothing was written. Set `wipe = \"always\"` in the profile's [disk] to reinstall it",
+            disk.name,
+            disk.signatures.join(", ")
+        );
+    }
     let lbs = u64::from(disk.logical_block_size);
     if !(lbs == 512 || lbs == 4096) {
         bail!(
@@ -292,9 +468,14 @@ pub fn plan_with(profile: &Profile, select: &DiskSelect, facts: &Facts) -> Resul
             last_lba: last,
         });
     };
-    add("ESP", PartKind::Esp, ESP_TYPE, profile.disk.esp_size.0);
+    add(
+        &part_name("ESP", index),
+        PartKind::Esp,
+        ESP_TYPE,
+        profile.disk.esp_size.0,
+    );
     if let Some(swap) = profile.disk.swap_size {
-        add("swap", PartKind::Swap, SWAP_TYPE, swap.0);
+        add(&part_name("swap", index), PartKind::Swap, SWAP_TYPE, swap.0);
     }
     // ZFS takes the rest, ending on a 1 MiB boundary.
     let first = next;
@@ -322,23 +503,35 @@ pub fn plan_with(profile: &Profile, select: &DiskSelect, facts: &Facts) -> Resul
         first_lba: first,
         last_lba: end - 1,
     });
-    Ok(Plan {
-        wipe: if profile.disk.wipe == Wipe::Always || disk.unfinished_install {
-            disk.signatures.clone()
-        } else {
-            Vec::new()
-        },
-        logical_block_size: disk.logical_block_size,
-        disk,
-        partitions,
-        datasets,
-        mounts,
-        other_pools,
-    })
+    let wipe = if profile.disk.wipe == Wipe::Always || disk.unfinished_install {
+        disk.signatures.clone()
+    } else {
+        Vec::new()
+    };
+    Ok((wipe, partitions))
 }
 
-impl fmt::Display for Plan {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+impl Plan {
+    /// The ZFS partition of each disk, as `/dev/…` paths, the first disk first.
+    pub fn zfs_devices(&self) -> Vec<String> {
+        self.each_disk()
+            .iter()
+            .filter_map(|p| {
+                p.partitions
+                    .iter()
+                    .find(|x| x.kind == PartKind::Zfs)
+                    .map(|x| {
+                        format!(
+                            "/dev/{}",
+                            crate::disk::partition_name(&p.disk.name, x.number)
+                        )
+                    })
+            })
+            .collect()
+    }
+
+    /// The one disk's lines of the plan: the disk, what is wiped, the GPT.
+    fn fmt_disk(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let lbs = u64::from(self.logical_block_size);
         writeln!(f, "plan: install on {}", describe(&self.disk))?;
         if self.disk.unfinished_install {
@@ -380,6 +573,37 @@ impl fmt::Display for Plan {
                 human_bytes(p.sectors() * lbs)
             )?;
         }
+        Ok(())
+    }
+}
+
+impl fmt::Display for Plan {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.members.is_empty() {
+            self.fmt_disk(f)?;
+        } else {
+            let all = self.each_disk();
+            for (i, p) in all.iter().enumerate() {
+                writeln!(
+                    f,
+                    "plan: disk {} of {} of pool {}:",
+                    i + 1,
+                    all.len(),
+                    self.pool_name()
+                )?;
+                p.fmt_disk(f)?;
+            }
+            writeln!(
+                f,
+                "plan: pool {}: one {} vdev of {} (the pool survives {} of {} disks lost); \
+                 an ESP with the boot files on every disk, so that any of them boots",
+                self.pool_name(),
+                self.vdev.keyword().unwrap_or("single"),
+                self.zfs_devices().join(", "),
+                self.vdev.tolerates(all.len()),
+                all.len()
+            )?;
+        }
         for d in &self.datasets {
             let mounted = self.mounts.iter().any(|m| m.dataset == d.name);
             writeln!(
@@ -396,6 +620,19 @@ impl fmt::Display for Plan {
                     crate::datasets::CanMount::Noauto => "noauto",
                 },
                 if mounted { ", mounted" } else { "" }
+            )?;
+        }
+        for snap in &self.snapshots {
+            writeln!(
+                f,
+                "plan:   snapshot {snap}, taken before anything is written to it"
+            )?;
+        }
+        for (name, size) in &self.zvols {
+            writeln!(
+                f,
+                "plan:   zvol {name} volsize={} ({size} bytes)",
+                human_bytes(*size)
             )?;
         }
         if self.mounts.is_empty() {
@@ -746,6 +983,171 @@ mod tests {
             ..sel
         };
         assert_eq!(select_disk(&mmc, &f).expect("mmc").name, "mmcblk0");
+    }
+
+    fn mirror_profile(extra: &str) -> Profile {
+        Profile::parse(
+            &format!(
+                "name = \"t\"\n[disk]\nselect = {{ serial = \"A\" }}\nmembers = [ {{ serial = \"B\" }} ]\n\
+                 esp-size = \"512MiB\"\nswap-size = \"256MiB\"\n[pool]\nvdev = \"mirror\"\n{extra}"
+            ),
+            "t.toml",
+        )
+        .expect("profile")
+    }
+
+    #[test]
+    fn a_mirror_plans_the_same_layout_and_an_esp_on_every_disk() {
+        let mut b = disk("nvme1n1", 3, "B");
+        b.logical_block_size = 4096;
+        let p = plan(
+            &mirror_profile(""),
+            &facts(vec![stick(), disk("nvme0n1", 2, "A"), b]),
+        )
+        .expect("plan");
+        assert_eq!(p.disk_names(), ["nvme0n1", "nvme1n1"]);
+        assert_eq!(p.vdev, Vdev::Mirror);
+        let each = p.each_disk();
+        let names: Vec<Vec<(&str, PartKind)>> = each
+            .iter()
+            .map(|d| {
+                d.partitions
+                    .iter()
+                    .map(|x| (x.name.as_str(), x.kind))
+                    .collect()
+            })
+            .collect();
+        assert_eq!(
+            names,
+            [
+                vec![
+                    ("ESP", PartKind::Esp),
+                    ("swap", PartKind::Swap),
+                    ("rpool", PartKind::Zfs)
+                ],
+                vec![
+                    ("ESP2", PartKind::Esp),
+                    ("swap2", PartKind::Swap),
+                    ("rpool", PartKind::Zfs)
+                ],
+            ]
+        );
+        // Each disk's own sector size: the 4Kn disk's ESP starts at 256.
+        assert_eq!(each[1].logical_block_size, 4096);
+        assert_eq!(each[1].partitions[0].first_lba, 256);
+        assert_eq!(p.zfs_devices(), ["/dev/nvme0n1p3", "/dev/nvme1n1p3"]);
+        let z = plan(
+            &mirror_profile("[[pool.datasets]]\nname = \"root\"\nsnapshots = [\"blank\"]\n[[pool.zvols]]\nname = \"root/vm\"\nvolsize = \"1GiB\"\n"),
+            &facts(vec![disk("nvme0n1", 2, "A"), disk("nvme1n1", 2, "B")]),
+        )
+        .expect("plan")
+        .to_string();
+        assert!(
+            z.contains(
+                "plan:   snapshot rpool/root@blank, taken before anything is written to it\n"
+            ),
+            "{z}"
+        );
+        assert!(
+            z.contains("plan:   zvol rpool/root/vm volsize=1.0 GiB (1073741824 bytes)\n"),
+            "{z}"
+        );
+        let text = p.to_string();
+        for want in [
+            "plan: disk 1 of 2 of pool rpool:\nplan: install on nvme0n1",
+            "plan: disk 2 of 2 of pool rpool:\nplan: install on nvme1n1",
+            "plan: pool rpool: one mirror vdev of /dev/nvme0n1p3, /dev/nvme1n1p3 (the pool survives 1 of 2 disks lost); an ESP with the boot files on every disk",
+        ] {
+            assert!(text.contains(want), "{want}:\n{text}");
+        }
+    }
+
+    #[test]
+    fn every_selection_resolves_or_nothing_is_planned() {
+        let prof = mirror_profile("");
+        // The member's disk is missing.
+        let err = plan(&prof, &facts(vec![disk("nvme0n1", 2, "A")])).expect_err("no B");
+        let msg = err.to_string();
+        assert!(
+            msg.contains("no disk matches the profile's [disk] members[0] rules")
+                && msg.contains("serial \"A\" is not \"B\""),
+            "{msg}"
+        );
+        // A member's rules match two disks.
+        let prof = Profile::parse(
+            "name = \"t\"\n[disk]\nselect = { serial = \"A\" }\nmembers = [ { bus = \"nvme\", min-size = \"3GiB\" } ]\n[pool]\nvdev = \"mirror\"\n",
+            "t.toml",
+        )
+        .expect("profile");
+        let err = plan(
+            &prof,
+            &facts(vec![
+                disk("nvme0n1", 2, "A"),
+                disk("nvme1n1", 4, "B"),
+                disk("nvme2n1", 4, "C"),
+            ]),
+        )
+        .expect_err("ambiguous");
+        assert!(
+            err.to_string()
+                .contains("2 disks match the profile's [disk] members[0] rules"),
+            "{err}"
+        );
+        // One disk matched by two sets of rules.
+        let err = plan(
+            &prof,
+            &facts(vec![disk("nvme0n1", 4, "A"), disk("nvme1n1", 2, "B")]),
+        )
+        .expect_err("same disk twice");
+        assert!(
+            err.to_string().contains(
+                "disk nvme0n1 (4.0 GiB, model \"QEMU NVMe Ctrl\", serial \"A\", bus nvme) is chosen by both the profile's [disk] select and [disk] members[0] rules"
+            ),
+            "{err}"
+        );
+        // A member that is not empty is refused like the first disk.
+        let mut b = disk("nvme1n1", 2, "B");
+        b.signatures = vec!["ext4 file system".into()];
+        let err = plan(
+            &mirror_profile(""),
+            &facts(vec![disk("nvme0n1", 2, "A"), b]),
+        )
+        .expect_err("B not empty");
+        assert!(
+            err.to_string()
+                .contains("disk nvme1n1 is not empty (ext4 file system)"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn an_old_pool_on_a_member_is_wiped_and_one_elsewhere_refused() {
+        let mut b = disk("nvme1n1", 2, "B");
+        b.zfs_pools = vec![ZfsPoolLabel {
+            device: "nvme1n1p3".into(),
+            pool: "rpool".into(),
+            guid: None,
+            state: Some(0),
+        }];
+        b.signatures = vec!["ZFS pool rpool on nvme1n1p3".into()];
+        let prof = mirror_profile("");
+        let mut always = prof.clone();
+        always.disk.wipe = Wipe::Always;
+        let f = facts(vec![disk("nvme0n1", 2, "A"), b.clone()]);
+        assert_eq!(
+            plan(&always, &f).expect("member wiped").members[0].wipe,
+            b.signatures
+        );
+        let mut c = b.clone();
+        c.name = "sda".into();
+        c.serial = Some("C".into());
+        c.zfs_pools[0].device = "sda3".into();
+        let f = facts(vec![disk("nvme0n1", 2, "A"), disk("nvme1n1", 2, "B"), c]);
+        let msg = plan(&prof, &f).expect_err("old pool elsewhere").to_string();
+        assert!(
+            msg.contains("/dev/sda3") && msg.contains("nvme0n1") && msg.contains("nvme1n1"),
+            "{msg}"
+        );
     }
 
     #[test]

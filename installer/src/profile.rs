@@ -128,6 +128,11 @@ pub struct Disk {
     /// Swap partition size; absent means no swap partition.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub swap_size: Option<Size>,
+    /// The other disks of the root pool's vdev (`[pool] vdev`), each chosen
+    /// by rules of its own (the keys of `select`); each gets the same layout
+    /// as the disk of `select` (ESP, swap, ZFS). Empty: one disk.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub members: Vec<DiskSelect>,
 }
 
 fn default_esp_size() -> Size {
@@ -237,6 +242,60 @@ pub struct Pool {
     pub root_options: BTreeMap<String, String>,
     #[serde(default)]
     pub datasets: Vec<Dataset>,
+    /// How the root pool's disks (`[disk] select` and `members`) are
+    /// joined: one vdev of this type.
+    #[serde(default)]
+    pub vdev: Vdev,
+    /// Volumes, created after the datasets.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub zvols: Vec<Zvol>,
+}
+
+/// The root pool's vdev type, as `zpool create` names it (zpoolconcepts(7)).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Vdev {
+    /// One disk (no `[disk] members`).
+    #[default]
+    Single,
+    /// Every disk holds a copy; the pool survives all but one disk.
+    Mirror,
+    /// Single parity: survives one disk, at least 2 disks.
+    Raidz1,
+    /// Double parity: survives two disks, at least 3 disks.
+    Raidz2,
+}
+
+impl Vdev {
+    /// The word before the devices in `zpool create` (none for one disk).
+    pub fn keyword(self) -> Option<&'static str> {
+        match self {
+            Vdev::Single => None,
+            Vdev::Mirror => Some("mirror"),
+            Vdev::Raidz1 => Some("raidz1"),
+            Vdev::Raidz2 => Some("raidz2"),
+        }
+    }
+
+    /// The fewest disks `zpool create` accepts for this type: a mirror 2,
+    /// raidzN N + 1 (`is_grouping` in OpenZFS's `cmd/zpool/zpool_vdev.c`).
+    pub fn min_disks(self) -> usize {
+        match self {
+            Vdev::Single => 1,
+            Vdev::Mirror | Vdev::Raidz1 => 2,
+            Vdev::Raidz2 => 3,
+        }
+    }
+
+    /// How many disks may fail with the pool still imported.
+    pub fn tolerates(self, disks: usize) -> usize {
+        match self {
+            Vdev::Single => 0,
+            Vdev::Mirror => disks.saturating_sub(1),
+            Vdev::Raidz1 => 1,
+            Vdev::Raidz2 => 2,
+        }
+    }
 }
 
 fn default_pool_name() -> PoolName {
@@ -250,6 +309,8 @@ impl Default for Pool {
             options: BTreeMap::new(),
             root_options: BTreeMap::new(),
             datasets: Vec::new(),
+            vdev: Vdev::default(),
+            zvols: Vec::new(),
         }
     }
 }
@@ -263,6 +324,29 @@ pub struct Dataset {
     pub mountpoint: Option<Spanned<Mountpoint>>,
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub options: BTreeMap<String, String>,
+    /// Snapshots taken right after `zfs create`, before anything is written
+    /// to the dataset (`blank`: the "erase your darlings" rollback point).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub snapshots: Vec<String>,
+}
+
+/// A ZFS volume (`zfs create -V`), e.g. a VM's disk.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct Zvol {
+    /// Name below the pool; its parent is the pool or a dataset of
+    /// `[[pool.datasets]]`.
+    pub name: Spanned<DatasetName>,
+    /// The volume's size; a multiple of its `volblocksize` (8K unless
+    /// `options` sets it, OpenZFS 2.1.11's default).
+    pub volsize: Size,
+    /// Volume properties (`zfs create -o`), checked as ZFS checks them.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub options: BTreeMap<String, String>,
+    /// Swap on this volume: always refused (see [`Profile::parse`]'s
+    /// check), the key exists to say why.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub swap: bool,
 }
 
 /// What is copied into the store: one of `closure`, `store` or `synthetic`
@@ -1074,11 +1158,51 @@ impl Profile {
             dataset_options.iter().map(|(k, o)| (k.clone(), *o)),
         )
         .map_err(|(k, e)| (None, k, e))?;
+        self.check_snapshots_and_zvols(&names)?;
         self.check_sizes()?;
         self.disk
             .select
             .check()
             .map_err(|(sub, msg)| (None, format!("disk.select{sub}"), msg))?;
+        for (i, m) in self.disk.members.iter().enumerate() {
+            m.check()
+                .map_err(|(sub, msg)| (None, format!("disk.members[{i}]{sub}"), msg))?;
+            let same = std::iter::once(&self.disk.select).chain(&self.disk.members[..i]);
+            if same.clone().any(|o| o == m) {
+                return Err((
+                    None,
+                    format!("disk.members[{i}]"),
+                    "these rules are given twice: each disk of the pool needs rules of its own \
+                     (a serial or wwn each)"
+                        .into(),
+                ));
+            }
+        }
+        let disks = 1 + self.disk.members.len();
+        let vdev = self.pool.vdev;
+        if vdev == Vdev::Single && disks > 1 {
+            return Err((
+                None,
+                "pool.vdev".into(),
+                format!(
+                    "[disk] names {disks} disks (select and members) and the pool's vdev is \
+                     `single`: say how they are joined, `mirror`, `raidz1` or `raidz2` \
+                     (a stripe, which loses the pool with any one disk, is not offered)"
+                ),
+            ));
+        }
+        if disks < vdev.min_disks() {
+            return Err((
+                None,
+                "pool.vdev".into(),
+                format!(
+                    "a {} needs at least {} disks and [disk] names {disks} (select and members); \
+                     add disks to `members`",
+                    vdev.keyword().unwrap_or("single"),
+                    vdev.min_disks()
+                ),
+            ));
+        }
         if self.disk.wipe == Wipe::Always && self.finish.on_success == OnSuccess::Reboot {
             return Err((
                 None,
@@ -1300,6 +1424,117 @@ impl Profile {
             .map_err(|(key, msg)| (None, format!("ssh{key}"), msg))
     }
 
+    /// Snapshot names (one component, as `zfs snapshot` takes it) and the
+    /// volumes: a parent that exists (`names`: the datasets), a unique name,
+    /// a `volsize` that is a positive multiple of `volblocksize` (a power of
+    /// two from 512 to 128K; `zfs_prop.c`, and libzfs's "volume size must
+    /// be a multiple of volume block size"), properties as for datasets, no
+    /// `mountpoint`/`canmount` (filesystem properties), and no swap.
+    fn check_snapshots_and_zvols(
+        &self,
+        names: &BTreeSet<String>,
+    ) -> Result<(), (Option<Range<usize>>, String, String)> {
+        for (i, ds) in self.pool.datasets.iter().enumerate() {
+            let mut seen = BTreeSet::new();
+            for (j, snap) in ds.snapshots.iter().enumerate() {
+                let key = format!("pool.datasets[{i}].snapshots[{j}]");
+                crate::zprop::check_dataset_name(snap)
+                    .and_then(|()| {
+                        if snap.contains('/') {
+                            Err(format!("snapshot name `{snap}` has a `/`: give the name after the `@` only"))
+                        } else {
+                            Ok(())
+                        }
+                    })
+                    .map_err(|e| (Some(ds.name.span()), key.clone(), e))?;
+                if !seen.insert(snap) {
+                    return Err((
+                        Some(ds.name.span()),
+                        key,
+                        format!("snapshot `{snap}` is given twice"),
+                    ));
+                }
+            }
+        }
+        let pool = &self.pool.name.0;
+        let mut taken = names.clone();
+        for (i, z) in self.pool.zvols.iter().enumerate() {
+            let key = format!("pool.zvols[{i}]");
+            let span = Some(z.name.span());
+            let name = &z.name.get_ref().0;
+            if z.swap {
+                return Err((
+                    span,
+                    format!("{key}.swap"),
+                    "swap on a ZFS volume can deadlock the machine under memory pressure (ZFS \
+                     needs memory to write the pages the kernel is swapping out to free memory; \
+                     openzfs/zfs#7734, open): use `[disk] swap-size`, a swap partition on \
+                     every disk of the pool"
+                        .into(),
+                ));
+            }
+            if let Some((parent, _)) = name.rsplit_once('/') {
+                if !names.contains(parent) {
+                    return Err((
+                        span,
+                        format!("{key}.name"),
+                        format!("parent dataset `{parent}` of volume `{name}` is not in [[pool.datasets]]"),
+                    ));
+                }
+            }
+            if !taken.insert(name.clone()) {
+                return Err((
+                    span,
+                    format!("{key}.name"),
+                    format!("`{name}` is defined twice"),
+                ));
+            }
+            crate::zprop::check_full_dataset_name(pool, name)
+                .map_err(|e| (span.clone(), format!("{key}.name"), e))?;
+            let block = match z.options.get("volblocksize") {
+                Some(v) => match crate::zprop::parse_number(v) {
+                    Some(b) if b.is_power_of_two() && (512..=128 << 10).contains(&b) => b,
+                    _ => {
+                        return Err((
+                            span,
+                            format!("{key}.options.volblocksize"),
+                            format!("volblocksize `{v}` is not a power of two from 512 to 128K"),
+                        ))
+                    }
+                },
+                None => 8 << 10,
+            };
+            if z.volsize.0 == 0 || z.volsize.0 % block != 0 {
+                return Err((
+                    span,
+                    format!("{key}.volsize"),
+                    format!(
+                        "volsize {} is not a positive multiple of the volume's block size ({})",
+                        z.volsize,
+                        Size(block)
+                    ),
+                ));
+            }
+            for (k, v) in &z.options {
+                if k == "volblocksize" {
+                    continue;
+                }
+                if matches!(k.as_str(), "mountpoint" | "canmount" | "recordsize") {
+                    return Err((
+                        span,
+                        format!("{key}.options.{k}"),
+                        format!("`{k}` is a file system property; a volume does not take it"),
+                    ));
+                }
+                crate::zprop::check_dataset_property(k, v)
+                    .map_err(|e| (span.clone(), format!("{key}.options.{k}"), e))?;
+            }
+            crate::zprop::check_encryption(&z.options)
+                .map_err(|(k, e)| (span.clone(), format!("{key}.options.{k}"), e))?;
+        }
+        Ok(())
+    }
+
     /// The sizes of `[disk]` against what the firmware, the kernel and ZFS
     /// accept on any disk: an ESP that is FAT32 with 512- or 4096-byte
     /// sectors ([`crate::disk::esp_fat32_problem`]; the plan checks the
@@ -1369,6 +1604,9 @@ impl Profile {
             + crate::plan::MIN_ZFS_BYTES
             + crate::plan::ALIGN_BYTES;
         let mut selects = vec![("disk.select".to_string(), &self.disk.select, None)];
+        for (i, m) in self.disk.members.iter().enumerate() {
+            selects.push((format!("disk.members[{i}]"), m, None));
+        }
         for (i, node) in self.nodes.iter().enumerate() {
             if let Some(sel) = &node.disk {
                 selects.push((format!("nodes[{i}].disk"), sel, Some(node.name.span())));
@@ -1413,6 +1651,40 @@ select = { serial = "S1" }
 
     fn err(src: &str) -> ProfileError {
         Profile::parse(src, "t.toml").expect_err("profile should be refused")
+    }
+
+    #[test]
+    fn several_disks_need_a_vdev_type_and_enough_disks() {
+        let two = "name = \"t\"\n[disk]\nselect = { serial = \"A\" }\nmembers = [ { serial = \"B\" } ]\n[pool]\n";
+        let e = err(two);
+        assert_eq!(e.key, "pool.vdev", "{e}");
+        assert!(
+            e.message.contains("names 2 disks")
+                && e.message.contains("`mirror`, `raidz1` or `raidz2`"),
+            "{e}"
+        );
+        let e = err(&format!("{two}vdev = \"raidz2\"\n"));
+        assert_eq!(e.key, "pool.vdev", "{e}");
+        assert!(
+            e.message
+                .contains("a raidz2 needs at least 3 disks and [disk] names 2"),
+            "{e}"
+        );
+        let e =
+            err("name = \"t\"\n[disk]\nselect = { serial = \"A\" }\n[pool]\nvdev = \"mirror\"\n");
+        assert!(e.message.contains("a mirror needs at least 2 disks"), "{e}");
+        let e = err("name = \"t\"\n[disk]\nselect = { serial = \"A\" }\nmembers = [ { serial = \"A\" } ]\n[pool]\nvdev = \"mirror\"\n");
+        assert_eq!(e.key, "disk.members[0]", "{e}");
+        assert_eq!((e.line, e.column), (4, 1), "{e}");
+        assert!(e.message.contains("given twice"), "{e}");
+        let e = err("name = \"t\"\n[disk]\nselect = { serial = \"A\" }\nmembers = [ { } ]\n[pool]\nvdev = \"mirror\"\n");
+        assert_eq!(e.key, "disk.members[0]", "{e}");
+        let e = err("name = \"t\"\n[disk]\nselect = { serial = \"A\" }\nmembers = [ { serial = \"B\", max-size = \"100MiB\" } ]\n[pool]\nvdev = \"mirror\"\n");
+        assert_eq!(e.key, "disk.members[0].max-size", "{e}");
+        let p = Profile::parse(&format!("{two}vdev = \"mirror\"\n"), "t.toml").expect("mirror");
+        assert_eq!(p.pool.vdev, Vdev::Mirror);
+        let again = Profile::parse(&p.to_toml(), "resolved").expect("resolved profile parses");
+        assert_eq!(again.disk.members, p.disk.members);
     }
 
     #[test]

@@ -70,10 +70,14 @@ pub fn set_live_hostid(id: u32) -> Result<()> {
 /// is not first). `bootfs` is the dataset at `/`, whatever its
 /// `canmount` (a `noauto` root is mounted here explicitly). Mountpoints are
 /// passed normalised ([`crate::datasets::normalise`]).
+///
+/// `devices` are the ZFS partitions of the pool's disks, the first disk
+/// first; with more than one they become one vdev of `pool.vdev`'s type
+/// (`mirror A B`, `raidz1 A B C`), as zpoolconcepts(7) writes it.
 pub fn create_commands(
     pool: &Pool,
     mounts: &[Mounted],
-    device: &str,
+    devices: &[String],
     altroot: &str,
 ) -> Vec<Vec<String>> {
     let name = pool.name.to_string();
@@ -97,7 +101,13 @@ pub fn create_commands(
     for (k, v) in &pool.root_options {
         create.extend(["-O".into(), prop(k, v)]);
     }
-    create.extend([name.clone(), device.to_string()]);
+    create.push(name.clone());
+    if devices.len() > 1 {
+        if let Some(kind) = pool.vdev.keyword() {
+            create.push(kind.into());
+        }
+    }
+    create.extend(devices.iter().cloned());
     cmds.push(create);
     for ds in &pool.datasets {
         let mut c = vec!["zfs".to_string(), "create".into(), "-u".into()];
@@ -107,7 +117,29 @@ pub fn create_commands(
         for (k, v) in &ds.options {
             c.extend(["-o".into(), prop(k, v)]);
         }
-        c.push(format!("{name}/{}", ds.name.get_ref()));
+        let full = format!("{name}/{}", ds.name.get_ref());
+        c.push(full.clone());
+        cmds.push(c);
+        // Before anything is written to it (`-u`: not even mounted yet).
+        for snap in &ds.snapshots {
+            cmds.push(vec![
+                "zfs".into(),
+                "snapshot".into(),
+                format!("{full}@{snap}"),
+            ]);
+        }
+    }
+    for z in &pool.zvols {
+        let mut c = vec![
+            "zfs".to_string(),
+            "create".into(),
+            "-V".into(),
+            z.volsize.0.to_string(),
+        ];
+        for (k, v) in &z.options {
+            c.extend(["-o".into(), format!("{k}={v}")]);
+        }
+        c.push(format!("{name}/{}", z.name.get_ref()));
         cmds.push(c);
     }
     // `zpool create` mounted the pool's root dataset already; when a parent
@@ -270,6 +302,10 @@ pub fn reported_properties(pool: &Pool) -> (Vec<String>, Vec<String>) {
         .collect();
     zfs.extend(pool.root_options.keys().cloned());
     zfs.extend(pool.datasets.iter().flat_map(|d| d.options.keys().cloned()));
+    if !pool.zvols.is_empty() {
+        zfs.push("volsize".into());
+        zfs.extend(pool.zvols.iter().flat_map(|z| z.options.keys().cloned()));
+    }
     for list in [&mut zpool, &mut zfs] {
         list.sort();
         list.dedup();
@@ -365,10 +401,88 @@ mountpoint = "/"
 
     fn commands(pool: &Pool) -> Vec<String> {
         let mounts = crate::datasets::mounts(pool);
-        create_commands(pool, &mounts, "/dev/nvme0n1p3", "/mnt")
+        create_commands(pool, &mounts, &["/dev/nvme0n1p3".into()], "/mnt")
             .iter()
             .map(|c| c.join(" "))
             .collect()
+    }
+
+    #[test]
+    fn a_mirror_a_blank_snapshot_and_a_zvol() {
+        let src = r#"
+name = "t"
+[disk]
+select = { serial = "A" }
+members = [ { serial = "B" } ]
+[pool]
+vdev = "mirror"
+root-options = { mountpoint = "none", canmount = "off" }
+[[pool.datasets]]
+name = "root"
+mountpoint = "/"
+snapshots = ["blank"]
+[[pool.datasets]]
+name = "vm"
+[[pool.zvols]]
+name = "vm/disk0"
+volsize = "10MiB"
+options = { volblocksize = "16K", compression = "lz4" }
+"#;
+        let pool = Profile::parse(src, "t.toml").expect("profile").pool;
+        let mounts = crate::datasets::mounts(&pool);
+        let cmds: Vec<String> = create_commands(
+            &pool,
+            &mounts,
+            &["/dev/nvme0n1p3".into(), "/dev/nvme1n1p3".into()],
+            "/mnt",
+        )
+        .iter()
+        .map(|c| c.join(" "))
+        .collect();
+        assert_eq!(
+            cmds[..5],
+            [
+                "zpool create -R /mnt -O canmount=off -O mountpoint=none rpool mirror /dev/nvme0n1p3 /dev/nvme1n1p3",
+                "zfs create -u -o mountpoint=/ rpool/root",
+                "zfs snapshot rpool/root@blank",
+                "zfs create -u rpool/vm",
+                "zfs create -V 10485760 -o compression=lz4 -o volblocksize=16K rpool/vm/disk0",
+            ]
+        );
+        let (_, zfs) = reported_properties(&pool);
+        assert!(zfs.contains(&"volsize".to_string()) && zfs.contains(&"volblocksize".to_string()));
+    }
+
+    #[test]
+    fn volumes_and_snapshots_are_checked_at_build_time() {
+        let base = "name = \"t\"\n[disk]\nselect = { serial = \"A\" }\n[pool]\n[[pool.datasets]]\nname = \"vm\"\n";
+        let err =
+            |extra: &str| Profile::parse(&format!("{base}{extra}"), "t.toml").expect_err("refused");
+        let e = err("[[pool.zvols]]\nname = \"vm/swap\"\nvolsize = \"1GiB\"\nswap = true\n");
+        assert_eq!(e.key, "pool.zvols[0].swap", "{e}");
+        assert!(
+            e.message.contains("openzfs/zfs#7734") && e.message.contains("swap-size"),
+            "{e}"
+        );
+        let e = err("[[pool.zvols]]\nname = \"other/d\"\nvolsize = \"1GiB\"\n");
+        assert_eq!(e.key, "pool.zvols[0].name", "{e}");
+        assert!(e.message.contains("parent dataset `other`"), "{e}");
+        let e = err("[[pool.zvols]]\nname = \"vm\"\nvolsize = \"1GiB\"\n");
+        assert!(e.message.contains("defined twice"), "{e}");
+        let e = err("[[pool.zvols]]\nname = \"vm/d\"\nvolsize = \"1000B\"\n");
+        assert_eq!(e.key, "pool.zvols[0].volsize", "{e}");
+        let e = err("[[pool.zvols]]\nname = \"vm/d\"\nvolsize = \"1MiB\"\noptions = { volblocksize = \"3K\" }\n");
+        assert_eq!(e.key, "pool.zvols[0].options.volblocksize", "{e}");
+        let e = err("[[pool.zvols]]\nname = \"vm/d\"\nvolsize = \"1MiB\"\noptions = { mountpoint = \"/x\" }\n");
+        assert!(e.message.contains("file system property"), "{e}");
+        let e = err("[[pool.zvols]]\nname = \"vm/d\"\nvolsize = \"1MiB\"\noptions = { compression = \"fast\" }\n");
+        assert_eq!(e.key, "pool.zvols[0].options.compression", "{e}");
+        let e = Profile::parse(
+            "name = \"t\"\n[disk]\nselect = { serial = \"A\" }\n[pool]\n[[pool.datasets]]\nname = \"vm\"\nsnapshots = [\"a@b\"]\n",
+            "t.toml",
+        )
+        .expect_err("bad snapshot");
+        assert_eq!(e.key, "pool.datasets[0].snapshots[0]", "{e}");
     }
 
     #[test]

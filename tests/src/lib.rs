@@ -60,6 +60,26 @@ pub fn build_variant(
     .iso
 }
 
+/// Builds the profile at `path` (e.g. a fixture) into `dir`, with the lock
+/// of `profiles/` beside it; returns the ISO.
+pub fn build_profile_file(dir: &Path, path: &Path) -> PathBuf {
+    let profiles = env_path("NODEFLASH_PROFILES");
+    let name = path.file_name().expect("a file name");
+    let copy = dir.join(name);
+    std::fs::copy(path, &copy).expect("copy the profile");
+    std::fs::copy(profiles.join("inputs.lock"), dir.join("inputs.lock")).expect("copy the lock");
+    nodeflash_builder::build::build(&nodeflash_builder::build::BuildOptions {
+        profile: copy,
+        installer: env_path("NODEFLASH_TEST_INSTALLER"),
+        out_dir: dir.join("out"),
+        cache: nodeflash_builder::cache::Cache::from_env().expect("cache"),
+        reuse_artifacts: true,
+        lock_mode: nodeflash_builder::inputs::LockMode::Locked,
+    })
+    .unwrap_or_else(|e| panic!("cannot build {}: {e:#}", path.display()))
+    .iso
+}
+
 /// The JSON of the first console line starting with `prefix`, e.g.
 /// `nodeflash-pool: `.
 pub fn console_json(console: &str, prefix: &str) -> serde_json::Value {
