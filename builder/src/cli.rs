@@ -645,14 +645,13 @@ impl InstallPreview {
         } else {
             "none (the profile has no [payload])".into()
         };
-        // The kernel's partition names: `nvme0n1p3`, `sda3`.
-        let disk = &plan.disk.name;
-        let sep = if disk.ends_with(|c: char| c.is_ascii_digit()) {
-            "p"
-        } else {
-            ""
+        // The kernel's partition names (`nvme0n1p3`, `sda3`), as one vdev
+        // when the pool has several disks (`mirror A B`).
+        let devices = plan.zfs_devices();
+        let device = match (devices.len(), plan.vdev.keyword()) {
+            (2.., Some(kind)) => format!("{kind} {}", devices.join(" ")),
+            _ => devices.join(" "),
         };
-        let device = format!("/dev/{disk}{sep}{}", plan.partitions.len());
         InstallPreview {
             hostid,
             device,

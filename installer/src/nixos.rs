@@ -103,9 +103,15 @@ pub fn flake_module(profile: &crate::profile::Profile, source: &str) -> String {
             quote(&dataset)
         );
     }
+    // With several disks, any one may be missing: the boot goes on.
     let _ = writeln!(
         t,
-        "    fileSystems.\"/boot\" = {{ device = \"/dev/disk/by-partlabel/ESP\"; fsType = \"vfat\"; }};"
+        "    fileSystems.\"/boot\" = {{ device = \"/dev/disk/by-partlabel/ESP\"; fsType = \"vfat\";{} }};",
+        if profile.disk.members.is_empty() {
+            ""
+        } else {
+            " options = [ \"nofail\" ];"
+        }
     );
     let disks = 1 + profile.disk.members.len();
     let others: Vec<String> = (1..disks)
@@ -126,11 +132,12 @@ pub fn flake_module(profile: &crate::profile::Profile, source: &str) -> String {
             t,
             "    boot.loader.systemd-boot.extraInstallCommands = ''\n      \
              # nodeflash: every disk of the pool carries the boot files, so that any one boots.\n      \
+             # The copy goes from /boot only when /boot is the first disk's ESP.\n      \
              for esp in {}; do\n        \
-               if ${{pkgs.util-linux}}/bin/mountpoint -q \"$esp\"; then\n          \
+               if ${{pkgs.util-linux}}/bin/mountpoint -q /boot && ${{pkgs.util-linux}}/bin/mountpoint -q \"$esp\"; then\n          \
                  ${{pkgs.rsync}}/bin/rsync -r --delete --checksum /boot/ \"$esp\"/\n        \
                else\n          \
-                 echo \"nodeflash: $esp is not mounted (its disk is missing?), its boot files are not updated\" >&2\n        \
+                 echo \"nodeflash: /boot or $esp is not mounted (a disk is missing?), $esp is not updated\" >&2\n        \
                fi\n      \
              done\n    '';",
             others.join(" ")
@@ -461,7 +468,7 @@ mod tests {
         let text = flake_module(&p, "t.toml");
         for want in [
             "  common = { pkgs, ... }: {\n",
-            "fileSystems.\"/boot\" = { device = \"/dev/disk/by-partlabel/ESP\"; fsType = \"vfat\"; };",
+            "fileSystems.\"/boot\" = { device = \"/dev/disk/by-partlabel/ESP\"; fsType = \"vfat\"; options = [ \"nofail\" ]; };",
             "fileSystems.\"/boot2\" = { device = \"/dev/disk/by-partlabel/ESP2\"; fsType = \"vfat\"; options = [ \"nofail\" ]; };",
             "fileSystems.\"/boot3\" = { device = \"/dev/disk/by-partlabel/ESP3\"; fsType = \"vfat\"; options = [ \"nofail\" ]; };",
             "boot.loader.systemd-boot.extraInstallCommands = ''\n",

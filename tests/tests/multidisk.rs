@@ -212,6 +212,41 @@ fn a_mirror_installs_and_boots_from_either_disk_alone() {
     }
 }
 
+/// disko's example/zfs-impermanence.nix translated: one disk, and the
+/// `blank` snapshot of the root dataset taken right after its creation.
+#[test]
+fn disko_impermanence_installs_with_a_blank_snapshot() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let fixture =
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("fixtures/disko/zfs-impermanence.toml");
+    let iso = build_profile_file(dir.path(), &fixture);
+    let disk = Nvme::create(dir.path(), "a.img", GIB, "NFTEST0001").expect("disk");
+    let mut cfg = VmConfig::new(iso.clone(), Boot::UsbStick);
+    cfg.nvme = vec![disk.clone()];
+    let console = run(&cfg);
+    assert_console(&console, "nodeflash: done in");
+    assert_console(
+        &console,
+        "plan:   snapshot zroot/local/root@blank, taken before anything is written to it",
+    );
+    let pool = console_json(&console, "nodeflash-pool: ");
+    assert_eq!(
+        pool["datasets"]["zroot/local/root@blank"]["type"], "snapshot",
+        "{pool:#}"
+    );
+    let check = boot_disks(std::slice::from_ref(&disk));
+    assert_eq!(check["problems"], serde_json::json!([]), "{check:#}");
+    assert!(
+        check["datasets"]["zroot/local/root@blank"].is_object(),
+        "{check:#}"
+    );
+    assert_eq!(
+        check["datasets"]["zroot/local/root"]["mountpoint"], "/",
+        "{check:#}"
+    );
+    assert_eq!(check["store"]["digest"], payload_digest(&iso).as_str());
+}
+
 #[test]
 fn member_selections_that_do_not_resolve_leave_every_disk_unchanged() {
     let dir = tempfile::tempdir().expect("tempdir");
