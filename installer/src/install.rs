@@ -712,8 +712,7 @@ fn payload_url_of(cmdline: &str) -> Option<String> {
     cmdline
         .split_whitespace()
         .filter_map(|w| w.strip_prefix(PAYLOAD_URL_WORD))
-        .filter(|u| !u.is_empty())
-        .last()
+        .rfind(|u| !u.is_empty())
         .map(str::to_string)
 }
 
