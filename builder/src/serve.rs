@@ -53,6 +53,10 @@ pub struct ServeArgs {
     /// each); further requests wait their turn.
     #[arg(long, default_value_t = 32)]
     pub max_connections: usize,
+    /// At most this many MB/s (10^6 bytes) per response, to leave room on
+    /// a LAN that others use [default: no limit].
+    #[arg(long)]
+    pub rate_limit: Option<f64>,
     /// Only HTTP: no proxy DHCP and TFTP (the LAN's DHCP server then points
     /// PXE clients to iPXE and iPXE to http://ADDRESS:PORT/boot.ipxe).
     #[arg(long)]
@@ -323,6 +327,26 @@ fn log_unfinished(log: fn(&str)) {
     }
 }
 
+/// A reader that keeps to `rate` bytes per second on average.
+struct Throttled<R> {
+    inner: R,
+    rate: f64,
+    started: Instant,
+    n: u64,
+}
+
+impl<R: Read> Read for Throttled<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let r = self.inner.read(buf)?;
+        self.n += r as u64;
+        let due = std::time::Duration::from_secs_f64(self.n as f64 / self.rate);
+        if let Some(wait) = due.checked_sub(self.started.elapsed()) {
+            std::thread::sleep(wait);
+        }
+        Ok(r)
+    }
+}
+
 /// The `mac=` of a request's query, lower case, if it looks like a MAC.
 fn mac_of(url: &str) -> Option<String> {
     let query = url.split_once('?')?.1;
@@ -343,7 +367,7 @@ fn mac_of(url: &str) -> Option<String> {
 pub fn http(
     image: Arc<Image>,
     listen: (Ipv4Addr, u16),
-    workers: usize,
+    (workers, rate_limit): (usize, Option<f64>),
     log: fn(&str),
 ) -> Result<Arc<tiny_http::Server>> {
     let server = tiny_http::Server::http(listen)
@@ -354,7 +378,7 @@ pub fn http(
         let (server, image, base) = (server.clone(), image.clone(), base.clone());
         std::thread::spawn(move || {
             while let Ok(req) = server.recv() {
-                respond(&image, &base, req, log);
+                respond(&image, &base, req, rate_limit, log);
             }
         });
     }
@@ -363,7 +387,13 @@ pub fn http(
 
 /// One request: the script, the kernel, the initramfs or (a range of) the
 /// payload, and its log line.
-fn respond(image: &Image, base: &str, req: tiny_http::Request, log: fn(&str)) {
+fn respond(
+    image: &Image,
+    base: &str,
+    req: tiny_http::Request,
+    rate_limit: Option<f64>,
+    log: fn(&str),
+) {
     use tiny_http::{Header, Response, StatusCode};
     let url = req.url().to_string();
     let path = url.split('?').next().unwrap_or_default().to_string();
@@ -456,6 +486,15 @@ fn respond(image: &Image, base: &str, req: tiny_http::Request, log: fn(&str)) {
                     &format!("bytes {start}-{}/{total}", end - 1),
                 ));
             }
+            let reader: Box<dyn Read + Send> = match rate_limit {
+                Some(mb_s) => Box::new(Throttled {
+                    inner: reader,
+                    rate: mb_s * 1e6,
+                    started: Instant::now(),
+                    n: 0,
+                }),
+                None => reader,
+            };
             let body = Counted {
                 inner: reader,
                 n: sent.clone(),
@@ -562,7 +601,15 @@ pub fn run(a: &ServeArgs, iso: &Path) -> Result<()> {
     };
     let (dir, _keep) = state;
     let log: fn(&str) = |l| eprintln!("{l}");
-    let server = http(image.clone(), (a.address, a.port), a.max_connections, log)?;
+    if a.rate_limit.is_some_and(|r| r.is_nan() || r <= 0.0) {
+        bail!("--rate-limit must be more than 0 MB/s");
+    }
+    let server = http(
+        image.clone(),
+        (a.address, a.port),
+        (a.max_connections, a.rate_limit),
+        log,
+    )?;
     eprintln!(
         "serve: {} ({}) on http://{}:{}/ (payload {}), at most {} responses at once",
         image.info.profile,
@@ -588,7 +635,17 @@ pub fn run(a: &ServeArgs, iso: &Path) -> Result<()> {
         let dlog = dir.join("dnsmasq.log");
         std::fs::write(&conf, dnsmasq_conf(a.address, a.port, &tftp, &dlog))
             .with_context(|| format!("cannot write {}", conf.display()))?;
-        let child = Command::new("dnsmasq")
+        let mut command = Command::new("dnsmasq");
+        // SAFETY: between fork and exec only pthread_sigmask runs, which is
+        // async-signal-safe; dnsmasq must not inherit the blocked SIGTERM.
+        unsafe {
+            std::os::unix::process::CommandExt::pre_exec(&mut command, || {
+                stop_signals()
+                    .thread_unblock()
+                    .map_err(std::io::Error::from)
+            });
+        }
+        let child = command
             .arg("--keep-in-foreground")
             .arg(format!("--conf-file={}", conf.display()))
             .arg(format!("--pid-file={}", dir.join("dnsmasq.pid").display()))

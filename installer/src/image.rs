@@ -249,6 +249,11 @@ pub fn volume_set_id(image_id: &str) -> String {
     format!("{VOLSET_PREFIX}{}", &image_id[..image_id.len().min(32)]).to_uppercase()
 }
 
+/// The kernel command line word that makes a network boot: where the store
+/// payload is, `nodeflash.payload=URL` (`nodeflash serve` writes it into its
+/// iPXE script; the installer then reads the payload from there).
+pub const PAYLOAD_URL_WORD: &str = "nodeflash.payload=";
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -375,8 +380,3 @@ mod tests {
         assert!(plain.refuse_generic_without_system(None, &f, 1).is_ok());
     }
 }
-
-/// The kernel command line word that makes a network boot: where the store
-/// payload is, `nodeflash.payload=URL` (`nodeflash serve` writes it into its
-/// iPXE script; the installer then reads the payload from there).
-pub const PAYLOAD_URL_WORD: &str = "nodeflash.payload=";

@@ -741,8 +741,7 @@ fn payload_url_of(cmdline: &str) -> Option<String> {
     cmdline
         .split_whitespace()
         .filter_map(|w| w.strip_prefix(PAYLOAD_URL_WORD))
-        .filter(|u| !u.is_empty())
-        .last()
+        .rfind(|u| !u.is_empty())
         .map(str::to_string)
 }
 
@@ -982,17 +981,21 @@ fn preread_store(store: &Store) -> Result<crate::payload::FramesChecked> {
         },
     )
     .with_context(damaged)?;
-    let cached = match available {
-        Some(a) if len <= a / 2 => format!(
+    let cached = match (&store.source, available) {
+        (Source::Http(_), _) => {
+            "the copy reads it from the server a second time, and checks every file again as it writes"
+                .to_string()
+        }
+        (_, Some(a)) if len <= a / 2 => format!(
             "it fits in the memory to spare ({:.0} MiB available), so the copy reads it from the page cache",
             a as f64 / MIB
         ),
-        Some(a) => format!(
+        (_, Some(a)) => format!(
             "it is larger than the memory to spare ({:.0} MiB available): the copy reads the stick \
              a second time, and checks every file again as it writes",
             a as f64 / MIB
         ),
-        None => "the memory available is not known (no /proc/meminfo)".to_string(),
+        (_, None) => "the memory available is not known (no /proc/meminfo)".to_string(),
     };
     say!(
         "store: payload checked before the disk is touched: {} frames, {:.1} MiB in {:.1}s ({:.1} MB/s); {cached}",

@@ -108,16 +108,18 @@ struct Server {
     iso: PathBuf,
     dir: PathBuf,
     log: PathBuf,
+    args: Vec<String>,
 }
 
 impl Server {
-    fn start(lan: &Lan, iso: &Path, dir: &Path) -> Server {
+    fn start(lan: &Lan, iso: &Path, dir: &Path, args: &[&str]) -> Server {
         let mut s = Server {
             child: None,
             ns: lan.ns.clone(),
             iso: iso.to_path_buf(),
             dir: dir.to_path_buf(),
             log: dir.join("serve.log"),
+            args: args.iter().map(|a| a.to_string()).collect(),
         };
         s.spawn();
         s
@@ -138,6 +140,7 @@ impl Server {
             .args(["--address", SERVER, "--max-connections", "8"])
             .arg("--state-dir")
             .arg(self.dir.join("serve"))
+            .args(&self.args)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log)
@@ -145,7 +148,8 @@ impl Server {
             .expect("nodeflash serve starts");
         self.child = Some(child);
         let t = Instant::now();
-        while !self.text().contains("proxy DHCP and TFTP") {
+        let started = self.text().matches("proxy DHCP and TFTP").count();
+        while self.text().matches("proxy DHCP and TFTP").count() == started {
             assert!(
                 t.elapsed() < Duration::from_secs(60),
                 "serve did not start: {}",
@@ -219,7 +223,7 @@ fn one_node_installs_from_the_network() {
     let dir = tempfile::tempdir().expect("tempdir");
     let iso = images_dir().join("qemu.iso");
     let lan = Lan::new("one", 1, dir.path());
-    let server = Server::start(&lan, &iso, dir.path());
+    let server = Server::start(&lan, &iso, dir.path(), &[]);
     let disk = Nvme::create(dir.path(), "nvme.img", 2 << 30, "NFTEST0001").expect("disk");
     let t = Instant::now();
     let mut vm = node(&lan, 0, "52:54:00:00:be:7a", &disk);
@@ -260,7 +264,9 @@ fn three_nodes_install_at_once_and_one_resumes_after_a_server_restart() {
         &[],
     );
     let lan = Lan::new("three", nodes.len(), dir.path());
-    let mut server = Server::start(&lan, &iso, dir.path());
+    // 2 MB/s per response: the payload (25 MB) takes seconds to send, so
+    // that the stop below lands in the middle of it.
+    let mut server = Server::start(&lan, &iso, dir.path(), &["--rate-limit", "2"]);
     let disks: Vec<Nvme> = (0..nodes.len())
         .map(|i| {
             Nvme::create(dir.path(), &format!("nvme{i}.img"), 2 << 30, "NFTEST0001").expect("disk")
@@ -277,6 +283,7 @@ fn three_nodes_install_at_once_and_one_resumes_after_a_server_restart() {
     vms[0]
         .wait_for_console("pool rpool created on")
         .unwrap_or_else(|e| panic!("{e:#}"));
+    std::thread::sleep(Duration::from_secs(2));
     server.stop();
     let stopped = Instant::now();
     std::thread::sleep(Duration::from_secs(3));
