@@ -319,3 +319,38 @@ fn three_nodes_install_at_once_and_one_resumes_after_a_server_restart() {
         assert_disk(&disks[i], &consoles[i], name, &digest);
     }
 }
+
+/// The server stopped mid-payload and not started again: the node waits
+/// out the stream's bound (120 s without a byte), fails saying so, and its
+/// disk is left an unfinished install with no boot entry.
+#[test]
+fn a_server_gone_mid_payload_fails_the_install_and_nothing_boots() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let iso = images_dir().join("qemu.iso");
+    let lan = Lan::new("gone", 1, dir.path());
+    let mut server = Server::start(&lan, &iso, dir.path(), &["--rate-limit", "2"]);
+    let disk = Nvme::create(dir.path(), "nvme.img", 2 << 30, "NFTEST0001").expect("disk");
+    let mut vm = node(&lan, 0, "52:54:00:00:be:7a", &disk);
+    vm.wait_for_console("pool rpool created on")
+        .unwrap_or_else(|e| panic!("{e:#}"));
+    std::thread::sleep(Duration::from_secs(2));
+    server.stop();
+    let console = vm.wait_for_poweroff().unwrap_or_else(|e| panic!("{e:#}"));
+    drop(vm);
+    eprintln!("{console}");
+    assert_console(
+        &console,
+        &format!("the store was not copied completely from http://{SERVER}:8080/payload"),
+    );
+    assert_console(&console, "(no data for ");
+    assert_console(&console, "nodeflash: FAILED");
+    assert!(
+        !console.contains("install finished"),
+        "the disk was marked finished"
+    );
+    assert_eq!(
+        nodeflash_tests::esp_boot_entries(&disk),
+        Some(Vec::new()),
+        "no boot entry on a disk with a partial store"
+    );
+}
