@@ -14,6 +14,9 @@ pub const BUILD_TOOLS: &[(&str, &str)] = &[
     ("make", "make"),
     ("gcc-12", "gcc-12"),
     ("strip", "binutils"),
+    // OpenZFS's configure (scripts/enum-extract.pl needs Getopt::Std, which
+    // Debian's perl-base lacks: the presence of `perl` does not prove it)
+    ("perl", "perl"),
 ];
 
 /// (program, Debian package) compiling the installer needs (`cargo xtask`):
