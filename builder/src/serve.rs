@@ -57,6 +57,10 @@ pub struct ServeArgs {
     /// a LAN that others use [default: no limit].
     #[arg(long)]
     pub rate_limit: Option<f64>,
+    /// Seconds without a byte of the payload before a node gives up its
+    /// install [default: the installer's, 120].
+    #[arg(long, value_name = "SECONDS")]
+    pub payload_stall: Option<u64>,
     /// Only HTTP: no proxy DHCP and TFTP (the LAN's DHCP server then points
     /// PXE clients to iPXE and iPXE to http://ADDRESS:PORT/boot.ipxe).
     #[arg(long)]
@@ -162,6 +166,9 @@ pub struct Image {
     pub initrd: Vec<u8>,
     /// The store payload's extent in the ISO.
     pub payload: Option<Extent>,
+    /// `--payload-stall`: seconds without a byte of the payload before a
+    /// node gives up, passed on the kernel command line.
+    pub payload_stall: Option<u64>,
 }
 
 impl Image {
@@ -205,6 +212,7 @@ impl Image {
             kernel,
             initrd,
             payload,
+            payload_stall: None,
         })
     }
 
@@ -235,6 +243,12 @@ impl Image {
                 " {}{base}/payload?mac=${{net0/mac}}",
                 nodeflash_installer::image::PAYLOAD_URL_WORD
             ));
+            if let Some(s) = self.payload_stall {
+                args.push_str(&format!(
+                    " {}{s}",
+                    nodeflash_installer::image::PAYLOAD_STALL_WORD
+                ));
+            }
         }
         format!(
             "#!ipxe\necho nodeflash {} ({}) from {base}\nkernel {base}/vmlinuz?mac=${{net0/mac}} {args}\ninitrd --name initrd {base}/initrd?mac=${{net0/mac}}\nboot\n",
@@ -587,7 +601,8 @@ pub fn run(a: &ServeArgs, iso: &Path) -> Result<()> {
     signals
         .thread_block()
         .context("cannot block SIGINT and SIGTERM")?;
-    let image = Image::load(iso)?;
+    let mut image = Image::load(iso)?;
+    image.payload_stall = a.payload_stall;
     let image = Arc::new(image);
     let state = match &a.state_dir {
         Some(d) => {

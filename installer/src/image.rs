@@ -253,6 +253,9 @@ pub fn volume_set_id(image_id: &str) -> String {
 /// payload is, `nodeflash.payload=URL` (`nodeflash serve` writes it into its
 /// iPXE script; the installer then reads the payload from there).
 pub const PAYLOAD_URL_WORD: &str = "nodeflash.payload=";
+/// The kernel command line word that sets the payload stream's stall bound
+/// in seconds (`nodeflash serve --payload-stall`).
+pub const PAYLOAD_STALL_WORD: &str = "nodeflash.payload-stall=";
 
 #[cfg(test)]
 mod tests {

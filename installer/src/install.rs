@@ -745,6 +745,21 @@ fn payload_url_of(cmdline: &str) -> Option<String> {
         .map(str::to_string)
 }
 
+/// The stream policy, with `nodeflash.payload-stall=SECONDS` of the kernel
+/// command line as its stall bound when given (the last one wins).
+fn stream_policy_of(cmdline: &str) -> crate::net::stream::StreamPolicy {
+    let mut policy = crate::net::stream::StreamPolicy::default();
+    if let Some(secs) = cmdline
+        .split_whitespace()
+        .filter_map(|w| w.strip_prefix(crate::image::PAYLOAD_STALL_WORD))
+        .rev()
+        .find_map(|s| s.parse::<u64>().ok())
+    {
+        policy.stall = Duration::from_secs(secs);
+    }
+    policy
+}
+
 /// The HTTP client and reader settings of a payload stream.
 fn payload_stream(url: &str, range: (u64, u64, u64)) -> Result<crate::net::stream::RangeReader> {
     let cas = ca_certificates()?;
@@ -754,7 +769,7 @@ fn payload_stream(url: &str, range: (u64, u64, u64)) -> Result<crate::net::strea
         client,
         url,
         range,
-        crate::net::stream::StreamPolicy::default(),
+        stream_policy_of(&std::fs::read_to_string("/proc/cmdline").unwrap_or_default()),
         |l| say!("{l}"),
     )
 }
@@ -1235,5 +1250,18 @@ mod tests {
             .as_deref(),
             Some("http://h/q?mac=52:54:00:00:00:01")
         );
+    }
+
+    #[test]
+    fn the_payload_stall_bound_is_read_from_the_kernel_command_line() {
+        let default = crate::net::stream::StreamPolicy::default();
+        assert_eq!(super::stream_policy_of("quiet"), default);
+        assert_eq!(
+            super::stream_policy_of("nodeflash.payload-stall=x"),
+            default
+        );
+        let p = super::stream_policy_of("nodeflash.payload-stall=5 nodeflash.payload-stall=30");
+        assert_eq!(p.stall, std::time::Duration::from_secs(30));
+        assert_eq!(p.per_read, default.per_read);
     }
 }

@@ -321,14 +321,20 @@ fn three_nodes_install_at_once_and_one_resumes_after_a_server_restart() {
 }
 
 /// The server stopped mid-payload and not started again: the node waits
-/// out the stream's bound (120 s without a byte), fails saying so, and its
-/// disk is left an unfinished install with no boot entry.
+/// out the stream's bound (`--payload-stall 25`: 25 s without a byte),
+/// fails saying so, and its disk is left an unfinished install with no
+/// boot entry.
 #[test]
 fn a_server_gone_mid_payload_fails_the_install_and_nothing_boots() {
     let dir = tempfile::tempdir().expect("tempdir");
     let iso = images_dir().join("qemu.iso");
     let lan = Lan::new("gone", 1, dir.path());
-    let mut server = Server::start(&lan, &iso, dir.path(), &["--rate-limit", "2"]);
+    let mut server = Server::start(
+        &lan,
+        &iso,
+        dir.path(),
+        &["--rate-limit", "2", "--payload-stall", "25"],
+    );
     let disk = Nvme::create(dir.path(), "nvme.img", 2 << 30, "NFTEST0001").expect("disk");
     let mut vm = node(&lan, 0, "52:54:00:00:be:7a", &disk);
     vm.wait_for_console("pool rpool created on")
