@@ -656,6 +656,9 @@ mod tests {
             .arg("--dhcp-option=3,10.77.0.1")
             .args(extra)
             .arg(format!("--dhcp-leasefile={}", leases.display()))
+            // Not /run/dnsmasq.pid: a killed instance leaves it behind, and
+            // the next dnsmasq then refuses to start.
+            .arg(format!("--pid-file={}", leases.with_extension("pid").display()))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log)
