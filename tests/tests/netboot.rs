@@ -218,7 +218,11 @@ fn assert_disk(disk: &Nvme, console: &str, name: &str, digest: &str) {
     assert_installed(&check, name, &hostid, digest);
 }
 
+/// The one-node figure of docs/netboot.md (`cargo xtask test` leaves it out:
+/// the three-node test below goes through the same path for each of its
+/// nodes, and the suite's time is bounded; run it with `--ignored`).
 #[test]
+#[ignore = "the three-node test covers this path; run for the one-node figure"]
 fn one_node_installs_from_the_network() {
     let dir = tempfile::tempdir().expect("tempdir");
     let iso = images_dir().join("qemu.iso");
