@@ -192,6 +192,19 @@ fn is_root() -> bool {
     cmd::run(Command::new("id").arg("-u")).is_ok_and(|out| out.trim() == "0")
 }
 
+/// Builds the `nodeflash` command (debug) and returns its path.
+fn build_nodeflash() -> Result<PathBuf> {
+    run_visible(cargo().args([
+        "build",
+        "--quiet",
+        "-p",
+        "nodeflash-builder",
+        "--bin",
+        "nodeflash",
+    ]))?;
+    Ok(target_dir().join("debug/nodeflash"))
+}
+
 /// Installs the Debian packages of missing tools when root, else says how.
 fn ensure_packages(tools_needed: &[(&str, &str)]) -> Result<()> {
     let missing = tools::missing_packages(tools_needed);
@@ -429,16 +442,7 @@ fn test() -> Result<()> {
     }
     let installer = build_installer()?;
     // `nodeflash serve` for the network boot test (tests/tests/netboot.rs).
-    steps::step("Compiling nodeflash", || {
-        run_visible(cargo().args([
-            "build",
-            "--quiet",
-            "-p",
-            "nodeflash-builder",
-            "--bin",
-            "nodeflash",
-        ]))
-    })?;
+    let nodeflash = steps::step("Compiling nodeflash", build_nodeflash)?;
     // cargo-nextest (.config/nextest.toml: one QEMU test per core, each
     // retried once, see issue 19); plain `cargo test` where it is missing.
     let nextest = cmd::run(cargo().args(["nextest", "--version"])).is_ok();
@@ -466,10 +470,7 @@ fn test() -> Result<()> {
                 .env("NODEFLASH_ACCEL", accel)
                 .env("NODEFLASH_TEST_IMAGES", target_dir().join("nodeflash"))
                 .env("NODEFLASH_TEST_INSTALLER", &installer)
-                .env(
-                    "NODEFLASH_TEST_NODEFLASH",
-                    target_dir().join("debug/nodeflash"),
-                )
+                .env("NODEFLASH_TEST_NODEFLASH", &nodeflash)
                 .env("NODEFLASH_PROFILES", root().join("profiles"))
                 // The stand-in flake builds with Debian's nix-bin as root:
                 // no `nixbld` build users (that group comes with the

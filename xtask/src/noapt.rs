@@ -89,15 +89,7 @@ fn run(c: &mut Command) -> Result<(bool, String)> {
 /// The check: the hidden-apt build of profile `qemu` against the ordinary
 /// one at `ordinary_iso`, then the two refusals.
 pub fn check(ordinary_iso: &Path, installer: &Path) -> Result<()> {
-    super::run_visible(super::cargo().args([
-        "build",
-        "--quiet",
-        "-p",
-        "nodeflash-builder",
-        "--bin",
-        "nodeflash",
-    ]))?;
-    let nodeflash = super::target_dir().join("debug/nodeflash");
+    let nodeflash = super::build_nodeflash()?;
     let work = super::target_dir().join("no-apt");
     if work.exists() {
         std::fs::remove_dir_all(&work)
