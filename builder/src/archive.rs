@@ -43,9 +43,17 @@ pub fn keyring(cache: &Cache) -> Result<PathBuf> {
             .with_context(|| format!("cannot resolve {}", path.display()));
     }
     let key = hex::encode(Sha256::digest(KEYRING));
-    cache.file("keyrings", &format!("{key}.gpg"), |dest| {
+    let path = cache.file("keyrings", &format!("{key}.gpg"), |dest| {
         std::fs::write(dest, KEYRING).with_context(|| format!("cannot write {}", dest.display()))
-    })
+    })?;
+    // The trust anchor is checked on every use, not only when written.
+    if crate::cache::sha256_file(&path)? != key {
+        bail!(
+            "the cached keyring {} is not the one nodeflash carries: remove it",
+            path.display()
+        );
+    }
+    Ok(path)
 }
 
 /// An HTTP client for the mirror. Only `http://` URIs: the content is
@@ -137,23 +145,36 @@ struct Verdict {
     bad: bool,
 }
 
-/// Parses gpgv's status lines (GnuPG's `doc/DETAILS`). `VALIDSIG` is a
-/// good signature by a key of the keyring; `BADSIG` a signature that does
-/// not match. `NO_PUBKEY` (a signature by a key we do not have, as Debian
-/// signs with several) and `EXPKEYSIG` count for nothing, as in apt.
+/// Parses gpgv's status lines (GnuPG's `doc/DETAILS`). Each signature's
+/// lines start at `NEWSIG`; a signature is good when it has both `GOODSIG`
+/// (gpg's verdict: valid, and the key neither expired nor revoked) and
+/// `VALIDSIG` (its fingerprint). `EXPSIG`, `EXPKEYSIG`, `REVKEYSIG` and
+/// `ERRSIG` (with `VALIDSIG` for the first three: the maths checks out)
+/// and `NO_PUBKEY` (Debian signs with several keys) count for nothing, as
+/// apt requires `GOODSIG`; `BADSIG` anywhere refuses the file.
 fn parse_status(status: &str) -> Verdict {
     let mut v = Verdict::default();
+    let (mut good, mut fingerprint) = (false, None::<String>);
+    let end_of_signature = |v: &mut Verdict, good: &mut bool, fp: &mut Option<String>| {
+        if std::mem::take(good) {
+            v.valid.extend(fp.take());
+        }
+        *fp = None;
+    };
     for line in status.lines() {
         let mut words = line.split_whitespace();
         if words.next() != Some("[GNUPG:]") {
             continue;
         }
         match words.next() {
-            Some("VALIDSIG") => v.valid.extend(words.next().map(str::to_string)),
+            Some("NEWSIG") => end_of_signature(&mut v, &mut good, &mut fingerprint),
+            Some("GOODSIG") => good = true,
+            Some("VALIDSIG") => fingerprint = words.next().map(str::to_string),
             Some("BADSIG") => v.bad = true,
             _ => {}
         }
     }
+    end_of_signature(&mut v, &mut good, &mut fingerprint);
     v
 }
 
@@ -350,8 +371,9 @@ pub fn compare_versions(a: &str, b: &str) -> std::cmp::Ordering {
 
 /// Unpacks the files of a `.deb` (its `data.tar`, compressed with xz,
 /// zstd or not at all) into `into`, as `dpkg-deb -x` does: permission
-/// bits and modification times kept, ownership not changed, no path
-/// outside `into` (the `tar` crate refuses `..` and absolute paths).
+/// bits and modification times kept, ownership not changed. An entry whose
+/// path has a `..` or is absolute is an error (the `tar` crate alone would
+/// skip it quietly); `unpack_in` keeps links from leading outside `into`.
 pub fn extract_deb(deb: &Path, into: &Path) -> Result<()> {
     let file =
         std::fs::File::open(deb).with_context(|| format!("cannot open {}", deb.display()))?;
@@ -380,8 +402,34 @@ pub fn extract_deb(deb: &Path, into: &Path) -> Result<()> {
         tar.set_preserve_mtime(true);
         tar.set_unpack_xattrs(false);
         tar.set_overwrite(true);
-        tar.unpack(into)
-            .with_context(|| format!("cannot unpack {} into {}", deb.display(), into.display()))?;
+        let fail = || format!("cannot unpack {} into {}", deb.display(), into.display());
+        // Directories last, as `tar::Archive::unpack` does, so that their
+        // modification times survive the files written into them.
+        let mut directories = Vec::new();
+        for entry in tar.entries().with_context(fail)? {
+            let mut entry = entry.with_context(fail)?;
+            let path = entry.path().with_context(fail)?.into_owned();
+            if path.components().any(|c| {
+                matches!(
+                    c,
+                    std::path::Component::ParentDir | std::path::Component::RootDir
+                )
+            }) {
+                bail!(
+                    "{} has an entry outside its tree: {}",
+                    deb.display(),
+                    path.display()
+                );
+            }
+            if entry.header().entry_type().is_dir() {
+                directories.push(entry);
+            } else {
+                entry.unpack_in(into).with_context(fail)?;
+            }
+        }
+        for mut dir in directories {
+            dir.unpack_in(into).with_context(fail)?;
+        }
         return Ok(());
     }
     bail!("{} has no data.tar member", deb.display())
@@ -462,6 +510,18 @@ mod tests {
                 bad: false
             }
         );
+        // Valid maths by an expired or revoked key: no GOODSIG, not good.
+        for spoiled in ["EXPKEYSIG", "EXPSIG", "REVKEYSIG"] {
+            let status = format!(
+                "[GNUPG:] NEWSIG\n[GNUPG:] {spoiled} F8D2585B8783D481 Debian\n\
+                 [GNUPG:] VALIDSIG 4D64FEC119C2029067D6E791F8D2585B8783D481 x\n"
+            );
+            assert_eq!(parse_status(&status), Verdict::default(), "{spoiled}");
+        }
+        // A GOODSIG of one signature does not lend itself to the next.
+        let mixed = "[GNUPG:] NEWSIG\n[GNUPG:] GOODSIG AAAA a\n[GNUPG:] NEWSIG\n\
+            [GNUPG:] EXPKEYSIG BBBB b\n[GNUPG:] VALIDSIG BBBBFPR x\n";
+        assert!(parse_status(mixed).valid.is_empty());
         let bad = "[GNUPG:] BADSIG F8D2585B8783D481 Debian\n[GNUPG:] VALIDSIG 4D64 x\n";
         assert!(parse_status(bad).bad);
         assert!(parse_status("[GNUPG:] NO_PUBKEY 6ED0\n").valid.is_empty());
@@ -542,7 +602,7 @@ mod tests {
     }
 
     /// A `.deb` made here (ar with a `data.tar.xz`) unpacks with its modes,
-    /// symlinks and times; a `..` path is refused.
+    /// symlinks and times; an entry with a `..` is refused.
     #[test]
     fn a_deb_unpacks_like_dpkg_deb() {
         let t = tempfile::tempdir().expect("tempdir");
@@ -570,20 +630,22 @@ mod tests {
         add("./usr/sbin/suid", tar::EntryType::Regular, 0o4755, b"x", "");
         add("./sbin", tar::EntryType::Symlink, 0o777, b"", "usr/sbin");
         let data = data.into_inner().expect("tar");
-        let mut xz = liblzma::write::XzEncoder::new(Vec::new(), 1);
-        xz.write_all(&data).expect("xz");
-        let xz = xz.finish().expect("xz");
+        let make_deb = |deb: &Path, data: &[u8]| {
+            let mut xz = liblzma::write::XzEncoder::new(Vec::new(), 1);
+            xz.write_all(data).expect("xz");
+            let xz = xz.finish().expect("xz");
+            let mut ar = ar::Builder::new(std::fs::File::create(deb).expect("deb"));
+            for (name, body) in [
+                ("debian-binary", &b"2.0\n"[..]),
+                ("control.tar.xz", &b""[..]),
+                ("data.tar.xz", &xz[..]),
+            ] {
+                let h = ar::Header::new(name.as_bytes().to_vec(), body.len() as u64);
+                ar.append(&h, body).expect("member");
+            }
+        };
         let deb = t.path().join("p.deb");
-        let mut ar = ar::Builder::new(std::fs::File::create(&deb).expect("deb"));
-        for (name, body) in [
-            ("debian-binary", &b"2.0\n"[..]),
-            ("control.tar.xz", &b""[..]),
-            ("data.tar.xz", &xz[..]),
-        ] {
-            let h = ar::Header::new(name.as_bytes().to_vec(), body.len() as u64);
-            ar.append(&h, body).expect("member");
-        }
-        drop(ar);
+        make_deb(&deb, &data);
         let out = t.path().join("out");
         std::fs::create_dir(&out).expect("out");
         extract_deb(&deb, &out).expect("extracted");
@@ -601,6 +663,20 @@ mod tests {
             std::fs::read(out.join("sbin/zpool")).expect("via link"),
             b"elf"
         );
+        // A raw `..` name (tar::Builder's own checks would refuse to write it).
+        let mut evil = tar::Builder::new(Vec::new());
+        let mut h = tar::Header::new_old();
+        h.as_old_mut().name[..11].copy_from_slice(b"../escape.x");
+        h.set_entry_type(tar::EntryType::Regular);
+        h.set_mode(0o644);
+        h.set_size(1);
+        h.set_cksum();
+        evil.append(&h, &b"x"[..]).expect("raw entry");
+        let evil_deb = t.path().join("evil.deb");
+        make_deb(&evil_deb, &evil.into_inner().expect("tar"));
+        let err = extract_deb(&evil_deb, &out).expect_err("outside its tree");
+        assert!(format!("{err:#}").contains("outside its tree"), "{err:#}");
+        assert!(!t.path().join("escape.x").exists());
         let not_deb = t.path().join("x.deb");
         std::fs::write(&not_deb, b"nope").expect("write");
         let err = extract_deb(&not_deb, &out).expect_err("not a deb");

@@ -145,7 +145,8 @@ impl Cache {
     /// they hold at most `max_bytes` in all. An entry's last use is its
     /// modification time ([`Cache::file`] and the packer's frame cache set
     /// it on every hit). `keep` is never removed (what the running build
-    /// uses); temporary files (names starting with `.`) are left alone.
+    /// uses); temporary files (names starting with `.` or ending in `.tmp`)
+    /// are left alone.
     /// Errors name the entry that cannot be read or removed.
     pub fn gc(&self, max_bytes: u64, keep: &[&Path]) -> Result<GcStats> {
         let mut entries = Vec::new();
@@ -158,7 +159,9 @@ impl Cache {
             };
             for e in list {
                 let e = e.with_context(|| format!("cannot read {}", dir.display()))?;
-                if e.file_name().to_string_lossy().starts_with('.') {
+                // Temporary files: `.name` here, `name.PID.tmp` from the packer.
+                let name = e.file_name().to_string_lossy().into_owned();
+                if name.starts_with('.') || name.ends_with(".tmp") {
                     continue;
                 }
                 let path = e.path();

@@ -786,7 +786,7 @@ impl Debian {
         indices: &mut Option<Indices>,
         pkg: &Package,
     ) -> Result<PathBuf> {
-        cache.file("debs", &deb_key(pkg), |dest| {
+        let deb = cache.file("debs", &deb_key(pkg), |dest| {
             let indices = open(cache, indices)?;
             steps::note(&format!("downloading {} {}", pkg.name, pkg.version));
             indices
@@ -799,7 +799,18 @@ impl Debian {
                         self.lock_path.display(),
                     )
                 })
-        })
+        })?;
+        // A cached .deb is checked again on every use, as the indices are.
+        if crate::cache::sha256_file(&deb)? != pkg.sha256 {
+            bail!(
+                "the cached {} is not {} {} as {} pins it: remove it",
+                deb.display(),
+                pkg.name,
+                pkg.version,
+                self.lock_path.display()
+            );
+        }
+        Ok(deb)
     }
 }
 

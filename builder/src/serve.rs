@@ -595,13 +595,15 @@ impl Drop for Dnsmasq {
 /// `nodeflash serve`: loads the image, starts HTTP and (unless `no_dhcp`)
 /// dnsmasq, and runs until SIGINT or SIGTERM.
 pub fn run(a: &ServeArgs, iso: &Path) -> Result<()> {
-    // Before any thread starts, so that every thread has them blocked and
-    // the signal reaches `wait_for_signal` (and dnsmasq is stopped).
+    // The image first, so that its xorriso runs can still be interrupted;
+    // then the signals blocked before any thread starts, so that every
+    // thread has them blocked and the signal reaches `signals.wait()` (and
+    // dnsmasq is stopped).
+    let mut image = Image::load(iso)?;
     let signals = stop_signals();
     signals
         .thread_block()
         .context("cannot block SIGINT and SIGTERM")?;
-    let mut image = Image::load(iso)?;
     image.payload_stall = a.payload_stall;
     let image = Arc::new(image);
     let state = match &a.state_dir {
@@ -667,8 +669,17 @@ pub fn run(a: &ServeArgs, iso: &Path) -> Result<()> {
             .stdin(Stdio::null())
             .spawn()
             .context("cannot start dnsmasq (Debian package dnsmasq-base)")?;
-        let d = Dnsmasq(child);
+        let mut d = Dnsmasq(child);
         std::thread::sleep(std::time::Duration::from_millis(300));
+        // A port already taken (67, 4011, 69) or a bad configuration ends
+        // dnsmasq at once: say so rather than serve nodes that never boot.
+        if let Some(status) = d.0.try_wait().context("cannot ask dnsmasq's state")? {
+            bail!(
+                "dnsmasq exited at once ({status}); its log {} says why (is another DHCP \
+                 proxy or TFTP server running on this host?)",
+                dlog.display()
+            );
+        }
         eprintln!(
             "serve: proxy DHCP and TFTP (iPXE) by dnsmasq on {}'s subnet; its config {} and log {}",
             a.address,

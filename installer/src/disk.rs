@@ -432,7 +432,17 @@ pub fn open_for_writing(dev: &Path) -> Result<File> {
 /// image file), formats the ESP and writes the swap header.
 /// `old` lists the old partitions (start, length in bytes) to clear.
 pub fn partition(plan: &Plan, dev: &Path, old: &[(u64, u64)]) -> Result<Layout> {
-    let mut file = open_for_writing(dev)?;
+    partition_file(plan, dev, open_for_writing(dev)?, old)
+}
+
+/// [`partition`] on `file`, `dev` opened by [`open_for_writing`] (the
+/// install opens every disk of the pool before it writes to the first).
+pub fn partition_file(
+    plan: &Plan,
+    dev: &Path,
+    mut file: File,
+    old: &[(u64, u64)],
+) -> Result<Layout> {
     let is_block = file
         .metadata()
         .with_context(|| format!("cannot stat {}", dev.display()))?

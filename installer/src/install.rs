@@ -140,15 +140,22 @@ pub(crate) fn install(profile: &Profile, info: &ImageInfo, started: Instant) -> 
             );
         }
     }
+    // Every disk opened exclusively before the first is written: one that
+    // is busy or gone stops the install with nothing written.
+    let opened = disks
+        .iter()
+        .map(|d| crate::disk::open_for_writing(&Path::new("/dev").join(&d.disk.name)))
+        .collect::<Result<Vec<_>>>()
+        .context("nothing was written")?;
     phases.start("partitioning");
     let mut layouts = Vec::new();
-    for d in &disks {
+    for (d, file) in disks.iter().zip(opened) {
         let dev = Path::new("/dev").join(&d.disk.name);
         let old: Vec<(u64, u64)> = crate::disk::old_partitions(Path::new("/sys"), &d.disk.name)
             .into_iter()
             .map(|(_, start, len)| (start, len))
             .collect();
-        let layout = crate::disk::partition(d, &dev, &old)?;
+        let layout = crate::disk::partition_file(d, &dev, file, &old)?;
         say!(
             "partitioned {}: GPT disk GUID {}, ESP FAT32 volume {}",
             dev.display(),
@@ -656,6 +663,13 @@ fn report_store(c: &Copied, raw: f64, digest: String) -> Result<crate::report::P
         verified: digest == crate::payload::digest(&c.manifest.entries),
         tree_digest: digest,
     };
+    if !line.verified {
+        bail!(
+            "the store read back from the pool (digest {}) is not the payload's (digest {})",
+            line.tree_digest,
+            crate::payload::digest(&c.manifest.entries)
+        );
+    }
     say!(
         "store verified on the pool: {} files; copy {:.1}s ({:.1} MB/s of store), plain read of the payload {:.1} MB/s, ratio {:.2}",
         line.files,

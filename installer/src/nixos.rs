@@ -146,9 +146,16 @@ pub fn flake_module(profile: &crate::profile::Profile, source: &str) -> String {
     if profile.disk.swap_size.is_some() {
         let swaps: Vec<String> = (0..disks)
             .map(|i| {
+                // With several disks a missing one's swap must not hold up
+                // the boot (swap is not redundant: docs/profile.md).
                 format!(
-                    "{{ device = \"/dev/disk/by-partlabel/{}\"; }}",
-                    crate::plan::part_name("swap", i)
+                    "{{ device = \"/dev/disk/by-partlabel/{}\";{} }}",
+                    crate::plan::part_name("swap", i),
+                    if disks > 1 {
+                        " options = [ \"nofail\" ];"
+                    } else {
+                        ""
+                    }
                 )
             })
             .collect();
@@ -382,7 +389,9 @@ pub fn mirror_esp(from: &str, to: &[String], log: &dyn Fn(&str)) -> Result<()> {
     }
     let mut mounts = Mounts::default();
     let src = PathBuf::from("/run/nodeflash/esp-from");
-    mounts.mount(from, src.clone(), Some("vfat"), MsFlags::MS_RDONLY)?;
+    // Read-write like the mount `install_boot_loader` detached lazily: a
+    // read-only mount of a FAT superblock still in use read-write is EBUSY.
+    mounts.mount(from, src.clone(), Some("vfat"), MsFlags::empty())?;
     for (i, dev) in to.iter().enumerate() {
         let dst = PathBuf::from(format!("/run/nodeflash/esp-to-{i}"));
         mounts.mount(dev, dst.clone(), Some("vfat"), MsFlags::empty())?;
@@ -474,7 +483,7 @@ mod tests {
             "boot.loader.systemd-boot.extraInstallCommands = ''\n",
             "      for esp in /boot2 /boot3; do\n",
             "${pkgs.rsync}/bin/rsync -r --delete --checksum /boot/ \"$esp\"/\n",
-            "swapDevices = [ { device = \"/dev/disk/by-partlabel/swap\"; } { device = \"/dev/disk/by-partlabel/swap2\"; } { device = \"/dev/disk/by-partlabel/swap3\"; } ];",
+            "swapDevices = [ { device = \"/dev/disk/by-partlabel/swap\"; options = [ \"nofail\" ]; } { device = \"/dev/disk/by-partlabel/swap2\"; options = [ \"nofail\" ]; } { device = \"/dev/disk/by-partlabel/swap3\"; options = [ \"nofail\" ]; } ];",
         ] {
             assert!(text.contains(want), "{want}:\n{text}");
         }
@@ -528,5 +537,27 @@ mod tests {
             Path::new("/nix/store/abc-nixos-system-n1")
         );
         assert!(root.path().join("etc/NIXOS").is_file());
+    }
+
+    #[test]
+    fn copy_tree_copies_files_and_directories() {
+        let t = tempfile::tempdir().expect("tempdir");
+        let (src, dst) = (t.path().join("a"), t.path().join("b"));
+        std::fs::create_dir_all(src.join("EFI/BOOT")).expect("dirs");
+        std::fs::create_dir_all(src.join("loader/entries")).expect("dirs");
+        std::fs::write(src.join("EFI/BOOT/BOOTX64.EFI"), b"efi").expect("write");
+        std::fs::write(src.join("loader/loader.conf"), b"timeout 3\n").expect("write");
+        std::fs::create_dir_all(dst.join("EFI/BOOT")).expect("dirs");
+        std::fs::write(dst.join("EFI/BOOT/BOOTX64.EFI"), b"old").expect("write");
+        assert_eq!(super::copy_tree(&src, &dst).expect("copied"), 2);
+        assert_eq!(
+            std::fs::read(dst.join("EFI/BOOT/BOOTX64.EFI")).expect("read"),
+            b"efi"
+        );
+        assert!(dst.join("loader/entries").is_dir());
+        assert_eq!(
+            std::fs::read(dst.join("loader/loader.conf")).expect("read"),
+            b"timeout 3\n"
+        );
     }
 }

@@ -369,6 +369,7 @@ pub fn plan_with(profile: &Profile, select: &DiskSelect, facts: &Facts) -> Resul
             disk,
         });
     }
+    equal_zfs_partitions(&mut disks);
     let mut disks = disks.into_iter();
     let first = disks.next().context("no disk was chosen")?;
     Ok(Plan {
@@ -399,6 +400,30 @@ pub fn plan_with(profile: &Profile, select: &DiskSelect, facts: &Facts) -> Resul
             .map(|z| (format!("{pool_name}/{}", z.name.get_ref()), z.volsize.0))
             .collect(),
     })
+}
+
+/// Cuts every disk's ZFS partition to the bytes of the smallest one: the
+/// pool's members are then the same size, as `zpool create` wants of a
+/// mirror or raidz (it refuses members that differ by more than 16 MiB,
+/// `ZPOOL_FUZZ` in OpenZFS's `cmd/zpool/zpool_vdev.c`), and the space a
+/// larger disk would add is not usable in such a vdev anyway. Every ZFS
+/// partition starts and ends on 1 MiB, so the cut keeps that alignment.
+fn equal_zfs_partitions(disks: &mut [Member]) {
+    let zfs_bytes = |m: &Member| {
+        m.partitions
+            .iter()
+            .find(|p| p.kind == PartKind::Zfs)
+            .map(|p| (p.last_lba + 1 - p.first_lba) * u64::from(m.logical_block_size))
+    };
+    let Some(smallest) = disks.iter().filter_map(zfs_bytes).min() else {
+        return;
+    };
+    for m in disks.iter_mut() {
+        let lbs = u64::from(m.logical_block_size);
+        for p in m.partitions.iter_mut().filter(|p| p.kind == PartKind::Zfs) {
+            p.last_lba = p.first_lba + smallest / lbs - 1;
+        }
+    }
 }
 
 /// The GPT name of the ESP or swap partition on the pool's disk `index`
@@ -1036,6 +1061,16 @@ mod tests {
         assert_eq!(each[1].logical_block_size, 4096);
         assert_eq!(each[1].partitions[0].first_lba, 256);
         assert_eq!(p.zfs_devices(), ["/dev/nvme0n1p3", "/dev/nvme1n1p3"]);
+        // A 2 GiB and a 3 GiB disk: both ZFS partitions the smaller's bytes.
+        let zfs_bytes: Vec<u64> = each
+            .iter()
+            .map(|d| {
+                let z = d.partitions.last().expect("zfs");
+                (z.last_lba + 1 - z.first_lba) * u64::from(d.logical_block_size)
+            })
+            .collect();
+        assert_eq!(zfs_bytes[0], zfs_bytes[1], "{zfs_bytes:?}");
+        assert_eq!(zfs_bytes[0] % (1 << 20), 0);
         let z = plan(
             &mirror_profile("[[pool.datasets]]\nname = \"root\"\nsnapshots = [\"blank\"]\n[[pool.zvols]]\nname = \"root/vm\"\nvolsize = \"1GiB\"\n"),
             &facts(vec![disk("nvme0n1", 2, "A"), disk("nvme1n1", 2, "B")]),

@@ -658,7 +658,10 @@ mod tests {
             .arg(format!("--dhcp-leasefile={}", leases.display()))
             // Not /run/dnsmasq.pid: a killed instance leaves it behind, and
             // the next dnsmasq then refuses to start.
-            .arg(format!("--pid-file={}", leases.with_extension("pid").display()))
+            .arg(format!(
+                "--pid-file={}",
+                leases.with_extension("pid").display()
+            ))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log)
