@@ -829,10 +829,6 @@ fn open<'a>(cache: &Cache, indices: &'a mut Option<Indices>) -> Result<&'a Indic
     indices.as_ref().context("the archive is open")
 }
 
-fn extract(deb: &Path, into: &Path) -> Result<()> {
-    archive::extract_deb(deb, into)
-}
-
 impl Provider for Debian {
     fn update_lock(&self, cache: &Cache) -> Result<Vec<Repin>> {
         let mut indices = None;
@@ -898,7 +894,7 @@ impl Provider for Debian {
         let unpacked = |name: &str| -> Result<PathBuf> {
             let p = pkg(name)?;
             let d = deb(name)?;
-            cache.dir("unpacked", &p.sha256, |dir| extract(&d, dir))
+            cache.dir("unpacked", &p.sha256, |dir| archive::extract_deb(&d, dir))
         };
         let image_pkg = format!("linux-image-{release}");
         let kernel_tree = steps::step("Unpacking inputs", || unpacked(&image_pkg))?;
@@ -922,7 +918,7 @@ impl Provider for Debian {
         let sysroot_key = key_of(userspace.iter().map(|p| p.sha256.as_str()));
         let sysroot = cache.dir("sysroot", &sysroot_key, |dir| {
             for p in &userspace {
-                extract(&deb(&p.name)?, dir)?;
+                archive::extract_deb(&deb(&p.name)?, dir)?;
             }
             Ok(())
         })?;
@@ -1002,7 +998,7 @@ fn build_zfs(cache: &Cache, release: &str, debs: &[PathBuf], out: &Path) -> Resu
     let work = tempfile::tempdir_in(cache.root()).context("cannot create a ZFS build directory")?;
     let root = work.path();
     for deb in debs {
-        extract(deb, root)?;
+        archive::extract_deb(deb, root)?;
     }
     let base = release.trim_end_matches("-amd64");
     let common = root.join(format!("usr/src/linux-headers-{base}-common"));

@@ -253,6 +253,18 @@ pub fn volume_set_id(image_id: &str) -> String {
 /// payload is, `nodeflash.payload=URL` (`nodeflash serve` writes it into its
 /// iPXE script; the installer then reads the payload from there).
 pub const PAYLOAD_URL_WORD: &str = "nodeflash.payload=";
+
+/// The values of `word` (such as [`PAYLOAD_URL_WORD`]) on the kernel command
+/// line `cmdline`, in their order; each caller says whether the first or the
+/// last one counts.
+pub fn cmdline_values<'a>(
+    cmdline: &'a str,
+    word: &'a str,
+) -> impl DoubleEndedIterator<Item = &'a str> + 'a {
+    cmdline
+        .split_whitespace()
+        .filter_map(move |w| w.strip_prefix(word))
+}
 /// The kernel command line word that sets the payload stream's stall bound
 /// in seconds (`nodeflash serve --payload-stall`).
 pub const PAYLOAD_STALL_WORD: &str = "nodeflash.payload-stall=";

@@ -752,9 +752,7 @@ fn payload_url() -> Option<String> {
 /// `nodeflash.payload=URL` of a kernel command line (the last one wins, as
 /// the kernel does for its own parameters).
 fn payload_url_of(cmdline: &str) -> Option<String> {
-    cmdline
-        .split_whitespace()
-        .filter_map(|w| w.strip_prefix(PAYLOAD_URL_WORD))
+    crate::image::cmdline_values(cmdline, PAYLOAD_URL_WORD)
         .rfind(|u| !u.is_empty())
         .map(str::to_string)
 }
@@ -763,9 +761,7 @@ fn payload_url_of(cmdline: &str) -> Option<String> {
 /// command line as its stall bound when given (the last one wins).
 fn stream_policy_of(cmdline: &str) -> crate::net::stream::StreamPolicy {
     let mut policy = crate::net::stream::StreamPolicy::default();
-    if let Some(secs) = cmdline
-        .split_whitespace()
-        .filter_map(|w| w.strip_prefix(crate::image::PAYLOAD_STALL_WORD))
+    if let Some(secs) = crate::image::cmdline_values(cmdline, crate::image::PAYLOAD_STALL_WORD)
         .rev()
         .find_map(|s| s.parse::<u64>().ok())
     {

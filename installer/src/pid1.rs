@@ -220,9 +220,8 @@ fn panic_if_asked() {
 fn check(profile: &Profile, info: &ImageInfo) -> Result<()> {
     load_modules(info);
     let cmdline = std::fs::read_to_string("/proc/cmdline").context("cannot read /proc/cmdline")?;
-    let hostid = cmdline
-        .split_whitespace()
-        .find_map(|a| a.strip_prefix("nodeflash.hostid="))
+    let hostid = crate::image::cmdline_values(&cmdline, "nodeflash.hostid=")
+        .next()
         .context("the kernel command line has no nodeflash.hostid=")?;
     let hostid = u32::from_str_radix(hostid, 16)
         .with_context(|| format!("nodeflash.hostid={hostid} is not 8 hex digits"))?;
