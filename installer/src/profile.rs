@@ -481,7 +481,7 @@ impl Ssh {
         if !url.starts_with("https://") && !url.starts_with("http://") {
             return Err((".key-url".into(), format!("`{url}` is not an https:// URL")));
         }
-        if let Err(e) = crate::net::fetch::check_url(&url.replace("{user}", "user")) {
+        if let Err(e) = crate::net::url::check_url(&url.replace("{user}", "user")) {
             return Err((".key-url".into(), format!("`{url}`: {e}")));
         }
         if !self.github_users.is_empty() && !url.contains("{user}") {

@@ -82,14 +82,6 @@ impl Phases {
         secs
     }
 
-    /// Runs `f` as phase `name` (recorded whatever `f` returns).
-    pub fn time<T>(&mut self, name: &str, f: impl FnOnce() -> T) -> T {
-        self.start(name);
-        let out = f();
-        self.end();
-        out
-    }
-
     /// The phases so far (the current one not included).
     /// Seconds since `/init` started.
     pub fn elapsed(&self) -> f64 {
@@ -389,11 +381,9 @@ mod tests {
         let secs = p.end_bytes(5_000_000);
         assert!(secs >= 0.01, "{secs}");
         assert_eq!(p.end(), 0.0, "nothing to end");
-        let n = p.time("keys", || {
-            std::thread::sleep(Duration::from_millis(10));
-            7
-        });
-        assert_eq!(n, 7);
+        p.start("keys");
+        std::thread::sleep(Duration::from_millis(10));
+        p.end();
         std::thread::sleep(Duration::from_millis(20));
         let (phases, total) = p.finish();
         let names: Vec<&str> = phases.iter().map(|p| p.name.as_str()).collect();

@@ -11,8 +11,6 @@ use std::path::Path;
 
 use anyhow::{bail, Context, Result};
 
-use crate::image::ImageInfo;
-
 /// Where efivarfs is mounted (Documentation/filesystems/efivarfs.rst).
 pub const EFIVARS: &str = "/sys/firmware/efi/efivars";
 /// The global variable saying whether the firmware enforces Secure Boot
@@ -138,7 +136,8 @@ Boot can be turned back on";
 /// read it says so and goes on (the module loads then show the cause).
 ///
 /// Errors: [`REFUSAL`] when Secure Boot is enforced.
-pub(crate) fn refuse_if_enforced(info: &ImageInfo) -> Result<()> {
+#[cfg(feature = "pid1")]
+pub(crate) fn refuse_if_enforced(info: &crate::image::ImageInfo) -> Result<()> {
     if !Path::new("/sys/firmware/efi").exists() {
         crate::say!("Secure Boot: off (not started through UEFI)");
         return Ok(());

@@ -389,15 +389,24 @@ fn test() -> Result<()> {
         run_visible(cargo().args(["fmt", "--all", "--check"]))
     })?;
     steps::step("Linting", || {
-        run_visible(cargo().args([
-            "clippy",
-            "--quiet",
-            "--workspace",
-            "--all-targets",
-            "--",
-            "-D",
-            "warnings",
-        ]))
+        let lint = ["--all-targets", "--", "-D", "warnings"];
+        run_visible(
+            cargo()
+                .args(["clippy", "--quiet", "--workspace"])
+                .args(lint),
+        )?;
+        // The shared layer alone, as the builder links it (no `pid1`).
+        run_visible(
+            cargo()
+                .args([
+                    "clippy",
+                    "--quiet",
+                    "-p",
+                    "nodeflash-installer",
+                    "--no-default-features",
+                ])
+                .args(lint),
+        )
     })?;
     let [readme_build, readme_test] = readme_commands()?;
     if readme_test != ["cargo", "xtask", "test"] {

@@ -16,6 +16,8 @@ use rustls::pki_types::CertificateDer;
 use rustls::CertificateError;
 use ureq::config::Config;
 use ureq::http::{HeaderMap, StatusCode, Uri};
+
+use super::url::check_url;
 use ureq::tls::{Certificate, RootCerts, TlsConfig, TlsProvider};
 use ureq::unversioned::resolver::{DefaultResolver, ResolvedSocketAddrs, Resolver};
 use ureq::unversioned::transport::{DefaultConnector, NextTimeout};
@@ -209,29 +211,6 @@ fn tls_words(e: &rustls::Error) -> String {
         _ => "handshake failed",
     };
     format!("{words} ({e})")
-}
-
-/// Checks that `url` is an `http://` or `https://` URL with a host and
-/// without a user name or password, as the key fetch takes it (the profile's
-/// `key-url` is checked with this at build time). The error says what is
-/// wrong.
-pub fn check_url(url: &str) -> Result<Uri, String> {
-    let uri: Uri = url.parse().map_err(|e| format!("not a valid URL ({e})"))?;
-    if !matches!(uri.scheme_str(), Some("http" | "https")) {
-        return Err("not an http:// or https:// URL".into());
-    }
-    let authority = uri.authority().map(|a| a.as_str()).unwrap_or_default();
-    if authority.contains('@') {
-        return Err("a user name or password in the URL is not supported".into());
-    }
-    if uri.host().is_none_or(str::is_empty) {
-        return Err("no valid host name".into());
-    }
-    let port = authority.rsplit_once(':').map(|(_, p)| p);
-    if port.is_some_and(|p| !p.contains(']') && p.parse::<u16>().is_err()) {
-        return Err("not a valid URL (the port is not a number from 0 to 65535)".into());
-    }
-    Ok(uri)
 }
 
 /// A name lookup error, kept apart from the connection's I/O errors so that
@@ -619,27 +598,6 @@ mod tests {
             attempts += 1;
         }
         assert!(elapsed > Duration::from_secs(280), "{elapsed:?}");
-    }
-
-    #[test]
-    fn urls() {
-        for good in [
-            "https://github.com/alice.keys",
-            "http://10.0.2.2:8080?u=a#frag",
-            "https://[fd00::1]:8443/k",
-        ] {
-            assert!(check_url(good).is_ok(), "{good}");
-        }
-        for (bad, want) in [
-            ("ftp://x/", "not an http"),
-            ("github.com/a", "not a valid URL"),
-            ("https://", "not a valid URL"),
-            ("https://u:p@h/", "user name or password"),
-            ("https://h:99999/", "not a valid URL"),
-        ] {
-            let e = check_url(bad).expect_err(bad);
-            assert!(e.contains(want), "{bad}: {e}");
-        }
     }
 
     /// Serves `response` once on a plain-http port; returns the URL and the

@@ -10,7 +10,8 @@ use std::time::{Duration, Instant};
 
 use ureq::http::Uri;
 
-use super::fetch::{check_url, Client};
+use super::fetch::Client;
+use super::url::check_url;
 
 /// How a [`RangeReader`] waits and when it gives up.
 #[derive(Debug, Clone, PartialEq, Eq)]
