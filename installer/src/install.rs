@@ -28,8 +28,8 @@ pub(crate) fn install(profile: &Profile, info: &ImageInfo, started: Instant) -> 
     phases.start("kernel modules");
     // Before the unsigned ZFS modules and before any disk is opened.
     crate::secureboot::refuse_if_enforced(info)?;
-    crate::pid1::load_modules(info);
-    crate::pid1::links_up();
+    crate::devices::load_modules(info);
+    crate::devices::links_up();
     phases.start("boot medium and disks");
     let timeout = Duration::from_secs(profile.image.device_timeout_secs.into());
     // Netbooted: the payload comes over HTTP and there is no boot medium.
@@ -39,10 +39,10 @@ pub(crate) fn install(profile: &Profile, info: &ImageInfo, started: Instant) -> 
             say!("boot medium: none (network boot; the store payload is at {url})");
             None
         }
-        None => crate::pid1::wait_for_boot_medium(info, timeout),
+        None => crate::devices::wait_for_boot_medium(info, timeout),
     };
-    crate::pid1::settle_block_devices(Duration::from_secs(3));
-    let facts = crate::pid1::wait_for_target(profile, boot.as_deref(), timeout);
+    crate::devices::settle_block_devices(Duration::from_secs(3));
+    let facts = crate::devices::wait_for_target(profile, boot.as_deref(), timeout);
     say!(
         "inventory after {:.1}s:\n{}",
         started.elapsed().as_secs_f64(),

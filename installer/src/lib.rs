@@ -19,6 +19,8 @@ pub mod cmd;
 #[cfg(feature = "pid1")]
 mod console;
 pub mod datasets;
+#[cfg(feature = "pid1")]
+mod devices;
 pub mod disk;
 pub mod facts;
 pub mod fat;

@@ -1,18 +1,14 @@
-//! PID 1 of the install image: sets up the early userspace, loads the kernel
-//! modules the builder chose, finds the boot medium, prints what it sees, and
-//! finishes as the profile says. It never panics out and never exits: every
+//! PID 1 of the install image: sets up the early userspace, runs the install
+//! (or, in a check image, the check system's stage 1), and finishes as the
+//! profile says; the devices it waits for are [`crate::devices`]'s. It never panics out and never exits: every
 //! error is printed with its full chain, then the failure policy applies.
 
-use std::fs::File;
-use std::io::{Read, Seek, SeekFrom};
-use std::path::Path;
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use nix::mount::{mount, MsFlags};
 
-use crate::facts::Facts;
 use crate::image::{ImageInfo, IMAGE_INFO_PATH, PROFILE_PATH};
 use crate::profile::{OnFailure, OnSuccess, Profile};
 use crate::say;
@@ -218,7 +214,7 @@ fn panic_if_asked() {
 /// pool with the host ID the installer put on the command line, read what
 /// the install left, print it as one JSON line.
 fn check(profile: &Profile, info: &ImageInfo) -> Result<()> {
-    load_modules(info);
+    crate::devices::load_modules(info);
     let cmdline = std::fs::read_to_string("/proc/cmdline").context("cannot read /proc/cmdline")?;
     let hostid = crate::image::cmdline_values(&cmdline, "nodeflash.hostid=")
         .next()
@@ -257,140 +253,6 @@ fn early_mounts() -> Result<()> {
         }
     }
     Ok(())
-}
-
-/// Reads the machine's facts, with what is on each candidate disk, until the
-/// profile's target disk is there or `timeout` passes.
-pub(crate) fn wait_for_target(profile: &Profile, boot: Option<&str>, timeout: Duration) -> Facts {
-    let deadline = Instant::now() + timeout;
-    loop {
-        let mut facts = Facts::read(Path::new("/sys"));
-        for b in &mut facts.block_devices {
-            b.boot_medium = boot == Some(b.name.as_str());
-            if !b.boot_medium && !b.hidden && b.size_bytes > 0 {
-                if let Err(e) = crate::disk::look_at(Path::new("/sys"), Path::new("/dev"), b) {
-                    b.signatures = vec![format!("unreadable: {e:#}")];
-                }
-            }
-        }
-        // A recognised node may have disk rules of its own.
-        let select = crate::nodes::identify(profile, &facts)
-            .ok()
-            .and_then(|id| id.disk_select)
-            .unwrap_or_else(|| profile.disk.select.clone());
-        // Every disk of the pool (`[disk] members` too) must have shown up.
-        let waiting = crate::plan::selections(profile, &select).iter().any(
-            |(_, sel)| matches!(crate::plan::select_disk(sel, &facts), Err(e) if e.matching == 0),
-        );
-        if !waiting || Instant::now() >= deadline {
-            return facts;
-        }
-        std::thread::sleep(Duration::from_millis(500));
-    }
-}
-
-pub(crate) fn load_modules(info: &ImageInfo) {
-    let t = Instant::now();
-    let dir = Path::new("/lib/modules").join(&info.kernel_release);
-    let mut loaded = 0;
-    for rel in &info.modules {
-        let path = dir.join(rel);
-        let result = File::open(&path)
-            .map_err(|e| nix::errno::Errno::from_raw(e.raw_os_error().unwrap_or(nix::libc::EIO)))
-            .and_then(|f| nix::kmod::finit_module(&f, c"", nix::kmod::ModuleInitFlags::empty()));
-        match result {
-            Ok(()) | Err(nix::errno::Errno::EEXIST) => loaded += 1,
-            // No such hardware or CPU feature (e.g. an accelerated crc variant).
-            Err(nix::errno::Errno::ENODEV) => {}
-            Err(e @ nix::errno::Errno::EKEYREJECTED) => say!(
-                "warning: cannot load module {}: {e} ({})",
-                path.display(),
-                crate::secureboot::KEY_REJECTED_HINT
-            ),
-            Err(e) => say!("warning: cannot load module {}: {e}", path.display()),
-        }
-    }
-    say!(
-        "loaded {loaded} of {} kernel modules in {:.1}s",
-        info.modules.len(),
-        t.elapsed().as_secs_f64()
-    );
-}
-
-/// Brings every network interface up so that its carrier can be read.
-pub(crate) fn links_up() {
-    let Ok(entries) = std::fs::read_dir("/sys/class/net") else {
-        return;
-    };
-    for entry in entries.flatten() {
-        let name = entry.file_name().to_string_lossy().into_owned();
-        if let Err(e) = crate::net::link::set_up(&name) {
-            say!("warning: {e:#}");
-        }
-    }
-}
-
-/// Reads the ISO9660 primary volume descriptor of a device and returns its
-/// volume set ID.
-fn iso_volume_set(dev: &Path) -> Option<String> {
-    let mut f = File::open(dev).ok()?;
-    let mut pvd = [0u8; 2048];
-    f.seek(SeekFrom::Start(16 * 2048)).ok()?;
-    f.read_exact(&mut pvd).ok()?;
-    if pvd[0] != 1 || &pvd[1..6] != b"CD001" {
-        return None;
-    }
-    Some(String::from_utf8_lossy(&pvd[190..318]).trim().to_string())
-}
-
-/// Waits until a whole disk carries this image's ISO volume set ID; returns
-/// its kernel name.
-pub(crate) fn wait_for_boot_medium(info: &ImageInfo, timeout: Duration) -> Option<String> {
-    let want = info.volume_set_id();
-    let deadline = Instant::now() + timeout;
-    loop {
-        let mut names: Vec<String> = std::fs::read_dir("/sys/block")
-            .map(|rd| {
-                rd.flatten()
-                    .map(|e| e.file_name().to_string_lossy().into_owned())
-                    .collect()
-            })
-            .unwrap_or_default();
-        names.sort();
-        for name in names {
-            if iso_volume_set(&Path::new("/dev").join(&name)).as_deref() == Some(want.as_str()) {
-                say!("boot medium: /dev/{name}");
-                return Some(name);
-            }
-        }
-        if Instant::now() >= deadline {
-            return None;
-        }
-        std::thread::sleep(Duration::from_millis(200));
-    }
-}
-
-/// Waits (at most `max`) until the set of block devices has not changed for
-/// half a second, so that late-probing disks are in the inventory.
-pub(crate) fn settle_block_devices(max: Duration) {
-    let list = || {
-        let mut v: Vec<_> = std::fs::read_dir("/sys/block")
-            .map(|rd| rd.flatten().map(|e| e.file_name()).collect())
-            .unwrap_or_default();
-        v.sort();
-        v
-    };
-    let deadline = Instant::now() + max;
-    let mut last = list();
-    let mut stable_since = Instant::now();
-    while Instant::now() < deadline && stable_since.elapsed() < Duration::from_millis(500) {
-        std::thread::sleep(Duration::from_millis(100));
-        let now = list();
-        if now != last {
-            last = now;
-            stable_since = Instant::now();
-        }
-    }
 }
 
 #[cfg(test)]
