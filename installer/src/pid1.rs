@@ -1,7 +1,8 @@
 //! PID 1 of the install image: sets up the early userspace, runs the install
 //! (or, in a check image, the check system's stage 1), and finishes as the
-//! profile says; the devices it waits for are [`crate::devices`]'s. It never panics out and never exits: every
-//! error is printed with its full chain, then the failure policy applies.
+//! profile says; the devices it waits for are [`crate::devices`]'s. It never
+//! panics out and never exits: every error is printed with its full chain,
+//! then the failure policy applies.
 
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
