@@ -11,7 +11,7 @@
 //! its problems) is in pure functions with unit tests.
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
@@ -20,6 +20,7 @@ use nix::mount::MsFlags;
 use serde::Serialize;
 
 use crate::cmd;
+use crate::mount::Mounts;
 use crate::payload::{self, Manifest};
 use crate::report::{self, InstallReport, Phase};
 use crate::zfs;
@@ -504,8 +505,8 @@ pub fn run_check(
              the installer wrote another host ID, or it did not export the pool"
         )
     })?;
-    let mut mounted: Vec<PathBuf> = Vec::new();
-    let gathered = mount_all(pool, &mut mounted).map(|order| {
+    let mut mounts = Mounts::default();
+    let gathered = mount_all(pool, &mut mounts).map(|order| {
         let threads = std::thread::available_parallelism().map_or(2, |n| n.get());
         log(&format!("check: mounted {} datasets; reading", order.len()));
         let mut g = gather_files(Path::new(SYSROOT), threads);
@@ -526,12 +527,7 @@ pub fn run_check(
         g
     });
     // Unmount and export whatever happened above.
-    let mut cleanup = Ok(());
-    for target in mounted.iter().rev() {
-        if let Err(e) = nix::mount::umount(target) {
-            cleanup = Err(anyhow::anyhow!("cannot unmount {}: {e}", target.display()));
-        }
-    }
+    let cleanup = mounts.unmount();
     let exported = cmd::run(Command::new("zpool").args(["export", pool]));
     let gathered = gathered?;
     cleanup?;
@@ -564,8 +560,8 @@ fn wait_for_pool(pool: &str, timeout: Duration) -> Result<Importable> {
 }
 
 /// Mounts the pool's datasets read-only under [`SYSROOT`] in [`mount_plan`]
-/// order; `mounted` collects the targets, for unmounting even after an error.
-fn mount_all(pool: &str, mounted: &mut Vec<PathBuf>) -> Result<Vec<Mounted>> {
+/// order into `mounts`, which unmounts them even after an error.
+fn mount_all(pool: &str, mounts: &mut Mounts) -> Result<Vec<Mounted>> {
     let list = cmd::run(Command::new("zfs").args([
         "list",
         "-H",
@@ -576,18 +572,9 @@ fn mount_all(pool: &str, mounted: &mut Vec<PathBuf>) -> Result<Vec<Mounted>> {
         pool,
     ]))?;
     let order = mount_plan(&list).with_context(|| format!("cannot mount pool {pool}"))?;
-    std::fs::create_dir_all(SYSROOT).with_context(|| format!("cannot create {SYSROOT}"))?;
     for m in &order {
         let target = Path::new(SYSROOT).join(m.mountpoint.trim_start_matches('/'));
-        nix::mount::mount(
-            Some(m.dataset.as_str()),
-            &target,
-            Some("zfs"),
-            MsFlags::MS_RDONLY,
-            Some("zfsutil"),
-        )
-        .with_context(|| format!("cannot mount {} on {}", m.dataset, target.display()))?;
-        mounted.push(target);
+        mounts.zfs(&m.dataset, target, MsFlags::MS_RDONLY)?;
     }
     Ok(order)
 }

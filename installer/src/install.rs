@@ -17,6 +17,7 @@ use nix::mount::{mount, MsFlags};
 use crate::cmd::run;
 use crate::facts::Facts;
 use crate::image::{ImageInfo, SYSTEMD_BOOT_PATH};
+use crate::mount::Mounts;
 use crate::payload::Payload;
 use crate::profile::Profile;
 use crate::report::{InstallReport, Phases};
@@ -355,7 +356,7 @@ fn finish(
             crate::nixos::mirror_esp(&f.esp_devs[0], &f.esp_devs[1..], &|l| say!("  {l}"))?;
             Ok(w)
         });
-        let unmounted = unmount_all(mounted);
+        let unmounted = mounted.unmount();
         for w in done? {
             warn(&mut report.warnings, w);
         }
@@ -532,26 +533,16 @@ fn write_failure_log(profile: &Profile) -> Result<String> {
         run(Command::new("zfs").args(["get", "-H", "-o", "value", "mounted,mountpoint", &root]))?;
     let mut values = out.lines();
     let (mounted, at) = (values.next() == Some("yes"), values.next().unwrap_or(""));
+    let mut mounts = Mounts::default();
     let dir = if mounted {
         PathBuf::from(at)
     } else {
         let dir = PathBuf::from("/run/nodeflash/failed");
-        std::fs::create_dir_all(&dir)
-            .with_context(|| format!("cannot create {}", dir.display()))?;
-        mount(
-            Some(root.as_str()),
-            &dir,
-            Some("zfs"),
-            MsFlags::empty(),
-            Some("zfsutil"),
-        )
-        .with_context(|| format!("cannot mount {root} on {}", dir.display()))?;
+        mounts.zfs(&root, &dir, MsFlags::empty())?;
         dir
     };
     let path = crate::report::write_log(&dir, crate::report::FAILED_LOG, &crate::console::log());
-    if !mounted {
-        nix::mount::umount(&dir).with_context(|| format!("cannot unmount {root}"))?;
-    }
+    mounts.unmount()?;
     path?;
     Ok(format!(
         "{root}:{}",
@@ -564,65 +555,32 @@ fn write_failure_log(profile: &Profile) -> Result<String> {
 
 /// Mounts what the installed system mounts under /mnt, in its order
 /// ([`crate::datasets::mounts`]; the pool is imported without mounting);
-/// returns the mounts in order.
-fn mount_system(profile: &Profile) -> Result<Vec<PathBuf>> {
-    let mut mounted = Vec::new();
+/// returns the guard of those mounts.
+fn mount_system(profile: &Profile) -> Result<Mounts> {
+    let mut mounts = Mounts::default();
     for crate::datasets::Mounted {
         dataset,
         mountpoint,
     } in crate::datasets::mounts(&profile.pool)
     {
         let target = Path::new("/mnt").join(mountpoint.trim_start_matches('/'));
-        let r = std::fs::create_dir_all(&target)
-            .with_context(|| format!("cannot create {}", target.display()))
-            .and_then(|()| {
-                mount(
-                    Some(dataset.as_str()),
-                    &target,
-                    Some("zfs"),
-                    MsFlags::empty(),
-                    Some("zfsutil"),
-                )
-                .with_context(|| format!("cannot mount {dataset} on {}", target.display()))
-            });
-        if let Err(e) = r {
-            let _ = unmount_all(mounted);
-            return Err(e);
-        }
-        mounted.push(target);
+        mounts.zfs(&dataset, target, MsFlags::empty())?;
     }
-    Ok(mounted)
-}
-
-/// Unmounts in reverse order.
-fn unmount_all(mut mounted: Vec<PathBuf>) -> Result<()> {
-    let mut result = Ok(());
-    while let Some(target) = mounted.pop() {
-        if let Err(e) = nix::mount::umount(&target) {
-            result = Err(anyhow::anyhow!("cannot unmount {}: {e}", target.display()));
-        }
-    }
-    result
+    Ok(mounts)
 }
 
 /// Writes the install report on the root dataset (the pool is imported).
 fn write_report(profile: &Profile, report: &InstallReport) -> Result<()> {
     let (root, _) = dataset_holding(profile, "/").context("no dataset is mounted at /")?;
-    mount(
-        Some(root.as_str()),
-        "/mnt",
-        Some("zfs"),
-        MsFlags::empty(),
-        Some("zfsutil"),
-    )
-    .with_context(|| format!("cannot mount {root} on /mnt"))?;
+    let mut mounts = Mounts::default();
+    mounts.zfs(&root, "/mnt", MsFlags::empty())?;
     let written = crate::zfs::ensure_on_pool(Path::new("/mnt"), &profile.pool.name.to_string())
         .and_then(|()| report.write(Path::new("/mnt")))
         .and_then(|()| {
             let log = crate::console::log();
             crate::report::write_log(Path::new("/mnt"), crate::report::INSTALL_LOG, &log).map(drop)
         });
-    let unmounted = nix::mount::umount("/mnt").with_context(|| format!("cannot unmount {root}"));
+    let unmounted = mounts.unmount();
     written.context("cannot write the install report")?;
     unmounted?;
     say!(
@@ -1205,14 +1163,8 @@ fn register(manifest: &crate::payload::Manifest, registration: &str) -> Result<(
 fn check_store(profile: &Profile, manifest: &crate::payload::Manifest) -> Result<String> {
     let (dataset, mountpoint) =
         dataset_holding(profile, "/nix/store").context("no dataset holds /nix/store")?;
-    mount(
-        Some(dataset.as_str()),
-        "/mnt",
-        Some("zfs"),
-        MsFlags::MS_RDONLY,
-        Some("zfsutil"),
-    )
-    .with_context(|| format!("cannot mount {dataset} read-only on /mnt"))?;
+    let mut mounts = Mounts::default();
+    mounts.zfs(&dataset, "/mnt", MsFlags::MS_RDONLY)?;
     let dir = Path::new("/mnt").join(
         Path::new("/nix/store")
             .strip_prefix(&mountpoint)
@@ -1224,7 +1176,7 @@ fn check_store(profile: &Profile, manifest: &crate::payload::Manifest) -> Result
             .context("the store read back from the pool is not what was written")?;
         Ok(crate::payload::digest(scanned.iter().map(|e| &e.0)))
     });
-    nix::mount::umount("/mnt").with_context(|| format!("cannot unmount {dataset} from /mnt"))?;
+    mounts.unmount()?;
     result
 }
 

@@ -27,6 +27,7 @@ pub mod fat;
 pub mod image;
 #[cfg(feature = "pid1")]
 mod install;
+pub mod mount;
 pub mod net;
 pub mod nixos;
 pub mod nodes;

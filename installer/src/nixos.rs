@@ -6,9 +6,10 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use anyhow::{bail, Context, Result};
-use nix::mount::{MntFlags, MsFlags};
+use nix::mount::MsFlags;
 
 use crate::cmd;
+use crate::mount::Mounts;
 use crate::net::KeySet;
 
 /// Where the module goes, under the installed root.
@@ -250,46 +251,6 @@ pub fn set_system_profile(root: &Path, toplevel: &str) -> Result<()> {
         .with_context(|| format!("cannot write {}", etc.join("NIXOS").display()))
 }
 
-/// File systems mounted for a chroot, unmounted in reverse order.
-#[derive(Default)]
-struct Mounts(Vec<PathBuf>);
-
-impl Mounts {
-    fn mount(
-        &mut self,
-        source: &str,
-        target: PathBuf,
-        fstype: Option<&str>,
-        flags: MsFlags,
-    ) -> Result<()> {
-        std::fs::create_dir_all(&target)
-            .with_context(|| format!("cannot create {}", target.display()))?;
-        nix::mount::mount(Some(source), &target, fstype, flags, None::<&str>)
-            .with_context(|| format!("cannot mount {source} on {}", target.display()))?;
-        self.0.push(target);
-        Ok(())
-    }
-
-    /// Unmounts everything (detached, with what was mounted below it).
-    fn unmount(mut self) -> Result<()> {
-        let mut result = Ok(());
-        while let Some(target) = self.0.pop() {
-            if let Err(e) = nix::mount::umount2(&target, MntFlags::MNT_DETACH) {
-                result = Err(anyhow::anyhow!("cannot unmount {}: {e}", target.display()));
-            }
-        }
-        result
-    }
-}
-
-impl Drop for Mounts {
-    fn drop(&mut self) {
-        for target in self.0.drain(..).rev() {
-            let _ = nix::mount::umount2(&target, MntFlags::MNT_DETACH);
-        }
-    }
-}
-
 /// Runs the installed NixOS system's own boot loader installation, as
 /// `nixos-install` does through `nixos-enter`: with the ESP `esp` on
 /// `/boot`, `/dev`, `/proc`, `/sys` (with `efivarfs` when the firmware has
@@ -302,18 +263,31 @@ impl Drop for Mounts {
 /// left it empty. Returns warnings.
 pub fn install_boot_loader(root: &Path, esp: &Path, log: &dyn Fn(&str)) -> Result<Vec<String>> {
     let efi_vars = Path::new("/sys/firmware/efi").exists() && mount_efivarfs();
-    let mut mounts = Mounts::default();
+    let mut mounts = Mounts::detaching();
     let esp_name = esp.display().to_string();
-    mounts.mount(&esp_name, root.join("boot"), Some("vfat"), MsFlags::empty())?;
+    mounts.mount(
+        &esp_name,
+        root.join("boot"),
+        Some("vfat"),
+        MsFlags::empty(),
+        None,
+    )?;
     let rbind = MsFlags::MS_BIND | MsFlags::MS_REC;
-    mounts.mount("/dev", root.join("dev"), None, rbind)?;
-    mounts.mount("proc", root.join("proc"), Some("proc"), MsFlags::empty())?;
-    mounts.mount("/sys", root.join("sys"), None, rbind)?;
+    mounts.mount("/dev", root.join("dev"), None, rbind, None)?;
+    mounts.mount(
+        "proc",
+        root.join("proc"),
+        Some("proc"),
+        MsFlags::empty(),
+        None,
+    )?;
+    mounts.mount("/sys", root.join("sys"), None, rbind, None)?;
     mounts.mount(
         "tmpfs",
         root.join("run"),
         Some("tmpfs"),
         MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+        None,
     )?;
     let env = [
         (
@@ -387,14 +361,14 @@ pub fn mirror_esp(from: &str, to: &[String], log: &dyn Fn(&str)) -> Result<()> {
     if to.is_empty() {
         return Ok(());
     }
-    let mut mounts = Mounts::default();
+    let mut mounts = Mounts::detaching();
     let src = PathBuf::from("/run/nodeflash/esp-from");
     // Read-write like the mount `install_boot_loader` detached lazily: a
     // read-only mount of a FAT superblock still in use read-write is EBUSY.
-    mounts.mount(from, src.clone(), Some("vfat"), MsFlags::empty())?;
+    mounts.mount(from, src.clone(), Some("vfat"), MsFlags::empty(), None)?;
     for (i, dev) in to.iter().enumerate() {
         let dst = PathBuf::from(format!("/run/nodeflash/esp-to-{i}"));
-        mounts.mount(dev, dst.clone(), Some("vfat"), MsFlags::empty())?;
+        mounts.mount(dev, dst.clone(), Some("vfat"), MsFlags::empty(), None)?;
         let n = copy_tree(&src, &dst)
             .with_context(|| format!("cannot copy the boot files of {from} to {dev}"))?;
         log(&format!("boot loader: {n} files of {from} copied to {dev}"));
