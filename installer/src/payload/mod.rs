@@ -267,7 +267,8 @@ impl Manifest {
             .sum()
     }
 
-    /// The top-level store paths.
+    /// The top-level store paths, sorted by name (the manifest has them in
+    /// the packer's order).
     pub fn store_paths(&self) -> Vec<&str> {
         let mut v: Vec<&str> = self
             .entries
@@ -275,6 +276,7 @@ impl Manifest {
             .filter(|e| !e.path().contains('/'))
             .map(Entry::path)
             .collect();
+        v.sort_unstable();
         v.dedup();
         v
     }
