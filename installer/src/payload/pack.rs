@@ -87,7 +87,7 @@ pub struct FrameCache {
 
 #[derive(Debug, Clone)]
 pub struct PackOptions {
-    /// zstd level of every frame (19, as the NixOS ISO's squashfs).
+    /// zstd level of every frame ([`super::DEFAULT_LEVEL`] by default).
     pub level: i32,
     /// Uncompressed bytes per frame.
     pub frame_size: u32,
@@ -104,7 +104,7 @@ pub struct PackOptions {
 impl Default for PackOptions {
     fn default() -> Self {
         Self {
-            level: 19,
+            level: super::DEFAULT_LEVEL,
             frame_size: super::DEFAULT_FRAME_SIZE,
             threads: std::thread::available_parallelism().map_or(1, |n| n.get()),
             registration: None,
