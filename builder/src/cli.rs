@@ -261,7 +261,7 @@ enum PayloadCommand {
         src: PathBuf,
         out: PathBuf,
         /// zstd level.
-        #[arg(long, default_value_t = 19)]
+        #[arg(long, default_value_t = nodeflash_installer::payload::DEFAULT_LEVEL)]
         level: i32,
         /// Nix registration (closure-info format) to carry for `nix-store --load-db`.
         #[arg(long)]

@@ -375,7 +375,7 @@ pub struct Payload {
     /// A deterministic synthetic store (tests and benchmarks).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub synthetic: Option<Synthetic>,
-    /// zstd level of the packed store (19, as the NixOS ISO's squashfs).
+    /// zstd level of the packed store (`payload::DEFAULT_LEVEL`, 17).
     #[serde(default = "default_level")]
     pub level: i32,
     /// Threads writing the store on the node (default: one per CPU).
@@ -384,7 +384,7 @@ pub struct Payload {
 }
 
 fn default_level() -> i32 {
-    19
+    crate::payload::DEFAULT_LEVEL
 }
 
 impl Default for Payload {
@@ -1728,7 +1728,10 @@ select = { serial = "S1" }
         let e = err(&with("store = \"s\"\nlevel = 30", root));
         assert!(e.message.contains("zstd level 30"), "{e}");
         let p = Profile::parse(&with("store = \"s\"\nworkers = 4", root), "t.toml").expect("valid");
-        assert_eq!((p.payload.level, p.payload.workers), (19, Some(4)));
+        assert_eq!(
+            (p.payload.level, p.payload.workers),
+            (crate::payload::DEFAULT_LEVEL, Some(4))
+        );
     }
 
     #[test]

@@ -64,6 +64,11 @@ fn sample_store(root: &Path) {
         b.join("hello"),
     )
     .expect("symlink");
+    // A store path first by its whole name, last by its name without the
+    // hash: the packer's order is not the walk's.
+    let c = root.join("00000000000000000000000000000000-zz-hook");
+    std::fs::create_dir_all(c.join("nix-support")).expect("mkdir");
+    write(&c.join("nix-support/setup-hook"), b"export X=1\n", 0o444);
     // A store path that is a single file.
     write(
         &root.join("zzzzfghijklmnpqrsvwxyz0123456789-script.sh"),
@@ -78,6 +83,8 @@ fn sample_store(root: &Path) {
         a.clone(),
         b.join("lib"),
         b.clone(),
+        c.join("nix-support"),
+        c.clone(),
     ] {
         std::fs::set_permissions(&d, std::fs::Permissions::from_mode(0o555)).expect("chmod");
     }
@@ -117,8 +124,8 @@ fn round_trip_keeps_every_file_mode_and_link() {
     let out = dir.path().join("store.nfp");
     let counters = Counters::default();
     let stats = pack(&src, &out, &opts(), &counters).expect("pack");
-    assert_eq!(stats.files, 47);
-    assert_eq!(counters.snapshot().1, 47);
+    assert_eq!(stats.files, 48);
+    assert_eq!(counters.snapshot().1, 48);
     assert_eq!(
         std::fs::metadata(&out).expect("stat").len(),
         stats.payload_bytes
@@ -130,14 +137,31 @@ fn round_trip_keeps_every_file_mode_and_link() {
         payload.manifest.registration.as_deref(),
         Some("/nix/store/x\n\n\n0\n")
     );
-    assert_eq!(payload.manifest.store_paths().len(), 3);
+    assert_eq!(payload.manifest.store_paths().len(), 4);
+    // Store paths in the packer's order: by name without the hash.
+    let top: Vec<&str> = payload
+        .manifest
+        .entries
+        .iter()
+        .map(|e| e.path())
+        .filter(|p| !p.contains('/'))
+        .collect();
+    assert_eq!(
+        top,
+        [
+            "0123456789abcdfghijklmnpqrsvwxyz-hello-2.12",
+            "abcdfghijklmnpqrsvwxyz0123456789-lib",
+            "zzzzfghijklmnpqrsvwxyz0123456789-script.sh",
+            "00000000000000000000000000000000-zz-hook",
+        ]
+    );
     let manifest = payload.manifest.clone();
     let dest = dir.path().join("dest/nix/store");
     let counters = Counters::default();
     let x = payload
         .extract(Some(&dest), 3, &counters)
         .expect("extracts");
-    assert_eq!((x.files, counters.snapshot().1), (47, 47));
+    assert_eq!((x.files, counters.snapshot().1), (48, 48));
     assert_eq!(counters.snapshot().0, manifest.bytes());
 
     // Extracted tree = manifest, including mtime 1; and = the source tree.

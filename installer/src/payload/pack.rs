@@ -1,14 +1,18 @@
 //! Packing a store tree into a payload file.
 //!
+//! Store paths are packed in the order of their names without the hash
+//! (`HASH-NAME` by `NAME`, then by the whole name; see [`store_name`]), so a
+//! store path that Nix rebuilds (a new hash, the same name) keeps its place.
 //! Frames never cross a *unit*: a store path whose files hold at least a
 //! quarter of the frame size is a unit of its own, and smaller store paths
 //! are gathered into buckets of consecutive paths (at most one frame size of
-//! data) whose ends are picked by the paths' names (a bucket ends after a
-//! path whose name's sha256 starts with a byte divisible by
-//! [`BUCKET_CUT`]), so that adding or removing one small path changes only
-//! its own bucket. A unit's frames depend on nothing but its files and the
-//! compression settings, which is what lets [`FrameCache`] keep them from
-//! one pack to the next.
+//! data) whose ends are picked by the paths' names without the hash (a
+//! bucket ends after a path whose `NAME`'s sha256 starts with a byte
+//! divisible by [`BUCKET_CUT`]), so that adding or removing one small path
+//! changes only its own bucket, and a rebuilt one (new hash, same name)
+//! changes only the bucket it stays in. A unit's frames depend on nothing
+//! but its files and the compression settings, which is what lets
+//! [`FrameCache`] keep them from one pack to the next.
 
 use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
@@ -24,12 +28,46 @@ use sha2::{Digest, Sha256};
 use super::{tree, Counters, Entry, Frame, Header, Manifest, FORMAT_VERSION, MAX_FRAME_SIZE};
 
 /// Version of the packer's layout (where files go in frames, what a unit
-/// is); part of every [`FrameCache`] key. Version 2 cut frames at units.
-pub const LAYOUT_VERSION: u32 = 2;
+/// is); part of every [`FrameCache`] key. Version 2 cut frames at units;
+/// version 3 orders store paths by their names without the hash and cuts
+/// buckets by those names.
+pub const LAYOUT_VERSION: u32 = 3;
 
-/// A bucket of small store paths ends after a path whose name's sha256
-/// starts with a multiple of this (about one path in 8).
+/// A bucket of small store paths ends after a path whose name without the
+/// hash has a sha256 starting with a multiple of this (about one path in 8).
 pub const BUCKET_CUT: u8 = 8;
+
+/// Nix's base-32 alphabet (`nix32Chars`, Nix's src/libutil/hash.cc).
+const NIX32: &[u8] = b"0123456789abcdfghijklmnpqrsvwxyz";
+
+/// The name of a store path without its hash: `NAME` for `HASH-NAME` where
+/// `HASH` is 32 characters of Nix's base-32 alphabet (a store path's hash
+/// part, Nix's src/libstore/path.cc `StorePath::HashLen`); the whole
+/// name for anything else.
+fn store_name(path: &str) -> &str {
+    match path.as_bytes().get(..33) {
+        Some([hash @ .., b'-']) if hash.iter().all(|c| NIX32.contains(c)) => &path[33..],
+        _ => path,
+    }
+}
+
+/// Puts the store paths of `entries` (in walk order: each top-level entry
+/// followed by what it contains) in the packer's order, by [`store_name`]
+/// then by the whole name; each store path's entries stay in walk order.
+fn order_store_paths(entries: Vec<Entry>) -> Vec<Entry> {
+    let mut spans: Vec<Vec<Entry>> = Vec::new();
+    for e in entries {
+        match spans.last_mut() {
+            Some(span) if e.path().contains('/') => span.push(e),
+            _ => spans.push(vec![e]),
+        }
+    }
+    spans.sort_by(|a, b| {
+        let (a, b) = (a[0].path(), b[0].path());
+        (store_name(a), a).cmp(&(store_name(b), b))
+    });
+    spans.into_iter().flatten().collect()
+}
 
 /// Where the compressed frames of each unit are kept between packs: one file
 /// per unit, named by the sha256 of everything its frames are made from
@@ -49,7 +87,7 @@ pub struct FrameCache {
 
 #[derive(Debug, Clone)]
 pub struct PackOptions {
-    /// zstd level of every frame (19, as the NixOS ISO's squashfs).
+    /// zstd level of every frame ([`super::DEFAULT_LEVEL`] by default).
     pub level: i32,
     /// Uncompressed bytes per frame.
     pub frame_size: u32,
@@ -66,7 +104,7 @@ pub struct PackOptions {
 impl Default for PackOptions {
     fn default() -> Self {
         Self {
-            level: 19,
+            level: super::DEFAULT_LEVEL,
             frame_size: super::DEFAULT_FRAME_SIZE,
             threads: std::thread::available_parallelism().map_or(1, |n| n.get()),
             registration: None,
@@ -125,8 +163,8 @@ fn data_len(e: &Entry) -> u64 {
     }
 }
 
-/// Cuts the entries (in payload order, each store path's entries in a row)
-/// into units, as ranges of entries.
+/// Cuts the entries (in payload order, see [`order_store_paths`]; each store
+/// path's entries in a row) into units, as ranges of entries.
 fn units(entries: &[Entry], frame_size: u64) -> Vec<Range<usize>> {
     let mut spans: Vec<(Range<usize>, u64)> = Vec::new();
     for (i, e) in entries.iter().enumerate() {
@@ -157,7 +195,8 @@ fn units(entries: &[Entry], frame_size: u64) -> Vec<Range<usize>> {
                 bucket = Some((span.clone(), bytes));
             }
         }
-        if Sha256::digest(entries[span.start].path().as_bytes())[0] % BUCKET_CUT == 0 {
+        let name = store_name(entries[span.start].path());
+        if Sha256::digest(name.as_bytes())[0] % BUCKET_CUT == 0 {
             out.extend(bucket.take().map(|b| b.0));
         }
     }
@@ -290,10 +329,12 @@ pub fn pack(src: &Path, out: &Path, opts: &PackOptions, counters: &Counters) -> 
             opts.frame_size
         );
     }
-    let mut entries: Vec<Entry> = tree::walk(src, opts.only.as_deref())?
-        .into_iter()
-        .map(|(e, _)| e)
-        .collect();
+    let mut entries = order_store_paths(
+        tree::walk(src, opts.only.as_deref())?
+            .into_iter()
+            .map(|(e, _)| e)
+            .collect(),
+    );
     if entries.is_empty() {
         bail!("{} is empty: there is no store to pack", src.display());
     }
@@ -727,21 +768,25 @@ fn run_job(
 /// files with the same sizes (and hashes, when known), the same frame sizes,
 /// every frame's sha256. Any difference is an error (the entry is damaged).
 fn load_entry(plan: &Plan, u: usize, path: &Path) -> Result<Packed> {
-    let bytes = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
+    use std::io::SeekFrom;
+    let read_err = || format!("cannot read {}", path.display());
     let damaged = || format!("frame cache entry {} is damaged", path.display());
-    let n = bytes.len();
-    let json_len = n
-        .checked_sub(8)
-        .and_then(|i| bytes.get(i..))
-        .and_then(|b| <[u8; 8]>::try_from(b).ok())
-        .map(u64::from_le_bytes)
-        .with_context(damaged)?;
-    let json_start = usize::try_from(json_len)
-        .ok()
-        .and_then(|l| (n - 8).checked_sub(l))
-        .with_context(damaged)?;
-    let cached: CachedUnit =
-        serde_json::from_slice(&bytes[json_start..n - 8]).with_context(damaged)?;
+    let mut f = File::open(path).with_context(read_err)?;
+    let n = f.metadata().with_context(read_err)?.len();
+    // The trailer first; each frame is then read into its own buffer, so the
+    // unit is in memory once.
+    let mut len = [0u8; 8];
+    f.seek(SeekFrom::Start(n.checked_sub(8).with_context(damaged)?))
+        .and_then(|_| f.read_exact(&mut len))
+        .with_context(read_err)?;
+    let json_len = u64::from_le_bytes(len);
+    let json_start = (n - 8).checked_sub(json_len).with_context(damaged)?;
+    let mut json = vec![0u8; usize::try_from(json_len).with_context(damaged)?];
+    f.seek(SeekFrom::Start(json_start))
+        .and_then(|_| f.read_exact(&mut json))
+        .with_context(read_err)?;
+    let cached: CachedUnit = serde_json::from_slice(&json).with_context(damaged)?;
+    drop(json);
     let unit = plan.units[u].clone();
     let files: Vec<usize> = unit.filter(|&i| data_len(&plan.entries[i]) > 0).collect();
     if files.len() != cached.files.len() {
@@ -785,19 +830,20 @@ fn load_entry(plan: &Plan, u: usize, path: &Path) -> Result<Packed> {
     }
     let mut frames = Vec::with_capacity(want.len());
     let mut sums = Vec::with_capacity(want.len());
-    let mut at = 0usize;
-    for f in &cached.frames {
-        let end = usize::try_from(f.len)
-            .ok()
-            .and_then(|l| at.checked_add(l))
+    let mut at = 0u64;
+    f.seek(SeekFrom::Start(0)).with_context(read_err)?;
+    for fr in &cached.frames {
+        let end = at
+            .checked_add(fr.len)
             .filter(|&e| e <= json_start)
             .with_context(damaged)?;
-        let data = &bytes[at..end];
-        if hex::encode(Sha256::digest(data)) != f.sha256 {
+        let mut data = vec![0u8; usize::try_from(fr.len).with_context(damaged)?];
+        f.read_exact(&mut data).with_context(read_err)?;
+        if hex::encode(Sha256::digest(&data)) != fr.sha256 {
             bail!("{}", damaged());
         }
-        frames.push((data.to_vec(), f.size));
-        sums.push(f.sha256.clone());
+        frames.push((data, fr.size));
+        sums.push(fr.sha256.clone());
         at = end;
     }
     if at != json_start {
@@ -1028,6 +1074,79 @@ mod tests {
         big.sort();
         for u in unit_names(&store(&big), 1000) {
             assert!(u.len() * 200 <= 1000, "{u:?}");
+        }
+    }
+
+    /// A Nix-like store path name: a 32-character base-32 hash from `seed`, then `name`.
+    fn nix_name(seed: u32, name: &str) -> String {
+        let hash: String = Sha256::digest(seed.to_le_bytes())
+            .iter()
+            .take(32)
+            .map(|b| char::from(NIX32[usize::from(b % 32)]))
+            .collect();
+        format!("{hash}-{name}")
+    }
+
+    #[test]
+    fn store_paths_are_ordered_by_name_without_the_hash() {
+        assert_eq!(store_name(&nix_name(1, "etc")), "etc");
+        assert_eq!(store_name("not-a-store-path"), "not-a-store-path");
+        // 32 characters but not Nix's alphabet ('e' is not in it).
+        assert_eq!(
+            store_name("eeeeeeeeeeeeeeeeeeeeeeeeeeeeeeee-x"),
+            "eeeeeeeeeeeeeeeeeeeeeeeeeeeeeeee-x"
+        );
+        let a = "zzzzzzzzzzzzzzzzzzzzzzzzzzzzzzzz-a";
+        let b = "00000000000000000000000000000000-b";
+        let b2 = "11111111111111111111111111111111-b";
+        let entries = store(&[(b2.into(), 1), (b.into(), 2), (a.into(), 3)]);
+        let mut walked = entries.clone();
+        walked.sort_by(|x, y| x.path().cmp(y.path()));
+        let ordered = order_store_paths(walked);
+        let paths: Vec<&str> = ordered.iter().map(Entry::path).collect();
+        let want = [
+            a.to_string(),
+            format!("{a}/f"),
+            b.to_string(),
+            format!("{b}/f"),
+            b2.to_string(),
+            format!("{b2}/f"),
+        ];
+        assert_eq!(paths, want);
+        // The tree's digest does not depend on the order.
+        assert_eq!(
+            super::super::digest(&ordered),
+            super::super::digest(&entries)
+        );
+    }
+
+    #[test]
+    fn a_rebuilt_small_path_changes_only_its_own_bucket() {
+        let names: Vec<String> = (0..300).map(|i| format!("p{i}")).collect();
+        let paths = |renamed: Option<usize>| -> Vec<Entry> {
+            let mut walked = store(
+                &names
+                    .iter()
+                    .enumerate()
+                    .map(|(i, n)| {
+                        let seed = if renamed == Some(i) { 10_000 + i } else { i };
+                        (nix_name(seed as u32, n), 10)
+                    })
+                    .collect::<Vec<_>>(),
+            );
+            // The walk's order: by the whole name.
+            let mut spans: Vec<Vec<Entry>> = walked.chunks(2).map(<[Entry]>::to_vec).collect();
+            spans.sort_by(|a, b| a[0].path().cmp(b[0].path()));
+            walked = spans.concat();
+            order_store_paths(walked)
+        };
+        let before = unit_names(&paths(None), 1000);
+        assert!(before.len() > 20, "{} units", before.len());
+        for renamed in (0..300).step_by(23) {
+            let after = unit_names(&paths(Some(renamed)), 1000);
+            assert_eq!(after.len(), before.len(), "renaming p{renamed}");
+            let changed = after.iter().filter(|u| !before.contains(u)).count();
+            assert_eq!(changed, 1, "renaming p{renamed}: {changed} units differ");
         }
     }
 

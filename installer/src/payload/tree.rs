@@ -198,11 +198,16 @@ pub(crate) fn hash_files(
     Ok(out)
 }
 
-/// sha256 over the entries' identities: equal for equal trees, whatever the
-/// payload layout.
+/// sha256 over the entries' identities (one line each, `\n`-terminated),
+/// taken in walk order (sorted by path, component by component, so a
+/// directory comes before its contents): equal for equal trees, whatever
+/// the order of the input (the packer puts store paths in its own order,
+/// see `pack.rs`) or the payload's layout.
 pub fn digest<'a>(entries: impl IntoIterator<Item = &'a Entry>) -> String {
+    let mut sorted: Vec<&Entry> = entries.into_iter().collect();
+    sorted.sort_by(|a, b| a.path().split('/').cmp(b.path().split('/')));
     let mut h = Sha256::new();
-    for e in entries {
+    for e in sorted {
         h.update(e.identity().as_bytes());
         h.update(b"\n");
     }
