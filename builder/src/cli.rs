@@ -6,6 +6,7 @@ use std::process::ExitCode;
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 use nodeflash_installer::profile::Profile;
+use nodeflash_installer::units::mib;
 
 use crate::build::{build, find_profile, provider, BuildOptions};
 use crate::cache::Cache;
@@ -477,10 +478,10 @@ fn run(cli: Cli) -> Result<()> {
                     "{}: removed {} entries ({:.1} MiB), kept {} ({:.1} MiB) under {:.1} MiB",
                     cache.root().display(),
                     stats.removed,
-                    stats.removed_bytes as f64 / 1048576.0,
+                    mib(stats.removed_bytes),
                     stats.kept,
-                    stats.kept_bytes as f64 / 1048576.0,
-                    max as f64 / 1048576.0
+                    mib(stats.kept_bytes),
+                    mib(max)
                 );
             }
         }
@@ -740,7 +741,6 @@ pub fn print_summary(s: &crate::build::BuildSummary) {
 /// configurations (`networking.hostId`).
 pub fn summary_text(s: &crate::build::BuildSummary) -> String {
     use std::fmt::Write;
-    let mib = |b: u64| b as f64 / 1048576.0;
     let mut t = String::new();
     let _ = writeln!(
         t,
@@ -999,8 +999,8 @@ fn payload_command(command: PayloadCommand, quiet: bool) -> Result<()> {
                 "{}: {} files, {:.1} MiB → {:.1} MiB ({} frames) in {:.1}s",
                 out.display(),
                 stats.files,
-                stats.bytes as f64 / 1048576.0,
-                stats.payload_bytes as f64 / 1048576.0,
+                mib(stats.bytes),
+                mib(stats.payload_bytes),
                 stats.frames,
                 started.elapsed().as_secs_f64()
             );
@@ -1025,7 +1025,7 @@ fn payload_command(command: PayloadCommand, quiet: bool) -> Result<()> {
                 "{}: {} files, {:.1} MiB in {:.1}s",
                 dir.display(),
                 stats.files,
-                stats.bytes as f64 / 1048576.0,
+                mib(stats.bytes),
                 started.elapsed().as_secs_f64()
             );
             report(json, serde_json::to_value(&stats)?, text)
@@ -1073,11 +1073,11 @@ fn payload_command(command: PayloadCommand, quiet: bool) -> Result<()> {
                  frames: {} checked by sha256 in {:.2}s ({:.1} MB/s of payload); files: decompressed and checked in {:.2}s",
                 payload.display(),
                 manifest.files(),
-                total as f64 / 1048576.0,
+                mib(total),
                 manifest.store_paths().len(),
                 frames.frames,
                 frames.secs,
-                frames.bytes as f64 / frames.secs.max(1e-6) / 1e6,
+                nodeflash_installer::units::mb_per_s(frames.bytes, frames.secs),
                 files_secs
             );
             if let Some(dir) = dir {
@@ -1098,6 +1098,7 @@ mod tests {
     use super::*;
     use crate::build::{node_warnings, BootSummary, BuildSummary, NodeSummary};
     use crate::inputs::PackageVersion;
+    use nodeflash_installer::units::MIB;
 
     fn alrest_summary() -> BuildSummary {
         let profile = Profile::parse(
@@ -1112,11 +1113,11 @@ mod tests {
             warnings,
             profile: "alrest".into(),
             iso: "target/nodeflash/alrest.iso".into(),
-            iso_bytes: 75 * 1048576 + 524288,
+            iso_bytes: 75 * MIB + 524288,
             iso_sha256: "ab".repeat(32),
             image_id: "0123456789abcdef0123".into(),
             kernel_release: "6.1.0-40-amd64".into(),
-            initrd_bytes: 30 * 1048576,
+            initrd_bytes: 30 * MIB,
             modules: 41,
             packages: [
                 ("linux-image-6.1.0-40-amd64", "6.1.153-1"),
@@ -1131,7 +1132,7 @@ mod tests {
             })
             .to_vec(),
             firmware_files: 12,
-            firmware_bytes: 3 * 1048576 / 2,
+            firmware_bytes: 3 * MIB / 2,
             payload: None,
             nodes,
             default_node,
@@ -1287,10 +1288,10 @@ mod tests {
         let mut s = alrest_summary();
         s.payload = Some(nodeflash_installer::image::PayloadInfo {
             path: "/nodeflash/store.nfp".into(),
-            bytes: 300 * 1048576,
+            bytes: 300 * MIB,
             manifest_sha256: "cd".repeat(32),
             files: 40_000,
-            store_bytes: 1024 * 1048576,
+            store_bytes: 1024 * MIB,
             systems: Default::default(),
             default_system: None,
         });

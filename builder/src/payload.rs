@@ -5,7 +5,6 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
-use std::time::Duration;
 
 use std::collections::BTreeMap;
 
@@ -15,6 +14,8 @@ use nodeflash_installer::payload::{
     self, Counters, FrameCache, PackOptions, Payload, FORMAT_VERSION,
 };
 use nodeflash_installer::profile::{default_system_attr, Profile};
+use nodeflash_installer::progress::{Output, Progress};
+use nodeflash_installer::units::mib;
 
 use crate::build::CheckSystem;
 use crate::cache::{key_of, Cache};
@@ -148,7 +149,7 @@ pub fn prepare(
             "cache bound {:.1} GiB: evicted {} least recently used payloads and frames ({:.1} MiB)",
             max as f64 / f64::from(1 << 30),
             gc.removed,
-            gc.removed_bytes as f64 / 1048576.0
+            mib(gc.removed_bytes)
         ));
     }
     let opened = Payload::open(
@@ -315,8 +316,8 @@ fn pack_dir(src: &Path, out: &Path, opts: &PackOptions) -> Result<()> {
     steps::note(&format!(
         "{} files, {:.1} MiB → {:.1} MiB in {} frames (zstd {}); {}",
         stats.files,
-        stats.bytes as f64 / 1048576.0,
-        stats.payload_bytes as f64 / 1048576.0,
+        mib(stats.bytes),
+        mib(stats.payload_bytes),
         stats.frames,
         opts.level,
         reuse_note(&stats)
@@ -330,7 +331,7 @@ pub fn reuse_note(stats: &payload::PackStats) -> String {
         "{} of {} units from the frame cache, {:.1} MiB compressed",
         stats.units_reused,
         stats.units,
-        stats.bytes_compressed as f64 / 1048576.0
+        mib(stats.bytes_compressed)
     );
     if stats.cache_damaged > 0 {
         s.push_str(&format!(
@@ -348,32 +349,9 @@ pub fn with_progress<T>(
     counters: &Counters,
     f: impl FnOnce() -> T,
 ) -> T {
-    use std::io::IsTerminal;
-    if !std::io::stderr().is_terminal() || steps::quiet() {
-        return f();
-    }
-    let bar = match total_bytes {
-        Some(n) => indicatif::ProgressBar::new(n),
-        None => indicatif::ProgressBar::new_spinner(),
+    let out = match Output::stderr(steps::quiet()) {
+        Output::Log(_) => Output::Silent,
+        out => out,
     };
-    bar.set_style(
-        indicatif::ProgressStyle::with_template(
-            "    {msg} [{elapsed_precise}] {bar:30} {bytes}/{total_bytes} {binary_bytes_per_sec} {eta}",
-        )
-        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
-    );
-    bar.set_message(what.to_string());
-    let done = std::sync::atomic::AtomicBool::new(false);
-    std::thread::scope(|s| {
-        s.spawn(|| {
-            while !done.load(Ordering::Relaxed) {
-                bar.set_position(counters.bytes.load(Ordering::Relaxed));
-                std::thread::sleep(Duration::from_millis(100));
-            }
-            bar.finish_and_clear();
-        });
-        let r = f();
-        done.store(true, Ordering::Relaxed);
-        r
-    })
+    Progress::bytes(what, total_bytes, out).watch(|| counters.bytes.load(Ordering::Relaxed), f)
 }

@@ -304,21 +304,8 @@ impl Facts {
     }
 }
 
-/// `1.0 TB`, `512.0 MiB`-style sizes for people (binary units below 1 TB).
-pub fn human_bytes(n: u64) -> String {
-    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
-    let mut v = n as f64;
-    let mut i = 0;
-    while v >= 1024.0 && i + 1 < UNITS.len() {
-        v /= 1024.0;
-        i += 1;
-    }
-    if i == 0 {
-        format!("{n} B")
-    } else {
-        format!("{v:.1} {}", UNITS[i])
-    }
-}
+/// Sizes for people; defined in [`crate::units`] (kept here for its callers).
+pub use crate::units::human_bytes;
 
 #[cfg(test)]
 mod tests {

@@ -22,10 +22,12 @@ pub mod payload;
 pub mod pid1;
 pub mod plan;
 pub mod profile;
+pub mod progress;
 pub mod report;
 pub mod secureboot;
 #[doc(hidden)]
 pub mod testing;
+pub mod units;
 pub mod wait;
 pub mod zfs;
 pub mod zprop;

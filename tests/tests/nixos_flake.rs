@@ -10,6 +10,7 @@ use std::collections::BTreeSet;
 use std::process::Command;
 
 use nodeflash_installer::payload::{self, Payload};
+use nodeflash_installer::units::mib;
 use nodeflash_tests::flake::{nix_store, standin_flake_with};
 use nodeflash_tests::{
     assert_console, boot_installed, build_variant, console_json, extract_from_iso, images_dir,
@@ -105,8 +106,8 @@ fn one_stick_installs_each_node_its_own_nix_built_system() {
     eprintln!(
         "payload: {} nodes {:.2} MiB of store, {:.2} MiB packed",
         tops.len(),
-        all.bytes() as f64 / 1048576.0,
-        std::fs::metadata(&packed).expect("payload").len() as f64 / 1048576.0
+        mib(all.bytes()),
+        mib(std::fs::metadata(&packed).expect("payload").len())
     );
 
     let mut times = Vec::new();
@@ -134,7 +135,7 @@ fn one_stick_installs_each_node_its_own_nix_built_system() {
         let written = node_payload.written();
         eprintln!(
             "payload: {name} alone {:.2} MiB of store in {} paths",
-            written.bytes() as f64 / 1048576.0,
+            mib(written.bytes()),
             mine.len()
         );
 

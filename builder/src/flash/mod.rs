@@ -44,7 +44,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
-use nodeflash_installer::facts::human_bytes;
+use nodeflash_installer::units::{human_bytes, human_rate};
 use serde::Serialize;
 
 use crate::steps;
@@ -72,7 +72,7 @@ impl FlashReport {
                 "{} in {:.1}s ({})",
                 human_bytes(p.bytes),
                 p.secs,
-                rate(p.bytes, Duration::from_secs_f64(p.secs))
+                human_rate(p.bytes, Duration::from_secs_f64(p.secs))
             )
         };
         format!(
