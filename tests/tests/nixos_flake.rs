@@ -13,8 +13,8 @@ use nodeflash_installer::payload::{self, Payload};
 use nodeflash_installer::units::mib;
 use nodeflash_tests::flake::{nix_store, standin_flake_with};
 use nodeflash_tests::{
-    assert_console, boot_installed, build_variant, console_json, extract_from_iso, images_dir,
-    printed_hostid, Boot, DiskImage, Nvme, Vm, VmConfig,
+    assert_console, boot_installed, boot_to_poweroff, build_variant, console_json,
+    extract_from_iso, images_dir, printed_hostid, Boot, DiskImage, Nvme, VmConfig,
 };
 
 /// The `qemu` profile with a flake for its nodes' systems and beta matched
@@ -145,9 +145,7 @@ fn one_stick_installs_each_node_its_own_nix_built_system() {
         let mut cfg = VmConfig::new(iso.clone(), Boot::UsbStick);
         cfg.nvme.push(disk.clone());
         cfg.smbios_serial = Some(serial.to_string());
-        let mut vm = Vm::start(&cfg).expect("qemu starts");
-        let console = vm.wait_for_poweroff().unwrap_or_else(|e| panic!("{e:#}"));
-        eprintln!("{console}");
+        let console = boot_to_poweroff(&cfg);
         assert_console(
             &console,
             &format!("node: {name} (matched dmi-serial={serial})"),
@@ -209,9 +207,7 @@ fn one_stick_installs_each_node_its_own_nix_built_system() {
     let mut cfg = VmConfig::new(iso.clone(), Boot::UsbStick);
     cfg.nvme.push(disk.clone());
     cfg.smbios_serial = Some("NF-OTHER".into());
-    let mut vm = Vm::start(&cfg).expect("qemu starts");
-    let console = vm.wait_for_poweroff().unwrap_or_else(|e| panic!("{e:#}"));
-    eprintln!("{console}");
+    let console = boot_to_poweroff(&cfg);
     let hostid = printed_hostid(&console);
     assert_console(
         &console,
