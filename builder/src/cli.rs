@@ -6,6 +6,7 @@ use std::process::ExitCode;
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 use nodeflash_installer::profile::Profile;
+use nodeflash_installer::units::mib;
 
 use crate::build::{build, find_profile, provider, BuildOptions};
 use crate::cache::Cache;
@@ -64,25 +65,7 @@ enum Command {
         "nodeflash build --profile alrest --installer INSTALLER --locked   # exactly the pinned packages",
         "cargo xtask build-iso --profile alrest   # the same, with the installer compiled first",
     ))]
-    Build {
-        /// Profile name (in the profiles directory) or path to a .toml file.
-        #[arg(long)]
-        profile: String,
-        /// The installer binary that becomes /init.
-        #[arg(long)]
-        installer: PathBuf,
-        /// Where the ISO, its .sha256 and the summary .json are written.
-        #[arg(long, default_value = "target/nodeflash")]
-        out_dir: PathBuf,
-        /// Print the build summary as JSON on stdout.
-        #[arg(long)]
-        json: bool,
-        /// Build exactly what the inputs lock pins: fail instead of
-        /// re-pinning a package Debian no longer publishes, or creating a
-        /// missing lock (cargo's `--locked`).
-        #[arg(long)]
-        locked: bool,
-    },
+    Build(BuildArgs),
     /// Inspect and validate profiles (the format is in docs/profile.md).
     #[command(after_help = examples!(
         "nodeflash profile check",
@@ -100,17 +83,7 @@ enum Command {
         "nodeflash plan --profile alrest --machine node.json",
         "nodeflash plan --profile alrest --machine node.json --json",
     ))]
-    Plan {
-        /// Profile name (in the profiles directory) or path to a .toml file.
-        #[arg(long)]
-        profile: String,
-        /// Machine facts as JSON.
-        #[arg(long)]
-        machine: PathBuf,
-        /// Print the node and the plan as JSON.
-        #[arg(long)]
-        json: bool,
-    },
+    Plan(PlanArgs),
     /// Write the NixOS module a flake imports, generated from the profile:
     /// file systems, ESP and swap, ZFS and systemd-boot, root's keys, and
     /// each node's host name and host ID (docs/flake.md).
@@ -118,14 +91,7 @@ enum Command {
         "nodeflash nixos-module --profile alrest > nodeflash.nix",
         "nodeflash nixos-module --profile alrest --out ../cluster/nodeflash.nix",
     ))]
-    NixosModule {
-        /// Profile name (in the profiles directory) or path to a .toml file.
-        #[arg(long)]
-        profile: String,
-        /// Write it here instead of stdout.
-        #[arg(long)]
-        out: Option<PathBuf>,
-    },
+    NixosModule(NixosModuleArgs),
     /// Print this machine's facts (disks, NICs, DMI) as JSON, always.
     #[command(after_help = concat!(
         "Run it as root: the DMI serial and product UUID are readable by root only\n",
@@ -136,11 +102,7 @@ enum Command {
         "sudo nodeflash facts > node.json",
         "sudo nodeflash facts | jq '.dmi.product_serial'   # for a node's `match = { dmi-serial = … }`",
     )))]
-    Facts {
-        /// Accepted for symmetry with the other commands: the output is JSON anyway.
-        #[arg(long)]
-        json: bool,
-    },
+    Facts(FactsArgs),
     /// Pack, extract and check store payloads (docs/payload.md).
     #[command(after_help = examples!(
         "nodeflash payload pack ./store store.nfp --registration ./registration",
@@ -180,15 +142,7 @@ enum Command {
         "nodeflash update-inputs --check   # what a build would re-pin now; writes nothing",
         "cargo xtask update-inputs --profile alrest   # the same from the repository",
     ))]
-    UpdateInputs {
-        /// Profile name (in the profiles directory) or path to a .toml file.
-        #[arg(long, default_value = "alrest")]
-        profile: String,
-        /// Only check the lock against today's archive with fresh package
-        /// lists, and print what a build would re-pin; change nothing.
-        #[arg(long)]
-        check: bool,
-    },
+    UpdateInputs(UpdateInputsArgs),
 }
 
 const FLASH_HELP: &str = "Examples:
@@ -205,6 +159,97 @@ Accepted: a whole disk that is removable (sysfs removable=1) or on USB, at most
 
 Exit status: 0 written and verified (or: at least one disk listed as accepted),
 1 refused, failed or no acceptable disk, 2 bad usage.";
+
+#[derive(Debug, clap::Args)]
+struct BuildArgs {
+    /// Profile name (in the profiles directory) or path to a .toml file.
+    #[arg(long)]
+    profile: String,
+    /// The installer binary that becomes /init.
+    #[arg(long)]
+    installer: PathBuf,
+    /// Where the ISO, its .sha256 and the summary .json are written.
+    #[arg(long, default_value = "target/nodeflash")]
+    out_dir: PathBuf,
+    /// Print the build summary as JSON on stdout.
+    #[arg(long)]
+    json: bool,
+    /// Build exactly what the inputs lock pins: fail instead of
+    /// re-pinning a package Debian no longer publishes, or creating a
+    /// missing lock (cargo's `--locked`).
+    #[arg(long)]
+    locked: bool,
+}
+
+#[derive(Debug, clap::Args)]
+struct PlanArgs {
+    /// Profile name (in the profiles directory) or path to a .toml file.
+    #[arg(long)]
+    profile: String,
+    /// Machine facts as JSON.
+    #[arg(long)]
+    machine: PathBuf,
+    /// Print the node and the plan as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Debug, clap::Args)]
+struct NixosModuleArgs {
+    /// Profile name (in the profiles directory) or path to a .toml file.
+    #[arg(long)]
+    profile: String,
+    /// Write it here instead of stdout.
+    #[arg(long)]
+    out: Option<PathBuf>,
+}
+
+#[derive(Debug, clap::Args)]
+struct FactsArgs {
+    /// Accepted for symmetry with the other commands: the output is JSON anyway.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Debug, clap::Args)]
+struct UpdateInputsArgs {
+    /// Profile name (in the profiles directory) or path to a .toml file.
+    #[arg(long, default_value = "alrest")]
+    profile: String,
+    /// Only check the lock against today's archive with fresh package
+    /// lists, and print what a build would re-pin; change nothing.
+    #[arg(long)]
+    check: bool,
+}
+
+#[derive(Debug, clap::Args)]
+struct GcArgs {
+    /// The bound (default: NODEFLASH_CACHE_MAX, else 20GiB).
+    #[arg(long)]
+    max_size: Option<nodeflash_installer::profile::Size>,
+    /// Print the result as JSON on stdout.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Debug, clap::Args)]
+struct ShowArgs {
+    /// Profile name (in the profiles directory) or path to a .toml file.
+    name: String,
+    /// Print it as JSON instead of TOML.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Debug, clap::Args)]
+struct CheckArgs {
+    /// Profile names (in the profiles directory) or paths to .toml files
+    /// [default: every *.toml in the profiles directory].
+    profiles: Vec<String>,
+    /// Print one JSON object per profile (path, name, error) as a list.
+    #[arg(long)]
+    json: bool,
+}
 
 #[derive(Debug, clap::Args)]
 struct FlashArgs {
@@ -239,14 +284,7 @@ enum CacheCommand {
         "nodeflash cache gc --max-size 5GiB",
         "nodeflash cache gc --max-size 0   # drop every payload and frame",
     ))]
-    Gc {
-        /// The bound (default: NODEFLASH_CACHE_MAX, else 20GiB).
-        #[arg(long)]
-        max_size: Option<nodeflash_installer::profile::Size>,
-        /// Print the result as JSON on stdout.
-        #[arg(long)]
-        json: bool,
-    },
+    Gc(GcArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -257,61 +295,20 @@ enum PayloadCommand {
         "nodeflash payload pack /tmp/store store.nfp --level 3 --json",
         "nodeflash payload pack ./store store.nfp --cache ~/.cache/nodeflash/frames",
     ))]
-    Pack {
-        src: PathBuf,
-        out: PathBuf,
-        /// zstd level.
-        #[arg(long, default_value_t = nodeflash_installer::payload::DEFAULT_LEVEL)]
-        level: i32,
-        /// Nix registration (closure-info format) to carry for `nix-store --load-db`.
-        #[arg(long)]
-        registration: Option<PathBuf>,
-        /// Compression threads (default: one per CPU).
-        #[arg(long)]
-        jobs: Option<usize>,
-        /// Keep each unit's compressed frames in DIR and reuse them in later
-        /// packs (the payload is the same bytes either way).
-        #[arg(long, value_name = "DIR")]
-        cache: Option<PathBuf>,
-        /// With --cache: the store paths' names stand for their content (a
-        /// Nix store), so files are not hashed to find cached units.
-        #[arg(long, requires = "cache")]
-        names_are_content: bool,
-        /// Print the result as JSON on stdout.
-        #[arg(long)]
-        json: bool,
-    },
+    Pack(crate::payload::PackArgs),
     /// Extract a payload into a new or empty directory, checking every file.
     #[command(after_help = examples!(
         "nodeflash payload unpack store.nfp ./unpacked",
         "nodeflash payload unpack store.nfp ./unpacked --jobs 2 --json",
     ))]
-    Unpack {
-        payload: PathBuf,
-        dir: PathBuf,
-        /// Worker threads (default: one per CPU).
-        #[arg(long)]
-        jobs: Option<usize>,
-        /// Print the result as JSON on stdout.
-        #[arg(long)]
-        json: bool,
-    },
+    Unpack(crate::payload::UnpackArgs),
     /// Check every frame and file of a payload; with DIR, check that the tree
     /// in DIR is exactly what the payload holds.
     #[command(after_help = examples!(
         "nodeflash payload verify store.nfp",
         "nodeflash payload verify store.nfp ./unpacked --json",
     ))]
-    Verify {
-        payload: PathBuf,
-        dir: Option<PathBuf>,
-        /// Worker threads (default: one per CPU).
-        #[arg(long)]
-        jobs: Option<usize>,
-        /// Print the result as JSON on stdout.
-        #[arg(long)]
-        json: bool,
-    },
+    Verify(crate::payload::VerifyArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -321,13 +318,7 @@ enum ProfileCommand {
         "nodeflash profile show alrest",
         "nodeflash profile show ./lab.toml --json",
     ))]
-    Show {
-        /// Profile name (in the profiles directory) or path to a .toml file.
-        name: String,
-        /// Print it as JSON instead of TOML.
-        #[arg(long)]
-        json: bool,
-    },
+    Show(ShowArgs),
     /// Validate profiles: the ones named, or every one in the profiles
     /// directory.
     #[command(after_help = examples!(
@@ -335,14 +326,7 @@ enum ProfileCommand {
         "nodeflash profile check alrest ./lab.toml",
         "nodeflash profile check --profiles-dir ~/lab/profiles --json",
     ))]
-    Check {
-        /// Profile names (in the profiles directory) or paths to .toml files
-        /// [default: every *.toml in the profiles directory].
-        profiles: Vec<String>,
-        /// Print one JSON object per profile (path, name, error) as a list.
-        #[arg(long)]
-        json: bool,
-    },
+    Check(CheckArgs),
 }
 
 pub fn main() -> ExitCode {
@@ -365,176 +349,217 @@ pub fn exit_code(result: Result<()>) -> ExitCode {
     }
 }
 
+/// What every command may read of the global options.
+struct Globals {
+    quiet: bool,
+    profiles_dir: PathBuf,
+}
+
+/// Hands each command's arguments to its implementation.
 fn run(cli: Cli) -> Result<()> {
+    let g = Globals {
+        quiet: cli.quiet,
+        profiles_dir: cli.profiles_dir,
+    };
     match cli.command {
-        Command::Build {
-            profile,
-            installer,
-            out_dir,
-            json,
-            locked,
-        } => {
-            let summary = build(&BuildOptions {
-                profile: find_profile(&profile, &cli.profiles_dir)?,
-                installer,
-                out_dir,
-                cache: Cache::from_env()?,
-                reuse_artifacts: true,
-                lock_mode: if locked {
-                    LockMode::Locked
-                } else {
-                    LockMode::Update
-                },
-            })?;
-            if json {
-                println!("{}", serde_json::to_string_pretty(&summary)?);
-            } else if !cli.quiet {
-                print_summary(&summary);
-            }
-        }
+        Command::Build(a) => build_command(a, &g),
         Command::Profile {
-            command: ProfileCommand::Show { name, json },
-        } => {
-            let p = Profile::load(&find_profile(&name, &cli.profiles_dir)?)?;
-            if json {
-                println!("{}", serde_json::to_string_pretty(&p)?);
-            } else {
-                print!("{}", p.to_toml());
-            }
-        }
+            command: ProfileCommand::Show(a),
+        } => profile_show(a, &g),
         Command::Profile {
-            command: ProfileCommand::Check { profiles, json },
-        } => {
-            if profiles.is_empty() {
-                check_profiles(&cli.profiles_dir, json)?
-            } else {
-                let paths = profiles
-                    .iter()
-                    .map(|p| find_profile(p, &cli.profiles_dir))
-                    .collect::<Result<Vec<_>>>()?;
-                check_paths(&paths, json)?
-            }
-        }
-        Command::Plan {
-            profile,
-            machine,
-            json,
-        } => {
-            let p = Profile::load(&find_profile(&profile, &cli.profiles_dir)?)?;
-            let text = std::fs::read_to_string(&machine)
-                .with_context(|| format!("cannot read machine facts {}", machine.display()))?;
-            // `nodeflash facts` output, or the stick's console line as printed.
-            let facts_json = text
-                .lines()
-                .find_map(|l| l.trim().strip_prefix("nodeflash-facts: "))
-                .unwrap_or(&text);
-            let facts: nodeflash_installer::facts::Facts = serde_json::from_str(facts_json)
-                .with_context(|| format!("invalid machine facts {}", machine.display()))?;
-            let node = nodeflash_installer::nodes::identify(&p, &facts)?;
-            let select = node.disk_select.as_ref().unwrap_or(&p.disk.select);
-            let plan = nodeflash_installer::plan::plan_with(&p, select, &facts)?;
-            let install = InstallPreview::of(&p, &node, &plan, &facts);
-            if json {
-                let out = serde_json::json!({ "node": node, "plan": plan, "install": install });
-                println!("{}", serde_json::to_string_pretty(&out)?);
-            } else {
-                println!("node: {} ({})", node.hostname, node.reason);
-                print!("{plan}");
-                print!("{}", install.text());
-            }
-        }
-        Command::NixosModule { profile, out } => {
-            let path = find_profile(&profile, &cli.profiles_dir)?;
-            let p = Profile::load(&path)?;
-            let source = path
-                .file_name()
-                .map_or_else(|| profile.clone(), |f| f.to_string_lossy().into_owned());
-            let text = nodeflash_installer::nixos::flake_module(&p, &source);
-            match out {
-                Some(out) => std::fs::write(&out, text)
-                    .with_context(|| format!("cannot write {}", out.display()))?,
-                None => print!("{text}"),
-            }
-        }
-        Command::Facts { json: _ } => {
+            command: ProfileCommand::Check(a),
+        } => profile_check(a, &g),
+        Command::Plan(a) => plan_command(a, &g),
+        Command::NixosModule(a) => nixos_module(a, &g),
+        Command::Facts(_) => {
             let facts = read_facts(std::path::Path::new("/sys"), std::path::Path::new("/dev"));
             println!("{}", serde_json::to_string_pretty(&facts)?);
+            Ok(())
         }
-        Command::Payload { command } => payload_command(command, cli.quiet)?,
+        Command::Payload { command } => match command {
+            PayloadCommand::Pack(a) => crate::payload::pack_command(a, g.quiet),
+            PayloadCommand::Unpack(a) => crate::payload::unpack_command(a, g.quiet),
+            PayloadCommand::Verify(a) => crate::payload::verify_command(a, g.quiet),
+        },
         Command::Cache {
-            command: CacheCommand::Gc { max_size, json },
-        } => {
-            let cache = Cache::from_env()?;
-            let max = match max_size {
-                Some(s) => s.0,
-                None => Cache::max_bytes_from_env()?,
-            };
-            let stats = cache.gc(max, &[])?;
-            if json {
-                println!("{}", serde_json::to_string_pretty(&stats)?);
-            } else if !cli.quiet {
-                println!(
-                    "{}: removed {} entries ({:.1} MiB), kept {} ({:.1} MiB) under {:.1} MiB",
-                    cache.root().display(),
-                    stats.removed,
-                    stats.removed_bytes as f64 / 1048576.0,
-                    stats.kept,
-                    stats.kept_bytes as f64 / 1048576.0,
-                    max as f64 / 1048576.0
-                );
-            }
-        }
-        Command::Flash(a) => {
-            let forced = match (&a.force, &a.device) {
-                (None, _) => false,
-                (Some(f), Some(d)) if crate::flash::same_device(f, d) => true,
-                (Some(f), d) => usage_error(&format!(
-                    "--force {} must name the DEVICE being written again{}",
-                    f.display(),
-                    d.as_ref()
-                        .map_or(String::new(), |d| format!(" ({})", d.display()))
-                )),
-            };
-            crate::flash::command(&crate::flash::Options {
-                iso: a.iso,
-                device: a.device,
-                forced,
-                max_size: a.max_size.0,
-                json: a.json,
-                sysfs: a.sysfs,
-                proc: a.proc,
-            })?
-        }
+            command: CacheCommand::Gc(a),
+        } => cache_gc(a, &g),
+        Command::Flash(a) => flash_command(a),
         Command::Serve(a) => {
             let iso = match (&a.iso, &a.profile) {
                 (Some(iso), _) => iso.clone(),
                 (None, Some(p)) => PathBuf::from("target/nodeflash").join(format!("{p}.iso")),
                 (None, None) => usage_error("serve needs --profile NAME or --iso PATH"),
             };
-            crate::serve::run(&a, &iso)?
+            crate::serve::run(&a, &iso)
         }
         Command::RunVm(a) => {
             if a.boot == crate::vm::Boots::Disk && a.disk.is_none() {
                 usage_error("--boot disk needs --disk PATH (a disk installed by an earlier run)");
             }
-            if !crate::vm::run_command(&a, &cli.profiles_dir)? {
+            if !crate::vm::run_command(&a, &g.profiles_dir)? {
                 // The verdict line said why; no second message.
                 use std::io::Write;
                 let _ = std::io::stdout().flush();
                 std::process::exit(1);
             }
+            Ok(())
         }
-        Command::UpdateInputs { profile, check } => {
-            let path = find_profile(&profile, &cli.profiles_dir)?;
-            let p = Profile::load(&path)?;
-            if check {
-                check_inputs(&p, &path)?;
-            } else {
-                provider(&p, &path).update_lock(&Cache::from_env()?)?;
-            }
-        }
+        Command::UpdateInputs(a) => update_inputs(a, &g),
+    }
+}
+
+/// `nodeflash build`.
+fn build_command(a: BuildArgs, g: &Globals) -> Result<()> {
+    let summary = build(&BuildOptions {
+        profile: find_profile(&a.profile, &g.profiles_dir)?,
+        installer: a.installer,
+        out_dir: a.out_dir,
+        cache: Cache::from_env()?,
+        reuse_artifacts: true,
+        lock_mode: if a.locked {
+            LockMode::Locked
+        } else {
+            LockMode::Update
+        },
+    })?;
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&summary)?);
+    } else if !g.quiet {
+        print_summary(&summary);
     }
     Ok(())
+}
+
+/// `nodeflash profile show`.
+fn profile_show(a: ShowArgs, g: &Globals) -> Result<()> {
+    let p = Profile::load(&find_profile(&a.name, &g.profiles_dir)?)?;
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&p)?);
+    } else {
+        print!("{}", p.to_toml());
+    }
+    Ok(())
+}
+
+/// `nodeflash profile check`.
+fn profile_check(a: CheckArgs, g: &Globals) -> Result<()> {
+    if a.profiles.is_empty() {
+        check_profiles(&g.profiles_dir, a.json)
+    } else {
+        let paths = a
+            .profiles
+            .iter()
+            .map(|p| find_profile(p, &g.profiles_dir))
+            .collect::<Result<Vec<_>>>()?;
+        check_paths(&paths, a.json)
+    }
+}
+
+/// `nodeflash plan`.
+fn plan_command(a: PlanArgs, g: &Globals) -> Result<()> {
+    let p = Profile::load(&find_profile(&a.profile, &g.profiles_dir)?)?;
+    let machine = &a.machine;
+    let text = std::fs::read_to_string(machine)
+        .with_context(|| format!("cannot read machine facts {}", machine.display()))?;
+    // `nodeflash facts` output, or the stick's console line as printed.
+    let facts_json = text
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("nodeflash-facts: "))
+        .unwrap_or(&text);
+    let facts: nodeflash_installer::facts::Facts = serde_json::from_str(facts_json)
+        .with_context(|| format!("invalid machine facts {}", machine.display()))?;
+    let node = nodeflash_installer::nodes::identify(&p, &facts)?;
+    let select = node.disk_select.as_ref().unwrap_or(&p.disk.select);
+    let plan = nodeflash_installer::plan::plan_with(&p, select, &facts)?;
+    let install = InstallPreview::of(&p, &node, &plan, &facts);
+    if a.json {
+        let out = serde_json::json!({ "node": node, "plan": plan, "install": install });
+        println!("{}", serde_json::to_string_pretty(&out)?);
+    } else {
+        println!("node: {} ({})", node.hostname, node.reason);
+        print!("{plan}");
+        print!("{}", install.text());
+    }
+    Ok(())
+}
+
+/// `nodeflash nixos-module`.
+fn nixos_module(a: NixosModuleArgs, g: &Globals) -> Result<()> {
+    let path = find_profile(&a.profile, &g.profiles_dir)?;
+    let p = Profile::load(&path)?;
+    let source = path
+        .file_name()
+        .map_or_else(|| a.profile.clone(), |f| f.to_string_lossy().into_owned());
+    let text = nodeflash_installer::nixos::flake_module(&p, &source);
+    match a.out {
+        Some(out) => {
+            std::fs::write(&out, text).with_context(|| format!("cannot write {}", out.display()))
+        }
+        None => {
+            print!("{text}");
+            Ok(())
+        }
+    }
+}
+
+/// `nodeflash cache gc`.
+fn cache_gc(a: GcArgs, g: &Globals) -> Result<()> {
+    let cache = Cache::from_env()?;
+    let max = match a.max_size {
+        Some(s) => s.0,
+        None => Cache::max_bytes_from_env()?,
+    };
+    let stats = cache.gc(max, &[])?;
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&stats)?);
+    } else if !g.quiet {
+        println!(
+            "{}: removed {} entries ({:.1} MiB), kept {} ({:.1} MiB) under {:.1} MiB",
+            cache.root().display(),
+            stats.removed,
+            mib(stats.removed_bytes),
+            stats.kept,
+            mib(stats.kept_bytes),
+            mib(max)
+        );
+    }
+    Ok(())
+}
+
+/// `nodeflash flash`: `--force` must name the DEVICE again.
+fn flash_command(a: FlashArgs) -> Result<()> {
+    let forced = match (&a.force, &a.device) {
+        (None, _) => false,
+        (Some(f), Some(d)) if crate::flash::same_device(f, d) => true,
+        (Some(f), d) => usage_error(&format!(
+            "--force {} must name the DEVICE being written again{}",
+            f.display(),
+            d.as_ref()
+                .map_or(String::new(), |d| format!(" ({})", d.display()))
+        )),
+    };
+    crate::flash::command(&crate::flash::Options {
+        iso: a.iso,
+        device: a.device,
+        forced,
+        max_size: a.max_size.0,
+        json: a.json,
+        sysfs: a.sysfs,
+        proc: a.proc,
+    })
+}
+
+/// `nodeflash update-inputs`.
+fn update_inputs(a: UpdateInputsArgs, g: &Globals) -> Result<()> {
+    let path = find_profile(&a.profile, &g.profiles_dir)?;
+    let p = Profile::load(&path)?;
+    if a.check {
+        check_inputs(&p, &path)
+    } else {
+        provider(&p, &path).update_lock(&Cache::from_env()?)?;
+        Ok(())
+    }
 }
 
 /// Checks a profile's lock against today's archive, as a new machine with an
@@ -740,7 +765,6 @@ pub fn print_summary(s: &crate::build::BuildSummary) {
 /// configurations (`networking.hostId`).
 pub fn summary_text(s: &crate::build::BuildSummary) -> String {
     use std::fmt::Write;
-    let mib = |b: u64| b as f64 / 1048576.0;
     let mut t = String::new();
     let _ = writeln!(
         t,
@@ -944,160 +968,12 @@ pub fn check_paths(paths: &[PathBuf], json: bool) -> Result<()> {
     Ok(())
 }
 
-fn payload_command(command: PayloadCommand, quiet: bool) -> Result<()> {
-    use nodeflash_installer::payload::{self, Counters, PackOptions, Payload};
-    let threads = |jobs: Option<usize>| {
-        jobs.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
-    };
-    let open = |path: &std::path::Path| -> Result<Payload<std::io::BufReader<std::fs::File>>> {
-        let f = std::fs::File::open(path)
-            .with_context(|| format!("cannot open payload {}", path.display()))?;
-        Payload::open(std::io::BufReader::with_capacity(1 << 20, f))
-            .with_context(|| format!("cannot read payload {}", path.display()))
-    };
-    let report = |json: bool, value: serde_json::Value, text: String| -> Result<()> {
-        if json {
-            println!("{}", serde_json::to_string_pretty(&value)?);
-        } else if !quiet {
-            println!("{text}");
-        }
-        Ok(())
-    };
-    let counters = Counters::default();
-    let started = std::time::Instant::now();
-    match command {
-        PayloadCommand::Pack {
-            src,
-            out,
-            level,
-            registration,
-            jobs,
-            cache,
-            names_are_content,
-            json,
-        } => {
-            let registration = registration
-                .map(|r| {
-                    std::fs::read_to_string(&r)
-                        .with_context(|| format!("cannot read registration {}", r.display()))
-                })
-                .transpose()?;
-            let opts = PackOptions {
-                level,
-                threads: threads(jobs),
-                registration,
-                cache: cache.map(|dir| payload::FrameCache {
-                    dir,
-                    names_are_content,
-                }),
-                ..PackOptions::default()
-            };
-            let stats = crate::payload::with_progress("packing", None, &counters, || {
-                payload::pack(&src, &out, &opts, &counters)
-            })?;
-            let mut text = format!(
-                "{}: {} files, {:.1} MiB → {:.1} MiB ({} frames) in {:.1}s",
-                out.display(),
-                stats.files,
-                stats.bytes as f64 / 1048576.0,
-                stats.payload_bytes as f64 / 1048576.0,
-                stats.frames,
-                started.elapsed().as_secs_f64()
-            );
-            if opts.cache.is_some() {
-                text.push_str(&format!("; {}", crate::payload::reuse_note(&stats)));
-            }
-            report(json, serde_json::to_value(&stats)?, text)
-        }
-        PayloadCommand::Unpack {
-            payload,
-            dir,
-            jobs,
-            json,
-        } => {
-            let p = open(&payload)?;
-            let total = p.manifest.bytes();
-            let stats = crate::payload::with_progress("unpacking", Some(total), &counters, || {
-                p.extract(Some(&dir), threads(jobs), &counters)
-            })
-            .with_context(|| format!("cannot unpack {}", payload.display()))?;
-            let text = format!(
-                "{}: {} files, {:.1} MiB in {:.1}s",
-                dir.display(),
-                stats.files,
-                stats.bytes as f64 / 1048576.0,
-                started.elapsed().as_secs_f64()
-            );
-            report(json, serde_json::to_value(&stats)?, text)
-        }
-        PayloadCommand::Verify {
-            payload,
-            dir,
-            jobs,
-            json,
-        } => {
-            let p = open(&payload)?;
-            let manifest = p.manifest.clone();
-            let sha = p.manifest_sha256();
-            let total = manifest.bytes();
-            // As the installer does: every frame's sha256 in one read (the
-            // check before the disk is touched), then every file.
-            let frames = {
-                use std::io::{Seek, SeekFrom};
-                let mut f = std::fs::File::open(&payload)
-                    .with_context(|| format!("cannot open payload {}", payload.display()))?;
-                f.seek(SeekFrom::Start(p.frames_offset()))
-                    .with_context(|| format!("cannot read payload {}", payload.display()))?;
-                p.check_frames(
-                    std::io::BufReader::with_capacity(1 << 20, f),
-                    threads(jobs),
-                    &Counters::default(),
-                )
-                .with_context(|| format!("payload {} is damaged", payload.display()))?
-            };
-            let started = std::time::Instant::now();
-            crate::payload::with_progress("verifying", Some(total), &counters, || {
-                p.extract(None, threads(jobs), &counters)
-            })
-            .with_context(|| format!("payload {} is damaged", payload.display()))?;
-            let files_secs = started.elapsed().as_secs_f64();
-            let mut value = serde_json::json!({
-                "payload": payload, "manifest_sha256": sha, "files": manifest.files(),
-                "bytes": total, "store_paths": manifest.store_paths().len(),
-                "tree_digest": payload::digest(&manifest.entries),
-                "frames": frames.frames, "frames_check_secs": frames.secs,
-                "files_check_secs": files_secs,
-            });
-            let mut text = format!(
-                "{}: ok, {} files, {:.1} MiB, {} store paths\n\
-                 frames: {} checked by sha256 in {:.2}s ({:.1} MB/s of payload); files: decompressed and checked in {:.2}s",
-                payload.display(),
-                manifest.files(),
-                total as f64 / 1048576.0,
-                manifest.store_paths().len(),
-                frames.frames,
-                frames.secs,
-                frames.bytes as f64 / frames.secs.max(1e-6) / 1e6,
-                files_secs
-            );
-            if let Some(dir) = dir {
-                let scanned = payload::scan(&dir, threads(jobs))?;
-                payload::compare(&manifest.entries, &scanned, true).with_context(|| {
-                    format!("{} does not match {}", dir.display(), payload.display())
-                })?;
-                value["dir"] = serde_json::json!(dir);
-                text.push_str(&format!("\n{}: matches the payload", dir.display()));
-            }
-            report(json, value, text)
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::build::{node_warnings, BootSummary, BuildSummary, NodeSummary};
     use crate::inputs::PackageVersion;
+    use nodeflash_installer::units::MIB;
 
     fn alrest_summary() -> BuildSummary {
         let profile = Profile::parse(
@@ -1112,11 +988,11 @@ mod tests {
             warnings,
             profile: "alrest".into(),
             iso: "target/nodeflash/alrest.iso".into(),
-            iso_bytes: 75 * 1048576 + 524288,
+            iso_bytes: 75 * MIB + 524288,
             iso_sha256: "ab".repeat(32),
             image_id: "0123456789abcdef0123".into(),
             kernel_release: "6.1.0-40-amd64".into(),
-            initrd_bytes: 30 * 1048576,
+            initrd_bytes: 30 * MIB,
             modules: 41,
             packages: [
                 ("linux-image-6.1.0-40-amd64", "6.1.153-1"),
@@ -1131,7 +1007,7 @@ mod tests {
             })
             .to_vec(),
             firmware_files: 12,
-            firmware_bytes: 3 * 1048576 / 2,
+            firmware_bytes: 3 * MIB / 2,
             payload: None,
             nodes,
             default_node,
@@ -1287,10 +1163,10 @@ mod tests {
         let mut s = alrest_summary();
         s.payload = Some(nodeflash_installer::image::PayloadInfo {
             path: "/nodeflash/store.nfp".into(),
-            bytes: 300 * 1048576,
+            bytes: 300 * MIB,
             manifest_sha256: "cd".repeat(32),
             files: 40_000,
-            store_bytes: 1024 * 1048576,
+            store_bytes: 1024 * MIB,
             systems: Default::default(),
             default_system: None,
         });

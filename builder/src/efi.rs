@@ -14,7 +14,7 @@ use fatfs::{Date, DateTime, FileSystem, FormatVolumeOptions, FsOptions, Time, Ti
 
 use crate::initramfs::Source;
 
-const MIB: u64 = 1 << 20;
+use nodeflash_installer::units::MIB;
 /// Room for the reserved sectors and a FAT12/16 root directory region.
 const FIXED_OVERHEAD: u64 = 64 * 1024;
 /// Free space left on top of the files.

@@ -5,7 +5,6 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
-use std::time::Duration;
 
 use std::collections::BTreeMap;
 
@@ -15,6 +14,8 @@ use nodeflash_installer::payload::{
     self, Counters, FrameCache, PackOptions, Payload, FORMAT_VERSION,
 };
 use nodeflash_installer::profile::{default_system_attr, Profile};
+use nodeflash_installer::progress::{Output, Progress};
+use nodeflash_installer::units::{mb_per_s, mib};
 
 use crate::build::CheckSystem;
 use crate::cache::{key_of, Cache};
@@ -148,7 +149,7 @@ pub fn prepare(
             "cache bound {:.1} GiB: evicted {} least recently used payloads and frames ({:.1} MiB)",
             max as f64 / f64::from(1 << 30),
             gc.removed,
-            gc.removed_bytes as f64 / 1048576.0
+            mib(gc.removed_bytes)
         ));
     }
     let opened = Payload::open(
@@ -315,8 +316,8 @@ fn pack_dir(src: &Path, out: &Path, opts: &PackOptions) -> Result<()> {
     steps::note(&format!(
         "{} files, {:.1} MiB → {:.1} MiB in {} frames (zstd {}); {}",
         stats.files,
-        stats.bytes as f64 / 1048576.0,
-        stats.payload_bytes as f64 / 1048576.0,
+        mib(stats.bytes),
+        mib(stats.payload_bytes),
         stats.frames,
         opts.level,
         reuse_note(&stats)
@@ -330,7 +331,7 @@ pub fn reuse_note(stats: &payload::PackStats) -> String {
         "{} of {} units from the frame cache, {:.1} MiB compressed",
         stats.units_reused,
         stats.units,
-        stats.bytes_compressed as f64 / 1048576.0
+        mib(stats.bytes_compressed)
     );
     if stats.cache_damaged > 0 {
         s.push_str(&format!(
@@ -348,32 +349,204 @@ pub fn with_progress<T>(
     counters: &Counters,
     f: impl FnOnce() -> T,
 ) -> T {
-    use std::io::IsTerminal;
-    if !std::io::stderr().is_terminal() || steps::quiet() {
-        return f();
-    }
-    let bar = match total_bytes {
-        Some(n) => indicatif::ProgressBar::new(n),
-        None => indicatif::ProgressBar::new_spinner(),
+    let out = match Output::stderr(steps::quiet()) {
+        Output::Log(_) => Output::Silent,
+        out => out,
     };
-    bar.set_style(
-        indicatif::ProgressStyle::with_template(
-            "    {msg} [{elapsed_precise}] {bar:30} {bytes}/{total_bytes} {binary_bytes_per_sec} {eta}",
-        )
-        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    Progress::bytes(what, total_bytes, out).watch(|| counters.bytes.load(Ordering::Relaxed), f)
+}
+
+// `nodeflash payload pack | unpack | verify`: their arguments and implementations.
+
+#[derive(Debug, clap::Args)]
+pub struct PackArgs {
+    pub src: PathBuf,
+    pub out: PathBuf,
+    /// zstd level.
+    #[arg(long, default_value_t = nodeflash_installer::payload::DEFAULT_LEVEL)]
+    pub level: i32,
+    /// Nix registration (closure-info format) to carry for `nix-store --load-db`.
+    #[arg(long)]
+    pub registration: Option<PathBuf>,
+    /// Compression threads (default: one per CPU).
+    #[arg(long)]
+    pub jobs: Option<usize>,
+    /// Keep each unit's compressed frames in DIR and reuse them in later
+    /// packs (the payload is the same bytes either way).
+    #[arg(long, value_name = "DIR")]
+    pub cache: Option<PathBuf>,
+    /// With --cache: the store paths' names stand for their content (a
+    /// Nix store), so files are not hashed to find cached units.
+    #[arg(long, requires = "cache")]
+    pub names_are_content: bool,
+    /// Print the result as JSON on stdout.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct UnpackArgs {
+    pub payload: PathBuf,
+    pub dir: PathBuf,
+    /// Worker threads (default: one per CPU).
+    #[arg(long)]
+    pub jobs: Option<usize>,
+    /// Print the result as JSON on stdout.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct VerifyArgs {
+    pub payload: PathBuf,
+    pub dir: Option<PathBuf>,
+    /// Worker threads (default: one per CPU).
+    #[arg(long)]
+    pub jobs: Option<usize>,
+    /// Print the result as JSON on stdout.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Compression or worker threads: `jobs`, else one per CPU.
+fn threads(jobs: Option<usize>) -> usize {
+    jobs.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
+}
+
+/// Opens the payload file at `path`, its header and manifest checked.
+fn open_payload(path: &Path) -> Result<Payload<std::io::BufReader<std::fs::File>>> {
+    let f = std::fs::File::open(path)
+        .with_context(|| format!("cannot open payload {}", path.display()))?;
+    Payload::open(std::io::BufReader::with_capacity(1 << 20, f))
+        .with_context(|| format!("cannot read payload {}", path.display()))
+}
+
+/// Prints a command's result: `value` as JSON, else `text` unless quiet.
+fn report(json: bool, quiet: bool, value: serde_json::Value, text: String) -> Result<()> {
+    if json {
+        println!("{}", serde_json::to_string_pretty(&value)?);
+    } else if !quiet {
+        println!("{text}");
+    }
+    Ok(())
+}
+
+/// `nodeflash payload pack`: packs the store directory `a.src` into `a.out`
+/// and prints what it holds (docs/payload.md).
+pub fn pack_command(a: PackArgs, quiet: bool) -> Result<()> {
+    let counters = Counters::default();
+    let started = std::time::Instant::now();
+    let registration = a
+        .registration
+        .map(|r| {
+            std::fs::read_to_string(&r)
+                .with_context(|| format!("cannot read registration {}", r.display()))
+        })
+        .transpose()?;
+    let opts = PackOptions {
+        level: a.level,
+        threads: threads(a.jobs),
+        registration,
+        cache: a.cache.map(|dir| payload::FrameCache {
+            dir,
+            names_are_content: a.names_are_content,
+        }),
+        ..PackOptions::default()
+    };
+    let stats = with_progress("packing", None, &counters, || {
+        payload::pack(&a.src, &a.out, &opts, &counters)
+    })?;
+    let mut text = format!(
+        "{}: {} files, {:.1} MiB → {:.1} MiB ({} frames) in {:.1}s",
+        a.out.display(),
+        stats.files,
+        mib(stats.bytes),
+        mib(stats.payload_bytes),
+        stats.frames,
+        started.elapsed().as_secs_f64()
     );
-    bar.set_message(what.to_string());
-    let done = std::sync::atomic::AtomicBool::new(false);
-    std::thread::scope(|s| {
-        s.spawn(|| {
-            while !done.load(Ordering::Relaxed) {
-                bar.set_position(counters.bytes.load(Ordering::Relaxed));
-                std::thread::sleep(Duration::from_millis(100));
-            }
-            bar.finish_and_clear();
-        });
-        let r = f();
-        done.store(true, Ordering::Relaxed);
-        r
+    if opts.cache.is_some() {
+        text.push_str(&format!("; {}", reuse_note(&stats)));
+    }
+    report(a.json, quiet, serde_json::to_value(&stats)?, text)
+}
+
+/// `nodeflash payload unpack`: extracts `a.payload` into the new or empty
+/// directory `a.dir`, every file checked.
+pub fn unpack_command(a: UnpackArgs, quiet: bool) -> Result<()> {
+    let counters = Counters::default();
+    let started = std::time::Instant::now();
+    let p = open_payload(&a.payload)?;
+    let total = p.manifest.bytes();
+    let stats = with_progress("unpacking", Some(total), &counters, || {
+        p.extract(Some(&a.dir), threads(a.jobs), &counters)
     })
+    .with_context(|| format!("cannot unpack {}", a.payload.display()))?;
+    let text = format!(
+        "{}: {} files, {:.1} MiB in {:.1}s",
+        a.dir.display(),
+        stats.files,
+        mib(stats.bytes),
+        started.elapsed().as_secs_f64()
+    );
+    report(a.json, quiet, serde_json::to_value(&stats)?, text)
+}
+
+/// `nodeflash payload verify`: checks every frame and file of `a.payload`
+/// and, with `a.dir`, that the tree there is exactly what it holds.
+pub fn verify_command(a: VerifyArgs, quiet: bool) -> Result<()> {
+    let counters = Counters::default();
+    let payload = &a.payload;
+    let p = open_payload(payload)?;
+    let manifest = p.manifest.clone();
+    let sha = p.manifest_sha256();
+    let total = manifest.bytes();
+    // As the installer does: every frame's sha256 in one read (the
+    // check before the disk is touched), then every file.
+    let frames = {
+        use std::io::{Seek, SeekFrom};
+        let mut f = std::fs::File::open(payload)
+            .with_context(|| format!("cannot open payload {}", payload.display()))?;
+        f.seek(SeekFrom::Start(p.frames_offset()))
+            .with_context(|| format!("cannot read payload {}", payload.display()))?;
+        p.check_frames(
+            std::io::BufReader::with_capacity(1 << 20, f),
+            threads(a.jobs),
+            &Counters::default(),
+        )
+        .with_context(|| format!("payload {} is damaged", payload.display()))?
+    };
+    let started = std::time::Instant::now();
+    with_progress("verifying", Some(total), &counters, || {
+        p.extract(None, threads(a.jobs), &counters)
+    })
+    .with_context(|| format!("payload {} is damaged", payload.display()))?;
+    let files_secs = started.elapsed().as_secs_f64();
+    let mut value = serde_json::json!({
+        "payload": payload, "manifest_sha256": sha, "files": manifest.files(),
+        "bytes": total, "store_paths": manifest.store_paths().len(),
+        "tree_digest": payload::digest(&manifest.entries),
+        "frames": frames.frames, "frames_check_secs": frames.secs,
+        "files_check_secs": files_secs,
+    });
+    let mut text = format!(
+        "{}: ok, {} files, {:.1} MiB, {} store paths\n\
+         frames: {} checked by sha256 in {:.2}s ({:.1} MB/s of payload); files: decompressed and checked in {:.2}s",
+        payload.display(),
+        manifest.files(),
+        mib(total),
+        manifest.store_paths().len(),
+        frames.frames,
+        frames.secs,
+        mb_per_s(frames.bytes, frames.secs),
+        files_secs
+    );
+    if let Some(dir) = &a.dir {
+        let scanned = payload::scan(dir, threads(a.jobs))?;
+        payload::compare(&manifest.entries, &scanned, true)
+            .with_context(|| format!("{} does not match {}", dir.display(), payload.display()))?;
+        value["dir"] = serde_json::json!(dir);
+        text.push_str(&format!("\n{}: matches the payload", dir.display()));
+    }
+    report(a.json, quiet, value, text)
 }

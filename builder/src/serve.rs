@@ -548,7 +548,7 @@ fn respond(
     };
     log(&format!(
         "serve: {peer} {who}: {what}: {verdict}, {n} bytes in {secs:.1}s ({:.1} MB/s)",
-        n as f64 / secs.max(1e-6) / 1e6
+        nodeflash_installer::units::mb_per_s(n, secs)
     ));
 }
 

@@ -3,9 +3,10 @@
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use anyhow::Result;
+use nodeflash_installer::progress::{Output, Progress};
 
 static QUIET: AtomicBool = AtomicBool::new(false);
 static VERBOSE: AtomicBool = AtomicBool::new(false);
@@ -58,26 +59,20 @@ pub fn step<T>(name: &str, f: impl FnOnce() -> Result<T>) -> Result<T> {
 /// elapsed time while it runs when stderr is a terminal (not with `-v`,
 /// whose command lines would break it, nor `-q`).
 pub fn long_step<T>(name: &str, f: impl FnOnce() -> Result<T>) -> Result<T> {
-    use std::io::IsTerminal;
-    if quiet() || verbose() || !std::io::stderr().is_terminal() {
-        return step(name, f);
-    }
     step(name, || {
-        let bar = indicatif::ProgressBar::new_spinner();
-        bar.set_style(
-            indicatif::ProgressStyle::with_template("    {spinner} {msg} {elapsed}")
-                .unwrap_or_else(|_| indicatif::ProgressStyle::default_spinner()),
-        );
-        bar.set_message(name.to_string());
-        bar.enable_steady_tick(Duration::from_millis(200));
-        if let Ok(mut s) = SPINNER.lock() {
+        let out = match verbose() {
+            true => Output::Silent,
+            false => Output::stderr(quiet()),
+        };
+        let spinner = Progress::spinner(name, out);
+        if let (Some(bar), Ok(mut s)) = (spinner.bar(), SPINNER.lock()) {
             *s = Some(bar.clone());
         }
         let r = f();
         if let Ok(mut s) = SPINNER.lock() {
             *s = None;
         }
-        bar.finish_and_clear();
+        spinner.finish();
         r
     })
 }

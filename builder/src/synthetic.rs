@@ -50,7 +50,7 @@ pub struct Stats {
 /// Changes whenever the same spec would give a different tree (for caches of generated stores).
 pub const VERSION: u32 = 1;
 
-const MIB: u64 = 1 << 20;
+use nodeflash_installer::units::MIB;
 const FILES_PER_STORE_PATH: u64 = 40;
 const NAME_MAX: usize = 255;
 const NIX_BASE32: &[u8; 32] = b"0123456789abcdfghijklmnpqrsvwxyz";

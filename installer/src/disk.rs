@@ -14,7 +14,7 @@ use serde::Serialize;
 
 use crate::plan::{PartKind, Plan};
 
-const MIB: u64 = 1 << 20;
+use crate::units::MIB;
 
 /// Looks at the first and last MiB of a disk (and its partition list in
 /// sysfs) and names what it finds; empty means the disk is empty.

@@ -23,6 +23,92 @@ pub struct Dmi {
     pub product_uuid: Option<String>,
 }
 
+/// The bus a disk hangs on: in the profile's `[disk] select` (where
+/// `sata` and `ata` name the same bus, and `other` is not accepted) and in
+/// the facts read from sysfs ([`bus_from_path`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Bus {
+    Nvme,
+    /// SATA/ATA disks (facts say `ata`; `ata` is accepted here too).
+    #[serde(alias = "ata")]
+    Sata,
+    Virtio,
+    /// Disks behind USB: never chosen unless the rule names this bus.
+    Usb,
+    /// SCSI and SAS disks (not ATA, not USB).
+    Scsi,
+    /// eMMC and SD cards.
+    Mmc,
+    /// Any other bus (facts only; a profile cannot ask for it).
+    #[serde(skip)]
+    Other,
+}
+
+impl Bus {
+    /// The bus as the facts name it (`nodeflash facts`, `nodeflash flash
+    /// --json`, the inventory): `nvme`, `ata`, `virtio`, `usb`, `scsi`,
+    /// `mmc` or `other`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Bus::Nvme => "nvme",
+            Bus::Sata => "ata",
+            Bus::Virtio => "virtio",
+            Bus::Usb => "usb",
+            Bus::Scsi => "scsi",
+            Bus::Mmc => "mmc",
+            Bus::Other => "other",
+        }
+    }
+
+    /// The same as [`Bus::as_str`].
+    pub fn facts_name(self) -> &'static str {
+        self.as_str()
+    }
+}
+
+impl std::fmt::Display for Bus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A facts name (`ata`, `nvme`, …; `sata` too); anything else is [`Bus::Other`].
+impl From<&str> for Bus {
+    fn from(name: &str) -> Self {
+        match name {
+            "nvme" => Bus::Nvme,
+            "ata" | "sata" => Bus::Sata,
+            "virtio" => Bus::Virtio,
+            "usb" => Bus::Usb,
+            "scsi" => Bus::Scsi,
+            "mmc" => Bus::Mmc,
+            _ => Bus::Other,
+        }
+    }
+}
+
+/// Compares with a facts name, as [`Bus::as_str`] gives it.
+impl PartialEq<&str> for Bus {
+    fn eq(&self, name: &&str) -> bool {
+        self.as_str() == *name
+    }
+}
+
+/// [`BlockDevice::bus`] in JSON: the facts name.
+mod bus_by_facts_name {
+    use super::Bus;
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(bus: &Bus, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(bus.as_str())
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Bus, D::Error> {
+        Ok(Bus::from(String::deserialize(d)?.as_str()))
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct BlockDevice {
     /// Kernel name, e.g. `nvme0n1`.
@@ -33,8 +119,9 @@ pub struct BlockDevice {
     pub serial: Option<String>,
     /// WWN, or the NVMe EUI/NGUID (`/sys/block/X/wwid`).
     pub wwn: Option<String>,
-    /// `nvme`, `usb`, `mmc`, `virtio`, `ata`, `scsi` or `other`.
-    pub bus: String,
+    /// The bus, named in JSON as [`Bus::as_str`] does (`ata`, `other`).
+    #[serde(with = "bus_by_facts_name")]
+    pub bus: Bus,
     pub removable: bool,
     pub read_only: bool,
     /// True for the medium this image was booted from (set by the installer).
@@ -87,6 +174,38 @@ impl ZfsPoolLabel {
 }
 
 impl BlockDevice {
+    /// What sysfs tells of the whole disk `name` in its directory `dir`
+    /// (`/sys/block/NAME` or `/sys/class/block/NAME`) on `bus`: size,
+    /// logical block size, model, serial (`device/serial`, else VPD page
+    /// 0x80), WWN (`wwid`), removable, read-only and hidden. Attributes that
+    /// cannot be read are None, 0, 512 (the block size) or false.
+    pub fn read(name: &str, dir: &Path, bus: Bus) -> Self {
+        let num = |p: &str| read_trimmed(&dir.join(p)).and_then(|s| s.parse::<u64>().ok());
+        let serial = read_trimmed(&dir.join("device/serial"))
+            .or_else(|| vpd_serial(&dir.join("device/vpd_pg80")));
+        let wwn =
+            read_trimmed(&dir.join("wwid")).or_else(|| read_trimmed(&dir.join("device/wwid")));
+        BlockDevice {
+            bus,
+            size_bytes: num("size").unwrap_or(0) * 512,
+            logical_block_size: num("queue/logical_block_size")
+                .and_then(|v| u32::try_from(v).ok())
+                .unwrap_or(512),
+            model: read_trimmed(&dir.join("device/model")),
+            serial,
+            wwn,
+            removable: num("removable") == Some(1),
+            read_only: num("ro") == Some(1),
+            boot_medium: false,
+            hidden: num("hidden") == Some(1),
+            signatures: Vec::new(),
+            contents_read: false,
+            zfs_pools: Vec::new(),
+            unfinished_install: false,
+            name: name.to_string(),
+        }
+    }
+
     /// A fixed, writable disk with a serial (captured facts, tests).
     pub fn fixed(
         name: &str,
@@ -158,32 +277,32 @@ pub fn vpd_serial(path: &Path) -> Option<String> {
     (!s.is_empty()).then_some(s)
 }
 
-fn bus_of(sysfs: &Path, name: &str) -> String {
+fn bus_of(sysfs: &Path, name: &str) -> Bus {
     // /sys/block/X is a symlink into /sys/devices/…; its path tells the bus.
     let target = fs::read_link(sysfs.join("block").join(name))
         .map(|p| p.to_string_lossy().into_owned())
         .unwrap_or_default();
-    bus_from_path(name, &target).to_string()
+    bus_from_path(name, &target)
 }
 
 /// The bus of disk `name` from its path in the device tree
 /// (`…/devices/pci…/usb2/…/block/sda`).
-pub fn bus_from_path(name: &str, device_path: &str) -> &'static str {
+pub fn bus_from_path(name: &str, device_path: &str) -> Bus {
     // USB first: whatever is behind a USB port is removable in practice.
     if device_path.contains("/usb") {
-        "usb"
+        Bus::Usb
     } else if name.starts_with("nvme") || device_path.contains("/nvme") {
-        "nvme"
+        Bus::Nvme
     } else if name.starts_with("mmcblk") || device_path.contains("/mmc") {
-        "mmc"
+        Bus::Mmc
     } else if name.starts_with("vd") || device_path.contains("/virtio") {
-        "virtio"
+        Bus::Virtio
     } else if device_path.contains("/ata") {
-        "ata"
+        Bus::Sata
     } else if name.starts_with("sd") || name.starts_with("sr") {
-        "scsi"
+        Bus::Scsi
     } else {
-        "other"
+        Bus::Other
     }
 }
 
@@ -203,30 +322,8 @@ impl Facts {
                 continue;
             }
             let dir = sysfs.join("block").join(&name);
-            let num = |p: &str| read_trimmed(&dir.join(p)).and_then(|s| s.parse::<u64>().ok());
-            let serial = read_trimmed(&dir.join("device/serial"))
-                .or_else(|| vpd_serial(&dir.join("device/vpd_pg80")));
-            let wwn =
-                read_trimmed(&dir.join("wwid")).or_else(|| read_trimmed(&dir.join("device/wwid")));
-            block_devices.push(BlockDevice {
-                bus: bus_of(sysfs, &name),
-                size_bytes: num("size").unwrap_or(0) * 512,
-                logical_block_size: num("queue/logical_block_size")
-                    .and_then(|v| u32::try_from(v).ok())
-                    .unwrap_or(512),
-                model: read_trimmed(&dir.join("device/model")),
-                serial,
-                wwn,
-                removable: num("removable") == Some(1),
-                read_only: num("ro") == Some(1),
-                boot_medium: false,
-                hidden: num("hidden") == Some(1),
-                signatures: Vec::new(),
-                contents_read: false,
-                zfs_pools: Vec::new(),
-                unfinished_install: false,
-                name,
-            });
+            let bus = bus_of(sysfs, &name);
+            block_devices.push(BlockDevice::read(&name, &dir, bus));
         }
         let mut net = Vec::new();
         for name in sorted_entries(&sysfs.join("class/net")) {
@@ -304,21 +401,8 @@ impl Facts {
     }
 }
 
-/// `1.0 TB`, `512.0 MiB`-style sizes for people (binary units below 1 TB).
-pub fn human_bytes(n: u64) -> String {
-    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
-    let mut v = n as f64;
-    let mut i = 0;
-    while v >= 1024.0 && i + 1 < UNITS.len() {
-        v /= 1024.0;
-        i += 1;
-    }
-    if i == 0 {
-        format!("{n} B")
-    } else {
-        format!("{v:.1} {}", UNITS[i])
-    }
-}
+/// Sizes for people; defined in [`crate::units`] (kept here for its callers).
+pub use crate::units::human_bytes;
 
 #[cfg(test)]
 mod tests {
@@ -378,6 +462,36 @@ mod tests {
         t
     }
 
+    #[test]
+    fn one_bus_for_facts_and_profile() {
+        // Facts name the bus as sysfs paths give it, `other` included.
+        for bus in [
+            Bus::Nvme,
+            Bus::Sata,
+            Bus::Virtio,
+            Bus::Usb,
+            Bus::Scsi,
+            Bus::Mmc,
+            Bus::Other,
+        ] {
+            let mut d = BlockDevice::fixed("x", 1, 512, bus.as_str(), "S");
+            assert_eq!(d.bus, bus);
+            let json = serde_json::to_value(&d).expect("json");
+            assert_eq!(json["bus"], bus.as_str());
+            d = serde_json::from_value(json).expect("back");
+            assert_eq!(d.bus, bus);
+        }
+        assert_eq!(
+            bus_from_path("sda", "../devices/pci0000:00/0000:00:1f.2/ata1/host0"),
+            Bus::Sata
+        );
+        // A profile names SATA `sata` (or `ata`) and cannot ask for `other`.
+        let bus = |t: &str| serde_json::from_str::<Bus>(t);
+        assert_eq!(bus("\"sata\"").expect("sata"), Bus::Sata);
+        assert_eq!(bus("\"ata\"").expect("ata"), Bus::Sata);
+        assert!(bus("\"other\"").is_err());
+        assert_eq!(serde_json::to_string(&Bus::Sata).expect("json"), "\"sata\"");
+    }
     #[test]
     fn reads_disks_nics_and_dmi() {
         let t = fixture();

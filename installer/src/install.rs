@@ -20,6 +20,7 @@ use crate::image::{ImageInfo, SYSTEMD_BOOT_PATH};
 use crate::mount::Mounts;
 use crate::payload::Payload;
 use crate::profile::Profile;
+use crate::progress::{Output, Progress};
 use crate::report::{InstallReport, Phases};
 use crate::say;
 
@@ -902,7 +903,7 @@ fn finish_open(
     }))
 }
 
-const MIB: f64 = 1024.0 * 1024.0;
+const MIB: f64 = crate::units::MIB as f64;
 
 /// Reads the whole payload once, sequentially, and checks every frame
 /// against its sha256 in the manifest ([`Payload::check_frames`]) before
@@ -985,7 +986,7 @@ fn preread_store(store: &Store) -> Result<crate::payload::FramesChecked> {
         checked.frames,
         checked.bytes as f64 / MIB,
         checked.secs,
-        checked.bytes as f64 / checked.secs.max(1e-6) / 1e6
+        crate::units::mb_per_s(checked.bytes, checked.secs)
     );
     Ok(checked)
 }
@@ -1007,32 +1008,17 @@ fn mem_available() -> Option<u64> {
 /// Runs `f` while a thread prints `line(counters)` every 5 s.
 fn with_progress<T>(
     counters: &crate::payload::Counters,
-    line: impl Fn(&crate::payload::Counters) -> String + Sync,
+    line: impl Fn(&crate::payload::Counters) -> String + Sync + Send,
     f: impl FnOnce() -> T,
 ) -> T {
-    use std::sync::atomic::{AtomicBool, Ordering};
-    let done = AtomicBool::new(false);
-    std::thread::scope(|s| {
-        s.spawn(|| {
-            let mut last = Instant::now();
-            while !done.load(Ordering::Relaxed) {
-                std::thread::sleep(Duration::from_millis(100));
-                if last.elapsed() >= Duration::from_secs(5) {
-                    say!("{}", line(counters));
-                    last = Instant::now();
-                }
-            }
-        });
-        let r = f();
-        done.store(true, Ordering::Relaxed);
-        r
-    })
+    Progress::bytes("store", None, Output::Log(crate::console::say))
+        .lines(Duration::from_secs(5), |_, _| line(counters))
+        .watch(|| 0, f)
 }
 
 /// Writes the store into the mounted datasets, every file checked against
 /// the manifest, with a plain progress line every few seconds.
 fn copy_store(store: Store) -> Result<Copied> {
-    use std::sync::atomic::{AtomicBool, Ordering};
     let Store {
         source,
         payload,
@@ -1052,23 +1038,12 @@ fn copy_store(store: Store) -> Result<Copied> {
     // Progress counts every file read and checked, kept or not.
     let (total, files) = (payload.manifest.bytes(), payload.manifest.files() as u64);
     let counters = crate::payload::Counters::default();
-    let done = AtomicBool::new(false);
     let t = Instant::now();
-    let result = std::thread::scope(|s| {
-        s.spawn(|| {
-            let mut last = Instant::now();
-            while !done.load(Ordering::Relaxed) {
-                std::thread::sleep(Duration::from_millis(100));
-                if last.elapsed() >= Duration::from_secs(5) {
-                    say!("store: {}", counters.line(total, files, t.elapsed()));
-                    last = Instant::now();
-                }
-            }
-        });
-        let r = payload.extract(Some(Path::new(STORE_DIR)), workers, &counters);
-        done.store(true, Ordering::Relaxed);
-        r
-    });
+    let result = with_progress(
+        &counters,
+        |c| format!("store: {}", c.line(total, files, t.elapsed())),
+        || payload.extract(Some(Path::new(STORE_DIR)), workers, &counters),
+    );
     result.with_context(|| match &source {
         Source::File(_) => "the store was not copied completely, so the disk was not made bootable; if the payload is damaged, write the image to the stick again".to_string(),
         Source::Http(url) => format!("the store was not copied completely from {url}, so the disk was not made bootable; check the server and boot the node again"),

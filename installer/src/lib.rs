@@ -36,11 +36,13 @@ pub mod payload;
 pub mod pid1;
 pub mod plan;
 pub mod profile;
+pub mod progress;
 #[cfg(feature = "pid1")]
 mod report;
 pub mod secureboot;
 #[doc(hidden)]
 pub mod testing;
+pub mod units;
 pub mod wait;
 pub mod zfs;
 pub mod zprop;

@@ -188,35 +188,8 @@ impl DiskSelect {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum Bus {
-    Nvme,
-    /// SATA/ATA disks (facts say `ata`; `ata` is accepted here too).
-    #[serde(alias = "ata")]
-    Sata,
-    Virtio,
-    /// Disks behind USB: never chosen unless the rule names this bus.
-    Usb,
-    /// SCSI and SAS disks (not ATA, not USB).
-    Scsi,
-    /// eMMC and SD cards.
-    Mmc,
-}
-
-impl Bus {
-    /// The bus as [`crate::facts::BlockDevice::bus`] names it.
-    pub fn facts_name(self) -> &'static str {
-        match self {
-            Bus::Nvme => "nvme",
-            Bus::Sata => "ata",
-            Bus::Virtio => "virtio",
-            Bus::Usb => "usb",
-            Bus::Scsi => "scsi",
-            Bus::Mmc => "mmc",
-        }
-    }
-}
+/// The bus of a disk; one type for the profile and the facts.
+pub use crate::facts::Bus;
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "kebab-case")]

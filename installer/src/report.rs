@@ -227,7 +227,7 @@ pub struct InstallReport {
     pub warnings: Vec<String>,
 }
 
-const MB: f64 = 1e6;
+const MB: f64 = crate::units::MB as f64;
 
 impl InstallReport {
     /// A few lines for a person: node, host ID, disk, pool, keys, store,

@@ -122,10 +122,7 @@ pub fn printed_hostid(console: &str) -> String {
 pub fn boot_stick(iso: &Path, disk: &Nvme) -> String {
     let mut cfg = VmConfig::new(iso.to_path_buf(), Boot::UsbStick);
     cfg.nvme.push(disk.clone());
-    let mut vm = Vm::start(&cfg).expect("qemu starts");
-    let console = vm.wait_for_poweroff().unwrap_or_else(|e| panic!("{e:#}"));
-    eprintln!("{console}");
-    console
+    boot_to_poweroff(&cfg)
 }
 
 /// Boots `disk` alone, as an installed node, and returns what its check
@@ -178,9 +175,7 @@ pub fn check_system(iso: &Path, dir: &Path) -> (PathBuf, PathBuf) {
 }
 
 fn check_console(cfg: VmConfig) -> serde_json::Value {
-    let mut vm = Vm::start(&cfg).expect("qemu starts");
-    let console = vm.wait_for_poweroff().unwrap_or_else(|e| panic!("{e:#}"));
-    eprintln!("{console}");
+    let console = boot_to_poweroff(&cfg);
     console_json(&console, "nodeflash-check: ")
 }
 
@@ -255,50 +250,53 @@ impl DiskImage for Nvme {
     }
 }
 
+/// A test VM: the machine as `nodeflash run-vm` starts it ([`Machine`],
+/// whose fields it gives through `Deref`: `cfg.nvme`, `cfg.kernel`, …),
+/// and what only the harness needs.
 #[derive(Debug, Clone)]
 pub struct VmConfig {
-    pub iso: PathBuf,
-    pub boot: Boot,
-    pub nvme: Vec<Nvme>,
-    pub memory_mib: u32,
-    /// vCPUs (`-smp`): `NODEFLASH_TEST_CPUS`, else 1.
-    pub cpus: u32,
+    /// The QEMU machine; vCPUs (`-smp`) from `NODEFLASH_TEST_CPUS`, else 1.
+    pub machine: Machine,
+    /// How long the VM may run before it is killed and the test fails.
     pub timeout: Duration,
-    /// SMBIOS system serial (`-smbios type=1,serial=…`).
-    pub smbios_serial: Option<String>,
-    /// MAC address of the NIC (QEMU's default otherwise).
-    pub mac: Option<String>,
-    /// See [`nodeflash_builder::vm::Machine::tap`].
-    pub tap: Option<String>,
     /// Run QEMU in this network namespace (`ip netns exec`).
     pub netns: Option<String>,
-    /// See [`nodeflash_builder::vm::Machine::kernel`].
-    pub kernel: Option<(PathBuf, PathBuf, String)>,
-    /// See [`nodeflash_builder::vm::Machine::secure_boot`].
-    pub secure_boot: bool,
 }
 
 impl VmConfig {
     pub fn new(iso: PathBuf, boot: Boot) -> Self {
+        let mut machine = Machine::new(iso, boot);
+        machine.cpus = std::env::var("NODEFLASH_TEST_CPUS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .filter(|n| *n > 0)
+            .unwrap_or(1);
         Self {
-            iso,
-            boot,
-            nvme: Vec::new(),
-            memory_mib: 2048,
-            cpus: std::env::var("NODEFLASH_TEST_CPUS")
-                .ok()
-                .and_then(|v| v.parse().ok())
-                .filter(|n| *n > 0)
-                .unwrap_or(1),
+            machine,
             timeout: Duration::from_secs(300),
-            smbios_serial: None,
-            mac: None,
-            tap: None,
             netns: None,
-            kernel: None,
-            secure_boot: false,
         }
     }
+}
+
+impl std::ops::Deref for VmConfig {
+    type Target = Machine;
+    fn deref(&self) -> &Machine {
+        &self.machine
+    }
+}
+
+impl std::ops::DerefMut for VmConfig {
+    fn deref_mut(&mut self) -> &mut Machine {
+        &mut self.machine
+    }
+}
+
+/// Boots `cfg` until the guest powers off; returns the console (also
+/// printed, for a failing test's output). Panics with the console's tail
+/// when QEMU fails or the timeout passes.
+pub fn boot_to_poweroff(cfg: &VmConfig) -> String {
+    Vm::start(cfg).expect("qemu starts").until_poweroff()
 }
 
 /// A running VM. Dropping it kills QEMU.
@@ -314,19 +312,8 @@ impl Vm {
     pub fn start(cfg: &VmConfig) -> Result<Vm> {
         let dir = tempfile::tempdir().context("cannot create the VM directory")?;
         let console = dir.path().join("console.log");
-        let machine = Machine {
-            nvme: cfg.nvme.clone(),
-            memory_mib: cfg.memory_mib,
-            cpus: cfg.cpus,
-            smbios_serial: cfg.smbios_serial.clone(),
-            mac: cfg.mac.clone(),
-            tap: cfg.tap.clone(),
-            kernel: cfg.kernel.clone(),
-            secure_boot: cfg.secure_boot,
-            ..Machine::new(cfg.iso.clone(), cfg.boot)
-        };
         let c = vm::command(
-            &machine,
+            &cfg.machine,
             vm::kvm_works(),
             &vm::Console::File(console.clone()),
             dir.path(),
@@ -398,6 +385,15 @@ impl Vm {
         let _ = self.child.kill();
         let _ = self.child.wait();
         self.console()
+    }
+
+    /// As [`Vm::wait_for_poweroff`], then QEMU is gone; returns the console
+    /// (also printed). Panics with the console's tail on failure.
+    pub fn until_poweroff(mut self) -> String {
+        let console = self.wait_for_poweroff().unwrap_or_else(|e| panic!("{e:#}"));
+        drop(self);
+        eprintln!("{console}");
+        console
     }
 
     /// Waits until QEMU exits on its own (the guest powered off) or the

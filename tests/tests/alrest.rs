@@ -6,7 +6,7 @@
 
 use nodeflash_installer::net::keys::parse_line;
 use nodeflash_tests::https::KeyServer;
-use nodeflash_tests::{assert_console, build_variant, Boot, Nvme, Vm, VmConfig};
+use nodeflash_tests::{assert_console, boot_to_poweroff, build_variant, Boot, Nvme, VmConfig};
 
 const ADMIN: &str =
     "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIB/oDvZDOvsIcO07yOuLxZOeQQ78UJh0NTARK7EMiUtz admin@test";
@@ -40,9 +40,7 @@ fn alrest_installs_on_a_1tb_nvme_drive() {
     let mut cfg = VmConfig::new(iso, Boot::UsbStick);
     cfg.nvme
         .push(Nvme::create(dir.path(), "nvme.img", ONE_TB_DRIVE, "S4EWNX0R123456").expect("disk"));
-    let mut vm = Vm::start(&cfg).expect("qemu starts");
-    let console = vm.wait_for_poweroff().unwrap_or_else(|e| panic!("{e:#}"));
-    eprintln!("{console}");
+    let console = boot_to_poweroff(&cfg);
     assert_console(&console, "nodeflash 0.1.0 · profile alrest");
     // The console and the install report name the exact kernel and OpenZFS
     // packages the image was made from: the lock's, as the build used it.

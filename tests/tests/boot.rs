@@ -1,6 +1,8 @@
 //! The built `qemu` image booted in QEMU under UEFI, as a USB stick and as a CD.
 
-use nodeflash_tests::{assert_console, images_dir, Boot, DiskImage, Nvme, Vm, VmConfig};
+use nodeflash_tests::{
+    assert_console, boot_to_poweroff, images_dir, Boot, DiskImage, Nvme, VmConfig,
+};
 
 fn summary() -> serde_json::Value {
     let path = images_dir().join("qemu.json");
@@ -14,10 +16,7 @@ fn boot(boot: Boot) -> String {
     let mut cfg = VmConfig::new(images_dir().join("qemu.iso"), boot);
     cfg.nvme
         .push(Nvme::create(dir.path(), "nvme.img", 2 << 30, "NFTEST0001").expect("disk image"));
-    let mut vm = Vm::start(&cfg).expect("qemu starts");
-    let console = vm.wait_for_poweroff().unwrap_or_else(|e| panic!("{e:#}"));
-    eprintln!("{console}");
-    console
+    boot_to_poweroff(&cfg)
 }
 
 fn assert_common(console: &str) {
@@ -152,9 +151,7 @@ fn under_secure_boot_the_stick_starts_and_stops_before_touching_the_disk() {
     let mut cfg = VmConfig::new(images_dir().join("qemu.iso"), Boot::UsbStick);
     cfg.nvme.push(disk.clone());
     cfg.secure_boot = true;
-    let mut vm = Vm::start(&cfg).expect("qemu starts");
-    let console = vm.wait_for_poweroff().unwrap_or_else(|e| panic!("{e:#}"));
-    eprintln!("{console}");
+    let console = boot_to_poweroff(&cfg);
     // The signed chain ran: GRUB, then the installer as PID 1.
     assert_console(&console, "Booting `nodeflash qemu");
     assert_console(&console, "nodeflash 0.1.0 · profile qemu");

@@ -7,8 +7,8 @@
 use std::io::Read;
 
 use nodeflash_tests::{
-    assert_console, boot_installed, boot_stick, build_variant, console_json, images_dir,
-    payload_digest, printed_hostid, Boot, Nvme, Vm, VmConfig,
+    assert_console, boot_installed, boot_stick, boot_to_poweroff, build_variant, console_json,
+    images_dir, payload_digest, printed_hostid, Boot, Nvme, VmConfig,
 };
 
 /// The `qemu` profile's datasets replaced by a boot-environment layout:
@@ -114,10 +114,7 @@ fn an_old_pool_of_the_same_name_on_a_second_disk_is_refused() {
     let new = Nvme::create(dir.path(), "new.img", 2 << 30, "NFTEST0001").expect("disk");
     let mut cfg = VmConfig::new(iso, Boot::UsbStick);
     cfg.nvme = vec![new.clone(), old];
-    let mut vm = Vm::start(&cfg).expect("qemu starts");
-    let console = vm.wait_for_poweroff().unwrap_or_else(|e| panic!("{e:#}"));
-    drop(vm);
-    eprintln!("{console}");
+    let console = boot_to_poweroff(&cfg);
     assert_console(&console, "nodeflash: FAILED:");
     assert_console(&console, "holds an old ZFS pool named rpool on /dev/nvme");
     assert_console(&console, "p3 (pool GUID ");

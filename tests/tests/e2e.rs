@@ -5,8 +5,8 @@
 //! asked for and what the install reported.
 
 use nodeflash_tests::{
-    assert_console, assert_installed, boot_installed, console_json, images_dir, payload_digest,
-    printed_hostid, Boot, Nvme, Vm, VmConfig,
+    assert_console, assert_installed, boot_installed, boot_to_poweroff, console_json, images_dir,
+    payload_digest, printed_hostid, Boot, Nvme, VmConfig,
 };
 
 #[test]
@@ -17,10 +17,7 @@ fn installed_disk_boots_and_is_what_was_installed() {
     // 1. Install from the stick.
     let mut cfg = VmConfig::new(images_dir().join("qemu.iso"), Boot::UsbStick);
     cfg.nvme.push(disk.clone());
-    let mut vm = Vm::start(&cfg).expect("qemu starts");
-    let install = vm.wait_for_poweroff().unwrap_or_else(|e| panic!("{e:#}"));
-    drop(vm);
-    eprintln!("{install}");
+    let install = boot_to_poweroff(&cfg);
     assert_console(&install, "nodeflash: done in");
     assert_console(&install, "boot loader: systemd-boot");
     let hostid = printed_hostid(&install);

@@ -6,7 +6,8 @@ use std::process::Command;
 
 use nodeflash_installer::payload::{Payload, HEADER_LEN};
 use nodeflash_tests::{
-    assert_console, build_variant, images_dir, Boot, DiskImage, Nvme, Vm, VmConfig,
+    assert_console, boot_to_poweroff, build_variant, images_dir, Boot, DiskImage, Nvme, Vm,
+    VmConfig,
 };
 
 /// Byte offset of a file in an ISO image, from xorriso's report.
@@ -81,9 +82,7 @@ fn a_damaged_payload_frame_is_found_before_the_disk_is_touched() {
     let before = disk.sha256();
     let mut cfg = VmConfig::new(iso, Boot::UsbStick);
     cfg.nvme.push(disk.clone());
-    let mut vm = Vm::start(&cfg).expect("qemu starts");
-    let console = vm.wait_for_poweroff().unwrap_or_else(|e| panic!("{e:#}"));
-    eprintln!("{console}");
+    let console = boot_to_poweroff(&cfg);
     assert_console(&console, "store: checking every frame of the payload");
     // The failure and its causes, up to PID 1's last word.
     let failed = console
@@ -128,9 +127,7 @@ fn without_a_disk_nothing_is_chosen_not_even_the_stick() {
         },
         &[],
     );
-    let mut vm = Vm::start(&VmConfig::new(iso, Boot::UsbStick)).expect("qemu starts");
-    let console = vm.wait_for_poweroff().unwrap_or_else(|e| panic!("{e:#}"));
-    eprintln!("{console}");
+    let console = boot_to_poweroff(&VmConfig::new(iso, Boot::UsbStick));
     assert_console(
         &console,
         "nodeflash: FAILED: no disk matches the profile's [disk] select rules",
@@ -213,9 +210,7 @@ fn a_panic_ends_with_the_profiles_failure_policy() {
     let before = disk.sha256();
     let mut cfg = VmConfig::new(iso, Boot::UsbStick);
     cfg.nvme = vec![disk.clone()];
-    let mut vm = Vm::start(&cfg).expect("qemu starts");
-    let console = vm.wait_for_poweroff().unwrap_or_else(|e| panic!("{e:#}"));
-    eprintln!("{console}");
+    let console = boot_to_poweroff(&cfg);
     assert_console(&console, "nodeflash: internal error:");
     assert_console(&console, "nodeflash: FAILED: the installer panicked");
     assert_console(&console, "nodeflash: powering off");

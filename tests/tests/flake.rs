@@ -7,6 +7,7 @@ use std::path::Path;
 
 use nodeflash_installer::payload::Payload;
 use nodeflash_installer::profile::{HostId, Profile};
+use nodeflash_installer::units::mib;
 use nodeflash_tests::flake::{eval, nix_store, standin_flake};
 use nodeflash_tests::load_profile;
 
@@ -186,9 +187,9 @@ fn a_flake_profile_builds_every_node_and_packs_shared_paths_once() {
     eprintln!(
         "payload: {} nodes {:.2} MiB of store, one node {:.2} MiB; packed {:.2} MiB",
         packed.systems.len(),
-        m.bytes() as f64 / 1048576.0,
-        packed.systems["alpha"].store_bytes as f64 / 1048576.0,
-        packed.bytes as f64 / 1048576.0
+        mib(m.bytes()),
+        mib(packed.systems["alpha"].store_bytes),
+        mib(packed.bytes)
     );
 }
 

@@ -230,10 +230,8 @@ fn one_node_installs_from_the_network() {
     let server = Server::start(&lan, &iso, dir.path(), &[]);
     let disk = Nvme::create(dir.path(), "nvme.img", 2 << 30, "NFTEST0001").expect("disk");
     let t = Instant::now();
-    let mut vm = node(&lan, 0, "52:54:00:00:be:7a", &disk);
-    let console = vm.wait_for_poweroff().unwrap_or_else(|e| panic!("{e:#}"));
-    drop(vm);
-    eprintln!("{console}");
+    let vm = node(&lan, 0, "52:54:00:00:be:7a", &disk);
+    let console = vm.until_poweroff();
     eprintln!(
         "netboot: one node installed in {:.0}s",
         t.elapsed().as_secs_f64()
@@ -345,9 +343,7 @@ fn a_server_gone_mid_payload_fails_the_install_and_nothing_boots() {
         .unwrap_or_else(|e| panic!("{e:#}"));
     std::thread::sleep(Duration::from_secs(2));
     server.stop();
-    let console = vm.wait_for_poweroff().unwrap_or_else(|e| panic!("{e:#}"));
-    drop(vm);
-    eprintln!("{console}");
+    let console = vm.until_poweroff();
     assert_console(
         &console,
         &format!("the store was not copied completely from http://{SERVER}:8080/payload"),

@@ -10,10 +10,11 @@ use std::collections::BTreeSet;
 use std::process::Command;
 
 use nodeflash_installer::payload::{self, Payload};
+use nodeflash_installer::units::mib;
 use nodeflash_tests::flake::{nix_store, standin_flake_with};
 use nodeflash_tests::{
-    assert_console, boot_installed, build_variant, console_json, extract_from_iso, images_dir,
-    printed_hostid, Boot, DiskImage, Nvme, Vm, VmConfig,
+    assert_console, boot_installed, boot_to_poweroff, build_variant, console_json,
+    extract_from_iso, images_dir, printed_hostid, Boot, DiskImage, Nvme, VmConfig,
 };
 
 /// The `qemu` profile with a flake for its nodes' systems and beta matched
@@ -105,8 +106,8 @@ fn one_stick_installs_each_node_its_own_nix_built_system() {
     eprintln!(
         "payload: {} nodes {:.2} MiB of store, {:.2} MiB packed",
         tops.len(),
-        all.bytes() as f64 / 1048576.0,
-        std::fs::metadata(&packed).expect("payload").len() as f64 / 1048576.0
+        mib(all.bytes()),
+        mib(std::fs::metadata(&packed).expect("payload").len())
     );
 
     let mut times = Vec::new();
@@ -134,7 +135,7 @@ fn one_stick_installs_each_node_its_own_nix_built_system() {
         let written = node_payload.written();
         eprintln!(
             "payload: {name} alone {:.2} MiB of store in {} paths",
-            written.bytes() as f64 / 1048576.0,
+            mib(written.bytes()),
             mine.len()
         );
 
@@ -144,9 +145,7 @@ fn one_stick_installs_each_node_its_own_nix_built_system() {
         let mut cfg = VmConfig::new(iso.clone(), Boot::UsbStick);
         cfg.nvme.push(disk.clone());
         cfg.smbios_serial = Some(serial.to_string());
-        let mut vm = Vm::start(&cfg).expect("qemu starts");
-        let console = vm.wait_for_poweroff().unwrap_or_else(|e| panic!("{e:#}"));
-        eprintln!("{console}");
+        let console = boot_to_poweroff(&cfg);
         assert_console(
             &console,
             &format!("node: {name} (matched dmi-serial={serial})"),
@@ -208,9 +207,7 @@ fn one_stick_installs_each_node_its_own_nix_built_system() {
     let mut cfg = VmConfig::new(iso.clone(), Boot::UsbStick);
     cfg.nvme.push(disk.clone());
     cfg.smbios_serial = Some("NF-OTHER".into());
-    let mut vm = Vm::start(&cfg).expect("qemu starts");
-    let console = vm.wait_for_poweroff().unwrap_or_else(|e| panic!("{e:#}"));
-    eprintln!("{console}");
+    let console = boot_to_poweroff(&cfg);
     let hostid = printed_hostid(&console);
     assert_console(
         &console,

@@ -2,17 +2,16 @@
 //! SMBIOS serial and by MAC, the generic fallback, and the refusal when two
 //! nodes match.
 
-use nodeflash_tests::{assert_console, images_dir, Boot, DiskImage, Nvme, Vm, VmConfig};
+use nodeflash_tests::{
+    assert_console, boot_to_poweroff, images_dir, Boot, DiskImage, Nvme, VmConfig,
+};
 
 fn boot(serial: Option<&str>, mac: Option<&str>, disk: &Nvme) -> String {
     let mut cfg = VmConfig::new(images_dir().join("qemu.iso"), Boot::UsbStick);
     cfg.nvme.push(disk.clone());
     cfg.smbios_serial = serial.map(str::to_string);
     cfg.mac = mac.map(str::to_string);
-    let mut vm = Vm::start(&cfg).expect("qemu starts");
-    let console = vm.wait_for_poweroff().unwrap_or_else(|e| panic!("{e:#}"));
-    eprintln!("{console}");
-    console
+    boot_to_poweroff(&cfg)
 }
 
 fn disk(dir: &tempfile::TempDir) -> Nvme {
@@ -110,9 +109,7 @@ fn a_facts_stick_shows_the_machine_and_changes_nothing() {
     cfg.nvme.push(d.clone());
     cfg.smbios_serial = Some("To Be Filled By O.E.M.".into());
     cfg.mac = Some("52:54:00:12:34:99".into());
-    let mut vm = Vm::start(&cfg).expect("qemu starts");
-    let console = vm.wait_for_poweroff().unwrap_or_else(|e| panic!("{e:#}"));
-    eprintln!("{console}");
+    let console = boot_to_poweroff(&cfg);
     assert_console(&console, "serial=To Be Filled By O.E.M.");
     assert_console(&console, "serial=\"NFTEST0001\"");
     assert_console(&console, "52:54:00:12:34:99");

@@ -5,7 +5,9 @@ use std::process::Command;
 
 use nodeflash_installer::facts::{BlockDevice, Facts};
 use nodeflash_installer::profile::Profile;
-use nodeflash_tests::{assert_console, images_dir, Boot, DiskImage, Nvme, Vm, VmConfig};
+use nodeflash_tests::{
+    assert_console, boot_to_poweroff, images_dir, Boot, DiskImage, Nvme, VmConfig,
+};
 
 const GIB: u64 = 1 << 30;
 
@@ -16,10 +18,7 @@ fn install(disks: &[Nvme]) -> String {
 fn install_with(profile: &str, disks: &[Nvme]) -> String {
     let mut cfg = VmConfig::new(images_dir().join(format!("{profile}.iso")), Boot::UsbStick);
     cfg.nvme = disks.to_vec();
-    let mut vm = Vm::start(&cfg).expect("qemu starts");
-    let console = vm.wait_for_poweroff().unwrap_or_else(|e| panic!("{e:#}"));
-    eprintln!("{console}");
-    console
+    boot_to_poweroff(&cfg)
 }
 
 fn profile() -> Profile {
@@ -181,9 +180,7 @@ fn an_esp_too_small_for_fat32_on_a_4kn_disk_is_refused_and_the_disk_unchanged() 
     let before = disk.sha256();
     let mut cfg = VmConfig::new(iso, Boot::UsbStick);
     cfg.nvme = vec![disk.clone()];
-    let mut vm = Vm::start(&cfg).expect("qemu starts");
-    let console = vm.wait_for_poweroff().unwrap_or_else(|e| panic!("{e:#}"));
-    eprintln!("{console}");
+    let console = boot_to_poweroff(&cfg);
     assert_console(
         &console,
         "the ESP (64MiB) cannot be FAT32 on disk nvme0n1, which has 4096-byte sectors",

@@ -6,8 +6,8 @@
 use nodeflash_builder::synthetic;
 use nodeflash_installer::payload;
 use nodeflash_tests::{
-    assert_console, console_json, extract_from_iso, images_dir, load_profile, Boot, Nvme, Vm,
-    VmConfig,
+    assert_console, boot_to_poweroff, console_json, extract_from_iso, images_dir, load_profile,
+    Boot, Nvme, Vm, VmConfig,
 };
 
 #[test]
@@ -56,9 +56,7 @@ fn copies_the_store_and_reads_it_back_from_the_pool() {
     let disk = Nvme::create(dir.path(), "nvme.img", 2 << 30, "NFTEST0001").expect("disk");
     let mut cfg = VmConfig::new(images_dir().join("qemu.iso"), Boot::UsbStick);
     cfg.nvme.push(disk);
-    let mut vm = Vm::start(&cfg).expect("qemu starts");
-    let console = vm.wait_for_poweroff().unwrap_or_else(|e| panic!("{e:#}"));
-    eprintln!("{console}");
+    let console = boot_to_poweroff(&cfg);
     assert_console(&console, "nodeflash: done in");
     assert_console(&console, "store copied in");
     let report = console_json(&console, "nodeflash-store: ");

@@ -7,40 +7,77 @@ use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
-use nodeflash_installer::facts::{bus_from_path, read_trimmed, sorted_entries, vpd_serial};
+use nodeflash_installer::facts::{bus_from_path, read_trimmed, sorted_entries, BlockDevice};
 use serde::Serialize;
 
-/// What the kernel tells of one whole disk.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+/// What the kernel tells of one whole disk: the installer's model of a
+/// disk ([`BlockDevice`], shared with `nodeflash facts` and the plan) and
+/// what uses it.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DeviceFacts {
-    /// Kernel name, e.g. `sdb`.
-    pub name: String,
+    /// Name, size, logical block size, bus, removable, read-only, model,
+    /// serial (for a USB stick, the USB device's serial when the disk has none).
+    pub disk: BlockDevice,
     /// `/dev/NAME`.
     pub path: PathBuf,
-    pub size_bytes: u64,
-    pub logical_block_size: u32,
-    /// sysfs `removable`.
-    pub removable: bool,
-    pub read_only: bool,
-    /// `usb`, `nvme`, `ata`, `mmc`, `virtio`, `scsi` or `other`.
-    pub transport: String,
     pub vendor: Option<String>,
-    pub model: Option<String>,
-    pub serial: Option<String>,
     /// The disk's partitions (kernel names).
     pub partitions: Vec<String>,
     /// `(device, mount point)` for the disk and its partitions.
-    #[serde(serialize_with = "mount_objects")]
     pub mounts: Vec<(String, String)>,
     /// Active swap on the disk or its partitions (device names).
     pub swaps: Vec<String>,
     /// `(device, holder)`: device-mapper, RAID or LUKS on top of them.
-    #[serde(serialize_with = "holder_objects")]
     pub holders: Vec<(String, String)>,
 }
 
+/// [`DeviceFacts`] as `nodeflash flash --json` prints it.
+#[derive(Serialize)]
+struct DeviceJson<'a> {
+    name: &'a str,
+    path: &'a Path,
+    size_bytes: u64,
+    logical_block_size: u32,
+    removable: bool,
+    read_only: bool,
+    /// `usb`, `nvme`, `ata`, `mmc`, `virtio`, `scsi` or `other`.
+    transport: &'static str,
+    vendor: &'a Option<String>,
+    model: &'a Option<String>,
+    serial: &'a Option<String>,
+    partitions: &'a [String],
+    #[serde(serialize_with = "mount_objects")]
+    mounts: &'a [(String, String)],
+    swaps: &'a [String],
+    #[serde(serialize_with = "holder_objects")]
+    holders: &'a [(String, String)],
+}
+
+impl Serialize for DeviceFacts {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let d = &self.disk;
+        DeviceJson {
+            name: &d.name,
+            path: &self.path,
+            size_bytes: d.size_bytes,
+            logical_block_size: d.logical_block_size,
+            removable: d.removable,
+            read_only: d.read_only,
+            transport: d.bus.as_str(),
+            vendor: &self.vendor,
+            model: &d.model,
+            serial: &d.serial,
+            partitions: &self.partitions,
+            mounts: &self.mounts,
+            swaps: &self.swaps,
+            holders: &self.holders,
+        }
+        .serialize(s)
+    }
+}
+
 /// `[{"device": …, "mount_point": …}]` in JSON.
-fn mount_objects<S: serde::Serializer>(v: &[(String, String)], s: S) -> Result<S::Ok, S::Error> {
+fn mount_objects<S: serde::Serializer>(v: &&[(String, String)], s: S) -> Result<S::Ok, S::Error> {
     s.collect_seq(
         v.iter()
             .map(|(d, m)| serde_json::json!({ "device": d, "mount_point": m })),
@@ -48,7 +85,7 @@ fn mount_objects<S: serde::Serializer>(v: &[(String, String)], s: S) -> Result<S
 }
 
 /// `[{"device": …, "holder": …}]` in JSON.
-fn holder_objects<S: serde::Serializer>(v: &[(String, String)], s: S) -> Result<S::Ok, S::Error> {
+fn holder_objects<S: serde::Serializer>(v: &&[(String, String)], s: S) -> Result<S::Ok, S::Error> {
     s.collect_seq(
         v.iter()
             .map(|(d, h)| serde_json::json!({ "device": d, "holder": h })),
@@ -127,7 +164,6 @@ impl DeviceFacts {
         }
         let real =
             fs::canonicalize(&dir).with_context(|| format!("cannot resolve {}", dir.display()))?;
-        let num = |p: &str| read_trimmed(&dir.join(p)).and_then(|s| s.parse::<u64>().ok());
         let devno = |d: &Path| read_trimmed(&d.join("dev")).unwrap_or_default();
         let partitions: Vec<String> = sorted_entries(&dir)
             .into_iter()
@@ -166,24 +202,13 @@ impl DeviceFacts {
                 holders.push((member.clone(), h));
             }
         }
-        let device = dir.join("device");
-        let serial = read_trimmed(&device.join("serial"))
-            .or_else(|| vpd_serial(&device.join("vpd_pg80")))
-            .or_else(|| usb_serial(sysfs, &real));
+        let mut disk = BlockDevice::read(name, &dir, bus_from_path(name, &real.to_string_lossy()));
+        disk.serial = disk.serial.or_else(|| usb_serial(sysfs, &real));
         Ok(Self {
-            name: name.to_string(),
             path: Path::new("/dev").join(name),
-            size_bytes: num("size").unwrap_or(0) * 512,
-            logical_block_size: num("queue/logical_block_size")
-                .and_then(|v| u32::try_from(v).ok())
-                .unwrap_or(512),
-            removable: num("removable") == Some(1),
-            read_only: num("ro") == Some(1),
-            transport: bus_from_path(name, &real.to_string_lossy()).to_string(),
             // virtio and NVMe put a PCI vendor ID (`0x1af4`) there, not a name.
-            vendor: read_trimmed(&device.join("vendor")).filter(|v| !v.starts_with("0x")),
-            model: read_trimmed(&device.join("model")),
-            serial,
+            vendor: read_trimmed(&dir.join("device/vendor")).filter(|v| !v.starts_with("0x")),
+            disk,
             partitions,
             mounts,
             swaps,
@@ -193,7 +218,7 @@ impl DeviceFacts {
 
     /// `SanDisk Ultra Fit`, or `-`.
     pub fn description(&self) -> String {
-        let parts: Vec<&str> = [self.vendor.as_deref(), self.model.as_deref()]
+        let parts: Vec<&str> = [self.vendor.as_deref(), self.disk.model.as_deref()]
             .into_iter()
             .flatten()
             .collect();

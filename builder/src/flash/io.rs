@@ -2,13 +2,14 @@
 //! dropped on a file, progress, and the image's sha256.
 
 use std::fs::{self, File, OpenOptions};
-use std::io::{IsTerminal, Read, Write};
+use std::io::{Read, Write};
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
-use nodeflash_installer::facts::human_bytes;
+use nodeflash_installer::progress::{Output, Progress};
+use nodeflash_installer::units::{human_bytes, human_rate};
 use serde::Serialize;
 use sha2::{Digest, Sha256};
 
@@ -54,67 +55,20 @@ fn read_full(f: &mut File, buf: &mut [u8]) -> std::io::Result<usize> {
 
 /// Progress of one pass: a bar when stderr is a terminal, else a plain
 /// line every few seconds (and nothing when quiet).
-pub struct Progress {
-    what: String,
-    total: u64,
-    bar: Option<indicatif::ProgressBar>,
-    started: Instant,
-    last_line: Instant,
-    interval: Duration,
-}
-
-impl Progress {
-    pub fn new(what: &str, total: u64) -> Self {
-        let bar = (std::io::stderr().is_terminal() && !steps::quiet()).then(|| {
-            let bar = indicatif::ProgressBar::new(total);
-            bar.set_style(
-                indicatif::ProgressStyle::with_template(
-                    "    {msg} [{elapsed_precise}] {bar:30} {bytes}/{total_bytes} {binary_bytes_per_sec} {eta}",
-                )
-                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
-            );
-            bar.set_message(what.to_string());
-            bar
-        });
-        let now = Instant::now();
-        Self {
-            what: what.to_string(),
-            total,
-            bar,
-            started: now,
-            last_line: now,
-            interval: Duration::from_secs(5),
-        }
-    }
-
-    pub fn set(&mut self, done: u64) {
-        if let Some(bar) = &self.bar {
-            bar.set_position(done);
-        } else if !steps::quiet() && self.last_line.elapsed() >= self.interval {
-            self.last_line = Instant::now();
-            eprintln!(
-                "    {}: {} of {} ({:.0}%), {}",
-                self.what,
+fn pass_progress(what: &str, total: u64) -> Progress<'static> {
+    let name = what.to_string();
+    Progress::bytes(what, Some(total), Output::stderr(steps::quiet())).lines(
+        Duration::from_secs(5),
+        move |done, took| {
+            format!(
+                "    {name}: {} of {} ({:.0}%), {}",
                 human_bytes(done),
-                human_bytes(self.total),
-                done as f64 * 100.0 / self.total.max(1) as f64,
-                rate(done, self.started.elapsed())
-            );
-        }
-    }
-
-    fn finish(self) -> Duration {
-        if let Some(bar) = &self.bar {
-            bar.finish_and_clear();
-        }
-        self.started.elapsed()
-    }
-}
-
-/// `35.2 MiB/s`.
-pub fn rate(bytes: u64, took: Duration) -> String {
-    let secs = took.as_secs_f64().max(1e-6);
-    format!("{}/s", human_bytes((bytes as f64 / secs) as u64))
+                human_bytes(total),
+                done as f64 * 100.0 / total.max(1) as f64,
+                human_rate(done, took)
+            )
+        },
+    )
 }
 
 /// The sha256 of a file.
@@ -213,7 +167,7 @@ pub fn write_image(iso: &Path, target: &Path, direct: Option<Direct>) -> Result<
         }
     }
     let mut buf = Aligned::new(BLOCK);
-    let mut progress = Progress::new(&format!("writing {}", target.display()), len);
+    let mut progress = pass_progress(&format!("writing {}", target.display()), len);
     let mut done = 0u64;
     loop {
         let n = read_full(&mut src, buf.get())
@@ -287,7 +241,7 @@ pub fn verify(iso: &Path, target: &Path, iso_sha256: &str, direct: bool) -> Resu
     let mut want = vec![0u8; BLOCK];
     let mut got = Aligned::new(BLOCK);
     let mut h = Sha256::new();
-    let mut progress = Progress::new(&format!("verifying {}", target.display()), len);
+    let mut progress = pass_progress(&format!("verifying {}", target.display()), len);
     let mut done = 0u64;
     while done < len {
         let n = read_full(&mut src, &mut want)

@@ -44,7 +44,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
-use nodeflash_installer::facts::human_bytes;
+use nodeflash_installer::units::{human_bytes, human_rate};
 use serde::Serialize;
 
 use crate::steps;
@@ -72,7 +72,7 @@ impl FlashReport {
                 "{} in {:.1}s ({})",
                 human_bytes(p.bytes),
                 p.secs,
-                rate(p.bytes, Duration::from_secs_f64(p.secs))
+                human_rate(p.bytes, Duration::from_secs_f64(p.secs))
             )
         };
         format!(
@@ -105,7 +105,7 @@ pub fn flash(iso: &Path, target: &Target) -> Result<FlashReport> {
         Target::Disk { path, rdev, facts } => (
             path.clone(),
             Some(Direct {
-                logical_block_size: facts.logical_block_size,
+                logical_block_size: facts.disk.logical_block_size,
                 rdev: *rdev,
             }),
         ),
@@ -217,9 +217,9 @@ pub fn command(o: &Options) -> Result<()> {
             iso.display(),
             d.path.display(),
             d.description(),
-            human_bytes(d.size_bytes),
-            d.transport,
-            d.serial.as_deref().unwrap_or("-")
+            human_bytes(d.disk.size_bytes),
+            d.disk.bus,
+            d.disk.serial.as_deref().unwrap_or("-")
         ));
     }
     let report = flash(iso, &target)?;

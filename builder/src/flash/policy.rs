@@ -100,7 +100,7 @@ pub fn decide(d: &DeviceFacts, policy: &Policy) -> Verdict {
             false,
         );
     }
-    if d.read_only {
+    if d.disk.read_only {
         refuse(
             "read-only",
             format!("{dev} is read-only (sysfs ro=1)"),
@@ -109,42 +109,42 @@ pub fn decide(d: &DeviceFacts, policy: &Policy) -> Verdict {
             false,
         );
     }
-    if d.size_bytes == 0 {
+    if d.disk.size_bytes == 0 {
         refuse(
             "no-medium",
             format!("{dev} has no medium (size 0)"),
             "insert the card into the reader, or plug the stick in again".into(),
             false,
         );
-    } else if let Some(image) = policy.image_size.filter(|&n| n > d.size_bytes) {
+    } else if let Some(image) = policy.image_size.filter(|&n| n > d.disk.size_bytes) {
         refuse(
             "too-small",
             format!(
                 "{dev} ({}) is smaller than the image ({})",
-                human_bytes(d.size_bytes),
+                human_bytes(d.disk.size_bytes),
                 human_bytes(image)
             ),
             "use a larger stick".into(),
             false,
         );
     }
-    if !d.removable && d.transport != "usb" {
+    if !d.disk.removable && d.disk.bus != "usb" {
         refuse(
             "not-removable",
             format!(
                 "{dev} is not a removable disk (sysfs removable=0, transport {}): likely an internal disk",
-                d.transport
+                d.disk.bus
             ),
             format!("pick a USB stick (`nodeflash flash` lists them); if {dev} really is the stick, add --force {dev}"),
             true,
         );
     }
-    if d.size_bytes > policy.max_size {
+    if d.disk.size_bytes > policy.max_size {
         refuse(
             "too-large",
             format!(
                 "{dev} ({}) is larger than --max-size ({}): likely not a USB stick",
-                human_bytes(d.size_bytes),
+                human_bytes(d.disk.size_bytes),
                 human_bytes(policy.max_size)
             ),
             format!("if {dev} really is the stick, raise --max-size or add --force {dev}"),
@@ -198,10 +198,10 @@ pub fn format_listing(listed: &[Listed]) -> String {
             out,
             "  {:<14} {:>10}  {:<28} {:<6} serial {}",
             d.path.display(),
-            human_bytes(d.size_bytes),
+            human_bytes(d.disk.size_bytes),
             d.description(),
-            d.transport,
-            d.serial.as_deref().unwrap_or("-"),
+            d.disk.bus,
+            d.disk.serial.as_deref().unwrap_or("-"),
         );
     };
     let (ok, refused): (Vec<&Listed>, Vec<&Listed>) =
@@ -268,11 +268,11 @@ mod tests {
     fn usb_stick_is_accepted() {
         let d = facts("sda");
         assert_eq!(d.path, Path::new("/dev/sda"));
-        assert_eq!(d.size_bytes, 60063744 * 512);
-        assert_eq!(d.transport, "usb");
-        assert!(d.removable && !d.read_only);
+        assert_eq!(d.disk.size_bytes, 60063744 * 512);
+        assert_eq!(d.disk.bus, "usb");
+        assert!(d.disk.removable && !d.disk.read_only);
         assert_eq!(d.description(), "SanDisk Ultra Fit");
-        assert_eq!(d.serial.as_deref(), Some("4C530001230913117105"));
+        assert_eq!(d.disk.serial.as_deref(), Some("4C530001230913117105"));
         assert_eq!(d.partitions, ["sda1"]);
         assert!(d.mounts.is_empty() && d.swaps.is_empty() && d.holders.is_empty());
         let v = decide(&d, &policy());
@@ -283,8 +283,8 @@ mod tests {
     #[test]
     fn internal_nvme_is_refused_and_mounted_is_never_forced() {
         let d = facts("nvme0n1");
-        assert_eq!(d.transport, "nvme");
-        assert_eq!(d.serial.as_deref(), Some("S4EWNX0R123456"));
+        assert_eq!(d.disk.bus, "nvme");
+        assert_eq!(d.disk.serial.as_deref(), Some("S4EWNX0R123456"));
         assert_eq!(
             d.mounts,
             [
@@ -320,9 +320,9 @@ mod tests {
     #[test]
     fn sata_disk_is_refused_unless_forced() {
         let d = facts("sdb");
-        assert_eq!(d.transport, "ata");
+        assert_eq!(d.disk.bus, "ata");
         assert_eq!(
-            d.serial.as_deref(),
+            d.disk.serial.as_deref(),
             Some("WD-WCC4E1234567"),
             "from VPD page 0x80"
         );
@@ -376,8 +376,8 @@ mod tests {
     #[test]
     fn large_usb_disk_is_refused_over_the_limit() {
         let d = facts("sdd");
-        assert!(!d.removable, "removable=0, but on the USB transport");
-        assert_eq!(d.transport, "usb");
+        assert!(!d.disk.removable, "removable=0, but on the USB transport");
+        assert_eq!(d.disk.bus, "usb");
         let v = decide(&d, &policy());
         assert_eq!(rules(&v), ["too-large"]);
         assert!(
@@ -410,7 +410,7 @@ mod tests {
     #[test]
     fn read_only_card_is_refused_even_forced() {
         let d = facts("sde");
-        assert!(d.read_only);
+        assert!(d.disk.read_only);
         let v = decide(
             &d,
             &Policy {
@@ -448,7 +448,7 @@ mod tests {
             ..policy()
         };
         assert_eq!(rules(&decide(&d, &big)), ["too-small"]);
-        d.size_bytes = 0;
+        d.disk.size_bytes = 0;
         assert_eq!(rules(&decide(&d, &policy())), ["no-medium"]);
     }
 
@@ -470,7 +470,7 @@ mod tests {
         let listed = list(&sys, &mi, &sw, &policy()).expect("list");
         let names: Vec<(&str, bool)> = listed
             .iter()
-            .map(|l| (l.device.name.as_str(), l.verdict.accepted))
+            .map(|l| (l.device.disk.name.as_str(), l.verdict.accepted))
             .collect();
         assert_eq!(
             names,

@@ -14,6 +14,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use anyhow::{bail, Result};
 use serde::{Deserialize, Serialize};
 
+use crate::units::{mb_per_s, mib};
+
 pub use pack::{pack, FrameCache, PackOptions, PackStats, LAYOUT_VERSION};
 pub use read::{ExtractStats, FramesChecked, Payload};
 pub use tree::{compare, digest, scan};
@@ -352,14 +354,12 @@ impl Counters {
         };
         format!(
             "{:.1}/{:.1} MiB, {files}/{total_files} files, {:.1} MB/s{eta}",
-            bytes as f64 / MIB,
-            total_bytes as f64 / MIB,
-            rate / 1e6
+            mib(bytes),
+            mib(total_bytes),
+            mb_per_s(bytes, secs)
         )
     }
 }
-
-const MIB: f64 = 1024.0 * 1024.0;
 
 /// A path of the manifest that extraction may create: relative, no `.` or
 /// `..`, no empty component, no NUL.
