@@ -86,7 +86,124 @@ pub struct CheckReport {
     pub nixos_system: Option<String>,
     /// The pool's vdev tree as `zpool status -P` shows it, the pool first.
     pub vdevs: Vec<VdevStatus>,
+    /// The data pools (`[[pools]]`), each imported, read and exported after
+    /// the root pool; their problems are in `problems` too.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub data_pools: Vec<DataPoolCheck>,
     pub check_secs: f64,
+}
+
+/// What the check found of one data pool.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct DataPoolCheck {
+    pub pool: String,
+    pub pool_guid: Option<String>,
+    pub health: Option<String>,
+    /// The vdev tree as `zpool status -P` shows it (`special`, `logs` and
+    /// `cache` headers at depth 0).
+    pub vdevs: Vec<VdevStatus>,
+    /// Datasets mounted read-only under [`SYSROOT`], in mount order.
+    pub mounted: Vec<Mounted>,
+    /// Dataset, volume or snapshot → property → value (`type`,
+    /// `mountpoint`, `compression`, `volsize` and what the profile sets).
+    pub datasets: DatasetProps,
+    pub problems: Vec<String>,
+}
+
+impl CheckReport {
+    /// Adds the data pools' checks; their problems join the report's.
+    pub fn add_data_pools(&mut self, pools: Vec<DataPoolCheck>) {
+        for p in &pools {
+            self.problems.extend(p.problems.iter().cloned());
+        }
+        self.ok = self.problems.is_empty();
+        self.data_pools = pools;
+    }
+}
+
+/// Checks a data pool: waits for it, imports it read-only without `-f`
+/// (the host ID is already set by [`run_check`]), mounts its datasets
+/// read-only under [`SYSROOT`], reads its vdev tree, health and
+/// `properties` (comma-separated, [`crate::zfs::reported_properties`]) of
+/// every dataset, unmounts and exports it. A pool that cannot be imported
+/// is a problem in the result, not an error; `expected` are dataset and
+/// volume names relative to the pool.
+pub fn check_data_pool(
+    pool: &str,
+    expected: &[String],
+    properties: &str,
+    log: &dyn Fn(&str),
+) -> DataPoolCheck {
+    let mut out = DataPoolCheck {
+        pool: pool.to_string(),
+        ..DataPoolCheck::default()
+    };
+    let imported = wait_for_pool(pool, IMPORT_TIMEOUT).and_then(|_| {
+        cmd::run(Command::new("zpool").args([
+            "import",
+            "-d",
+            "/dev",
+            "-N",
+            "-o",
+            "readonly=on",
+            "-o",
+            "cachefile=none",
+            pool,
+        ]))
+        .with_context(|| format!("data pool {pool} does not import without -f"))
+    });
+    if let Err(e) = imported {
+        out.problems.push(format!("{e:#}"));
+        return out;
+    }
+    let mut mounted = Vec::new();
+    match mount_all(pool, &mut mounted, true) {
+        Ok(order) => out.mounted = order,
+        Err(e) => out.problems.push(format!("{e:#}")),
+    }
+    log(&format!(
+        "check: data pool {pool}: mounted {} datasets",
+        out.mounted.len()
+    ));
+    match pool_properties(pool) {
+        Ok(p) => {
+            out.pool_guid = p.get("guid").cloned();
+            out.health = p.get("health").cloned();
+        }
+        Err(e) => out
+            .problems
+            .push(format!("pool properties of {pool}: {e:#}")),
+    }
+    match cmd::run(Command::new("zpool").args(["status", "-P", pool])) {
+        Ok(t) => out.vdevs = parse_status_config(&t),
+        Err(e) => out.problems.push(format!("vdevs of {pool}: {e:#}")),
+    }
+    match zfs::dataset_properties(pool, properties) {
+        Ok(d) => out.datasets = d,
+        Err(e) => out
+            .problems
+            .push(format!("dataset properties of {pool}: {e:#}")),
+    }
+    if let Some(h) = out.health.as_ref().filter(|h| *h != "ONLINE") {
+        out.problems.push(format!("pool {pool} is {h}, not ONLINE"));
+    }
+    for d in expected {
+        let full = format!("{pool}/{d}");
+        if !out.datasets.contains_key(&full) {
+            out.problems.push(format!("dataset {full} is missing"));
+        }
+    }
+    for target in mounted.iter().rev() {
+        if let Err(e) = nix::mount::umount(target) {
+            out.problems
+                .push(format!("cannot unmount {}: {e}", target.display()));
+        }
+    }
+    if let Err(e) = cmd::run(Command::new("zpool").args(["export", pool])) {
+        out.problems
+            .push(format!("cannot export pool {pool} after the check: {e:#}"));
+    }
+    out
 }
 
 /// One line of the `config:` tree of `zpool status -P` (zpool-status(8)).
@@ -202,6 +319,22 @@ pub fn parse_import_list(out: &str) -> Vec<Importable> {
 /// own rule ([`crate::datasets::mount_order`]). Exactly one dataset must be
 /// mounted at `/`.
 pub fn mount_plan(list: &str) -> Result<Vec<Mounted>> {
+    let plan = data_mount_plan(list)?;
+    let roots: Vec<&str> = plan
+        .iter()
+        .filter(|m| m.mountpoint == "/")
+        .map(|m| m.dataset.as_str())
+        .collect();
+    match roots.len() {
+        1 => {}
+        0 => bail!("no dataset has mountpoint / (and canmount not off)"),
+        _ => bail!("several datasets have mountpoint /: {}", roots.join(", ")),
+    }
+    Ok(plan)
+}
+
+/// [`mount_plan`] for a data pool: no dataset at `/` is needed.
+pub fn data_mount_plan(list: &str) -> Result<Vec<Mounted>> {
     let mut tree = Vec::new();
     for line in list.lines().filter(|l| !l.is_empty()) {
         let cols: Vec<&str> = line.split('\t').collect();
@@ -220,18 +353,7 @@ pub fn mount_plan(list: &str) -> Result<Vec<Mounted>> {
             key: String::new(),
         });
     }
-    let plan = crate::datasets::mount_order(&tree);
-    let roots: Vec<&str> = plan
-        .iter()
-        .filter(|m| m.mountpoint == "/")
-        .map(|m| m.dataset.as_str())
-        .collect();
-    match roots.len() {
-        1 => {}
-        0 => bail!("no dataset has mountpoint / (and canmount not off)"),
-        _ => bail!("several datasets have mountpoint /: {}", roots.join(", ")),
-    }
-    Ok(plan)
+    Ok(crate::datasets::mount_order(&tree))
 }
 
 /// `/etc/hostid` as ZFS reads it: 4 bytes in host order (little-endian on x86_64).
@@ -366,6 +488,7 @@ pub fn build_report(
         failed_install_log: failed,
         nixos_system: g.nixos_system,
         vdevs: vdevs.unwrap_or_default(),
+        data_pools: Vec::new(),
         check_secs,
     }
 }
@@ -505,7 +628,7 @@ pub fn run_check(
         )
     })?;
     let mut mounted: Vec<PathBuf> = Vec::new();
-    let gathered = mount_all(pool, &mut mounted).map(|order| {
+    let gathered = mount_all(pool, &mut mounted, false).map(|order| {
         let threads = std::thread::available_parallelism().map_or(2, |n| n.get());
         log(&format!("check: mounted {} datasets; reading", order.len()));
         let mut g = gather_files(Path::new(SYSROOT), threads);
@@ -565,7 +688,7 @@ fn wait_for_pool(pool: &str, timeout: Duration) -> Result<Importable> {
 
 /// Mounts the pool's datasets read-only under [`SYSROOT`] in [`mount_plan`]
 /// order; `mounted` collects the targets, for unmounting even after an error.
-fn mount_all(pool: &str, mounted: &mut Vec<PathBuf>) -> Result<Vec<Mounted>> {
+fn mount_all(pool: &str, mounted: &mut Vec<PathBuf>, data: bool) -> Result<Vec<Mounted>> {
     let list = cmd::run(Command::new("zfs").args([
         "list",
         "-H",
@@ -575,10 +698,20 @@ fn mount_all(pool: &str, mounted: &mut Vec<PathBuf>) -> Result<Vec<Mounted>> {
         "-r",
         pool,
     ]))?;
-    let order = mount_plan(&list).with_context(|| format!("cannot mount pool {pool}"))?;
+    let order = if data {
+        data_mount_plan(&list)
+    } else {
+        mount_plan(&list)
+    }
+    .with_context(|| format!("cannot mount pool {pool}"))?;
     std::fs::create_dir_all(SYSROOT).with_context(|| format!("cannot create {SYSROOT}"))?;
     for m in &order {
         let target = Path::new(SYSROOT).join(m.mountpoint.trim_start_matches('/'));
+        // A data pool's mountpoint is not in the initramfs (the root
+        // pool's are directories of their read-only parents already).
+        if !target.exists() {
+            let _ = std::fs::create_dir_all(&target);
+        }
         nix::mount::mount(
             Some(m.dataset.as_str()),
             &target,

@@ -204,8 +204,11 @@ impl Facts {
             }
             let dir = sysfs.join("block").join(&name);
             let num = |p: &str| read_trimmed(&dir.join(p)).and_then(|s| s.parse::<u64>().ok());
+            // NVMe: device/serial; SCSI/SATA: VPD page 0x80; virtio-blk:
+            // the disk's own `serial` (drivers/block/virtio_blk.c).
             let serial = read_trimmed(&dir.join("device/serial"))
-                .or_else(|| vpd_serial(&dir.join("device/vpd_pg80")));
+                .or_else(|| vpd_serial(&dir.join("device/vpd_pg80")))
+                .or_else(|| read_trimmed(&dir.join("serial")));
             let wwn =
                 read_trimmed(&dir.join("wwid")).or_else(|| read_trimmed(&dir.join("device/wwid")));
             block_devices.push(BlockDevice {

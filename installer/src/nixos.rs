@@ -24,8 +24,10 @@ fn quote(s: &str) -> String {
     )
 }
 
-/// The module's text.
-pub fn module(hostname: &str, hostid: u32, keys: &KeySet) -> String {
+/// The module's text. `data_pools` (`[[pools]]`) go into
+/// `boot.zfs.extraPools`, which NixOS imports at boot (see [`extra_pools`]).
+pub fn module(hostname: &str, hostid: u32, keys: &KeySet, data_pools: &[String]) -> String {
+    let pools = extra_pools(data_pools);
     let keys: String = keys
         .keys
         .iter()
@@ -39,9 +41,29 @@ pub fn module(hostname: &str, hostid: u32, keys: &KeySet) -> String {
            networking.hostName = {};\n  \
            networking.hostId = \"{hostid:08x}\";\n  \
            users.users.root.openssh.authorizedKeys.keys = [\n{keys}  ];\n\
-         }}\n",
+         {pools}}}\n",
         quote(hostname)
     )
+}
+
+/// `  boot.zfs.extraPools = [ "tank" ];` (with its line end) for the data
+/// pools, or nothing. NixOS's ZFS module makes a `zfs-import-NAME`
+/// service for each that imports the pool by name (`zpool import -d
+/// /dev/disk/by-id -N`; nixos/modules/tasks/filesystems/zfs.nix), and
+/// `zfs-mount` then mounts its datasets by their ZFS mountpoints. This is
+/// chosen over a `fileSystems` entry per dataset: a data pool's datasets
+/// are ZFS-managed (mounted where their `mountpoint` says, children
+/// inherited), and a missing data pool then fails its own service instead
+/// of holding up the boot in stage 1. The pool imports without `-f`: its
+/// labels carry the node's host ID (set before `zpool create`), the same
+/// `networking.hostId` this module sets, and the install exported it; no
+/// cache file is needed (it is imported by scanning).
+pub fn extra_pools(data_pools: &[String]) -> String {
+    if data_pools.is_empty() {
+        return String::new();
+    }
+    let names: Vec<String> = data_pools.iter().map(|n| quote(n)).collect();
+    format!("  boot.zfs.extraPools = [ {} ];\n", names.join(" "))
 }
 
 /// The file systems a NixOS system on this profile mounts from the pool:
@@ -95,6 +117,8 @@ pub fn flake_module(profile: &crate::profile::Profile, source: &str) -> String {
     let _ = writeln!(t, "    boot.supportedFilesystems = [ \"zfs\" ];");
     let _ = writeln!(t, "    boot.loader.systemd-boot.enable = true;");
     let _ = writeln!(t, "    boot.loader.efi.canTouchEfiVariables = false;");
+    let data_pools: Vec<String> = profile.pools.iter().map(|p| p.name.to_string()).collect();
+    t.push_str(&extra_pools(&data_pools).replace("  boot.", "    boot."));
     for (mp, dataset) in zfs_mounts(profile) {
         let _ = writeln!(
             t,
@@ -211,12 +235,18 @@ pub fn flake_module(profile: &crate::profile::Profile, source: &str) -> String {
 }
 
 /// Writes the module under `root`.
-pub fn write_module(root: &Path, hostname: &str, hostid: u32, keys: &KeySet) -> Result<()> {
+pub fn write_module(
+    root: &Path,
+    hostname: &str,
+    hostid: u32,
+    keys: &KeySet,
+    data_pools: &[String],
+) -> Result<()> {
     let path = root.join(MODULE_PATH.trim_start_matches('/'));
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     }
-    std::fs::write(&path, module(hostname, hostid, keys))
+    std::fs::write(&path, module(hostname, hostid, keys, data_pools))
         .with_context(|| format!("cannot write {}", path.display()))
 }
 
@@ -455,7 +485,7 @@ mod tests {
         )
         .expect("key");
         keys.add(key);
-        let text = module("kos-mos", 0x472479d4, &keys);
+        let text = module("kos-mos", 0x472479d4, &keys, &[]);
         assert!(
             text.contains("networking.hostName = \"kos-mos\";"),
             "{text}"

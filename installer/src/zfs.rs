@@ -73,11 +73,14 @@ pub fn set_live_hostid(id: u32) -> Result<()> {
 ///
 /// `devices` are the ZFS partitions of the pool's disks, the first disk
 /// first; with more than one they become one vdev of `pool.vdev`'s type
-/// (`mirror A B`, `raidz1 A B C`), as zpoolconcepts(7) writes it.
+/// (`mirror A B`, `raidz1 A B C`), as zpoolconcepts(7) writes it. `aux`
+/// follows them: the `special`, `log` and `cache` classes' words
+/// ([`crate::plan::AuxClass::words`]).
 pub fn create_commands(
     pool: &Pool,
     mounts: &[Mounted],
     devices: &[String],
+    aux: &[String],
     altroot: &str,
 ) -> Vec<Vec<String>> {
     let name = pool.name.to_string();
@@ -108,6 +111,7 @@ pub fn create_commands(
         }
     }
     create.extend(devices.iter().cloned());
+    create.extend(aux.iter().cloned());
     cmds.push(create);
     for ds in &pool.datasets {
         let mut c = vec!["zfs".to_string(), "create".into(), "-u".into()];
@@ -401,7 +405,7 @@ mountpoint = "/"
 
     fn commands(pool: &Pool) -> Vec<String> {
         let mounts = crate::datasets::mounts(pool);
-        create_commands(pool, &mounts, &["/dev/nvme0n1p3".into()], "/mnt")
+        create_commands(pool, &mounts, &["/dev/nvme0n1p3".into()], &[], "/mnt")
             .iter()
             .map(|c| c.join(" "))
             .collect()
@@ -434,6 +438,7 @@ options = { volblocksize = "16K", compression = "lz4" }
             &pool,
             &mounts,
             &["/dev/nvme0n1p3".into(), "/dev/nvme1n1p3".into()],
+            &[],
             "/mnt",
         )
         .iter()

@@ -260,6 +260,8 @@ pub struct VmConfig {
     pub iso: PathBuf,
     pub boot: Boot,
     pub nvme: Vec<Nvme>,
+    /// Disks on virtio (`/dev/vdX`), see [`nodeflash_builder::vm::Machine::virtio`].
+    pub virtio: Vec<Nvme>,
     pub memory_mib: u32,
     /// vCPUs (`-smp`): `NODEFLASH_TEST_CPUS`, else 1.
     pub cpus: u32,
@@ -284,6 +286,7 @@ impl VmConfig {
             iso,
             boot,
             nvme: Vec::new(),
+            virtio: Vec::new(),
             memory_mib: 2048,
             cpus: std::env::var("NODEFLASH_TEST_CPUS")
                 .ok()
@@ -316,6 +319,7 @@ impl Vm {
         let console = dir.path().join("console.log");
         let machine = Machine {
             nvme: cfg.nvme.clone(),
+            virtio: cfg.virtio.clone(),
             memory_mib: cfg.memory_mib,
             cpus: cfg.cpus,
             smbios_serial: cfg.smbios_serial.clone(),
