@@ -125,13 +125,14 @@ impl CheckReport {
 /// (the host ID is already set by [`run_check`]), mounts its datasets
 /// read-only under [`SYSROOT`], reads its vdev tree, health and
 /// `properties` (comma-separated, [`crate::zfs::reported_properties`]) of
-/// every dataset, unmounts and exports it. A pool that cannot be imported
+/// every dataset, unmounts and exports it. `legacy` as for [`run_check`]. A pool that cannot be imported
 /// is a problem in the result, not an error; `expected` are dataset and
 /// volume names relative to the pool.
 pub fn check_data_pool(
     pool: &str,
     expected: &[String],
     properties: &str,
+    legacy: &[Mounted],
     log: &dyn Fn(&str),
 ) -> DataPoolCheck {
     let mut out = DataPoolCheck {
@@ -157,7 +158,7 @@ pub fn check_data_pool(
         return out;
     }
     let mut mounted = Vec::new();
-    match mount_all(pool, &mut mounted, true) {
+    match mount_all(pool, &mut mounted, true, legacy) {
         Ok(order) => out.mounted = order,
         Err(e) => out.problems.push(format!("{e:#}")),
     }
@@ -350,6 +351,7 @@ pub fn data_mount_plan(list: &str) -> Result<Vec<Mounted>> {
             mountpoint: crate::datasets::normalise(mountpoint),
             inherited_from: None,
             canmount,
+            legacy_mount: None,
             key: String::new(),
         });
     }
@@ -593,11 +595,14 @@ pub fn gather_files(root: &Path, threads: usize) -> Gathered {
 /// export. An error means the pool could not be imported or mounted;
 /// everything else found wrong is in [`CheckReport::problems`].
 /// `expected_datasets` are dataset names relative to the pool (as in the
-/// profile); `log` gets progress lines (`console::say`).
+/// profile); `legacy` the legacy datasets with their `legacy-mount`
+/// ([`crate::datasets::Mounted::legacy`]), mounted with the others; `log`
+/// gets progress lines (`console::say`).
 pub fn run_check(
     pool: &str,
     hostid: u32,
     expected_datasets: &[String],
+    legacy: &[Mounted],
     log: &dyn Fn(&str),
 ) -> Result<CheckReport> {
     let started = Instant::now();
@@ -628,7 +633,7 @@ pub fn run_check(
         )
     })?;
     let mut mounted: Vec<PathBuf> = Vec::new();
-    let gathered = mount_all(pool, &mut mounted, false).map(|order| {
+    let gathered = mount_all(pool, &mut mounted, false, legacy).map(|order| {
         let threads = std::thread::available_parallelism().map_or(2, |n| n.get());
         log(&format!("check: mounted {} datasets; reading", order.len()));
         let mut g = gather_files(Path::new(SYSROOT), threads);
@@ -688,7 +693,14 @@ fn wait_for_pool(pool: &str, timeout: Duration) -> Result<Importable> {
 
 /// Mounts the pool's datasets read-only under [`SYSROOT`] in [`mount_plan`]
 /// order; `mounted` collects the targets, for unmounting even after an error.
-fn mount_all(pool: &str, mounted: &mut Vec<PathBuf>, data: bool) -> Result<Vec<Mounted>> {
+/// `legacy`: the pool's legacy datasets with their `legacy-mount` (from
+/// the profile: ZFS does not know where they go), mounted in their turn.
+fn mount_all(
+    pool: &str,
+    mounted: &mut Vec<PathBuf>,
+    data: bool,
+    legacy: &[Mounted],
+) -> Result<Vec<Mounted>> {
     let list = cmd::run(Command::new("zfs").args([
         "list",
         "-H",
@@ -704,6 +716,10 @@ fn mount_all(pool: &str, mounted: &mut Vec<PathBuf>, data: bool) -> Result<Vec<M
         mount_plan(&list)
     }
     .with_context(|| format!("cannot mount pool {pool}"))?;
+    let mut order = order;
+    order.extend(legacy.iter().cloned());
+    let depth = |m: &Mounted| m.mountpoint.split('/').filter(|c| !c.is_empty()).count();
+    order.sort_by(|a, b| (depth(a), &a.mountpoint).cmp(&(depth(b), &b.mountpoint)));
     std::fs::create_dir_all(SYSROOT).with_context(|| format!("cannot create {SYSROOT}"))?;
     for m in &order {
         let target = Path::new(SYSROOT).join(m.mountpoint.trim_start_matches('/'));
@@ -857,6 +873,7 @@ mod tests {
             mounted: vec![Mounted {
                 dataset: "rpool/safe/root".into(),
                 mountpoint: "/".into(),
+                legacy: false,
             }],
             ssh_keys: Some(Ok(vec!["SHA256:x".into()])),
             install: Some(Ok(InstallReport {

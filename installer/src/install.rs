@@ -618,6 +618,8 @@ fn write_failure_log(profile: &Profile) -> Result<String> {
         run(Command::new("zfs").args(["get", "-H", "-o", "value", "mounted,mountpoint", &root]))?;
     let mut values = out.lines();
     let (mounted, at) = (values.next() == Some("yes"), values.next().unwrap_or(""));
+    // A legacy root is mounted where the profile says, not at a property.
+    let mounted = mounted && at.starts_with('/');
     let dir = if mounted {
         PathBuf::from(at)
     } else {
@@ -656,6 +658,7 @@ fn mount_system(profile: &Profile) -> Result<Vec<PathBuf>> {
     for crate::datasets::Mounted {
         dataset,
         mountpoint,
+        ..
     } in crate::datasets::mounts(&profile.pool)
     {
         let target = Path::new("/mnt").join(mountpoint.trim_start_matches('/'));

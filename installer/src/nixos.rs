@@ -66,14 +66,21 @@ pub fn extra_pools(data_pools: &[String]) -> String {
     format!("  boot.zfs.extraPools = [ {} ];\n", names.join(" "))
 }
 
-/// The file systems a NixOS system on this profile mounts from the pool:
-/// (mountpoint, dataset `POOL/NAME`), sorted by mountpoint: exactly what
-/// the installer mounts, from [`crate::datasets::mounts`] (effective
-/// mountpoints by ZFS's inheritance rules, zfsprops(7)).
-pub fn zfs_mounts(profile: &crate::profile::Profile) -> Vec<(String, String)> {
-    let mut out: Vec<(String, String)> = crate::datasets::mounts(&profile.pool)
+/// The file systems a NixOS system on this profile mounts from the pools:
+/// (mountpoint, dataset `POOL/NAME`, legacy), sorted by mountpoint: exactly
+/// what the installer mounts of the root pool, from
+/// [`crate::datasets::mounts`] (effective mountpoints by ZFS's inheritance
+/// rules, zfsprops(7)), and the data pools' legacy datasets (their others
+/// are mounted by ZFS once `boot.zfs.extraPools` imports them).
+pub fn zfs_mounts(profile: &crate::profile::Profile) -> Vec<(String, String, bool)> {
+    let data = profile
+        .pools
+        .iter()
+        .flat_map(|p| crate::datasets::mounts(p).into_iter().filter(|m| m.legacy));
+    let mut out: Vec<(String, String, bool)> = crate::datasets::mounts(&profile.pool)
         .into_iter()
-        .map(|m| (m.mountpoint, m.dataset))
+        .chain(data)
+        .map(|m| (m.mountpoint, m.dataset, m.legacy))
         .collect();
     out.sort();
     out
@@ -119,12 +126,20 @@ pub fn flake_module(profile: &crate::profile::Profile, source: &str) -> String {
     let _ = writeln!(t, "    boot.loader.efi.canTouchEfiVariables = false;");
     let data_pools: Vec<String> = profile.pools.iter().map(|p| p.name.to_string()).collect();
     t.push_str(&extra_pools(&data_pools).replace("  boot.", "    boot."));
-    for (mp, dataset) in zfs_mounts(profile) {
+    // `zfsutil` mounts a dataset whose mountpoint ZFS manages; a legacy
+    // one is mounted as plain `mount -t zfs` does (mount.zfs refuses
+    // `zfsutil` on it).
+    for (mp, dataset, legacy) in zfs_mounts(profile) {
         let _ = writeln!(
             t,
-            "    fileSystems.{} = {{ device = {}; fsType = \"zfs\"; options = [ \"zfsutil\" ]; }};",
+            "    fileSystems.{} = {{ device = {}; fsType = \"zfs\";{} }};",
             quote(&mp),
-            quote(&dataset)
+            quote(&dataset),
+            if legacy {
+                ""
+            } else {
+                " options = [ \"zfsutil\" ];"
+            }
         );
     }
     // With several disks, any one may be missing: the boot goes on.
@@ -539,15 +554,35 @@ mod tests {
                    [[pool.datasets]]\nname = \"local/nix/var\"\n\
                    [[pool.datasets]]\nname = \"safe\"\nmountpoint = \"/srv\"\noptions = { canmount = \"off\" }\n\
                    [[pool.datasets]]\nname = \"safe/data\"\n\
-                   [[pool.datasets]]\nname = \"safe/old\"\nmountpoint = \"legacy\"\n";
+                   [[pool.datasets]]\nname = \"safe/old\"\nmountpoint = \"legacy\"\n\
+                   [[pool.datasets]]\nname = \"safe/older\"\nmountpoint = \"legacy\"\nlegacy-mount = \"/old\"\n\
+                   [[pools]]\nname = \"tank\"\ndisks = [ { serial = \"D\" } ]\n\
+                   [[pools.datasets]]\nname = \"a\"\nmountpoint = \"legacy\"\nlegacy-mount = \"/a\"\n";
         let p = crate::profile::Profile::parse(src, "t.toml").expect("profile");
         assert_eq!(
             zfs_mounts(&p),
             [
-                ("/nix".to_string(), "rpool/local/nix".to_string()),
-                ("/nix/var".into(), "rpool/local/nix/var".into()),
-                ("/srv/data".into(), "rpool/safe/data".into()),
+                ("/a".to_string(), "tank/a".to_string(), true),
+                ("/nix".to_string(), "rpool/local/nix".to_string(), false),
+                ("/nix/var".into(), "rpool/local/nix/var".into(), false),
+                ("/old".into(), "rpool/safe/older".into(), true),
+                ("/srv/data".into(), "rpool/safe/data".into(), false),
             ]
+        );
+        let text = flake_module(&p, "t.toml");
+        for want in [
+            "    boot.zfs.extraPools = [ \"tank\" ];\n",
+            "    fileSystems.\"/old\" = { device = \"rpool/safe/older\"; fsType = \"zfs\"; };\n",
+            "    fileSystems.\"/a\" = { device = \"tank/a\"; fsType = \"zfs\"; };\n",
+            "    fileSystems.\"/nix\" = { device = \"rpool/local/nix\"; fsType = \"zfs\"; options = [ \"zfsutil\" ]; };\n",
+        ] {
+            assert!(text.contains(want), "{want}\n{text}");
+        }
+        let keys = KeySet::default();
+        let on_node = module("n", 1, &keys, &["tank".into()]);
+        assert!(
+            on_node.contains("  boot.zfs.extraPools = [ \"tank\" ];\n}\n"),
+            "{on_node}"
         );
     }
 

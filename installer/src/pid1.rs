@@ -231,10 +231,19 @@ fn check(profile: &Profile, info: &ImageInfo) -> Result<()> {
         .iter()
         .map(|d| d.name.get_ref().to_string())
         .collect();
-    let mut report =
-        crate::check::run_check(&profile.pool.name.to_string(), hostid, &datasets, &|l| {
-            say!("{l}")
-        })?;
+    let legacy = |pool: &crate::profile::Pool| -> Vec<crate::datasets::Mounted> {
+        crate::datasets::mounts(pool)
+            .into_iter()
+            .filter(|m| m.legacy)
+            .collect()
+    };
+    let mut report = crate::check::run_check(
+        &profile.pool.name.to_string(),
+        hostid,
+        &datasets,
+        &legacy(&profile.pool),
+        &|l| say!("{l}"),
+    )?;
     let data_pools = profile
         .pools
         .iter()
@@ -250,6 +259,7 @@ fn check(profile: &Profile, info: &ImageInfo) -> Result<()> {
                 &pool.name.to_string(),
                 &expected,
                 &props.join(","),
+                &legacy(pool),
                 &|l| say!("{l}"),
             )
         })

@@ -989,7 +989,11 @@ fn fmt_tree(
                 crate::datasets::CanMount::Off => "off",
                 crate::datasets::CanMount::Noauto => "noauto",
             },
-            if mounted { ", mounted" } else { "" }
+            match (&d.legacy_mount, mounted) {
+                (Some(at), true) => format!(", mounted at {at} (mount -t zfs)"),
+                (None, true) => ", mounted".to_string(),
+                _ => String::new(),
+            }
         )?;
     }
     for snap in snapshots {

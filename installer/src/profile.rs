@@ -362,6 +362,11 @@ pub struct Dataset {
     pub name: Spanned<DatasetName>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mountpoint: Option<Spanned<Mountpoint>>,
+    /// Where a dataset whose mountpoint is `legacy` is mounted (by
+    /// `mount -t zfs`, and a `fileSystems` entry of the installed NixOS):
+    /// ZFS leaves a legacy dataset to fstab, so the path is the profile's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub legacy_mount: Option<String>,
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub options: BTreeMap<String, String>,
     /// Snapshots taken right after `zfs create`, before anything is written
@@ -1083,10 +1088,10 @@ fn line_col(src: &str, offset: usize) -> (usize, usize) {
 /// is `pool` or `pools[N]`): dataset parents defined first, unique names,
 /// unique mountpoints, ZFS names and properties ([`crate::zprop`]),
 /// snapshots and volumes. Returns the dataset names.
-fn check_pool_tree(
-    pool: &Pool,
-    prefix: &str,
-) -> Result<BTreeSet<String>, (Option<Range<usize>>, String, String)> {
+/// A validation problem: the span (when known), the key and the message.
+type Problem = (Option<Range<usize>>, String, String);
+
+fn check_pool_tree(pool: &Pool, prefix: &str) -> Result<BTreeSet<String>, Problem> {
     // Datasets: parents defined first, names unique, mountpoints unique.
     let mut names = BTreeSet::new();
     for (i, ds) in pool.datasets.iter().enumerate() {
@@ -1110,7 +1115,7 @@ fn check_pool_tree(
         }
     }
     // Mountpoints as ZFS will have them (inherited, normalised) are unique.
-    crate::datasets::tree(&pool).map_err(|e| {
+    crate::datasets::tree(pool).map_err(|e| {
         let ds = e.dataset.and_then(|i| pool.datasets.get(i));
         let span = ds.map(|d| match &d.mountpoint {
             Some(m) if e.key.ends_with("].mountpoint") => m.span(),
@@ -1704,7 +1709,7 @@ impl Profile {
                     if m.mountpoint == "/" {
                         return Err((
                             None,
-                            format!("{prefix}"),
+                            prefix.to_string(),
                             format!(
                                 "dataset {} of data pool {name} is mounted at /: the root file \
                                  system comes from the root pool ([pool])",
@@ -1715,7 +1720,7 @@ impl Profile {
                     if let Some((_, other)) = mounts.iter().find(|(mp, _)| *mp == m.mountpoint) {
                         return Err((
                             None,
-                            format!("{prefix}"),
+                            prefix.to_string(),
                             format!(
                                 "dataset {} is mounted at {}, where a dataset of {other} is \
                                  mounted too",

@@ -141,6 +141,14 @@ fn a_mirror_installs_and_boots_from_either_disk_alone() {
     assert_console(&console, "pool zroot created on mirror /dev/nvme");
     assert_console(
         &console,
+        "plan:   dataset zroot/zfs_legacy_fs mountpoint=legacy canmount=on, mounted at /zfs_legacy_fs (mount -t zfs)\n",
+    );
+    assert_console(
+        &console,
+        "plan: mounts, parents first: / (zroot), /zfs_fs (zroot/zfs_fs), /zfs_legacy_fs (zroot/zfs_legacy_fs)\n",
+    );
+    assert_console(
+        &console,
         "plan: data pool storage: one mirror vdev of /dev/vda1, /dev/vdb1 (the pool survives 1 of 2 disks lost)",
     );
     assert_console(
@@ -251,6 +259,18 @@ fn a_mirror_installs_and_boots_from_either_disk_alone() {
         "{both:#}"
     );
     assert_eq!(both["store"]["digest"], digest.as_str());
+    // The legacy dataset, mounted where the profile says by `mount -t zfs`.
+    assert!(
+        both["mounted"]
+            .as_array()
+            .expect("mounted")
+            .contains(&serde_json::json!({
+                "dataset": "zroot/zfs_legacy_fs",
+                "mountpoint": "/zfs_legacy_fs",
+                "legacy": true
+            })),
+        "{both:#}"
+    );
     let mut names: Vec<&String> = both["datasets"]
         .as_object()
         .expect("datasets")
