@@ -320,7 +320,11 @@ pub fn parse_import_list(out: &str) -> Vec<Importable> {
 /// own rule ([`crate::datasets::mount_order`]). Exactly one dataset must be
 /// mounted at `/`.
 pub fn mount_plan(list: &str) -> Result<Vec<Mounted>> {
-    let plan = data_mount_plan(list)?;
+    one_root(data_mount_plan(list)?)
+}
+
+/// `plan` when exactly one of its datasets is at `/`.
+fn one_root(plan: Vec<Mounted>) -> Result<Vec<Mounted>> {
     let roots: Vec<&str> = plan
         .iter()
         .filter(|m| m.mountpoint == "/")
@@ -710,16 +714,16 @@ fn mount_all(
         "-r",
         pool,
     ]))?;
-    let order = if data {
-        data_mount_plan(&list)
-    } else {
-        mount_plan(&list)
-    }
-    .with_context(|| format!("cannot mount pool {pool}"))?;
-    let mut order = order;
+    let mut order = data_mount_plan(&list).with_context(|| format!("cannot mount pool {pool}"))?;
     order.extend(legacy.iter().cloned());
     let depth = |m: &Mounted| m.mountpoint.split('/').filter(|c| !c.is_empty()).count();
     order.sort_by(|a, b| (depth(a), &a.mountpoint).cmp(&(depth(b), &b.mountpoint)));
+    // The root pool needs its `/`, a legacy one counted.
+    let order = if data {
+        order
+    } else {
+        one_root(order).with_context(|| format!("cannot mount pool {pool}"))?
+    };
     std::fs::create_dir_all(SYSROOT).with_context(|| format!("cannot create {SYSROOT}"))?;
     for m in &order {
         let target = Path::new(SYSROOT).join(m.mountpoint.trim_start_matches('/'));
@@ -733,7 +737,8 @@ fn mount_all(
             &target,
             Some("zfs"),
             MsFlags::MS_RDONLY,
-            Some("zfsutil"),
+            // mount.zfs's marker of a ZFS-managed mountpoint; not for legacy.
+            (!m.legacy).then_some("zfsutil"),
         )
         .with_context(|| format!("cannot mount {} on {}", m.dataset, target.display()))?;
         mounted.push(target);
