@@ -76,6 +76,9 @@ pub struct CheckReport {
     pub ssh_keys: Vec<String>,
     pub install_total_secs: Option<f64>,
     pub install_phases: Vec<Phase>,
+    /// Every disk the install report records, with its pool.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub install_disks: Vec<crate::report::WrittenDisk>,
     /// None when the install copied no store (no saved manifest).
     pub store: Option<StoreCheck>,
     /// Lines of the successful install's console log on the disk.
@@ -488,6 +491,10 @@ pub fn build_report(
         datasets,
         ssh_keys: keys.unwrap_or_default(),
         install_total_secs: install.as_ref().map(|r| r.total_secs),
+        install_disks: install
+            .as_ref()
+            .map(|r| r.disks.clone())
+            .unwrap_or_default(),
         install_phases: install.map(|r| r.phases).unwrap_or_default(),
         store,
         install_log_lines: install_log.map(|t| t.lines().count()),

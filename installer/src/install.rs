@@ -264,6 +264,25 @@ pub(crate) fn install(profile: &Profile, info: &ImageInfo, started: Instant) -> 
         gpt_disk_guid: layout.disk_guid.to_string(),
         partitions: layout.partitions.iter().map(Into::into).collect(),
         esp_volume_id: layout.esp_volume_id.to_string(),
+        disks: all
+            .iter()
+            .zip(&layouts)
+            .enumerate()
+            .map(|(i, (d, l))| crate::report::WrittenDisk {
+                pool: match i.checked_sub(disks.len()) {
+                    None => pool.clone(),
+                    Some(w) => whole[w].0.clone(),
+                },
+                disk: crate::report::DiskReport {
+                    name: d.disk.name.clone(),
+                    model: d.disk.model.clone(),
+                    serial: d.disk.serial.clone(),
+                    size_bytes: d.disk.size_bytes,
+                },
+                gpt_disk_guid: l.disk_guid.to_string(),
+                partitions: l.partitions.iter().map(Into::into).collect(),
+            })
+            .collect(),
         pool: crate::report::PoolReport {
             name: pool.clone(),
             ..Default::default()

@@ -259,6 +259,30 @@ fn a_mirror_installs_and_boots_from_either_disk_alone() {
         "{both:#}"
     );
     assert_eq!(both["store"]["digest"], digest.as_str());
+    // The install report records every disk it wrote, with its pool.
+    let written: Vec<(String, String)> = both["install_disks"]
+        .as_array()
+        .expect("install_disks")
+        .iter()
+        .map(|d| {
+            (
+                d["pool"].as_str().expect("pool").to_string(),
+                d["disk"]["serial"].as_str().expect("serial").to_string(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        written,
+        [
+            ("zroot", "NFTEST0001"),
+            ("zroot", "NFTEST0002"),
+            ("storage", "NFDATA0001"),
+            ("storage", "NFDATA0002"),
+            ("storage2", "NFDATA0003")
+        ]
+        .map(|(p, s)| (p.to_string(), s.to_string())),
+        "{both:#}"
+    );
     // The legacy dataset, mounted where the profile says by `mount -t zfs`.
     assert!(
         both["mounted"]
