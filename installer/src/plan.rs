@@ -519,6 +519,7 @@ pub fn plan_with(profile: &Profile, select: &DiskSelect, facts: &Facts) -> Resul
         let datasets = crate::datasets::tree(pool)
             .map_err(|e| anyhow::anyhow!("profile key {}: {}", e.key, e.message))?;
         let (snapshots, zvols) = snapshots_and_zvols(pool);
+        check_room(&name, pool.vdev, &disks, &zvols)?;
         data_pools.push(PoolPlan {
             name,
             vdev: pool.vdev,
@@ -544,6 +545,12 @@ pub fn plan_with(profile: &Profile, select: &DiskSelect, facts: &Facts) -> Resul
         });
     }
     equal_zfs_partitions(&mut disks);
+    check_room(
+        &pool_name,
+        profile.pool.vdev,
+        &disks,
+        &snapshots_and_zvols(&profile.pool).1,
+    )?;
     let mut disks = disks.into_iter();
     let first = disks.next().context("no disk was chosen")?;
     Ok(Plan {
@@ -561,6 +568,57 @@ pub fn plan_with(profile: &Profile, select: &DiskSelect, facts: &Facts) -> Resul
         aux,
         data_pools,
     })
+}
+
+/// Refuses volumes that cannot fit in the pool, before anything is
+/// written: their `volsize`s together (each reserves at least its volsize,
+/// `refreservation`, zfsprops(7)) against an upper bound of the pool's
+/// space: the data vdev's capacity (a mirror: one member; raidzN: all but
+/// N members; the ZFS partitions, all of one size) less ZFS's slop space,
+/// 1/32 of it and at least 128 MiB (`spa_slop_shift` and `spa_min_slop`
+/// in OpenZFS 2.1's `module/zfs/spa_misc.c`). Metadata and raidz padding
+/// take more, so this refuses only what can never fit; `zfs create` still
+/// has the last word.
+fn check_room(pool: &str, vdev: Vdev, disks: &[Member], zvols: &[(String, u64)]) -> Result<()> {
+    let wanted: u64 = zvols.iter().map(|(_, size)| size).sum();
+    if wanted == 0 {
+        return Ok(());
+    }
+    let member = disks
+        .iter()
+        .filter_map(|m| {
+            m.partitions
+                .iter()
+                .find(|p| p.kind == PartKind::Zfs)
+                .map(|p| p.sectors() * u64::from(m.logical_block_size))
+        })
+        .min()
+        .unwrap_or(0);
+    let n = disks.len() as u64;
+    let raw = match vdev {
+        Vdev::Single => member * n,
+        Vdev::Mirror => member,
+        Vdev::Raidz1 => member * n.saturating_sub(1),
+        Vdev::Raidz2 => member * n.saturating_sub(2),
+    };
+    let slop = (raw / 32).max(128 << 20);
+    let room = raw.saturating_sub(slop);
+    if wanted > room {
+        bail!(
+            "the volumes of pool {pool} need {} ({wanted} bytes: {}) and the pool has at most {} \
+             ({room} bytes: {} of ZFS partitions less ZFS's slop space); nothing was written. \
+             Make the volumes smaller or the disks larger",
+            human_bytes(wanted),
+            zvols
+                .iter()
+                .map(|(n, s)| format!("{n} {}", human_bytes(*s)))
+                .collect::<Vec<_>>()
+                .join(", "),
+            human_bytes(room),
+            human_bytes(raw)
+        );
+    }
+    Ok(())
 }
 
 /// A pool's snapshots (`POOL/DS@NAME`) and volumes (full name, volsize in
@@ -1517,6 +1575,25 @@ mod tests {
             e.contains(
                 "disks match the profile's [[pools]] tank disks[0] rules, refusing to guess"
             ),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn volumes_larger_than_the_pool_are_refused_before_writing() {
+        let prof = |size: &str| {
+            mirror_profile(&format!(
+                "[[pool.zvols]]\nname = \"vm\"\nvolsize = \"{size}\"\n"
+            ))
+        };
+        let machine = facts(vec![disk("nvme0n1", 2, "A"), disk("nvme1n1", 3, "B")]);
+        // 2 GiB disks less ESP and swap: about 1.2 GiB of mirror.
+        plan(&prof("1GiB"), &machine).expect("fits");
+        let e = plan(&prof("2GiB"), &machine).expect_err("too big").to_string();
+        assert!(
+            e.contains("the volumes of pool rpool need 2.0 GiB")
+                && e.contains("rpool/vm 2.0 GiB")
+                && e.contains("nothing was written"),
             "{e}"
         );
     }

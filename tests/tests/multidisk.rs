@@ -87,9 +87,11 @@ fn zfs_with_data_pools(dir: &Path) -> PathBuf {
     let fixtures = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("fixtures/disko");
     let zfs = std::fs::read_to_string(fixtures.join("zfs.toml")).expect("zfs.toml");
     let other = std::fs::read_to_string(fixtures.join("non-root-zfs.toml")).expect("non-root");
-    let pools = &other[other
-        .find("[[pools]]")
-        .expect("[[pools]] in non-root-zfs.toml")..];
+    // From the first `[[pools]]` table (not the comment that names it).
+    let start = other
+        .find("\n[[pools]]\n")
+        .expect("a [[pools]] table in non-root-zfs.toml");
+    let pools = &other[start..];
     let src = dir.join("src");
     std::fs::create_dir_all(&src).expect("mkdir");
     let path = src.join("disko-zfs-and-data-pools.toml");
