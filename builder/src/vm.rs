@@ -174,6 +174,9 @@ pub struct Machine {
     pub iso: PathBuf,
     pub boot: Boot,
     pub nvme: Vec<Nvme>,
+    /// Disks on virtio (`virtio-blk-pci`, `/dev/vdX` in the guest), after
+    /// the NVMe disks; `logical_block_size` and `latency_secs` are not used.
+    pub virtio: Vec<Nvme>,
     pub memory_mib: u32,
     pub cpus: u32,
     /// SMBIOS system serial (`-smbios type=1,serial=…`).
@@ -198,6 +201,7 @@ impl Machine {
             iso,
             boot,
             nvme: Vec::new(),
+            virtio: Vec::new(),
             memory_mib: 2048,
             cpus: 1,
             smbios_serial: None,
@@ -422,6 +426,15 @@ pub fn command(m: &Machine, kvm: bool, console: &Console, dir: &Path) -> Result<
                 lbs = d.logical_block_size,
                 boot = if m.boot == Boot::Disk && i == 0 { ",bootindex=1" } else { "" }
             ));
+    }
+    for (i, d) in m.virtio.iter().enumerate() {
+        c.arg("-drive")
+            .arg(format!(
+                "if=none,id=vd{i},format=raw,file={}",
+                d.image.display()
+            ))
+            .arg("-device")
+            .arg(format!("virtio-blk-pci,drive=vd{i},serial={}", d.serial));
     }
     Ok(c)
 }

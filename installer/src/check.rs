@@ -77,6 +77,9 @@ pub struct CheckReport {
     pub ssh_keys: Vec<String>,
     pub install_total_secs: Option<f64>,
     pub install_phases: Vec<Phase>,
+    /// Every disk the install report records, with its pool.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub install_disks: Vec<crate::report::WrittenDisk>,
     /// None when the install copied no store (no saved manifest).
     pub store: Option<StoreCheck>,
     /// Lines of the successful install's console log on the disk.
@@ -87,7 +90,122 @@ pub struct CheckReport {
     pub nixos_system: Option<String>,
     /// The pool's vdev tree as `zpool status -P` shows it, the pool first.
     pub vdevs: Vec<VdevStatus>,
+    /// The data pools (`[[pools]]`), each imported, read and exported after
+    /// the root pool; their problems are in `problems` too.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub data_pools: Vec<DataPoolCheck>,
     pub check_secs: f64,
+}
+
+/// What the check found of one data pool.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct DataPoolCheck {
+    pub pool: String,
+    pub pool_guid: Option<String>,
+    pub health: Option<String>,
+    /// The vdev tree as `zpool status -P` shows it (`special`, `logs` and
+    /// `cache` headers at depth 0).
+    pub vdevs: Vec<VdevStatus>,
+    /// Datasets mounted read-only under [`SYSROOT`], in mount order.
+    pub mounted: Vec<Mounted>,
+    /// Dataset, volume or snapshot → property → value (`type`,
+    /// `mountpoint`, `compression`, `volsize` and what the profile sets).
+    pub datasets: DatasetProps,
+    pub problems: Vec<String>,
+}
+
+impl CheckReport {
+    /// Adds the data pools' checks; their problems join the report's.
+    pub fn add_data_pools(&mut self, pools: Vec<DataPoolCheck>) {
+        for p in &pools {
+            self.problems.extend(p.problems.iter().cloned());
+        }
+        self.ok = self.problems.is_empty();
+        self.data_pools = pools;
+    }
+}
+
+/// Checks a data pool: waits for it, imports it read-only without `-f`
+/// (the host ID is already set by [`run_check`]), mounts its datasets
+/// read-only under [`SYSROOT`], reads its vdev tree, health and
+/// `properties` (comma-separated, [`crate::zfs::reported_properties`]) of
+/// every dataset, unmounts and exports it. `legacy` as for [`run_check`]. A pool that cannot be imported
+/// is a problem in the result, not an error; `expected` are dataset and
+/// volume names relative to the pool.
+pub fn check_data_pool(
+    pool: &str,
+    expected: &[String],
+    properties: &str,
+    legacy: &[Mounted],
+    log: &dyn Fn(&str),
+) -> DataPoolCheck {
+    let mut out = DataPoolCheck {
+        pool: pool.to_string(),
+        ..DataPoolCheck::default()
+    };
+    let imported = wait_for_pool(pool, IMPORT_TIMEOUT).and_then(|_| {
+        cmd::run(Command::new("zpool").args([
+            "import",
+            "-d",
+            "/dev",
+            "-N",
+            "-o",
+            "readonly=on",
+            "-o",
+            "cachefile=none",
+            pool,
+        ]))
+        .with_context(|| format!("data pool {pool} does not import without -f"))
+    });
+    if let Err(e) = imported {
+        out.problems.push(format!("{e:#}"));
+        return out;
+    }
+    let mut mounts = Mounts::default();
+    match mount_all(pool, &mut mounts, true, legacy) {
+        Ok(order) => out.mounted = order,
+        Err(e) => out.problems.push(format!("{e:#}")),
+    }
+    log(&format!(
+        "check: data pool {pool}: mounted {} datasets",
+        out.mounted.len()
+    ));
+    match pool_properties(pool) {
+        Ok(p) => {
+            out.pool_guid = p.get("guid").cloned();
+            out.health = p.get("health").cloned();
+        }
+        Err(e) => out
+            .problems
+            .push(format!("pool properties of {pool}: {e:#}")),
+    }
+    match cmd::run(Command::new("zpool").args(["status", "-P", pool])) {
+        Ok(t) => out.vdevs = parse_status_config(&t),
+        Err(e) => out.problems.push(format!("vdevs of {pool}: {e:#}")),
+    }
+    match zfs::dataset_properties(pool, properties) {
+        Ok(d) => out.datasets = d,
+        Err(e) => out
+            .problems
+            .push(format!("dataset properties of {pool}: {e:#}")),
+    }
+    if let Some(h) = out.health.as_ref().filter(|h| *h != "ONLINE") {
+        out.problems.push(format!("pool {pool} is {h}, not ONLINE"));
+    }
+    for d in expected {
+        let full = format!("{pool}/{d}");
+        if !out.datasets.contains_key(&full) {
+            out.problems.push(format!("dataset {full} is missing"));
+        }
+    }
+    if let Err(e) = mounts.unmount() {
+        out.problems.push(format!("{e:#}"));
+    }
+    if let Err(e) = cmd::run(Command::new("zpool").args(["export", pool])) {
+        out.problems
+            .push(format!("cannot export pool {pool} after the check: {e:#}"));
+    }
+    out
 }
 
 /// One line of the `config:` tree of `zpool status -P` (zpool-status(8)).
@@ -197,11 +315,26 @@ pub fn parse_import_list(out: &str) -> Vec<Importable> {
     pools
 }
 
+/// `plan` when exactly one of its datasets is at `/`.
+fn one_root(plan: Vec<Mounted>) -> Result<Vec<Mounted>> {
+    let roots: Vec<&str> = plan
+        .iter()
+        .filter(|m| m.mountpoint == "/")
+        .map(|m| m.dataset.as_str())
+        .collect();
+    match roots.len() {
+        1 => {}
+        0 => bail!("no dataset has mountpoint / (and canmount not off)"),
+        _ => bail!("several datasets have mountpoint /: {}", roots.join(", ")),
+    }
+    Ok(plan)
+}
+
 /// The datasets to mount, in order, from `zfs list -H -p -o
 /// name,mountpoint,canmount -r <pool>` (whose values are already the
 /// effective ones): what the installed system mounts, by the installer's
-/// own rule ([`crate::datasets::mount_order`]). Exactly one dataset must be
-/// mounted at `/`.
+/// own rule ([`crate::datasets::mount_order`]). A root pool's plan must
+/// then pass [`one_root`]; a data pool needs no dataset at `/`.
 pub fn mount_plan(list: &str) -> Result<Vec<Mounted>> {
     let mut tree = Vec::new();
     for line in list.lines().filter(|l| !l.is_empty()) {
@@ -218,21 +351,11 @@ pub fn mount_plan(list: &str) -> Result<Vec<Mounted>> {
             mountpoint: crate::datasets::normalise(mountpoint),
             inherited_from: None,
             canmount,
+            legacy_mount: None,
             key: String::new(),
         });
     }
-    let plan = crate::datasets::mount_order(&tree);
-    let roots: Vec<&str> = plan
-        .iter()
-        .filter(|m| m.mountpoint == "/")
-        .map(|m| m.dataset.as_str())
-        .collect();
-    match roots.len() {
-        1 => {}
-        0 => bail!("no dataset has mountpoint / (and canmount not off)"),
-        _ => bail!("several datasets have mountpoint /: {}", roots.join(", ")),
-    }
-    Ok(plan)
+    Ok(crate::datasets::mount_order(&tree))
 }
 
 /// `/etc/hostid` as ZFS reads it: 4 bytes in host order (little-endian on x86_64).
@@ -361,12 +484,17 @@ pub fn build_report(
         datasets,
         ssh_keys: keys.unwrap_or_default(),
         install_total_secs: install.as_ref().map(|r| r.total_secs),
+        install_disks: install
+            .as_ref()
+            .map(|r| r.disks.clone())
+            .unwrap_or_default(),
         install_phases: install.map(|r| r.phases).unwrap_or_default(),
         store,
         install_log_lines: install_log.map(|t| t.lines().count()),
         failed_install_log: failed,
         nixos_system: g.nixos_system,
         vdevs: vdevs.unwrap_or_default(),
+        data_pools: Vec::new(),
         check_secs,
     }
 }
@@ -471,11 +599,14 @@ pub fn gather_files(root: &Path, threads: usize) -> Gathered {
 /// export. An error means the pool could not be imported or mounted;
 /// everything else found wrong is in [`CheckReport::problems`].
 /// `expected_datasets` are dataset names relative to the pool (as in the
-/// profile); `log` gets progress lines (`console::say`).
+/// profile); `legacy` the legacy datasets with their `legacy-mount`
+/// ([`crate::datasets::Mounted::legacy`]), mounted with the others; `log`
+/// gets progress lines (`console::say`).
 pub fn run_check(
     pool: &str,
     hostid: u32,
     expected_datasets: &[String],
+    legacy: &[Mounted],
     log: &dyn Fn(&str),
 ) -> Result<CheckReport> {
     let started = Instant::now();
@@ -506,7 +637,7 @@ pub fn run_check(
         )
     })?;
     let mut mounts = Mounts::default();
-    let gathered = mount_all(pool, &mut mounts).map(|order| {
+    let gathered = mount_all(pool, &mut mounts, false, legacy).map(|order| {
         let threads = std::thread::available_parallelism().map_or(2, |n| n.get());
         log(&format!("check: mounted {} datasets; reading", order.len()));
         let mut g = gather_files(Path::new(SYSROOT), threads);
@@ -561,7 +692,14 @@ fn wait_for_pool(pool: &str, timeout: Duration) -> Result<Importable> {
 
 /// Mounts the pool's datasets read-only under [`SYSROOT`] in [`mount_plan`]
 /// order into `mounts`, which unmounts them even after an error.
-fn mount_all(pool: &str, mounts: &mut Mounts) -> Result<Vec<Mounted>> {
+/// `legacy`: the pool's legacy datasets with their `legacy-mount` (from
+/// the profile: ZFS does not know where they go), mounted in their turn.
+fn mount_all(
+    pool: &str,
+    mounts: &mut Mounts,
+    data: bool,
+    legacy: &[Mounted],
+) -> Result<Vec<Mounted>> {
     let list = cmd::run(Command::new("zfs").args([
         "list",
         "-H",
@@ -571,10 +709,23 @@ fn mount_all(pool: &str, mounts: &mut Mounts) -> Result<Vec<Mounted>> {
         "-r",
         pool,
     ]))?;
-    let order = mount_plan(&list).with_context(|| format!("cannot mount pool {pool}"))?;
+    let mut order = mount_plan(&list).with_context(|| format!("cannot mount pool {pool}"))?;
+    order.extend(legacy.iter().cloned());
+    let depth = |m: &Mounted| m.mountpoint.split('/').filter(|c| !c.is_empty()).count();
+    order.sort_by(|a, b| (depth(a), &a.mountpoint).cmp(&(depth(b), &b.mountpoint)));
+    // The root pool needs its `/`, a legacy one counted.
+    let order = if data {
+        order
+    } else {
+        one_root(order).with_context(|| format!("cannot mount pool {pool}"))?
+    };
     for m in &order {
+        // A data pool's mountpoint is not in the initramfs; the root pool's
+        // are directories of their read-only parents already.
         let target = Path::new(SYSROOT).join(m.mountpoint.trim_start_matches('/'));
-        mounts.zfs(&m.dataset, target, MsFlags::MS_RDONLY)?;
+        // mount.zfs's marker of a ZFS-managed mountpoint; not for legacy.
+        let data = (!m.legacy).then_some("zfsutil");
+        mounts.mount(&m.dataset, target, Some("zfs"), MsFlags::MS_RDONLY, data)?;
     }
     Ok(order)
 }
@@ -647,6 +798,7 @@ mod tests {
     fn mounts_root_first_then_by_depth() {
         let list = "rpool\tnone\toff\nrpool/local\tnone\ton\nrpool/local/nix\t/nix\ton\nrpool/safe\tnone\toff\nrpool/safe/home/alice\t/home/alice\ton\nrpool/safe/home\t/home\ton\nrpool/safe/root\t/\tnoauto\nrpool/safe/tmp\t/tmp\tnoauto\nrpool/legacy\tlegacy\ton\n";
         let plan: Vec<(String, String)> = mount_plan(list)
+            .and_then(one_root)
             .expect("plan")
             .into_iter()
             .map(|m| (m.dataset, m.mountpoint))
@@ -658,12 +810,18 @@ mod tests {
             ("rpool/safe/home/alice", "/home/alice"),
         ];
         assert_eq!(plan, want.map(|(a, b)| (a.to_string(), b.to_string())));
-        let e = mount_plan("rpool\tnone\ton\nrpool/nix\t/nix\ton\n").expect_err("no root");
+        let e = mount_plan("rpool\tnone\ton\nrpool/nix\t/nix\ton\n")
+            .and_then(one_root)
+            .expect_err("no root");
         assert!(format!("{e:#}").contains("no dataset has mountpoint /"));
-        let e = mount_plan("rpool/a\t/\ton\nrpool/b\t/\ton\n").expect_err("two roots");
+        let e = mount_plan("rpool/a\t/\ton\nrpool/b\t/\ton\n")
+            .and_then(one_root)
+            .expect_err("two roots");
         assert!(format!("{e:#}").contains("rpool/a, rpool/b"));
-        assert!(mount_plan("rpool/off\t/\toff\n").is_err());
-        assert!(mount_plan("rpool\t/\n").is_err());
+        assert!(mount_plan("rpool/off\t/\toff\n")
+            .and_then(one_root)
+            .is_err());
+        assert!(mount_plan("rpool\t/\n").and_then(one_root).is_err());
     }
 
     #[test]
@@ -711,6 +869,7 @@ mod tests {
             mounted: vec![Mounted {
                 dataset: "rpool/safe/root".into(),
                 mountpoint: "/".into(),
+                legacy: false,
             }],
             ssh_keys: Some(Ok(vec!["SHA256:x".into()])),
             install: Some(Ok(InstallReport {

@@ -56,6 +56,9 @@ pub struct Effective {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub inherited_from: Option<String>,
     pub canmount: CanMount,
+    /// With `mountpoint` `legacy`: where it is mounted (`legacy-mount`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub legacy_mount: Option<String>,
     /// The profile key that set the mountpoint (`pool.datasets[2].mountpoint`),
     /// or the dataset's name key when it is inherited (for error messages).
     #[serde(skip)]
@@ -67,6 +70,25 @@ pub struct Effective {
 pub struct Mounted {
     pub dataset: String,
     pub mountpoint: String,
+    /// A legacy dataset, mounted with `mount -t zfs` (`zfs mount` refuses
+    /// it) at `mountpoint`, its `legacy-mount`.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub legacy: bool,
+}
+
+impl Mounted {
+    /// Where dataset `d` is mounted: its effective mountpoint, or the
+    /// `legacy-mount` of a legacy dataset.
+    pub fn of(d: &Effective) -> Mounted {
+        Mounted {
+            dataset: d.name.clone(),
+            mountpoint: d
+                .legacy_mount
+                .clone()
+                .unwrap_or_else(|| d.mountpoint.clone()),
+            legacy: d.legacy_mount.is_some(),
+        }
+    }
 }
 
 /// `path` with `//` collapsed and no trailing `/` (the root stays `/`);
@@ -129,6 +151,7 @@ pub fn effective(pool: &Pool) -> Result<Vec<Effective>, TreeError> {
         mountpoint: root_mp,
         inherited_from: None,
         canmount: canmount(&pool.root_options, "pool.root-options", None)?,
+        legacy_mount: None,
         key: "pool.root-options.mountpoint".into(),
     }];
     let mut by_name: BTreeMap<String, usize> = BTreeMap::from([(pool_name.clone(), 0)]);
@@ -185,12 +208,45 @@ pub fn effective(pool: &Pool) -> Result<Vec<Effective>, TreeError> {
                 (mp, Some(from), format!("{key}.name"))
             }
         };
+        let canmount = canmount(&ds.options, &format!("{key}.options"), Some(i))?;
+        let legacy_mount = match &ds.legacy_mount {
+            None => None,
+            Some(path) => {
+                let bad = |message: String| TreeError {
+                    dataset: Some(i),
+                    key: format!("{key}.legacy-mount"),
+                    message,
+                };
+                if mountpoint != "legacy" {
+                    return Err(bad(format!(
+                        "`legacy-mount` is for a dataset whose mountpoint is `legacy`; ZFS \
+                         mounts `{rel}` itself (mountpoint `{mountpoint}`): give it \
+                         `mountpoint = \"legacy\"`, or leave `legacy-mount` out"
+                    )));
+                }
+                if canmount == CanMount::Off {
+                    return Err(bad(format!(
+                        "`{rel}` has `canmount = \"off\"` and cannot be mounted: leave \
+                         `legacy-mount` out, or the `canmount`"
+                    )));
+                }
+                match mountpoint_value(path) {
+                    Ok(p) if p.starts_with('/') => Some(p),
+                    _ => {
+                        return Err(bad(format!(
+                            "`legacy-mount` `{path}` is not an absolute path"
+                        )))
+                    }
+                }
+            }
+        };
         by_name.insert(full.clone(), out.len());
         out.push(Effective {
             name: full,
             mountpoint,
             inherited_from,
-            canmount: canmount(&ds.options, &format!("{key}.options"), Some(i))?,
+            canmount,
+            legacy_mount,
             key: key_of,
         });
     }
@@ -199,6 +255,9 @@ pub fn effective(pool: &Pool) -> Result<Vec<Effective>, TreeError> {
 
 /// Whether the installed system mounts this dataset (see the module's rules).
 pub fn is_mounted(d: &Effective) -> bool {
+    if d.mountpoint == "legacy" {
+        return d.legacy_mount.is_some() && d.canmount != CanMount::Off;
+    }
     d.mountpoint.starts_with('/')
         && match d.canmount {
             CanMount::On => true,
@@ -215,14 +274,9 @@ pub fn mount_order(tree: &[Effective]) -> Vec<Mounted> {
         .iter()
         .filter(|d| is_mounted(d))
         .map(|d| {
-            let depth = d.mountpoint.split('/').filter(|c| !c.is_empty()).count();
-            (
-                depth,
-                Mounted {
-                    dataset: d.name.clone(),
-                    mountpoint: d.mountpoint.clone(),
-                },
-            )
+            let m = Mounted::of(d);
+            let depth = m.mountpoint.split('/').filter(|c| !c.is_empty()).count();
+            (depth, m)
         })
         .collect();
     list.sort_by(|a, b| (a.0, &a.1.mountpoint).cmp(&(b.0, &b.1.mountpoint)));
@@ -237,10 +291,11 @@ pub fn tree(pool: &Pool) -> Result<Vec<Effective>, TreeError> {
     let all = effective(pool)?;
     let mut seen: BTreeMap<&str, &Effective> = BTreeMap::new();
     for (i, d) in all.iter().enumerate() {
-        if !d.mountpoint.starts_with('/') || d.canmount == CanMount::Off {
+        let path = d.legacy_mount.as_deref().unwrap_or(&d.mountpoint);
+        if !path.starts_with('/') || d.canmount == CanMount::Off {
             continue;
         }
-        if let Some(other) = seen.insert(&d.mountpoint, d) {
+        if let Some(other) = seen.insert(path, d) {
             let how = match &d.inherited_from {
                 Some(from) => format!(" (inherited from `{from}`)"),
                 None => String::new(),
@@ -251,7 +306,7 @@ pub fn tree(pool: &Pool) -> Result<Vec<Effective>, TreeError> {
                 message: format!(
                     "mountpoint `{}` of dataset `{}`{how} is already used by dataset `{}`; \
                      give each dataset its own mountpoint, or `canmount = \"off\"` in its options",
-                    d.mountpoint, d.name, other.name
+                    path, d.name, other.name
                 ),
             });
         }
@@ -424,6 +479,7 @@ mod tests {
         let m = |d: &str, p: &str| Mounted {
             dataset: d.into(),
             mountpoint: p.into(),
+            legacy: false,
         };
         let mounts = [m("r/root", "/"), m("r/nix", "/nix"), m("r/ni", "/ni")];
         assert_eq!(

@@ -482,9 +482,12 @@ pub fn partition_file(
             PartKind::Zfs => gpt::partition_types::MACOS_ZFS,
         };
         debug_assert_eq!(ty.guid.to_string().to_uppercase(), p.type_guid);
-        // The ESP carries the mark of an unfinished install until the end.
+        // The ESP carries the mark of an unfinished install until the end;
+        // on a whole disk of a pool (no ESP) its one ZFS partition does.
+        let has_esp = plan.partitions.iter().any(|x| x.kind == PartKind::Esp);
         let name = match p.kind {
             PartKind::Esp => UNFINISHED_NAME,
+            PartKind::Zfs if !has_esp => UNFINISHED_NAME,
             _ => &p.name,
         };
         gpt.add_partition_at(name, p.number, p.first_lba, p.sectors(), ty, 0)

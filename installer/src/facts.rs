@@ -177,12 +177,15 @@ impl BlockDevice {
     /// What sysfs tells of the whole disk `name` in its directory `dir`
     /// (`/sys/block/NAME` or `/sys/class/block/NAME`) on `bus`: size,
     /// logical block size, model, serial (`device/serial`, else VPD page
-    /// 0x80), WWN (`wwid`), removable, read-only and hidden. Attributes that
+    /// 0x80, else the disk's own `serial`), WWN (`wwid`), removable, read-only and hidden. Attributes that
     /// cannot be read are None, 0, 512 (the block size) or false.
     pub fn read(name: &str, dir: &Path, bus: Bus) -> Self {
         let num = |p: &str| read_trimmed(&dir.join(p)).and_then(|s| s.parse::<u64>().ok());
+        // NVMe: device/serial; SCSI/SATA: VPD page 0x80; virtio-blk: the
+        // disk's own `serial` (drivers/block/virtio_blk.c).
         let serial = read_trimmed(&dir.join("device/serial"))
-            .or_else(|| vpd_serial(&dir.join("device/vpd_pg80")));
+            .or_else(|| vpd_serial(&dir.join("device/vpd_pg80")))
+            .or_else(|| read_trimmed(&dir.join("serial")));
         let wwn =
             read_trimmed(&dir.join("wwid")).or_else(|| read_trimmed(&dir.join("device/wwid")));
         BlockDevice {

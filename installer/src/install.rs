@@ -127,7 +127,11 @@ pub(crate) fn install(profile: &Profile, info: &ImageInfo, started: Instant) -> 
     // Every disk of the pool, before the first is written.
     let now = Facts::read(Path::new("/sys"));
     let disks = plan.each_disk();
-    for d in &disks {
+    // The root pool's disks first, then every whole disk (the root pool's
+    // special, log and cache; the data pools).
+    let whole = plan.whole_disks();
+    let all: Vec<&crate::plan::Plan> = disks.iter().chain(whole.iter().map(|(_, p)| p)).collect();
+    for d in &all {
         let same = now.block_devices.iter().any(|n| {
             n.name == d.disk.name
                 && n.serial == d.disk.serial
@@ -144,14 +148,14 @@ pub(crate) fn install(profile: &Profile, info: &ImageInfo, started: Instant) -> 
     }
     // Every disk opened exclusively before the first is written: one that
     // is busy or gone stops the install with nothing written.
-    let opened = disks
+    let opened = all
         .iter()
         .map(|d| crate::disk::open_for_writing(&Path::new("/dev").join(&d.disk.name)))
         .collect::<Result<Vec<_>>>()
         .context("nothing was written")?;
     phases.start("partitioning");
     let mut layouts = Vec::new();
-    for (d, file) in disks.iter().zip(opened) {
+    for (d, file) in all.iter().zip(opened) {
         let dev = Path::new("/dev").join(&d.disk.name);
         let old: Vec<(u64, u64)> = crate::disk::old_partitions(Path::new("/sys"), &d.disk.name)
             .into_iter()
@@ -176,11 +180,11 @@ pub(crate) fn install(profile: &Profile, info: &ImageInfo, started: Instant) -> 
             .find(|p| p.kind == kind)
             .map(|p| p.device.clone())
     };
-    let zfs_devs: Vec<String> = layouts
+    let zfs_devs: Vec<String> = layouts[..disks.len()]
         .iter()
         .map(|l| part(l, crate::plan::PartKind::Zfs).context("the plan has no ZFS partition"))
         .collect::<Result<_>>()?;
-    let esp_devs: Vec<String> = layouts
+    let esp_devs: Vec<String> = layouts[..disks.len()]
         .iter()
         .map(|l| part(l, crate::plan::PartKind::Esp).context("the plan has no ESP"))
         .collect::<Result<_>>()?;
@@ -189,6 +193,9 @@ pub(crate) fn install(profile: &Profile, info: &ImageInfo, started: Instant) -> 
     phases.start("pool");
     let pool = profile.pool.name.to_string();
     let root_mounted = create_pool(profile, &plan, &identity.hostname, hostid, &zfs_devs)?;
+    for (pool, p) in profile.pools.iter().zip(&plan.data_pools) {
+        create_data_pool(pool, p)?;
+    }
     let copied = match store {
         Some(store) => {
             phases.start("store copy");
@@ -208,7 +215,14 @@ pub(crate) fn install(profile: &Profile, info: &ImageInfo, started: Instant) -> 
             crate::zfs::ensure_on_pool(Path::new(dir), &pool)?;
         }
         crate::net::keys::write_authorized_keys(Path::new("/mnt"), &keys)?;
-        crate::nixos::write_module(Path::new("/mnt"), &identity.hostname, hostid, &keys)?;
+        let data_pools: Vec<String> = profile.pools.iter().map(|p| p.name.to_string()).collect();
+        crate::nixos::write_module(
+            Path::new("/mnt"),
+            &identity.hostname,
+            hostid,
+            &keys,
+            &data_pools,
+        )?;
         say!(
             "wrote /root/.ssh/authorized_keys ({} keys) and {}",
             keys.len(),
@@ -252,6 +266,25 @@ pub(crate) fn install(profile: &Profile, info: &ImageInfo, started: Instant) -> 
         gpt_disk_guid: layout.disk_guid.to_string(),
         partitions: layout.partitions.iter().map(Into::into).collect(),
         esp_volume_id: layout.esp_volume_id.to_string(),
+        disks: all
+            .iter()
+            .zip(&layouts)
+            .enumerate()
+            .map(|(i, (d, l))| crate::report::WrittenDisk {
+                pool: match i.checked_sub(disks.len()) {
+                    None => pool.clone(),
+                    Some(w) => whole[w].0.clone(),
+                },
+                disk: crate::report::DiskReport {
+                    name: d.disk.name.clone(),
+                    model: d.disk.model.clone(),
+                    serial: d.disk.serial.clone(),
+                    size_bytes: d.disk.size_bytes,
+                },
+                gpt_disk_guid: l.disk_guid.to_string(),
+                partitions: l.partitions.iter().map(Into::into).collect(),
+            })
+            .collect(),
         pool: crate::report::PoolReport {
             name: pool.clone(),
             ..Default::default()
@@ -290,6 +323,15 @@ pub(crate) fn install(profile: &Profile, info: &ImageInfo, started: Instant) -> 
     phases.start("final export");
     run(Command::new("zpool").args(["export", &pool]))?;
     // Last: the disks no longer count as an unfinished install.
+    for (pool, d) in &whole {
+        let dev = Path::new("/dev").join(&d.disk.name);
+        crate::disk::mark_finished(&dev, d.logical_block_size.into(), 1, pool)?;
+        say!(
+            "install finished: partition 1 of {} is named {pool:?} in the GPT (it was {:?})",
+            dev.display(),
+            crate::disk::UNFINISHED_NAME
+        );
+    }
     for d in &disks {
         let dev = Path::new("/dev").join(&d.disk.name);
         let esp = d
@@ -435,10 +477,12 @@ fn create_pool(
     use crate::zfs;
     zfs::set_live_hostid(hostid)?;
     std::fs::create_dir_all("/mnt").context("cannot create /mnt")?;
+    let aux: Vec<String> = plan.aux.iter().flat_map(|c| c.words()).collect();
     zfs::run_all(&zfs::create_commands(
         &profile.pool,
         &plan.mounts,
         devices,
+        &aux,
         "/mnt",
     ))?;
     let root_mounted = plan.root().is_some();
@@ -462,6 +506,59 @@ fn create_pool(
         profile.pool.datasets.len()
     );
     Ok(root_mounted)
+}
+
+/// A data pool (`[[pools]]`): created with its datasets, snapshots and
+/// volumes (its datasets mounted under `/mnt` as they will be), exported,
+/// imported again without `-f` from its own partitions only (as the
+/// installed system will import it: the host ID in its labels is the
+/// node's, set before the root pool was created), its facts printed as a
+/// `nodeflash-pool:` line, and exported. Errors name the pool.
+fn create_data_pool(pool: &crate::profile::Pool, p: &crate::plan::PoolPlan) -> Result<()> {
+    let devices = p.zfs_devices();
+    let aux: Vec<String> = p.aux.iter().flat_map(|c| c.words()).collect();
+    crate::zfs::run_all(&crate::zfs::create_commands(
+        pool, &p.mounts, &devices, &aux, "/mnt",
+    ))
+    .with_context(|| format!("cannot create data pool {}", p.name))?;
+    say!(
+        "data pool {} created on {}{}{} with {} datasets",
+        p.name,
+        match (devices.len(), p.vdev.keyword()) {
+            (2.., Some(kind)) => format!("{kind} "),
+            _ => String::new(),
+        },
+        devices.join(" "),
+        if aux.is_empty() {
+            String::new()
+        } else {
+            format!(" {}", aux.join(" "))
+        },
+        pool.datasets.len()
+    );
+    run(Command::new("zpool").args(["export", &p.name]))?;
+    let mut import = Command::new("zpool");
+    import.args(["import", "-N", "-o", "cachefile=none"]);
+    let aux_devices = p.aux.iter().flat_map(|c| &c.disks).map(|m| m.zfs_device());
+    for d in devices.iter().cloned().chain(aux_devices) {
+        import.args(["-d", &d]);
+    }
+    run(import.arg(&p.name))
+        .with_context(|| format!("the new data pool {} does not import without -f", p.name))?;
+    let facts = crate::zfs::pool_facts(pool, &devices[0]);
+    let exported = run(Command::new("zpool").args(["export", &p.name]));
+    let facts = facts?;
+    exported?;
+    say!(
+        "data pool {} exported; it imports without -f (pool host id {})",
+        p.name,
+        facts.hostid.as_deref().unwrap_or("?")
+    );
+    say!(
+        "nodeflash-pool: {}",
+        serde_json::to_string(&facts).context("cannot serialize the pool facts")?
+    );
+    Ok(())
 }
 
 /// Exports the pool and imports it again as the installed system will
@@ -515,6 +612,14 @@ pub(crate) fn keep_failure_log(profile: &Profile) -> Result<Option<String>> {
     if !Path::new("/dev/zfs").exists() {
         return Ok(None);
     }
+    // A data pool left imported by the failure: exported, so that it is
+    // not held (it imports without -f again anyway: same host ID).
+    for p in &profile.pools {
+        let name = p.name.to_string();
+        if run(Command::new("zpool").args(["list", "-H", "-o", "name", &name])).is_ok() {
+            let _ = run(Command::new("zpool").args(["export", &name]));
+        }
+    }
     // Fails when the pool is not imported (it was exported, or never made).
     if run(Command::new("zpool").args(["list", "-H", "-o", "name", &pool])).is_err() {
         return Ok(None);
@@ -534,6 +639,8 @@ fn write_failure_log(profile: &Profile) -> Result<String> {
         run(Command::new("zfs").args(["get", "-H", "-o", "value", "mounted,mountpoint", &root]))?;
     let mut values = out.lines();
     let (mounted, at) = (values.next() == Some("yes"), values.next().unwrap_or(""));
+    // A legacy root is mounted where the profile says, not at a property.
+    let mounted = mounted && at.starts_with('/');
     let mut mounts = Mounts::default();
     let dir = if mounted {
         PathBuf::from(at)
@@ -562,6 +669,7 @@ fn mount_system(profile: &Profile) -> Result<Mounts> {
     for crate::datasets::Mounted {
         dataset,
         mountpoint,
+        ..
     } in crate::datasets::mounts(&profile.pool)
     {
         let target = Path::new("/mnt").join(mountpoint.trim_start_matches('/'));

@@ -25,8 +25,10 @@ fn quote(s: &str) -> String {
     )
 }
 
-/// The module's text.
-pub fn module(hostname: &str, hostid: u32, keys: &KeySet) -> String {
+/// The module's text. `data_pools` (`[[pools]]`) go into
+/// `boot.zfs.extraPools`, which NixOS imports at boot (see [`extra_pools`]).
+pub fn module(hostname: &str, hostid: u32, keys: &KeySet, data_pools: &[String]) -> String {
+    let pools = extra_pools(data_pools);
     let keys: String = keys
         .keys
         .iter()
@@ -40,19 +42,46 @@ pub fn module(hostname: &str, hostid: u32, keys: &KeySet) -> String {
            networking.hostName = {};\n  \
            networking.hostId = \"{hostid:08x}\";\n  \
            users.users.root.openssh.authorizedKeys.keys = [\n{keys}  ];\n\
-         }}\n",
+         {pools}}}\n",
         quote(hostname)
     )
 }
 
-/// The file systems a NixOS system on this profile mounts from the pool:
-/// (mountpoint, dataset `POOL/NAME`), sorted by mountpoint: exactly what
-/// the installer mounts, from [`crate::datasets::mounts`] (effective
-/// mountpoints by ZFS's inheritance rules, zfsprops(7)).
-pub fn zfs_mounts(profile: &crate::profile::Profile) -> Vec<(String, String)> {
-    let mut out: Vec<(String, String)> = crate::datasets::mounts(&profile.pool)
+/// `  boot.zfs.extraPools = [ "tank" ];` (with its line end) for the data
+/// pools, or nothing. NixOS's ZFS module makes a `zfs-import-NAME`
+/// service for each that imports the pool by name (`zpool import -d
+/// /dev/disk/by-id -N`; nixos/modules/tasks/filesystems/zfs.nix), and
+/// `zfs-mount` then mounts its datasets by their ZFS mountpoints. This is
+/// chosen over a `fileSystems` entry per dataset: a data pool's datasets
+/// are ZFS-managed (mounted where their `mountpoint` says, children
+/// inherited), and a missing data pool then fails its own service instead
+/// of holding up the boot in stage 1. The pool imports without `-f`: its
+/// labels carry the node's host ID (set before `zpool create`), the same
+/// `networking.hostId` this module sets, and the install exported it; no
+/// cache file is needed (it is imported by scanning).
+pub fn extra_pools(data_pools: &[String]) -> String {
+    if data_pools.is_empty() {
+        return String::new();
+    }
+    let names: Vec<String> = data_pools.iter().map(|n| quote(n)).collect();
+    format!("  boot.zfs.extraPools = [ {} ];\n", names.join(" "))
+}
+
+/// The file systems a NixOS system on this profile mounts from the pools:
+/// (mountpoint, dataset `POOL/NAME`, legacy), sorted by mountpoint: exactly
+/// what the installer mounts of the root pool, from
+/// [`crate::datasets::mounts`] (effective mountpoints by ZFS's inheritance
+/// rules, zfsprops(7)), and the data pools' legacy datasets (their others
+/// are mounted by ZFS once `boot.zfs.extraPools` imports them).
+pub fn zfs_mounts(profile: &crate::profile::Profile) -> Vec<(String, String, bool)> {
+    let data = profile
+        .pools
+        .iter()
+        .flat_map(|p| crate::datasets::mounts(p).into_iter().filter(|m| m.legacy));
+    let mut out: Vec<(String, String, bool)> = crate::datasets::mounts(&profile.pool)
         .into_iter()
-        .map(|m| (m.mountpoint, m.dataset))
+        .chain(data)
+        .map(|m| (m.mountpoint, m.dataset, m.legacy))
         .collect();
     out.sort();
     out
@@ -96,12 +125,22 @@ pub fn flake_module(profile: &crate::profile::Profile, source: &str) -> String {
     let _ = writeln!(t, "    boot.supportedFilesystems = [ \"zfs\" ];");
     let _ = writeln!(t, "    boot.loader.systemd-boot.enable = true;");
     let _ = writeln!(t, "    boot.loader.efi.canTouchEfiVariables = false;");
-    for (mp, dataset) in zfs_mounts(profile) {
+    let data_pools: Vec<String> = profile.pools.iter().map(|p| p.name.to_string()).collect();
+    t.push_str(&extra_pools(&data_pools).replace("  boot.", "    boot."));
+    // `zfsutil` mounts a dataset whose mountpoint ZFS manages; a legacy
+    // one is mounted as plain `mount -t zfs` does (mount.zfs refuses
+    // `zfsutil` on it).
+    for (mp, dataset, legacy) in zfs_mounts(profile) {
         let _ = writeln!(
             t,
-            "    fileSystems.{} = {{ device = {}; fsType = \"zfs\"; options = [ \"zfsutil\" ]; }};",
+            "    fileSystems.{} = {{ device = {}; fsType = \"zfs\";{} }};",
             quote(&mp),
-            quote(&dataset)
+            quote(&dataset),
+            if legacy {
+                ""
+            } else {
+                " options = [ \"zfsutil\" ];"
+            }
         );
     }
     // With several disks, any one may be missing: the boot goes on.
@@ -212,12 +251,18 @@ pub fn flake_module(profile: &crate::profile::Profile, source: &str) -> String {
 }
 
 /// Writes the module under `root`.
-pub fn write_module(root: &Path, hostname: &str, hostid: u32, keys: &KeySet) -> Result<()> {
+pub fn write_module(
+    root: &Path,
+    hostname: &str,
+    hostid: u32,
+    keys: &KeySet,
+    data_pools: &[String],
+) -> Result<()> {
     let path = root.join(MODULE_PATH.trim_start_matches('/'));
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     }
-    std::fs::write(&path, module(hostname, hostid, keys))
+    std::fs::write(&path, module(hostname, hostid, keys, data_pools))
         .with_context(|| format!("cannot write {}", path.display()))
 }
 
@@ -429,7 +474,7 @@ mod tests {
         )
         .expect("key");
         keys.add(key);
-        let text = module("kos-mos", 0x472479d4, &keys);
+        let text = module("kos-mos", 0x472479d4, &keys, &[]);
         assert!(
             text.contains("networking.hostName = \"kos-mos\";"),
             "{text}"
@@ -483,15 +528,35 @@ mod tests {
                    [[pool.datasets]]\nname = \"local/nix/var\"\n\
                    [[pool.datasets]]\nname = \"safe\"\nmountpoint = \"/srv\"\noptions = { canmount = \"off\" }\n\
                    [[pool.datasets]]\nname = \"safe/data\"\n\
-                   [[pool.datasets]]\nname = \"safe/old\"\nmountpoint = \"legacy\"\n";
+                   [[pool.datasets]]\nname = \"safe/old\"\nmountpoint = \"legacy\"\n\
+                   [[pool.datasets]]\nname = \"safe/older\"\nmountpoint = \"legacy\"\nlegacy-mount = \"/old\"\n\
+                   [[pools]]\nname = \"tank\"\ndisks = [ { serial = \"D\" } ]\n\
+                   [[pools.datasets]]\nname = \"a\"\nmountpoint = \"legacy\"\nlegacy-mount = \"/a\"\n";
         let p = crate::profile::Profile::parse(src, "t.toml").expect("profile");
         assert_eq!(
             zfs_mounts(&p),
             [
-                ("/nix".to_string(), "rpool/local/nix".to_string()),
-                ("/nix/var".into(), "rpool/local/nix/var".into()),
-                ("/srv/data".into(), "rpool/safe/data".into()),
+                ("/a".to_string(), "tank/a".to_string(), true),
+                ("/nix".to_string(), "rpool/local/nix".to_string(), false),
+                ("/nix/var".into(), "rpool/local/nix/var".into(), false),
+                ("/old".into(), "rpool/safe/older".into(), true),
+                ("/srv/data".into(), "rpool/safe/data".into(), false),
             ]
+        );
+        let text = flake_module(&p, "t.toml");
+        for want in [
+            "    boot.zfs.extraPools = [ \"tank\" ];\n",
+            "    fileSystems.\"/old\" = { device = \"rpool/safe/older\"; fsType = \"zfs\"; };\n",
+            "    fileSystems.\"/a\" = { device = \"tank/a\"; fsType = \"zfs\"; };\n",
+            "    fileSystems.\"/nix\" = { device = \"rpool/local/nix\"; fsType = \"zfs\"; options = [ \"zfsutil\" ]; };\n",
+        ] {
+            assert!(text.contains(want), "{want}\n{text}");
+        }
+        let keys = KeySet::default();
+        let on_node = module("n", 1, &keys, &["tank".into()]);
+        assert!(
+            on_node.contains("  boot.zfs.extraPools = [ \"tank\" ];\n}\n"),
+            "{on_node}"
         );
     }
 

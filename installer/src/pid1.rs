@@ -228,10 +228,40 @@ fn check(profile: &Profile, info: &ImageInfo) -> Result<()> {
         .iter()
         .map(|d| d.name.get_ref().to_string())
         .collect();
-    let report =
-        crate::check::run_check(&profile.pool.name.to_string(), hostid, &datasets, &|l| {
-            say!("{l}")
-        })?;
+    let legacy = |pool: &crate::profile::Pool| -> Vec<crate::datasets::Mounted> {
+        crate::datasets::mounts(pool)
+            .into_iter()
+            .filter(|m| m.legacy)
+            .collect()
+    };
+    let mut report = crate::check::run_check(
+        &profile.pool.name.to_string(),
+        hostid,
+        &datasets,
+        &legacy(&profile.pool),
+        &|l| say!("{l}"),
+    )?;
+    let data_pools = profile
+        .pools
+        .iter()
+        .map(|pool| {
+            let expected: Vec<String> = pool
+                .datasets
+                .iter()
+                .map(|d| d.name.get_ref().to_string())
+                .chain(pool.zvols.iter().map(|z| z.name.get_ref().to_string()))
+                .collect();
+            let (_, props) = crate::zfs::reported_properties(pool);
+            crate::check::check_data_pool(
+                &pool.name.to_string(),
+                &expected,
+                &props.join(","),
+                &legacy(pool),
+                &|l| say!("{l}"),
+            )
+        })
+        .collect();
+    report.add_data_pools(data_pools);
     say!(
         "nodeflash-check: {}",
         serde_json::to_string(&report).context("cannot serialize the check report")?

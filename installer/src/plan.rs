@@ -73,6 +73,59 @@ pub struct Plan {
     /// Volumes: full name and volsize in bytes.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub zvols: Vec<(String, u64)>,
+    /// The root pool's `special`, `log` and `cache` disks (whole disks).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub aux: Vec<AuxClass>,
+    /// The data pools (`[[pools]]`), in profile order.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub data_pools: Vec<PoolPlan>,
+}
+
+/// One class of a pool's devices beside its data vdev (`special`, `log`,
+/// `cache`, zpoolconcepts(7)), on whole disks.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct AuxClass {
+    pub class: &'static str,
+    pub disks: Vec<Member>,
+}
+
+impl AuxClass {
+    /// The words `zpool create` takes for this class: `special mirror A B`,
+    /// `log A`, `cache A B` (cache devices are never mirrored).
+    pub fn words(&self) -> Vec<String> {
+        let mut w = vec![self.class.to_string()];
+        if self.disks.len() > 1 && self.class != "cache" {
+            w.push("mirror".into());
+        }
+        w.extend(self.disks.iter().map(Member::zfs_device));
+        w
+    }
+}
+
+/// A data pool (`[[pools]]`) on whole disks: each disk gets one GPT
+/// partition with all of it (a pool on a whole disk needs udev to
+/// partition it, which the installer does not run; disko makes the same
+/// one partition).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct PoolPlan {
+    pub name: String,
+    pub vdev: Vdev,
+    pub disks: Vec<Member>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub aux: Vec<AuxClass>,
+    pub datasets: Vec<Effective>,
+    pub mounts: Vec<Mounted>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub snapshots: Vec<String>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub zvols: Vec<(String, u64)>,
+}
+
+impl PoolPlan {
+    /// The data vdev's partitions as `/dev/…` paths, in profile order.
+    pub fn zfs_devices(&self) -> Vec<String> {
+        self.disks.iter().map(Member::zfs_device).collect()
+    }
 }
 
 /// Another disk of the root pool, with its own layout (same partitions as
@@ -86,13 +139,60 @@ pub struct Member {
     pub partitions: Vec<PlannedPartition>,
 }
 
+impl Member {
+    /// The ZFS partition as a `/dev/…` path.
+    pub fn zfs_device(&self) -> String {
+        let n = self
+            .partitions
+            .iter()
+            .find(|p| p.kind == PartKind::Zfs)
+            .map_or(1, |p| p.number);
+        format!("/dev/{}", crate::disk::partition_name(&self.disk.name, n))
+    }
+
+    /// This disk alone as a plan, for [`crate::disk::partition_file`].
+    pub fn as_plan(&self, base: &Plan) -> Plan {
+        Plan {
+            disk: self.disk.clone(),
+            wipe: self.wipe.clone(),
+            logical_block_size: self.logical_block_size,
+            partitions: self.partitions.clone(),
+            members: Vec::new(),
+            aux: Vec::new(),
+            data_pools: Vec::new(),
+            ..base.clone()
+        }
+    }
+}
+
 impl Plan {
+    /// Every whole disk: the root pool's `special`, `log` and `cache`, then
+    /// each data pool's disks and classes, each as a plan of its own (one
+    /// ZFS partition), with the pool it belongs to.
+    pub fn whole_disks(&self) -> Vec<(String, Plan)> {
+        let root = self.pool_name().to_string();
+        let mut all = Vec::new();
+        for c in &self.aux {
+            for m in &c.disks {
+                all.push((root.clone(), m.as_plan(self)));
+            }
+        }
+        for p in &self.data_pools {
+            for m in p.disks.iter().chain(p.aux.iter().flat_map(|c| &c.disks)) {
+                all.push((p.name.clone(), m.as_plan(self)));
+            }
+        }
+        all
+    }
+
     /// One single-disk plan per disk of the root pool, the first disk first:
     /// what [`crate::disk::partition`] writes on each. Datasets and mounts are
     /// the pool's, shared.
     pub fn each_disk(&self) -> Vec<Plan> {
         let first = Plan {
             members: Vec::new(),
+            aux: Vec::new(),
+            data_pools: Vec::new(),
             ..self.clone()
         };
         let mut all = vec![first.clone()];
@@ -225,8 +325,11 @@ pub fn select_disk<'a>(sel: &DiskSelect, facts: &'a Facts) -> Result<&'a BlockDe
     select_disk_named(sel, "[disk] select", facts)
 }
 
-/// Every selection of the root pool: the first disk's rules (`select`, or
-/// a node's own), then `[disk] members`, with the key each comes from.
+/// Every selection of the profile, with the key each comes from: the root
+/// pool's first disk (`select`, or a node's own), `[disk] members`, the
+/// root pool's `special`, `log` and `cache`, then each data pool's
+/// `disks`, `special`, `log` and `cache`. [`plan_with`] takes the chosen
+/// disks in this order.
 pub fn selections<'a>(
     profile: &'a Profile,
     select: &'a DiskSelect,
@@ -234,6 +337,21 @@ pub fn selections<'a>(
     let mut all = vec![("[disk] select".to_string(), select)];
     for (i, m) in profile.disk.members.iter().enumerate() {
         all.push((format!("[disk] members[{i}]"), m));
+    }
+    for (class, list) in profile.pool.aux_classes() {
+        for (i, m) in list.iter().enumerate() {
+            all.push((format!("[pool] {class}[{i}]"), m));
+        }
+    }
+    for pool in &profile.pools {
+        for (i, m) in pool.disks.iter().enumerate() {
+            all.push((format!("[[pools]] {} disks[{i}]", pool.name), m));
+        }
+        for (class, list) in pool.aux_classes() {
+            for (i, m) in list.iter().enumerate() {
+                all.push((format!("[[pools]] {} {class}[{i}]", pool.name), m));
+            }
+        }
     }
     all
 }
@@ -254,11 +372,11 @@ pub fn select_all<'a>(
             return Err(SelectError {
                 matching: 1,
                 message: format!(
-                    "disk {} is chosen by both the profile's {other} and {label} rules; the pool \
-                     needs {} different disks: give each disk rules that match only it (a serial \
-                     or wwn)",
+                    "disk {} is chosen by both the profile's {other} and {label} rules; the \
+                     profile needs {} different disks: give each disk rules that match only it \
+                     (a serial or wwn)",
                     describe(d),
-                    1 + profile.disk.members.len()
+                    selections(profile, select).len()
                 ),
             });
         }
@@ -322,12 +440,16 @@ pub fn plan(profile: &Profile, facts: &Facts) -> Result<Plan> {
 /// sector size, room for the layout) before the plan is returned: any
 /// refusal comes before anything is written to any disk.
 pub fn plan_with(profile: &Profile, select: &DiskSelect, facts: &Facts) -> Result<Plan> {
-    let chosen: Vec<BlockDevice> = select_all(profile, select, facts)?
+    let mut chosen: Vec<BlockDevice> = select_all(profile, select, facts)?
         .into_iter()
         .cloned()
         .collect();
-    // `zpool import NAME` on the installed system must find one pool.
+    // `zpool import NAME` on the installed system must find one pool of
+    // each name.
     let pool_name = profile.pool.name.to_string();
+    let all_names: Vec<String> = std::iter::once(pool_name.clone())
+        .chain(profile.pools.iter().map(|p| p.name.to_string()))
+        .collect();
     let other_pools: Vec<ZfsPoolLabel> = facts
         .block_devices
         .iter()
@@ -336,7 +458,7 @@ pub fn plan_with(profile: &Profile, select: &DiskSelect, facts: &Facts) -> Resul
         .collect();
     if let Some(old) = other_pools
         .iter()
-        .find(|l| l.pool == pool_name && l.importable())
+        .find(|l| all_names.contains(&l.pool) && l.importable())
     {
         let holder = facts
             .block_devices
@@ -344,17 +466,70 @@ pub fn plan_with(profile: &Profile, select: &DiskSelect, facts: &Facts) -> Resul
             .find(|d| d.zfs_pools.contains(old))
             .map_or(old.device.clone(), describe);
         let targets: Vec<String> = chosen.iter().map(describe).collect();
+        let name = &old.pool;
         bail!(
-            "{holder} holds an old ZFS pool named {pool_name} on /dev/{} (pool GUID {}), the name of the pool \
-             to be created on {}; the installed system imports {pool_name} by name and would find two \
+            "{holder} holds an old ZFS pool named {name} on /dev/{} (pool GUID {}), the name of a pool \
+             to be created on {}; the installed system imports {name} by name and would find two \
              (\"more than one matching pool\"), so nothing was written. Wipe the old pool from that disk \
              (`zpool labelclear -f /dev/{}`, or `wipefs -a` on its partitions), unplug it, or choose \
-             another name in the profile's [pool] name",
+             another name in the profile's [pool] name (or [[pools]] name)",
             old.device,
             old.guid.as_deref().unwrap_or("?"),
             targets.join(" and "),
             old.device
         );
+    }
+    let root_disks = 1 + profile.disk.members.len();
+    let mut whole = chosen.split_off(root_disks).into_iter();
+    let mut take = |n: usize, pool: &str| -> Result<Vec<Member>> {
+        let mut group = Vec::new();
+        for disk in whole.by_ref().take(n) {
+            let (wipe, partitions) = whole_layout(profile, &disk, pool)?;
+            group.push(Member {
+                wipe,
+                logical_block_size: disk.logical_block_size,
+                partitions,
+                disk,
+            });
+        }
+        // Members of one vdev (a mirror, a raidz) the same size.
+        equal_zfs_partitions(&mut group);
+        Ok(group)
+    };
+    let aux_of = |pool: &crate::profile::Pool,
+                  take: &mut dyn FnMut(usize, &str) -> Result<Vec<Member>>|
+     -> Result<Vec<AuxClass>> {
+        let mut out = Vec::new();
+        for (class, list) in pool.aux_classes() {
+            if !list.is_empty() {
+                out.push(AuxClass {
+                    class,
+                    disks: take(list.len(), &pool.name.to_string())?,
+                });
+            }
+        }
+        Ok(out)
+    };
+    let aux = aux_of(&profile.pool, &mut take)?;
+    let mut data_pools = Vec::new();
+    for pool in &profile.pools {
+        let name = pool.name.to_string();
+        let disks = take(pool.disks.len(), &name)?;
+        let aux = aux_of(pool, &mut take)?;
+        let datasets = crate::datasets::tree(pool)
+            .map_err(|e| anyhow::anyhow!("profile key {}: {}", e.key, e.message))?;
+        let (snapshots, zvols) = snapshots_and_zvols(pool);
+        check_room(&name, pool.vdev, &disks, &zvols)?;
+        data_pools.push(PoolPlan {
+            name,
+            vdev: pool.vdev,
+            disks,
+            aux,
+            mounts: crate::datasets::mount_order(&datasets),
+            datasets,
+            snapshots,
+            zvols,
+        });
     }
     let datasets = crate::datasets::tree(&profile.pool)
         .map_err(|e| anyhow::anyhow!("profile key {}: {}", e.key, e.message))?;
@@ -370,6 +545,12 @@ pub fn plan_with(profile: &Profile, select: &DiskSelect, facts: &Facts) -> Resul
         });
     }
     equal_zfs_partitions(&mut disks);
+    check_room(
+        &pool_name,
+        profile.pool.vdev,
+        &disks,
+        &snapshots_and_zvols(&profile.pool).1,
+    )?;
     let mut disks = disks.into_iter();
     let first = disks.next().context("no disk was chosen")?;
     Ok(Plan {
@@ -382,24 +563,153 @@ pub fn plan_with(profile: &Profile, select: &DiskSelect, facts: &Facts) -> Resul
         other_pools,
         vdev: profile.pool.vdev,
         members: disks.collect(),
-        snapshots: profile
-            .pool
-            .datasets
-            .iter()
-            .flat_map(|d| {
-                let pool_name = &pool_name;
-                d.snapshots
-                    .iter()
-                    .map(move |s| format!("{pool_name}/{}@{s}", d.name.get_ref()))
-            })
-            .collect(),
-        zvols: profile
-            .pool
-            .zvols
-            .iter()
-            .map(|z| (format!("{pool_name}/{}", z.name.get_ref()), z.volsize.0))
-            .collect(),
+        snapshots: snapshots_and_zvols(&profile.pool).0,
+        zvols: snapshots_and_zvols(&profile.pool).1,
+        aux,
+        data_pools,
     })
+}
+
+/// Refuses volumes that cannot fit in the pool, before anything is
+/// written: their `volsize`s together (each reserves at least its volsize,
+/// `refreservation`, zfsprops(7)) against an upper bound of the pool's
+/// space: the data vdev's capacity (a mirror: one member; raidzN: all but
+/// N members; the ZFS partitions, all of one size) less ZFS's slop space,
+/// 1/32 of it and at least 128 MiB (`spa_slop_shift` and `spa_min_slop`
+/// in OpenZFS 2.1's `module/zfs/spa_misc.c`). Metadata and raidz padding
+/// take more, so this refuses only what can never fit; `zfs create` still
+/// has the last word.
+fn check_room(pool: &str, vdev: Vdev, disks: &[Member], zvols: &[(String, u64)]) -> Result<()> {
+    let wanted: u64 = zvols.iter().map(|(_, size)| size).sum();
+    if wanted == 0 {
+        return Ok(());
+    }
+    let member = disks
+        .iter()
+        .filter_map(|m| {
+            m.partitions
+                .iter()
+                .find(|p| p.kind == PartKind::Zfs)
+                .map(|p| p.sectors() * u64::from(m.logical_block_size))
+        })
+        .min()
+        .unwrap_or(0);
+    let n = disks.len() as u64;
+    let raw = match vdev {
+        Vdev::Single => member * n,
+        Vdev::Mirror => member,
+        Vdev::Raidz1 => member * n.saturating_sub(1),
+        Vdev::Raidz2 => member * n.saturating_sub(2),
+    };
+    let slop = (raw / 32).max(128 << 20);
+    let room = raw.saturating_sub(slop);
+    if wanted > room {
+        bail!(
+            "the volumes of pool {pool} need {} ({wanted} bytes: {}) and the pool has at most {} \
+             ({room} bytes: {} of ZFS partitions less ZFS's slop space); nothing was written. \
+             Make the volumes smaller or the disks larger",
+            human_bytes(wanted),
+            zvols
+                .iter()
+                .map(|(n, s)| format!("{n} {}", human_bytes(*s)))
+                .collect::<Vec<_>>()
+                .join(", "),
+            human_bytes(room),
+            human_bytes(raw)
+        );
+    }
+    Ok(())
+}
+
+/// A pool's snapshots (`POOL/DS@NAME`) and volumes (full name, volsize in
+/// bytes), in profile order.
+fn snapshots_and_zvols(pool: &crate::profile::Pool) -> (Vec<String>, Vec<(String, u64)>) {
+    let name = pool.name.to_string();
+    let snapshots = pool
+        .datasets
+        .iter()
+        .flat_map(|d| {
+            d.snapshots
+                .iter()
+                .map(|s| format!("{name}/{}@{s}", d.name.get_ref()))
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    let zvols = pool
+        .zvols
+        .iter()
+        .map(|z| (format!("{name}/{}", z.name.get_ref()), z.volsize.0))
+        .collect();
+    (snapshots, zvols)
+}
+
+/// A whole disk's checks and layout (a data pool's disk, or a `special`,
+/// `log` or `cache` disk): empty unless `wipe = "always"`, as [`layout`]
+/// checks, and one ZFS partition named after `pool` from 1 MiB to the last
+/// 1 MiB boundary before the backup GPT.
+fn whole_layout(
+    profile: &Profile,
+    disk: &BlockDevice,
+    pool: &str,
+) -> Result<(Vec<String>, Vec<PlannedPartition>)> {
+    check_disk(profile, disk)?;
+    let lbs = u64::from(disk.logical_block_size);
+    let total = disk.size_bytes / lbs;
+    let align = ALIGN_BYTES / lbs;
+    let last_usable = total.saturating_sub(1 + 16384 / lbs + 1);
+    let end = ((last_usable + 1) / align) * align;
+    if end <= align || (end - align) * lbs < MIN_ZFS_BYTES {
+        bail!(
+            "disk {} is too small for pool {pool}: {} ({} bytes), ZFS needs at least {}; nothing was written",
+            disk.name,
+            human_bytes(disk.size_bytes),
+            disk.size_bytes,
+            human_bytes(MIN_ZFS_BYTES + 2 * ALIGN_BYTES)
+        );
+    }
+    let partitions = vec![PlannedPartition {
+        number: 1,
+        name: pool.to_string(),
+        kind: PartKind::Zfs,
+        type_guid: ZFS_TYPE,
+        first_lba: align,
+        last_lba: end - 1,
+    }];
+    Ok((wipe_list(profile, disk), partitions))
+}
+
+/// What is wiped on `disk`: everything found, with `wipe = "always"` or an
+/// unfinished install; nothing otherwise (an empty disk).
+fn wipe_list(profile: &Profile, disk: &BlockDevice) -> Vec<String> {
+    if profile.disk.wipe == Wipe::Always || disk.unfinished_install {
+        disk.signatures.clone()
+    } else {
+        Vec::new()
+    }
+}
+
+/// The checks of every disk: empty unless `wipe = "always"` (a disk that
+/// holds nothing but an unfinished nodeflash install counts as empty), and
+/// 512- or 4096-byte sectors.
+fn check_disk(profile: &Profile, disk: &BlockDevice) -> Result<()> {
+    // A disk that holds nothing but an unfinished nodeflash install (its
+    // GPT carries the mark, `disk::UNFINISHED_NAME`) counts as empty.
+    if !disk.signatures.is_empty() && profile.disk.wipe == Wipe::IfEmpty && !disk.unfinished_install
+    {
+        bail!(
+            "disk {} is not empty ({}); nothing was written. Set `wipe = \"always\"` in the profile's [disk] to reinstall it",
+            disk.name,
+            disk.signatures.join(", ")
+        );
+    }
+    let lbs = u64::from(disk.logical_block_size);
+    if !(lbs == 512 || lbs == 4096) {
+        bail!(
+            "disk {} has a logical block size of {lbs} bytes; only 512 and 4096 are supported",
+            disk.name
+        );
+    }
+    Ok(())
 }
 
 /// Cuts every disk's ZFS partition to the bytes of the smallest one: the
@@ -446,23 +756,8 @@ fn layout(
     disk: &BlockDevice,
     index: usize,
 ) -> Result<(Vec<String>, Vec<PlannedPartition>)> {
-    // A disk that holds nothing but an unfinished nodeflash install (its
-    // GPT carries the mark, `disk::UNFINISHED_NAME`) counts as empty.
-    if !disk.signatures.is_empty() && profile.disk.wipe == Wipe::IfEmpty && !disk.unfinished_install
-    {
-        bail!(
-            "disk {} is not empty ({}); nothing was written. Set `wipe = \"always\"` in the profile's [disk] to reinstall it",
-            disk.name,
-            disk.signatures.join(", ")
-        );
-    }
+    check_disk(profile, disk)?;
     let lbs = u64::from(disk.logical_block_size);
-    if !(lbs == 512 || lbs == 4096) {
-        bail!(
-            "disk {} has a logical block size of {lbs} bytes; only 512 and 4096 are supported",
-            disk.name
-        );
-    }
     // The profile check refused what no disk can take; this disk's sector
     // size decides the rest (33 MiB with 512-byte sectors, 257 MiB with 4096).
     if let Some(why) = crate::disk::esp_fat32_problem(profile.disk.esp_size.0, lbs) {
@@ -528,12 +823,7 @@ fn layout(
         first_lba: first,
         last_lba: end - 1,
     });
-    let wipe = if profile.disk.wipe == Wipe::Always || disk.unfinished_install {
-        disk.signatures.clone()
-    } else {
-        Vec::new()
-    };
-    Ok((wipe, partitions))
+    Ok((wipe_list(profile, disk), partitions))
 }
 
 impl Plan {
@@ -629,46 +919,74 @@ impl fmt::Display for Plan {
                 all.len()
             )?;
         }
-        for d in &self.datasets {
-            let mounted = self.mounts.iter().any(|m| m.dataset == d.name);
+        let root_whole: Vec<&Member> = self.aux.iter().flat_map(|c| &c.disks).collect();
+        for (i, m) in root_whole.iter().enumerate() {
             writeln!(
                 f,
-                "plan:   dataset {} mountpoint={}{} canmount={}{}",
-                d.name,
-                d.mountpoint,
-                d.inherited_from
-                    .as_ref()
-                    .map_or(String::new(), |from| format!(" (inherited from {from})")),
-                match d.canmount {
-                    crate::datasets::CanMount::On => "on",
-                    crate::datasets::CanMount::Off => "off",
-                    crate::datasets::CanMount::Noauto => "noauto",
-                },
-                if mounted { ", mounted" } else { "" }
+                "plan: pool {} whole disk {} of {}:",
+                self.pool_name(),
+                i + 1,
+                root_whole.len()
             )?;
+            m.as_plan(self).fmt_disk(f)?;
         }
-        for snap in &self.snapshots {
-            writeln!(
-                f,
-                "plan:   snapshot {snap}, taken before anything is written to it"
-            )?;
+        for c in &self.aux {
+            fmt_aux(f, c)?;
         }
-        for (name, size) in &self.zvols {
-            writeln!(
-                f,
-                "plan:   zvol {name} volsize={} ({size} bytes)",
-                human_bytes(*size)
-            )?;
-        }
+        fmt_tree(
+            f,
+            &self.datasets,
+            &self.mounts,
+            &self.snapshots,
+            &self.zvols,
+        )?;
         if self.mounts.is_empty() {
             writeln!(f, "plan: no dataset is mounted")?;
         } else {
-            let order: Vec<String> = self
-                .mounts
+            writeln!(
+                f,
+                "plan: mounts, parents first: {}",
+                mount_list(&self.mounts)
+            )?;
+        }
+        for p in &self.data_pools {
+            for (i, m) in p
+                .disks
                 .iter()
-                .map(|m| format!("{} ({})", m.mountpoint, m.dataset))
-                .collect();
-            writeln!(f, "plan: mounts, parents first: {}", order.join(", "))?;
+                .chain(p.aux.iter().flat_map(|c| &c.disks))
+                .enumerate()
+            {
+                writeln!(
+                    f,
+                    "plan: data pool {} whole disk {} of {}:",
+                    p.name,
+                    i + 1,
+                    p.disks.len() + p.aux.iter().map(|c| c.disks.len()).sum::<usize>()
+                )?;
+                m.as_plan(self).fmt_disk(f)?;
+            }
+            writeln!(
+                f,
+                "plan: data pool {}: one {} vdev of {} (the pool survives {} of {} disks lost); \
+                 imported by the installed system",
+                p.name,
+                p.vdev.keyword().unwrap_or("single"),
+                p.zfs_devices().join(", "),
+                p.vdev.tolerates(p.disks.len()),
+                p.disks.len()
+            )?;
+            for c in &p.aux {
+                fmt_aux(f, c)?;
+            }
+            fmt_tree(f, &p.datasets, &p.mounts, &p.snapshots, &p.zvols)?;
+            if !p.mounts.is_empty() {
+                writeln!(
+                    f,
+                    "plan: pool {} mounts, parents first: {}",
+                    p.name,
+                    mount_list(&p.mounts)
+                )?;
+            }
         }
         for l in &self.other_pools {
             writeln!(
@@ -679,6 +997,77 @@ impl fmt::Display for Plan {
         }
         Ok(())
     }
+}
+
+/// `plan:   special: mirror of A, B` and the like.
+fn fmt_aux(f: &mut fmt::Formatter<'_>, c: &AuxClass) -> fmt::Result {
+    let devices: Vec<String> = c.disks.iter().map(Member::zfs_device).collect();
+    writeln!(
+        f,
+        "plan:   {}: {}{}",
+        c.class,
+        if devices.len() > 1 && c.class != "cache" {
+            "mirror of "
+        } else {
+            ""
+        },
+        devices.join(", ")
+    )
+}
+
+/// `/ (rpool), /nix (rpool/nix)`.
+fn mount_list(mounts: &[Mounted]) -> String {
+    let order: Vec<String> = mounts
+        .iter()
+        .map(|m| format!("{} ({})", m.mountpoint, m.dataset))
+        .collect();
+    order.join(", ")
+}
+
+/// A pool's datasets (effective values), snapshots and volumes.
+fn fmt_tree(
+    f: &mut fmt::Formatter<'_>,
+    datasets: &[Effective],
+    mounts: &[Mounted],
+    snapshots: &[String],
+    zvols: &[(String, u64)],
+) -> fmt::Result {
+    for d in datasets {
+        let mounted = mounts.iter().any(|m| m.dataset == d.name);
+        writeln!(
+            f,
+            "plan:   dataset {} mountpoint={}{} canmount={}{}",
+            d.name,
+            d.mountpoint,
+            d.inherited_from
+                .as_ref()
+                .map_or(String::new(), |from| format!(" (inherited from {from})")),
+            match d.canmount {
+                crate::datasets::CanMount::On => "on",
+                crate::datasets::CanMount::Off => "off",
+                crate::datasets::CanMount::Noauto => "noauto",
+            },
+            match (&d.legacy_mount, mounted) {
+                (Some(at), true) => format!(", mounted at {at} (mount -t zfs)"),
+                (None, true) => ", mounted".to_string(),
+                _ => String::new(),
+            }
+        )?;
+    }
+    for snap in snapshots {
+        writeln!(
+            f,
+            "plan:   snapshot {snap}, taken before anything is written to it"
+        )?;
+    }
+    for (name, size) in zvols {
+        writeln!(
+            f,
+            "plan:   zvol {name} volsize={} ({size} bytes)",
+            human_bytes(*size)
+        )?;
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -1095,6 +1484,120 @@ mod tests {
         ] {
             assert!(text.contains(want), "{want}:\n{text}");
         }
+    }
+
+    fn vdisk(name: &str, mib: u64, serial: &str) -> BlockDevice {
+        BlockDevice::fixed(name, mib << 20, 512, "virtio", serial)
+    }
+
+    #[test]
+    fn a_data_pool_plans_whole_disks_with_one_partition_each() {
+        let prof = mirror_profile(
+            "[[pools]]\nname = \"tank\"\nvdev = \"mirror\"\n\
+             disks = [ { serial = \"D1\" }, { serial = \"D2\" } ]\n\
+             special = [ { serial = \"S1\" }, { serial = \"S2\" } ]\ncache = [ { serial = \"C1\" } ]\n\
+             [[pools.datasets]]\nname = \"media\"\nmountpoint = \"/srv/media\"\n\
+             [[pools.zvols]]\nname = \"vm0\"\nvolsize = \"64MiB\"\n",
+        );
+        let machine = facts(vec![
+            disk("nvme0n1", 2, "A"),
+            disk("nvme1n1", 2, "B"),
+            vdisk("vda", 600, "D1"),
+            vdisk("vdb", 500, "D2"),
+            vdisk("vdc", 200, "S1"),
+            vdisk("vdd", 200, "S2"),
+            vdisk("vde", 100, "C1"),
+        ]);
+        let p = plan(&prof, &machine).expect("plan");
+        let tank = &p.data_pools[0];
+        assert_eq!(tank.zfs_devices(), ["/dev/vda1", "/dev/vdb1"]);
+        let words: Vec<Vec<String>> = tank.aux.iter().map(AuxClass::words).collect();
+        assert_eq!(
+            words,
+            [
+                vec!["special", "mirror", "/dev/vdc1", "/dev/vdd1"],
+                vec!["cache", "/dev/vde1"]
+            ]
+        );
+        // One partition from 1 MiB, the mirror's two the same size (the
+        // smaller disk's), marked as an unfinished install while writing.
+        let parts: Vec<(u64, u64)> = tank
+            .disks
+            .iter()
+            .map(|m| (m.partitions[0].first_lba, m.partitions[0].last_lba))
+            .collect();
+        assert_eq!(parts[0], parts[1]);
+        assert_eq!(parts[0].0, 2048);
+        assert_eq!((parts[0].1 + 1) % 2048, 0);
+        let whole: Vec<(String, String)> = p
+            .whole_disks()
+            .into_iter()
+            .map(|(pool, d)| (pool, d.disk.name))
+            .collect();
+        assert_eq!(whole.len(), 5);
+        assert!(whole.iter().all(|(pool, _)| pool == "tank"), "{whole:?}");
+        assert_eq!(p.each_disk().len(), 2);
+        let text = p.to_string();
+        for want in [
+            "plan: data pool tank whole disk 1 of 5:\nplan: install on vda",
+            "plan: data pool tank: one mirror vdev of /dev/vda1, /dev/vdb1 (the pool survives 1 of 2 disks lost); imported by the installed system\n",
+            "plan:   special: mirror of /dev/vdc1, /dev/vdd1\n",
+            "plan:   cache: /dev/vde1\n",
+            "plan:   dataset tank/media mountpoint=/srv/media canmount=on, mounted\n",
+            "plan:   zvol tank/vm0 volsize=64.0 MiB (67108864 bytes)\n",
+            "plan: pool tank mounts, parents first: /tank (tank), /srv/media (tank/media)\n",
+        ] {
+            assert!(text.contains(want), "{want}:\n{text}");
+        }
+        // Every selection resolves before anything is planned: a data
+        // disk missing, or matched by two rules, refuses the whole plan.
+        let mut missing = machine.clone();
+        missing.block_devices.retain(|d| d.name != "vdd");
+        let e = plan(&prof, &missing).expect_err("S2 missing").to_string();
+        assert!(
+            e.contains("no disk matches the profile's [[pools]] tank special[1] rules"),
+            "{e}"
+        );
+        let mut full = machine.clone();
+        full.block_devices[4].signatures = vec!["ext4".into()];
+        full.block_devices[4].contents_read = true;
+        let e = plan(&prof, &full).expect_err("vdc holds ext4").to_string();
+        assert!(e.contains("disk vdc is not empty (ext4)"), "{e}");
+        let mut small = machine.clone();
+        small.block_devices[6].size_bytes = 32 << 20;
+        let e = plan(&prof, &small).expect_err("vde too small").to_string();
+        assert!(e.contains("disk vde is too small for pool tank"), "{e}");
+        let ambiguous = mirror_profile(
+            "[[pools]]\nname = \"tank\"\ndisks = [ { bus = \"virtio\", min-size = \"150MiB\" } ]\n",
+        );
+        let e = plan(&ambiguous, &machine).expect_err("several").to_string();
+        assert!(
+            e.contains(
+                "disks match the profile's [[pools]] tank disks[0] rules, refusing to guess"
+            ),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn volumes_larger_than_the_pool_are_refused_before_writing() {
+        let prof = |size: &str| {
+            mirror_profile(&format!(
+                "[[pool.zvols]]\nname = \"vm\"\nvolsize = \"{size}\"\n"
+            ))
+        };
+        let machine = facts(vec![disk("nvme0n1", 2, "A"), disk("nvme1n1", 3, "B")]);
+        // 2 GiB disks less ESP and swap: about 1.2 GiB of mirror.
+        plan(&prof("1GiB"), &machine).expect("fits");
+        let e = plan(&prof("2GiB"), &machine)
+            .expect_err("too big")
+            .to_string();
+        assert!(
+            e.contains("the volumes of pool rpool need 2.0 GiB")
+                && e.contains("rpool/vm 2.0 GiB")
+                && e.contains("nothing was written"),
+            "{e}"
+        );
     }
 
     #[test]

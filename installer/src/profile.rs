@@ -31,8 +31,13 @@ pub struct Profile {
     pub image: Image,
     /// Required: there is no safe default for the disk to wipe.
     pub disk: Disk,
+    /// The root pool: on the ZFS partitions of `[disk]`'s disks.
     #[serde(default)]
     pub pool: Pool,
+    /// Data pools (`[[pools]]`): each on whole disks of its own (`disks`),
+    /// created by the installer and imported by the installed system.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub pools: Vec<Pool>,
     #[serde(default)]
     pub payload: Payload,
     #[serde(default)]
@@ -222,6 +227,37 @@ pub struct Pool {
     /// Volumes, created after the datasets.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub zvols: Vec<Zvol>,
+    /// A data pool's disks (`[[pools]]` only; the root pool's are
+    /// `[disk] select` and `members`), each by rules of its own, used
+    /// whole: one GPT partition with all of the disk.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub disks: Vec<DiskSelect>,
+    /// Separate intent log (`log`, zpoolconcepts(7)): whole disks; two or
+    /// more make a mirror.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub log: Vec<DiskSelect>,
+    /// L2ARC read cache (`cache`): whole disks, never mirrored (ZFS
+    /// does not mirror cache devices; losing one loses no data).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub cache: Vec<DiskSelect>,
+    /// Metadata and small blocks (`special`): whole disks; two or more make
+    /// a mirror. Losing it loses the pool, so a redundant pool needs a
+    /// mirrored one.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub special: Vec<DiskSelect>,
+}
+
+impl Pool {
+    /// The classes of devices beside the data vdev, as `zpool create` names
+    /// them (zpoolconcepts(7)), with the pool's rules for each, in the
+    /// order they are given to `zpool create`.
+    pub fn aux_classes(&self) -> [(&'static str, &[DiskSelect]); 3] {
+        [
+            ("special", &self.special),
+            ("log", &self.log),
+            ("cache", &self.cache),
+        ]
+    }
 }
 
 /// The root pool's vdev type, as `zpool create` names it (zpoolconcepts(7)).
@@ -284,6 +320,10 @@ impl Default for Pool {
             datasets: Vec::new(),
             vdev: Vdev::default(),
             zvols: Vec::new(),
+            disks: Vec::new(),
+            log: Vec::new(),
+            cache: Vec::new(),
+            special: Vec::new(),
         }
     }
 }
@@ -295,6 +335,11 @@ pub struct Dataset {
     pub name: Spanned<DatasetName>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mountpoint: Option<Spanned<Mountpoint>>,
+    /// Where a dataset whose mountpoint is `legacy` is mounted (by
+    /// `mount -t zfs`, and a `fileSystems` entry of the installed NixOS):
+    /// ZFS leaves a legacy dataset to fstab, so the path is the profile's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub legacy_mount: Option<String>,
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub options: BTreeMap<String, String>,
     /// Snapshots taken right after `zfs create`, before anything is written
@@ -1012,6 +1057,200 @@ fn line_col(src: &str, offset: usize) -> (usize, usize) {
     (line, col)
 }
 
+/// The checks of one pool's own tree, `[pool]` or `[[pools]]` N (`prefix`
+/// is `pool` or `pools[N]`): dataset parents defined first, unique names,
+/// unique mountpoints, ZFS names and properties ([`crate::zprop`]),
+/// snapshots and volumes. Returns the dataset names.
+/// A validation problem: the span (when known), the key and the message.
+type Problem = (Option<Range<usize>>, String, String);
+
+fn check_pool_tree(pool: &Pool, prefix: &str) -> Result<BTreeSet<String>, Problem> {
+    // Datasets: parents defined first, names unique, mountpoints unique.
+    let mut names = BTreeSet::new();
+    for (i, ds) in pool.datasets.iter().enumerate() {
+        let key = format!("{prefix}.datasets[{i}]");
+        let name = &ds.name.get_ref().0;
+        if let Some((parent, _)) = name.rsplit_once('/') {
+            if !names.contains(parent) {
+                return Err((
+                    Some(ds.name.span()),
+                    format!("{key}.name"),
+                    format!("parent dataset `{parent}` of `{name}` is not defined before it"),
+                ));
+            }
+        }
+        if !names.insert(name.clone()) {
+            return Err((
+                Some(ds.name.span()),
+                format!("{key}.name"),
+                format!("dataset `{name}` is defined twice"),
+            ));
+        }
+    }
+    // Mountpoints as ZFS will have them (inherited, normalised) are unique.
+    crate::datasets::tree(pool).map_err(|e| {
+        let ds = e.dataset.and_then(|i| pool.datasets.get(i));
+        let span = ds.map(|d| match &d.mountpoint {
+            Some(m) if e.key.ends_with("].mountpoint") => m.span(),
+            _ => d.name.span(),
+        });
+        let key = match e.key.strip_prefix("pool.") {
+            Some(rest) => format!("{prefix}.{rest}"),
+            None => e.key,
+        };
+        (span, key, e.message)
+    })?;
+    // ZFS names and property values as the node's ZFS checks them
+    // (`crate::zprop`, from OpenZFS 2.1.11's own tables).
+    let pool_name = &pool.name.0;
+    for (i, ds) in pool.datasets.iter().enumerate() {
+        crate::zprop::check_full_dataset_name(pool_name, &ds.name.get_ref().0).map_err(|e| {
+            (
+                Some(ds.name.span()),
+                format!("{prefix}.datasets[{i}].name"),
+                e,
+            )
+        })?;
+    }
+    for (k, v) in &pool.options {
+        crate::zprop::check_pool_property(k, v)
+            .map_err(|e| (None, format!("{prefix}.options.{k}"), e))?;
+    }
+    let mut dataset_options = vec![(format!("{prefix}.root-options"), &pool.root_options)];
+    for (i, ds) in pool.datasets.iter().enumerate() {
+        dataset_options.push((format!("{prefix}.datasets[{i}].options"), &ds.options));
+    }
+    for &(ref key, options) in &dataset_options {
+        for (k, v) in options {
+            crate::zprop::check_dataset_property(k, v)
+                .map_err(|e| (None, format!("{key}.{k}"), e))?;
+        }
+        crate::zprop::check_encryption(options)
+            .map_err(|(k, e)| (None, format!("{key}.{k}"), e))?;
+    }
+    crate::zprop::check_features(
+        &pool.options,
+        dataset_options.iter().map(|(k, o)| (k.clone(), *o)),
+    )
+    .map_err(|(k, e)| (None, k, e))?;
+    check_snapshots_and_zvols(pool, prefix, &names)?;
+    Ok(names)
+}
+
+/// Snapshot names (one component, as `zfs snapshot` takes it) and the
+/// volumes: a parent that exists (`names`: the datasets), a unique name,
+/// a `volsize` that is a positive multiple of `volblocksize` (a power of
+/// two from 512 to 128K; `zfs_prop.c`, and libzfs's "volume size must
+/// be a multiple of volume block size"), properties as for datasets, no
+/// `mountpoint`/`canmount` (filesystem properties), and no swap.
+fn check_snapshots_and_zvols(
+    pool: &Pool,
+    prefix: &str,
+    names: &BTreeSet<String>,
+) -> Result<(), (Option<Range<usize>>, String, String)> {
+    for (i, ds) in pool.datasets.iter().enumerate() {
+        let mut seen = BTreeSet::new();
+        for (j, snap) in ds.snapshots.iter().enumerate() {
+            let key = format!("{prefix}.datasets[{i}].snapshots[{j}]");
+            crate::zprop::check_dataset_name(snap)
+                .and_then(|()| {
+                    if snap.contains('/') {
+                        Err(format!(
+                            "snapshot name `{snap}` has a `/`: give the name after the `@` only"
+                        ))
+                    } else {
+                        Ok(())
+                    }
+                })
+                .map_err(|e| (Some(ds.name.span()), key.clone(), e))?;
+            if !seen.insert(snap) {
+                return Err((
+                    Some(ds.name.span()),
+                    key,
+                    format!("snapshot `{snap}` is given twice"),
+                ));
+            }
+        }
+    }
+    let pool_name = &pool.name.0;
+    let mut taken = names.clone();
+    for (i, z) in pool.zvols.iter().enumerate() {
+        let key = format!("{prefix}.zvols[{i}]");
+        let span = Some(z.name.span());
+        let name = &z.name.get_ref().0;
+        if z.swap {
+            return Err((
+                span,
+                format!("{key}.swap"),
+                "swap on a ZFS volume can deadlock the machine under memory pressure (ZFS \
+                 needs memory to write the pages the kernel is swapping out to free memory; \
+                 openzfs/zfs#7734, open): use `[disk] swap-size`, a swap partition on \
+                 every disk of the pool"
+                    .into(),
+            ));
+        }
+        if let Some((parent, _)) = name.rsplit_once('/') {
+            if !names.contains(parent) {
+                return Err((
+                    span,
+                    format!("{key}.name"),
+                    format!("parent dataset `{parent}` of volume `{name}` is not among the pool's datasets"),
+                ));
+            }
+        }
+        if !taken.insert(name.clone()) {
+            return Err((
+                span,
+                format!("{key}.name"),
+                format!("`{name}` is defined twice"),
+            ));
+        }
+        crate::zprop::check_full_dataset_name(pool_name, name)
+            .map_err(|e| (span.clone(), format!("{key}.name"), e))?;
+        let block = match z.options.get("volblocksize") {
+            Some(v) => match crate::zprop::parse_number(v) {
+                Some(b) if b.is_power_of_two() && (512..=128 << 10).contains(&b) => b,
+                _ => {
+                    return Err((
+                        span,
+                        format!("{key}.options.volblocksize"),
+                        format!("volblocksize `{v}` is not a power of two from 512 to 128K"),
+                    ))
+                }
+            },
+            None => 8 << 10,
+        };
+        if z.volsize.0 == 0 || z.volsize.0 % block != 0 {
+            return Err((
+                span,
+                format!("{key}.volsize"),
+                format!(
+                    "volsize {} is not a positive multiple of the volume's block size ({})",
+                    z.volsize,
+                    Size(block)
+                ),
+            ));
+        }
+        for (k, v) in &z.options {
+            if k == "volblocksize" {
+                continue;
+            }
+            if matches!(k.as_str(), "mountpoint" | "canmount" | "recordsize") {
+                return Err((
+                    span,
+                    format!("{key}.options.{k}"),
+                    format!("`{k}` is a file system property; a volume does not take it"),
+                ));
+            }
+            crate::zprop::check_dataset_property(k, v)
+                .map_err(|e| (span.clone(), format!("{key}.options.{k}"), e))?;
+        }
+        crate::zprop::check_encryption(&z.options)
+            .map_err(|(k, e)| (span.clone(), format!("{key}.options.{k}"), e))?;
+    }
+    Ok(())
+}
+
 impl Profile {
     /// Reads and validates a profile file.
     pub fn load(path: &Path) -> Result<Self> {
@@ -1053,17 +1292,37 @@ impl Profile {
             error(inner.span(), key, message)
         })?;
         profile.validate().map_err(|(span, key, msg)| {
-            // A key of `[[pool.datasets]]` N is looked for from that table on.
-            let from = key
-                .strip_prefix("pool.datasets[")
-                .and_then(|k| k.split(']').next()?.parse::<usize>().ok())
-                .and_then(|i| profile.pool.datasets.get(i))
-                .map_or(0, |d| {
+            // A key of `[[pools]]` N is looked for from that table on, one
+            // of its `datasets` N from that one on.
+            let index = |k: &str, prefix: &str| -> Option<(usize, String)> {
+                let rest = k.strip_prefix(prefix)?;
+                let (n, rest) = rest.split_once(']')?;
+                Some((n.parse().ok()?, rest.trim_start_matches('.').to_string()))
+            };
+            let (pool, rest, table_from) = match index(&key, "pools[") {
+                Some((n, rest)) => (
+                    profile.pools.get(n),
+                    rest,
+                    src.match_indices("[[pools]]")
+                        .nth(n)
+                        .map_or(0, |(at, _)| at),
+                ),
+                None => (
+                    Some(&profile.pool),
+                    key.strip_prefix("pool.").unwrap_or_default().to_string(),
+                    0,
+                ),
+            };
+            let from = index(&rest, "datasets[")
+                .and_then(|(i, _)| pool?.datasets.get(i))
+                .map_or(table_from, |d| {
                     let at = d.name.span().start;
                     src[..at].rfind("[[").unwrap_or(at)
                 });
-            let span =
-                span.or_else(|| find_key(&src[from..], &key).map(|r| r.start + from..r.end + from));
+            // A key left out (a default) is shown at its table.
+            let span = span
+                .or_else(|| find_key(&src[from..], &key).map(|r| r.start + from..r.end + from))
+                .or((from > 0).then_some(from..from));
             error(span, key, msg)
         })?;
         Ok(profile)
@@ -1072,66 +1331,17 @@ impl Profile {
     /// Checks that span several keys. Returns the span, key and message of the
     /// first problem.
     fn validate(&self) -> Result<(), (Option<Range<usize>>, String, String)> {
-        // Datasets: parents defined first, names unique, mountpoints unique.
-        let mut names = BTreeSet::new();
-        for (i, ds) in self.pool.datasets.iter().enumerate() {
-            let key = format!("pool.datasets[{i}]");
-            let name = &ds.name.get_ref().0;
-            if let Some((parent, _)) = name.rsplit_once('/') {
-                if !names.contains(parent) {
-                    return Err((
-                        Some(ds.name.span()),
-                        format!("{key}.name"),
-                        format!("parent dataset `{parent}` of `{name}` is not defined before it"),
-                    ));
-                }
-            }
-            if !names.insert(name.clone()) {
-                return Err((
-                    Some(ds.name.span()),
-                    format!("{key}.name"),
-                    format!("dataset `{name}` is defined twice"),
-                ));
-            }
+        check_pool_tree(&self.pool, "pool")?;
+        if !self.pool.disks.is_empty() {
+            return Err((
+                None,
+                "pool.disks".into(),
+                "the root pool's disks are [disk] `select` and `members`; `disks` is for a data \
+                 pool ([[pools]])"
+                    .into(),
+            ));
         }
-        // Mountpoints as ZFS will have them (inherited, normalised) are unique.
-        crate::datasets::tree(&self.pool).map_err(|e| {
-            let ds = e.dataset.and_then(|i| self.pool.datasets.get(i));
-            let span = ds.map(|d| match &d.mountpoint {
-                Some(m) if e.key.ends_with("].mountpoint") => m.span(),
-                _ => d.name.span(),
-            });
-            (span, e.key, e.message)
-        })?;
-        // ZFS names and property values as the node's ZFS checks them
-        // (`crate::zprop`, from OpenZFS 2.1.11's own tables).
-        let pool = &self.pool.name.0;
-        for (i, ds) in self.pool.datasets.iter().enumerate() {
-            crate::zprop::check_full_dataset_name(pool, &ds.name.get_ref().0)
-                .map_err(|e| (Some(ds.name.span()), format!("pool.datasets[{i}].name"), e))?;
-        }
-        for (k, v) in &self.pool.options {
-            crate::zprop::check_pool_property(k, v)
-                .map_err(|e| (None, format!("pool.options.{k}"), e))?;
-        }
-        let mut dataset_options = vec![("pool.root-options".to_string(), &self.pool.root_options)];
-        for (i, ds) in self.pool.datasets.iter().enumerate() {
-            dataset_options.push((format!("pool.datasets[{i}].options"), &ds.options));
-        }
-        for &(ref key, options) in &dataset_options {
-            for (k, v) in options {
-                crate::zprop::check_dataset_property(k, v)
-                    .map_err(|e| (None, format!("{key}.{k}"), e))?;
-            }
-            crate::zprop::check_encryption(options)
-                .map_err(|(k, e)| (None, format!("{key}.{k}"), e))?;
-        }
-        crate::zprop::check_features(
-            &self.pool.options,
-            dataset_options.iter().map(|(k, o)| (k.clone(), *o)),
-        )
-        .map_err(|(k, e)| (None, k, e))?;
-        self.check_snapshots_and_zvols(&names)?;
+        self.check_data_pools()?;
         self.check_sizes()?;
         self.disk
             .select
@@ -1397,113 +1607,138 @@ impl Profile {
             .map_err(|(key, msg)| (None, format!("ssh{key}"), msg))
     }
 
-    /// Snapshot names (one component, as `zfs snapshot` takes it) and the
-    /// volumes: a parent that exists (`names`: the datasets), a unique name,
-    /// a `volsize` that is a positive multiple of `volblocksize` (a power of
-    /// two from 512 to 128K; `zfs_prop.c`, and libzfs's "volume size must
-    /// be a multiple of volume block size"), properties as for datasets, no
-    /// `mountpoint`/`canmount` (filesystem properties), and no swap.
-    fn check_snapshots_and_zvols(
-        &self,
-        names: &BTreeSet<String>,
-    ) -> Result<(), (Option<Range<usize>>, String, String)> {
-        for (i, ds) in self.pool.datasets.iter().enumerate() {
-            let mut seen = BTreeSet::new();
-            for (j, snap) in ds.snapshots.iter().enumerate() {
-                let key = format!("pool.datasets[{i}].snapshots[{j}]");
-                crate::zprop::check_dataset_name(snap)
-                    .and_then(|()| {
-                        if snap.contains('/') {
-                            Err(format!("snapshot name `{snap}` has a `/`: give the name after the `@` only"))
-                        } else {
-                            Ok(())
-                        }
-                    })
-                    .map_err(|e| (Some(ds.name.span()), key.clone(), e))?;
-                if !seen.insert(snap) {
-                    return Err((
-                        Some(ds.name.span()),
-                        key,
-                        format!("snapshot `{snap}` is given twice"),
-                    ));
-                }
-            }
+    /// The data pools (`[[pools]]`) and every pool's whole-disk devices:
+    /// names unique among all pools, each tree as [`check_pool_tree`]
+    /// checks it, enough disks for the vdev (`zpool create` refuses fewer:
+    /// `is_grouping` in OpenZFS's `cmd/zpool/zpool_vdev.c`), a `special`
+    /// class as redundant as a redundant pool (zpool refuses a single
+    /// special device beside a mirror or raidz with "mismatched replication
+    /// level", and losing it loses the pool), no rules given twice in the
+    /// whole profile, no data pool dataset at `/` and no mountpoint shared
+    /// between pools.
+    fn check_data_pools(&self) -> Result<(), (Option<Range<usize>>, String, String)> {
+        let mut names = vec![self.pool.name.0.clone()];
+        let mut mounts: Vec<(String, String)> = crate::datasets::mounts(&self.pool)
+            .into_iter()
+            .map(|m| (m.mountpoint, "[pool]".to_string()))
+            .collect();
+        let mut rules: Vec<(String, &DiskSelect)> =
+            vec![("disk.select".to_string(), &self.disk.select)];
+        for (i, m) in self.disk.members.iter().enumerate() {
+            rules.push((format!("disk.members[{i}]"), m));
         }
-        let pool = &self.pool.name.0;
-        let mut taken = names.clone();
-        for (i, z) in self.pool.zvols.iter().enumerate() {
-            let key = format!("pool.zvols[{i}]");
-            let span = Some(z.name.span());
-            let name = &z.name.get_ref().0;
-            if z.swap {
-                return Err((
-                    span,
-                    format!("{key}.swap"),
-                    "swap on a ZFS volume can deadlock the machine under memory pressure (ZFS \
-                     needs memory to write the pages the kernel is swapping out to free memory; \
-                     openzfs/zfs#7734, open): use `[disk] swap-size`, a swap partition on \
-                     every disk of the pool"
-                        .into(),
-                ));
-            }
-            if let Some((parent, _)) = name.rsplit_once('/') {
-                if !names.contains(parent) {
+        let mut all_pools = vec![("pool".to_string(), &self.pool)];
+        for (n, pool) in self.pools.iter().enumerate() {
+            all_pools.push((format!("pools[{n}]"), pool));
+        }
+        for (prefix, pool) in &all_pools {
+            let data = *prefix != "pool";
+            if data {
+                check_pool_tree(pool, prefix)?;
+                let name = &pool.name.0;
+                if names.contains(name) {
                     return Err((
-                        span,
-                        format!("{key}.name"),
-                        format!("parent dataset `{parent}` of volume `{name}` is not in [[pool.datasets]]"),
+                        None,
+                        format!("{prefix}.name"),
+                        format!(
+                            "pool name `{name}` is used twice: give each [[pools]] entry a \
+                             `name` of its own (the root pool is `{}`)",
+                            self.pool.name
+                        ),
                     ));
                 }
-            }
-            if !taken.insert(name.clone()) {
-                return Err((
-                    span,
-                    format!("{key}.name"),
-                    format!("`{name}` is defined twice"),
-                ));
-            }
-            crate::zprop::check_full_dataset_name(pool, name)
-                .map_err(|e| (span.clone(), format!("{key}.name"), e))?;
-            let block = match z.options.get("volblocksize") {
-                Some(v) => match crate::zprop::parse_number(v) {
-                    Some(b) if b.is_power_of_two() && (512..=128 << 10).contains(&b) => b,
-                    _ => {
+                names.push(name.clone());
+                let disks = pool.disks.len();
+                if disks == 0 {
+                    return Err((
+                        None,
+                        format!("{prefix}.disks"),
+                        "a data pool needs `disks`: the rules of each disk it is made of".into(),
+                    ));
+                }
+                if pool.vdev == Vdev::Single && disks > 1 {
+                    return Err((
+                        None,
+                        format!("{prefix}.vdev"),
+                        format!(
+                            "`disks` names {disks} disks and the vdev is `single`: say how they \
+                             are joined, `mirror`, `raidz1` or `raidz2` (a stripe, which loses \
+                             the pool with any one disk, is not offered)"
+                        ),
+                    ));
+                }
+                if disks < pool.vdev.min_disks() {
+                    return Err((
+                        None,
+                        format!("{prefix}.vdev"),
+                        format!(
+                            "a {} needs at least {} disks and `disks` names {disks}",
+                            pool.vdev.keyword().unwrap_or("single"),
+                            pool.vdev.min_disks()
+                        ),
+                    ));
+                }
+                for m in crate::datasets::mounts(pool) {
+                    if m.mountpoint == "/" {
                         return Err((
-                            span,
-                            format!("{key}.options.volblocksize"),
-                            format!("volblocksize `{v}` is not a power of two from 512 to 128K"),
-                        ))
+                            None,
+                            prefix.to_string(),
+                            format!(
+                                "dataset {} of data pool {name} is mounted at /: the root file \
+                                 system comes from the root pool ([pool])",
+                                m.dataset
+                            ),
+                        ));
                     }
-                },
-                None => 8 << 10,
-            };
-            if z.volsize.0 == 0 || z.volsize.0 % block != 0 {
+                    if let Some((_, other)) = mounts.iter().find(|(mp, _)| *mp == m.mountpoint) {
+                        return Err((
+                            None,
+                            prefix.to_string(),
+                            format!(
+                                "dataset {} is mounted at {}, where a dataset of {other} is \
+                                 mounted too",
+                                m.dataset, m.mountpoint
+                            ),
+                        ));
+                    }
+                    mounts.push((m.mountpoint, format!("[[pools]] {name}")));
+                }
+                for (i, d) in pool.disks.iter().enumerate() {
+                    rules.push((format!("{prefix}.disks[{i}]"), d));
+                }
+            }
+            if pool.vdev != Vdev::Single && pool.special.len() == 1 {
                 return Err((
-                    span,
-                    format!("{key}.volsize"),
+                    None,
+                    format!("{prefix}.special"),
                     format!(
-                        "volsize {} is not a positive multiple of the volume's block size ({})",
-                        z.volsize,
-                        Size(block)
+                        "one `special` disk beside a {} vdev: the special class holds the \
+                         pool's metadata and losing it loses the pool, so it needs the pool's \
+                         redundancy (zpool refuses it: \"mismatched replication level\"); \
+                         give two or more disks (a mirror)",
+                        pool.vdev.keyword().unwrap_or("single")
                     ),
                 ));
             }
-            for (k, v) in &z.options {
-                if k == "volblocksize" {
-                    continue;
+            for (class, list) in pool.aux_classes() {
+                for (i, d) in list.iter().enumerate() {
+                    rules.push((format!("{prefix}.{class}[{i}]"), d));
                 }
-                if matches!(k.as_str(), "mountpoint" | "canmount" | "recordsize") {
-                    return Err((
-                        span,
-                        format!("{key}.options.{k}"),
-                        format!("`{k}` is a file system property; a volume does not take it"),
-                    ));
-                }
-                crate::zprop::check_dataset_property(k, v)
-                    .map_err(|e| (span.clone(), format!("{key}.options.{k}"), e))?;
             }
-            crate::zprop::check_encryption(&z.options)
-                .map_err(|(k, e)| (span.clone(), format!("{key}.options.{k}"), e))?;
+        }
+        for (i, (key, sel)) in rules.iter().enumerate() {
+            sel.check()
+                .map_err(|(sub, msg)| (None, format!("{key}{sub}"), msg))?;
+            if let Some((other, _)) = rules[..i].iter().find(|(_, o)| o == sel) {
+                return Err((
+                    None,
+                    key.clone(),
+                    format!(
+                        "these rules are given twice (also as {other}): each disk needs rules \
+                         of its own (a serial or wwn each)"
+                    ),
+                ));
+            }
         }
         Ok(())
     }
@@ -1658,6 +1893,93 @@ select = { serial = "S1" }
         assert_eq!(p.pool.vdev, Vdev::Mirror);
         let again = Profile::parse(&p.to_toml(), "resolved").expect("resolved profile parses");
         assert_eq!(again.disk.members, p.disk.members);
+    }
+
+    #[test]
+    fn data_pools_are_checked_with_their_line_and_key() {
+        let base = "name = \"t\"\n[disk]\nselect = { serial = \"A\" }\n";
+        let tank = |body: &str| format!("{base}[[pools]]\nname = \"tank\"\n{body}");
+        // A whole data pool: mirror, special mirror, log, cache, datasets, a volume.
+        let src = tank(
+            "vdev = \"mirror\"\ndisks = [ { serial = \"D1\" }, { serial = \"D2\" } ]\n\
+             special = [ { serial = \"S1\" }, { serial = \"S2\" } ]\nlog = [ { serial = \"L1\" } ]\n\
+             cache = [ { serial = \"C1\" } ]\nroot-options = { compression = \"zstd\" }\n\
+             [[pools.datasets]]\nname = \"media\"\nmountpoint = \"/srv/media\"\n\
+             [[pools.zvols]]\nname = \"vm0\"\nvolsize = \"1GiB\"\n",
+        );
+        let p = Profile::parse(&src, "t.toml").expect("data pool");
+        assert_eq!(p.pools[0].disks.len(), 2);
+        let again = Profile::parse(&p.to_toml(), "resolved").expect("resolved profile parses");
+        assert_eq!(again.pools[0].special, p.pools[0].special);
+        refused(
+            &tank("disks = [ { serial = \"D1\" }, { serial = \"D2\" } ]\n"),
+            "pools[0].vdev",
+            "[[pools]]",
+            "`disks` names 2 disks and the vdev is `single`",
+        );
+        refused(
+            &tank("vdev = \"raidz2\"\ndisks = [ { serial = \"D1\" }, { serial = \"D2\" } ]\n"),
+            "pools[0].vdev",
+            "vdev = ",
+            "a raidz2 needs at least 3 disks",
+        );
+        refused(
+            &tank(""),
+            "pools[0].disks",
+            "[[pools]]",
+            "a data pool needs `disks`",
+        );
+        refused(
+            &format!("{base}[[pools]]\ndisks = [ {{ serial = \"D1\" }} ]\n"),
+            "pools[0].name",
+            "[[pools]]",
+            "pool name `rpool` is used twice",
+        );
+        refused(
+            &tank("disks = [ { serial = \"A\" } ]\n"),
+            "pools[0].disks[0]",
+            "disks = ",
+            "given twice (also as disk.select)",
+        );
+        refused(
+            &tank("vdev = \"mirror\"\ndisks = [ { serial = \"D1\" }, { serial = \"D2\" } ]\nspecial = [ { serial = \"S1\" } ]\n"),
+            "pools[0].special",
+            "special = ",
+            "mismatched replication level",
+        );
+        refused(
+            &tank("disks = [ { serial = \"D1\" } ]\nroot-options = { mountpoint = \"/\" }\n"),
+            "pools[0]",
+            "[[pools]]",
+            "the root file system comes from the root pool",
+        );
+        refused(
+            &tank("disks = [ { serial = \"D1\" } ]\n[[pools.datasets]]\nname = \"a/b\"\n"),
+            "pools[0].datasets[0].name",
+            "name = \"a/b\"",
+            "parent dataset `a` of `a/b` is not defined before it",
+        );
+        refused(
+            &tank("disks = [ { serial = \"D1\" } ]\n[[pools.datasets]]\nname = \"x\"\noptions = { compresion = \"lz4\" }\n"),
+            "pools[0].datasets[0].options.compresion",
+            "options = { compresion",
+            "compresion",
+        );
+        refused(
+            &format!(
+                "{base}[pool]\nroot-options = {{ mountpoint = \"/srv\" }}\n[[pools]]\nname = \"tank\"\n\
+                 disks = [ {{ serial = \"D1\" }} ]\nroot-options = {{ mountpoint = \"/srv\" }}\n"
+            ),
+            "pools[0]",
+            "[[pools]]",
+            "where a dataset of [pool] is mounted too",
+        );
+        refused(
+            &format!("{base}[pool]\ndisks = [ {{ serial = \"D1\" }} ]\n"),
+            "pool.disks",
+            "disks = ",
+            "`disks` is for a data pool",
+        );
     }
 
     #[test]

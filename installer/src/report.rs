@@ -131,6 +131,16 @@ pub struct DiskReport {
     pub size_bytes: u64,
 }
 
+/// One disk the install partitioned, with the pool it belongs to.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct WrittenDisk {
+    /// The root pool's or a data pool's name.
+    pub pool: String,
+    pub disk: DiskReport,
+    pub gpt_disk_guid: String,
+    pub partitions: Vec<PartitionReport>,
+}
+
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct PartitionReport {
     pub number: u32,
@@ -213,10 +223,16 @@ pub struct InstallReport {
     pub node: NodeReport,
     /// 8 hex digits.
     pub hostid: String,
+    /// The root pool's first disk (its GPT and partitions below); every
+    /// disk is in `disks`.
     pub disk: DiskReport,
     pub gpt_disk_guid: String,
     pub partitions: Vec<PartitionReport>,
     pub esp_volume_id: String,
+    /// Every disk written, in the plan's order: the root pool's, then the
+    /// whole disks (the root pool's classes, the data pools).
+    #[serde(default)]
+    pub disks: Vec<WrittenDisk>,
     pub pool: PoolReport,
     pub ssh_keys: Vec<KeyReport>,
     pub payload: Option<PayloadReport>,
@@ -438,6 +454,7 @@ mod tests {
                 guid: "C-D".into(),
             }],
             esp_volume_id: "1234-ABCD".into(),
+            disks: Vec::new(),
             pool: PoolReport {
                 name: "rpool".into(),
                 guid: "1234567890".into(),

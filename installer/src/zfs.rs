@@ -73,11 +73,14 @@ pub fn set_live_hostid(id: u32) -> Result<()> {
 ///
 /// `devices` are the ZFS partitions of the pool's disks, the first disk
 /// first; with more than one they become one vdev of `pool.vdev`'s type
-/// (`mirror A B`, `raidz1 A B C`), as zpoolconcepts(7) writes it.
+/// (`mirror A B`, `raidz1 A B C`), as zpoolconcepts(7) writes it. `aux`
+/// follows them: the `special`, `log` and `cache` classes' words
+/// ([`crate::plan::AuxClass::words`]).
 pub fn create_commands(
     pool: &Pool,
     mounts: &[Mounted],
     devices: &[String],
+    aux: &[String],
     altroot: &str,
 ) -> Vec<Vec<String>> {
     let name = pool.name.to_string();
@@ -108,6 +111,7 @@ pub fn create_commands(
         }
     }
     create.extend(devices.iter().cloned());
+    create.extend(aux.iter().cloned());
     cmds.push(create);
     for ds in &pool.datasets {
         let mut c = vec!["zfs".to_string(), "create".into(), "-u".into()];
@@ -150,7 +154,16 @@ pub fn create_commands(
         cmds.push(vec!["zfs".into(), "unmount".into(), name.clone()]);
     }
     for (i, m) in mounts.iter().enumerate() {
-        if !(m.dataset == name && i == 0) {
+        if m.legacy {
+            // `zfs mount` refuses a legacy dataset; [`run_all`] mounts it.
+            cmds.push(vec![
+                "mount".into(),
+                "-t".into(),
+                "zfs".into(),
+                m.dataset.clone(),
+                format!("{altroot}{}", m.mountpoint).replace("//", "/"),
+            ]);
+        } else if !(m.dataset == name && i == 0) {
             cmds.push(vec!["zfs".into(), "mount".into(), m.dataset.clone()]);
         }
     }
@@ -165,11 +178,36 @@ pub fn create_commands(
     cmds
 }
 
+/// Runs [`create_commands`]' commands in order. `mount -t zfs DATASET
+/// TARGET` (a legacy dataset) is done here with mount(2), the directory
+/// made first: the image has no mount(8), and the kernel mounts a legacy
+/// dataset as any other (the legacy check is mount.zfs's, in user space).
 pub fn run_all(cmds: &[Vec<String>]) -> Result<()> {
     for argv in cmds {
-        cmd::run(Command::new(&argv[0]).args(&argv[1..]))?;
+        match argv.as_slice() {
+            [mount, t, zfs, dataset, target] if mount == "mount" && t == "-t" && zfs == "zfs" => {
+                mount_legacy(dataset, Path::new(target))?;
+            }
+            _ => {
+                cmd::run(Command::new(&argv[0]).args(&argv[1..]))?;
+            }
+        }
     }
     Ok(())
+}
+
+/// Mounts the legacy dataset `dataset` on `target` (made if missing).
+pub fn mount_legacy(dataset: &str, target: &Path) -> Result<()> {
+    std::fs::create_dir_all(target)
+        .with_context(|| format!("cannot create {}", target.display()))?;
+    nix::mount::mount(
+        Some(dataset),
+        target,
+        Some("zfs"),
+        nix::mount::MsFlags::empty(),
+        None::<&str>,
+    )
+    .with_context(|| format!("cannot mount {dataset} on {}", target.display()))
 }
 
 /// The file system that holds `path` according to `/proc/self/mountinfo`
@@ -401,7 +439,7 @@ mountpoint = "/"
 
     fn commands(pool: &Pool) -> Vec<String> {
         let mounts = crate::datasets::mounts(pool);
-        create_commands(pool, &mounts, &["/dev/nvme0n1p3".into()], "/mnt")
+        create_commands(pool, &mounts, &["/dev/nvme0n1p3".into()], &[], "/mnt")
             .iter()
             .map(|c| c.join(" "))
             .collect()
@@ -434,6 +472,7 @@ options = { volblocksize = "16K", compression = "lz4" }
             &pool,
             &mounts,
             &["/dev/nvme0n1p3".into(), "/dev/nvme1n1p3".into()],
+            &[],
             "/mnt",
         )
         .iter()
@@ -451,6 +490,58 @@ options = { volblocksize = "16K", compression = "lz4" }
         );
         let (_, zfs) = reported_properties(&pool);
         assert!(zfs.contains(&"volsize".to_string()) && zfs.contains(&"volblocksize".to_string()));
+    }
+
+    #[test]
+    fn a_legacy_dataset_is_mounted_with_mount_in_its_turn_and_classes_follow_the_vdev() {
+        let src = r#"
+name = "t"
+[disk]
+select = { serial = "A" }
+[pool]
+root-options = { mountpoint = "/" }
+[[pool.datasets]]
+name = "old"
+mountpoint = "legacy"
+legacy-mount = "/srv/old"
+[[pool.datasets]]
+name = "srv"
+mountpoint = "/srv"
+"#;
+        let pool = Profile::parse(src, "t.toml").expect("profile").pool;
+        let mounts = crate::datasets::mounts(&pool);
+        let cmds: Vec<String> = create_commands(
+            &pool,
+            &mounts,
+            &["/dev/nvme0n1p3".into()],
+            &["cache".into(), "/dev/vda1".into()],
+            "/mnt",
+        )
+        .iter()
+        .map(|c| c.join(" "))
+        .collect();
+        assert_eq!(
+            cmds,
+            [
+                "zpool create -R /mnt -O mountpoint=/ rpool /dev/nvme0n1p3 cache /dev/vda1",
+                "zfs create -u -o mountpoint=legacy rpool/old",
+                "zfs create -u -o mountpoint=/srv rpool/srv",
+                "zfs mount rpool/srv",
+                "mount -t zfs rpool/old /mnt/srv/old",
+                "zpool set bootfs=rpool rpool",
+            ]
+        );
+        for (body, want) in [
+            ("mountpoint = \"/x\"\nlegacy-mount = \"/y\"\n", "`legacy-mount` is for a dataset whose mountpoint is `legacy`"),
+            ("mountpoint = \"legacy\"\nlegacy-mount = \"y\"\n", "is not an absolute path"),
+            ("mountpoint = \"legacy\"\nlegacy-mount = \"/srv\"\n", "mountpoint `/srv` of dataset `rpool/z` is already used"),
+            ("mountpoint = \"legacy\"\nlegacy-mount = \"/y\"\noptions = { canmount = \"off\" }\n", "cannot be mounted"),
+        ] {
+            let e = Profile::parse(&format!("{src}[[pool.datasets]]\nname = \"z\"\n{body}"), "t.toml")
+                .expect_err(want);
+            assert!(e.to_string().contains(want), "{e}");
+            assert!(e.to_string().contains("pool.datasets[2]"), "{e}");
+        }
     }
 
     #[test]

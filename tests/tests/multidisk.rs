@@ -1,11 +1,15 @@
 //! A root pool across two NVMe disks (`[disk] members`, `[pool] vdev =
-//! "mirror"`) in QEMU, from disko's example/zfs.nix translated
-//! (`tests/fixtures/disko/zfs.toml`: the pool's root dataset as `/`, a
-//! dataset without a mountpoint, a legacy one, a volume, user properties):
-//! the install lays out both disks with an ESP each and creates one mirror
-//! vdev; the installed node then boots with both disks, and with each disk
-//! removed in turn (from the ESP of the disk that is left), its check
-//! system reporting the pool ONLINE, then DEGRADED with the store intact.
+//! "mirror"`) and two data pools on three virtio disks in QEMU, from
+//! disko's example/zfs.nix (`tests/fixtures/disko/zfs.toml`: the pool's
+//! root dataset as `/`, a dataset without a mountpoint, a legacy one, a
+//! volume, user properties) with the `[[pools]]` of disko's
+//! example/non-root-zfs.nix (`non-root-zfs.toml`: `storage`, a mirror, and
+//! `storage2`, one disk) added: the install lays out both NVMe disks with
+//! an ESP each, creates the root mirror and the data pools; the installed
+//! node then boots with every disk, and with each NVMe disk removed in
+//! turn (from the ESP of the disk that is left; the second time one of
+//! `storage`'s disks is removed too), its check system reporting each
+//! pool ONLINE or DEGRADED as expected, with the store intact.
 //! Refusals leave every disk byte-identical.
 
 use std::path::{Path, PathBuf};
@@ -48,9 +52,51 @@ fn run(cfg: &VmConfig) -> String {
 /// Boots the installed node from `disks` (no stick) and returns its check
 /// report (`nodeflash-check:`).
 fn boot_disks(disks: &[Nvme]) -> serde_json::Value {
+    boot_with(disks, &[])
+}
+
+/// [`boot_disks`] with virtio disks too.
+fn boot_with(disks: &[Nvme], virtio: &[Nvme]) -> serde_json::Value {
     let mut cfg = VmConfig::new(PathBuf::new(), Boot::Disk);
     cfg.nvme = disks.to_vec();
+    cfg.virtio = virtio.to_vec();
     console_json(&run(&cfg), "nodeflash-check: ")
+}
+
+/// The `nodeflash-pool:` line of pool `name` (the data pools' come first).
+fn pool_json(console: &str, name: &str) -> serde_json::Value {
+    console
+        .lines()
+        .filter_map(|l| l.strip_prefix("nodeflash-pool: "))
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).expect("pool json"))
+        .find(|v| v["pool"] == name)
+        .unwrap_or_else(|| panic!("no nodeflash-pool line for {name}"))
+}
+
+/// The check report's data pool `name`.
+fn data_pool<'a>(check: &'a serde_json::Value, name: &str) -> &'a serde_json::Value {
+    check["data_pools"]
+        .as_array()
+        .and_then(|a| a.iter().find(|p| p["pool"] == name))
+        .unwrap_or_else(|| panic!("no data pool {name} in the check report: {check:#}"))
+}
+
+/// zfs.toml with the `[[pools]]` of non-root-zfs.toml added (they are the
+/// last part of that file), written into `dir`.
+fn zfs_with_data_pools(dir: &Path) -> PathBuf {
+    let fixtures = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("fixtures/disko");
+    let zfs = std::fs::read_to_string(fixtures.join("zfs.toml")).expect("zfs.toml");
+    let other = std::fs::read_to_string(fixtures.join("non-root-zfs.toml")).expect("non-root");
+    // From the first `[[pools]]` table (not the comment that names it).
+    let start = other
+        .find("\n[[pools]]\n")
+        .expect("a [[pools]] table in non-root-zfs.toml");
+    let pools = &other[start..];
+    let src = dir.join("src");
+    std::fs::create_dir_all(&src).expect("mkdir");
+    let path = src.join("disko-zfs-and-data-pools.toml");
+    std::fs::write(&path, format!("{zfs}\n{pools}")).expect("write the profile");
+    path
 }
 
 /// (depth, state) of the check report's vdev tree, and the leaf names.
@@ -71,12 +117,17 @@ fn tree(check: &serde_json::Value) -> Vec<(u64, String)> {
 #[test]
 fn a_mirror_installs_and_boots_from_either_disk_alone() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let fixture = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("fixtures/disko/zfs.toml");
+    let fixture = zfs_with_data_pools(dir.path());
     let iso = build_profile_file(dir.path(), &fixture);
     let a = Nvme::create(dir.path(), "a.img", GIB, "NFTEST0001").expect("disk a");
     let b = Nvme::create(dir.path(), "b.img", GIB, "NFTEST0002").expect("disk b");
+    // The data pools' disks: `storage` (c, d) and `storage2` (e).
+    let c = Nvme::create(dir.path(), "c.img", GIB / 2, "NFDATA0001").expect("disk c");
+    let d = Nvme::create(dir.path(), "d.img", GIB / 2, "NFDATA0002").expect("disk d");
+    let e = Nvme::create(dir.path(), "e.img", GIB / 2, "NFDATA0003").expect("disk e");
     let mut cfg = VmConfig::new(iso.clone(), Boot::UsbStick);
     cfg.nvme = vec![a.clone(), b.clone()];
+    cfg.virtio = vec![c.clone(), d.clone(), e.clone()];
     let console = run(&cfg);
     assert_console(&console, "nodeflash: done in");
     assert_console(&console, "plan: disk 1 of 2 of pool zroot:");
@@ -90,7 +141,48 @@ fn a_mirror_installs_and_boots_from_either_disk_alone() {
         "plan:   zvol zroot/zfs_testvolume volsize=10.0 MiB (10485760 bytes)",
     );
     assert_console(&console, "pool zroot created on mirror /dev/nvme");
-    let pool = console_json(&console, "nodeflash-pool: ");
+    assert_console(
+        &console,
+        "plan:   dataset zroot/zfs_legacy_fs mountpoint=legacy canmount=on, mounted at /zfs_legacy_fs (mount -t zfs)\n",
+    );
+    assert_console(
+        &console,
+        "plan: mounts, parents first: / (zroot), /zfs_fs (zroot/zfs_fs), /zfs_legacy_fs (zroot/zfs_legacy_fs)\n",
+    );
+    assert_console(
+        &console,
+        "plan: data pool storage: one mirror vdev of /dev/vda1, /dev/vdb1 (the pool survives 1 of 2 disks lost)",
+    );
+    assert_console(
+        &console,
+        "plan:   dataset storage/dataset mountpoint=/storage/dataset canmount=on, mounted",
+    );
+    assert_console(
+        &console,
+        "plan:   dataset storage2 mountpoint=/storage2 canmount=off\n",
+    );
+    assert_console(
+        &console,
+        "data pool storage created on mirror /dev/vda1 /dev/vdb1",
+    );
+    assert_console(&console, "data pool storage2 created on /dev/vdc1");
+    let hostid = pool_json(&console, "zroot")["hostid"].clone();
+    for (name, datasets) in [
+        ("storage", ["storage", "storage/dataset"]),
+        ("storage2", ["storage2", "storage2/dataset"]),
+    ] {
+        let p = pool_json(&console, name);
+        assert_eq!(p["pool_properties"]["health"], "ONLINE", "{p:#}");
+        // The node's host ID in the labels: the installed system imports it.
+        assert_eq!(p["hostid"], hostid, "{p:#}");
+        let got: Vec<&String> = p["datasets"]
+            .as_object()
+            .expect("datasets")
+            .keys()
+            .collect();
+        assert_eq!(got, datasets, "{p:#}");
+    }
+    let pool = pool_json(&console, "zroot");
     assert_eq!(pool["pool_properties"]["health"], "ONLINE", "{pool:#}");
     // What disko's example describes, as ZFS reports it.
     let ds = &pool["datasets"];
@@ -116,8 +208,41 @@ fn a_mirror_installs_and_boots_from_either_disk_alone() {
     }
     let digest = payload_digest(&iso);
 
-    let both = boot_disks(&[a.clone(), b.clone()]);
+    let data = [c.clone(), d.clone(), e.clone()];
+    let both = boot_with(&[a.clone(), b.clone()], &data);
     assert_eq!(both["problems"], serde_json::json!([]), "{both:#}");
+    // The data pools as disko's example describes them, mounted by the check.
+    let storage = data_pool(&both, "storage");
+    assert_eq!(storage["health"], "ONLINE", "{both:#}");
+    assert_eq!(
+        tree(storage),
+        [
+            (0, "ONLINE".to_string()),
+            (1, "ONLINE".to_string()),
+            (2, "ONLINE".to_string()),
+            (2, "ONLINE".to_string())
+        ],
+        "{both:#}"
+    );
+    assert_eq!(
+        storage["mounted"],
+        serde_json::json!([
+            { "dataset": "storage", "mountpoint": "/storage" },
+            { "dataset": "storage/dataset", "mountpoint": "/storage/dataset" }
+        ]),
+        "{both:#}"
+    );
+    let storage2 = data_pool(&both, "storage2");
+    assert_eq!(storage2["health"], "ONLINE", "{both:#}");
+    assert_eq!(
+        storage2["datasets"]["storage2"]["canmount"], "off",
+        "{both:#}"
+    );
+    assert_eq!(
+        storage2["mounted"],
+        serde_json::json!([{ "dataset": "storage2/dataset", "mountpoint": "/storage2/dataset" }]),
+        "{both:#}"
+    );
     assert_eq!(both["health"], "ONLINE");
     assert_eq!(
         tree(&both),
@@ -136,6 +261,42 @@ fn a_mirror_installs_and_boots_from_either_disk_alone() {
         "{both:#}"
     );
     assert_eq!(both["store"]["digest"], digest.as_str());
+    // The install report records every disk it wrote, with its pool.
+    let written: Vec<(String, String)> = both["install_disks"]
+        .as_array()
+        .expect("install_disks")
+        .iter()
+        .map(|d| {
+            (
+                d["pool"].as_str().expect("pool").to_string(),
+                d["disk"]["serial"].as_str().expect("serial").to_string(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        written,
+        [
+            ("zroot", "NFTEST0001"),
+            ("zroot", "NFTEST0002"),
+            ("storage", "NFDATA0001"),
+            ("storage", "NFDATA0002"),
+            ("storage2", "NFDATA0003")
+        ]
+        .map(|(p, s)| (p.to_string(), s.to_string())),
+        "{both:#}"
+    );
+    // The legacy dataset, mounted where the profile says by `mount -t zfs`.
+    assert!(
+        both["mounted"]
+            .as_array()
+            .expect("mounted")
+            .contains(&serde_json::json!({
+                "dataset": "zroot/zfs_legacy_fs",
+                "mountpoint": "/zfs_legacy_fs",
+                "legacy": true
+            })),
+        "{both:#}"
+    );
     let mut names: Vec<&String> = both["datasets"]
         .as_object()
         .expect("datasets")
@@ -170,20 +331,49 @@ fn a_mirror_installs_and_boots_from_either_disk_alone() {
         );
     }
 
-    // Each disk alone: it boots from its own ESP, the pool is DEGRADED
-    // (one side of the mirror missing) and the store is whole.
-    for (left, gone) in [(&a, &b), (&b, &a)] {
-        let check = boot_disks(std::slice::from_ref(left));
+    // Each NVMe disk alone: it boots from its own ESP, the root pool is
+    // DEGRADED (one side of the mirror missing) and the store is whole.
+    // With b alone, `storage` lost disk d too: DEGRADED; `storage2` is whole.
+    for (left, gone, virtio) in [
+        (&a, &b, vec![c.clone(), d.clone(), e.clone()]),
+        (&b, &a, vec![c.clone(), e.clone()]),
+    ] {
+        let check = boot_with(std::slice::from_ref(left), &virtio);
         assert_eq!(
             check["health"], "DEGRADED",
             "{} alone: {check:#}",
             left.serial
         );
+        let storage_lost_one = virtio.len() == 2;
+        let mut problems = vec!["pool zroot is DEGRADED, not ONLINE"];
+        if storage_lost_one {
+            problems.push("pool storage is DEGRADED, not ONLINE");
+        }
         assert_eq!(
             check["problems"],
-            serde_json::json!(["pool zroot is DEGRADED, not ONLINE"]),
+            serde_json::json!(problems),
             "{} alone: {check:#}",
             left.serial
+        );
+        let storage = data_pool(&check, "storage");
+        assert_eq!(
+            storage["health"],
+            if storage_lost_one {
+                "DEGRADED"
+            } else {
+                "ONLINE"
+            },
+            "{check:#}"
+        );
+        assert_eq!(
+            storage["mounted"].as_array().map(Vec::len),
+            Some(2),
+            "{check:#}"
+        );
+        assert_eq!(
+            data_pool(&check, "storage2")["health"],
+            "ONLINE",
+            "{check:#}"
         );
         let t = tree(&check);
         assert_eq!(
