@@ -21,6 +21,7 @@ use crate::initramfs::{Initramfs, Source};
 use crate::inputs::{BuildInputs, LockMode, PackageVersion, Provider};
 use crate::kmod::ModuleIndex;
 use crate::{elf, iso, steps, tools};
+use nodeflash_installer::units::human_bytes;
 
 /// Modules every image loads (their dependencies are resolved from
 /// `.modinfo`): boot media, disks, common NICs and ZFS.
@@ -521,6 +522,19 @@ pub fn build(opts: &BuildOptions) -> Result<BuildSummary> {
             )
         })
     })?;
+    // The cache's bound, after every build: what this one uses is kept.
+    let max = Cache::max_bytes_from_env()?;
+    let mut keep = vec![initrd.as_path(), efi.as_path(), cached_iso.as_path()];
+    keep.extend(packed.iter().map(|p| p.path.as_path()));
+    let gc = opts.cache.gc(max, &keep)?;
+    if gc.removed > 0 {
+        steps::note(&format!(
+            "cache bound {}: evicted {} least recently used payloads, frames and images ({})",
+            human_bytes(max),
+            gc.removed,
+            human_bytes(gc.removed_bytes)
+        ));
+    }
     let tmp = opts.out_dir.join(format!(".{name}.iso.tmp"));
     std::fs::copy(&cached_iso, &tmp).with_context(|| format!("cannot write {}", tmp.display()))?;
     std::fs::rename(&tmp, &iso_path)

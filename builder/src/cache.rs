@@ -110,10 +110,12 @@ impl Cache {
     }
 }
 
-/// The kinds of entry the size bound applies to: packed payloads and the
-/// frames of their units. Everything else in the cache (packages, extracted
-/// trees, compiled modules) is pinned by a lock and kept.
-pub const BOUNDED_KINDS: [&str; 2] = ["payload", "frames"];
+/// The kinds of entry the size bound applies to: what each build makes
+/// anew when its inputs change (packed payloads, the frames of their units,
+/// initramfs, EFI images and ISOs, one of each per installer binary and
+/// profile). Everything else in the cache (packages, extracted trees,
+/// compiled modules) is pinned by a lock and kept.
+pub const BOUNDED_KINDS: [&str; 5] = ["payload", "frames", "initrd", "efi", "iso"];
 
 /// The size bound of [`BOUNDED_KINDS`] unless `NODEFLASH_CACHE_MAX` says
 /// otherwise: 20 GiB.
@@ -257,7 +259,7 @@ mod tests {
         let cache = Cache::at(t.path().to_path_buf()).expect("cache");
         let base = SystemTime::now() - Duration::from_secs(3600);
         let mut paths = Vec::new();
-        for (i, kind) in ["payload", "frames", "frames", "payload", "frames"]
+        for (i, kind) in ["payload", "iso", "frames", "initrd", "efi"]
             .iter()
             .enumerate()
         {

@@ -112,8 +112,8 @@ enum Command {
         #[command(subcommand)]
         command: PayloadCommand,
     },
-    /// Bound the cache: evict the least recently used payloads and frames
-    /// (docs/payload.md, "The frame cache").
+    /// Bound the cache: evict the least recently used payloads, frames and
+    /// images (docs/payload.md, "Cache bounds").
     #[command(after_help = examples!("nodeflash cache gc --max-size 5GiB"))]
     Cache {
         #[command(subcommand)]
@@ -277,12 +277,13 @@ struct FlashArgs {
 
 #[derive(Debug, Subcommand)]
 enum CacheCommand {
-    /// Evict the least recently used payloads and frames until they hold at
-    /// most the bound; packages, extracted trees and compiled modules stay.
+    /// Evict the least recently used payloads, frames, initramfs, EFI images
+    /// and ISOs until they hold at most the bound; packages, extracted trees
+    /// and compiled modules stay.
     #[command(after_help = examples!(
         "nodeflash cache gc   # down to NODEFLASH_CACHE_MAX, default 20GiB",
         "nodeflash cache gc --max-size 5GiB",
-        "nodeflash cache gc --max-size 0   # drop every payload and frame",
+        "nodeflash cache gc --max-size 0   # drop every payload, frame and image",
     ))]
     Gc(GcArgs),
 }

@@ -142,16 +142,6 @@ pub fn prepare(
             pack_source(&source, system, out, p.level, cache)
         })
     })?;
-    let max = Cache::max_bytes_from_env()?;
-    let gc = cache.gc(max, &[&path])?;
-    if gc.removed > 0 {
-        steps::note(&format!(
-            "cache bound {:.1} GiB: evicted {} least recently used payloads and frames ({:.1} MiB)",
-            max as f64 / f64::from(1 << 30),
-            gc.removed,
-            mib(gc.removed_bytes)
-        ));
-    }
     let opened = Payload::open(
         std::fs::File::open(&path).with_context(|| format!("cannot open {}", path.display()))?,
     )
