@@ -4,22 +4,17 @@
 //! `ProgressReader` (src/download.rs) does: on a terminal an indicatif bar
 //! (or spinner) that is cleared when it ends; on a log (a pipe, a file, the
 //! installer's consoles) a plain line every few seconds, and only when the
-//! caller gave one; nothing when quiet.
+//! caller gave one; nothing when quiet. The bar needs the feature
+//! `terminal` (the builder's); without it a terminal is a log.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
-
-/// The bar of a copy whose size is known: `{msg} [elapsed] bar done/total rate eta`.
-const BYTES_TEMPLATE: &str =
-    "    {msg} [{elapsed_precise}] {bar:30} {bytes}/{total_bytes} {binary_bytes_per_sec} {eta}";
-
-/// The spinner of a step of unknown length: `{msg} elapsed`.
-const SPINNER_TEMPLATE: &str = "    {spinner} {msg} {elapsed}";
 
 /// Where progress goes.
 #[derive(Clone, Copy, Debug)]
 pub enum Output {
     /// A terminal: a bar drawn on stderr.
+    #[cfg(feature = "terminal")]
     Terminal,
     /// A log: the caller's plain lines, each printed by this function.
     Log(fn(&str)),
@@ -31,19 +26,40 @@ impl Output {
     /// stderr as it is: [`Output::Terminal`] when it is a terminal, else a
     /// log of plain lines on stderr; [`Output::Silent`] when `quiet`.
     pub fn stderr(quiet: bool) -> Self {
+        #[cfg(feature = "terminal")]
         use std::io::IsTerminal;
         if quiet {
-            Output::Silent
-        } else if std::io::stderr().is_terminal() {
-            Output::Terminal
-        } else {
-            Output::Log(eprint_line)
+            return Output::Silent;
         }
+        #[cfg(feature = "terminal")]
+        if std::io::stderr().is_terminal() {
+            return Output::Terminal;
+        }
+        Output::Log(eprint_line)
     }
 }
 
 fn eprint_line(line: &str) {
     eprintln!("{line}");
+}
+
+/// A terminal's bar.
+#[cfg(feature = "terminal")]
+pub type Bar = indicatif::ProgressBar;
+
+/// Without the feature `terminal` there is never a bar.
+#[cfg(not(feature = "terminal"))]
+#[derive(Clone, Debug)]
+pub enum Bar {}
+
+#[cfg(not(feature = "terminal"))]
+impl Bar {
+    fn set_position(&self, _: u64) {
+        match *self {}
+    }
+    fn finish_and_clear(&self) {
+        match *self {}
+    }
 }
 
 /// A plain progress line from the bytes done and the time since the start.
@@ -52,7 +68,7 @@ type LineFn<'a> = Box<dyn Fn(u64, Duration) -> String + Send + Sync + 'a>;
 /// One long copy or step under way; the bar is cleared when it is
 /// finished or dropped.
 pub struct Progress<'a> {
-    bar: Option<indicatif::ProgressBar>,
+    bar: Option<Bar>,
     log: Option<fn(&str)>,
     line: Option<LineFn<'a>>,
     interval: Duration,
@@ -60,43 +76,35 @@ pub struct Progress<'a> {
     last_line: Instant,
 }
 
+/// What a terminal shows.
+#[cfg_attr(not(feature = "terminal"), allow(dead_code))]
+enum Style {
+    /// Bytes done of a total (a byte-counting spinner when it is not known).
+    Bytes(Option<u64>),
+    /// A spinner with the elapsed time.
+    Spinner,
+}
+
 impl<'a> Progress<'a> {
     /// A copy of `total` bytes (a spinner that counts bytes when the total
     /// is not known), named `what`.
     pub fn bytes(what: &str, total: Option<u64>, out: Output) -> Self {
-        Self::with_bar(out, || {
-            let bar = match total {
-                Some(n) => indicatif::ProgressBar::new(n),
-                None => indicatif::ProgressBar::new_spinner(),
-            };
-            bar.set_style(
-                indicatif::ProgressStyle::with_template(BYTES_TEMPLATE)
-                    .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
-            );
-            bar.set_message(what.to_string());
-            bar
-        })
+        Self::start(out, what, Style::Bytes(total))
     }
 
     /// A step of unknown length named `what`: on a terminal a spinner with
     /// the elapsed time, ticking by itself.
     pub fn spinner(what: &str, out: Output) -> Self {
-        Self::with_bar(out, || {
-            let bar = indicatif::ProgressBar::new_spinner();
-            bar.set_style(
-                indicatif::ProgressStyle::with_template(SPINNER_TEMPLATE)
-                    .unwrap_or_else(|_| indicatif::ProgressStyle::default_spinner()),
-            );
-            bar.set_message(what.to_string());
-            bar.enable_steady_tick(Duration::from_millis(200));
-            bar
-        })
+        Self::start(out, what, Style::Spinner)
     }
 
-    fn with_bar(out: Output, bar: impl FnOnce() -> indicatif::ProgressBar) -> Self {
+    fn start(out: Output, what: &str, style: Style) -> Self {
+        #[cfg(not(feature = "terminal"))]
+        let _ = (what, style);
         let now = Instant::now();
         let (bar, log) = match out {
-            Output::Terminal => (Some(bar()), None),
+            #[cfg(feature = "terminal")]
+            Output::Terminal => (Some(terminal::bar(what, style)), None),
             Output::Log(f) => (None, Some(f)),
             Output::Silent => (None, None),
         };
@@ -123,7 +131,7 @@ impl<'a> Progress<'a> {
     }
 
     /// The terminal's bar, if there is one (to print notes above it).
-    pub fn bar(&self) -> Option<&indicatif::ProgressBar> {
+    pub fn bar(&self) -> Option<&Bar> {
         self.bar.as_ref()
     }
 
@@ -170,6 +178,43 @@ impl Drop for Progress<'_> {
         if let Some(bar) = self.bar.take() {
             bar.finish_and_clear();
         }
+    }
+}
+
+#[cfg(feature = "terminal")]
+mod terminal {
+    use super::Style;
+    use indicatif::{ProgressBar, ProgressStyle};
+    use std::time::Duration;
+
+    /// `{msg} [elapsed] bar done/total rate eta`.
+    const BYTES_TEMPLATE: &str =
+        "    {msg} [{elapsed_precise}] {bar:30} {bytes}/{total_bytes} {binary_bytes_per_sec} {eta}";
+
+    /// `{spinner} {msg} elapsed`.
+    const SPINNER_TEMPLATE: &str = "    {spinner} {msg} {elapsed}";
+
+    /// The bar of `style` named `what`.
+    pub fn bar(what: &str, style: Style) -> ProgressBar {
+        let bar = match style {
+            Style::Bytes(Some(n)) => ProgressBar::new(n),
+            Style::Bytes(None) | Style::Spinner => ProgressBar::new_spinner(),
+        };
+        match style {
+            Style::Bytes(_) => bar.set_style(
+                ProgressStyle::with_template(BYTES_TEMPLATE)
+                    .unwrap_or_else(|_| ProgressStyle::default_bar()),
+            ),
+            Style::Spinner => {
+                bar.set_style(
+                    ProgressStyle::with_template(SPINNER_TEMPLATE)
+                        .unwrap_or_else(|_| ProgressStyle::default_spinner()),
+                );
+                bar.enable_steady_tick(Duration::from_millis(200));
+            }
+        }
+        bar.set_message(what.to_string());
+        bar
     }
 }
 
