@@ -1589,7 +1589,9 @@ mod tests {
         let machine = facts(vec![disk("nvme0n1", 2, "A"), disk("nvme1n1", 3, "B")]);
         // 2 GiB disks less ESP and swap: about 1.2 GiB of mirror.
         plan(&prof("1GiB"), &machine).expect("fits");
-        let e = plan(&prof("2GiB"), &machine).expect_err("too big").to_string();
+        let e = plan(&prof("2GiB"), &machine)
+            .expect_err("too big")
+            .to_string();
         assert!(
             e.contains("the volumes of pool rpool need 2.0 GiB")
                 && e.contains("rpool/vm 2.0 GiB")
