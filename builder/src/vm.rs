@@ -839,6 +839,35 @@ mod tests {
     }
 
     #[test]
+    fn virtio_disks_come_after_the_nvme_disks() {
+        with_fake_ovmf(|_| {
+            let dir = tempfile::tempdir().expect("tempdir");
+            let mut m = Machine::new(PathBuf::from("/images/q.iso"), Boot::Disk);
+            for (list, image, serial) in [
+                (&mut m.nvme, "/d/n.img", "NFTEST0001"),
+                (&mut m.virtio, "/d/v.img", "NFDATA0001"),
+            ] {
+                list.push(Nvme {
+                    image: PathBuf::from(image),
+                    serial: serial.into(),
+                    logical_block_size: 512,
+                    latency_secs: None,
+                });
+            }
+            let c = command(&m, false, &Console::Terminal, dir.path()).expect("command");
+            let a = args(&c).join(" ");
+            assert!(
+                a.ends_with(
+                    "serial=NFTEST0001,logical_block_size=512,physical_block_size=512,bootindex=1 \
+                     -drive if=none,id=vd0,format=raw,file=/d/v.img \
+                     -device virtio-blk-pci,drive=vd0,serial=NFDATA0001"
+                ),
+                "{a}"
+            );
+        });
+    }
+
+    #[test]
     fn stick_and_disk_command_lines() {
         with_fake_ovmf(|fw| {
             let dir = tempfile::tempdir().expect("tempdir");

@@ -479,4 +479,32 @@ fn member_selections_that_do_not_resolve_leave_every_disk_unchanged() {
     assert_console(&console, "disk nvme1n1 is not empty");
     assert_console(&console, "nothing was written");
     assert_eq!((a.sha256(), b.sha256()), before, "a disk was changed");
+    // A data pool's disk rules match two virtio disks: refused, with the
+    // root pool's disks resolved and empty, and no disk written.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let iso = build_variant(
+        dir.path(),
+        "qemu",
+        |p| {
+            format!(
+                "{p}\n[[pools]]\nname = \"tank\"\ndisks = [ {{ bus = \"virtio\", min-size = \"100MiB\" }} ]\n"
+            )
+        },
+        &[],
+    );
+    let a = Nvme::create(dir.path(), "a.img", 2 * GIB, "NFTEST0001").expect("disk a");
+    let c = Nvme::create(dir.path(), "c.img", GIB / 4, "NFDATA0001").expect("disk c");
+    let d = Nvme::create(dir.path(), "d.img", GIB / 4, "NFDATA0002").expect("disk d");
+    let before: Vec<String> = [&a, &c, &d].iter().map(|x| x.sha256()).collect();
+    let mut cfg = VmConfig::new(iso, Boot::UsbStick);
+    cfg.nvme = vec![a.clone()];
+    cfg.virtio = vec![c.clone(), d.clone()];
+    let console = run(&cfg);
+    assert_console(
+        &console,
+        "2 disks match the profile's [[pools]] tank disks[0] rules, refusing to guess",
+    );
+    assert_console(&console, "nodeflash: FAILED");
+    let after: Vec<String> = [&a, &c, &d].iter().map(|x| x.sha256()).collect();
+    assert_eq!(after, before, "a disk was changed");
 }
