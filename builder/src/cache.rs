@@ -148,7 +148,8 @@ impl Cache {
     /// modification time ([`Cache::file`] and the packer's frame cache set
     /// it on every hit). `keep` is never removed (what the running build
     /// uses); temporary files (names starting with `.` or ending in `.tmp`)
-    /// are left alone.
+    /// are left alone. Builds that share the cache may run it at once: an
+    /// entry another one removed first counts as removed.
     /// Errors name the entry that cannot be read or removed.
     pub fn gc(&self, max_bytes: u64, keep: &[&Path]) -> Result<GcStats> {
         let mut entries = Vec::new();
@@ -167,8 +168,14 @@ impl Cache {
                     continue;
                 }
                 let path = e.path();
-                let meta = std::fs::symlink_metadata(&path)
-                    .with_context(|| format!("cannot stat {}", path.display()))?;
+                // Another build's gc may have removed it since the listing.
+                let meta = match std::fs::symlink_metadata(&path) {
+                    Ok(m) => m,
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                    Err(e) => {
+                        return Err(e).with_context(|| format!("cannot stat {}", path.display()))
+                    }
+                };
                 if !meta.is_file() {
                     continue;
                 }
@@ -184,8 +191,13 @@ impl Cache {
         let mut stats = GcStats::default();
         for (_, path, len) in entries {
             if total > max_bytes && !keep.iter().any(|k| *k == path) {
-                std::fs::remove_file(&path)
-                    .with_context(|| format!("cannot remove {}", path.display()))?;
+                match std::fs::remove_file(&path) {
+                    Ok(()) => {}
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                    Err(e) => {
+                        return Err(e).with_context(|| format!("cannot remove {}", path.display()))
+                    }
+                }
                 total -= len;
                 stats.removed += 1;
                 stats.removed_bytes += len;

@@ -64,15 +64,7 @@ pub(crate) fn links_up() {
 
 /// The kernel names of the whole disks (`/sys/block`), sorted.
 fn whole_disks() -> Vec<String> {
-    let mut names: Vec<String> = std::fs::read_dir("/sys/block")
-        .map(|rd| {
-            rd.flatten()
-                .map(|e| e.file_name().to_string_lossy().into_owned())
-                .collect()
-        })
-        .unwrap_or_default();
-    names.sort();
-    names
+    crate::facts::sorted_entries(Path::new("/sys/block"))
 }
 
 /// Reads the ISO 9660 primary volume descriptor of a device (sector 16 of

@@ -112,7 +112,7 @@ pub(crate) fn install(profile: &Profile, info: &ImageInfo, started: Instant) -> 
     if let Some(store) = &store {
         phases.start("payload pre-read");
         let checked = preread_store(store)?;
-        read_mb_s = checked.bytes as f64 / checked.secs.max(1e-6) / 1e6;
+        read_mb_s = crate::units::mb_per_s(checked.bytes, checked.secs);
         phases.end_bytes(checked.bytes);
     }
     if info.boot.is_none() {
@@ -162,11 +162,15 @@ pub(crate) fn install(profile: &Profile, info: &ImageInfo, started: Instant) -> 
             .map(|(_, start, len)| (start, len))
             .collect();
         let layout = crate::disk::partition_file(d, &dev, file, &old)?;
+        let esp = if layout.esp_volume_id.is_empty() {
+            String::new()
+        } else {
+            format!(", ESP FAT32 volume {}", layout.esp_volume_id)
+        };
         say!(
-            "partitioned {}: GPT disk GUID {}, ESP FAT32 volume {}",
+            "partitioned {}: GPT disk GUID {}{esp}",
             dev.display(),
-            layout.disk_guid,
-            layout.esp_volume_id
+            layout.disk_guid
         );
         for p in &layout.partitions {
             say!("  {} {:?} partition GUID {}", p.device, p.kind, p.guid);
@@ -297,7 +301,19 @@ pub(crate) fn install(profile: &Profile, info: &ImageInfo, started: Instant) -> 
     // From here on the pool is imported again, as the installed system will
     // import it, and exported at the end whatever happens.
     phases.start("export and import");
-    let facts = check_pool(profile, &zfs_devs)?;
+    // The special, log and cache disks too: a pool without its log device
+    // does not import without -m, one without its special device not at all.
+    let root_devs: Vec<String> = zfs_devs
+        .iter()
+        .cloned()
+        .chain(
+            plan.aux
+                .iter()
+                .flat_map(|c| &c.disks)
+                .map(|m| m.zfs_device()),
+        )
+        .collect();
+    let facts = check_pool(profile, &root_devs)?;
     report.pool.guid = facts
         .pool_properties
         .get("guid")
@@ -724,9 +740,9 @@ fn report_store(c: &Copied, raw: f64, digest: String) -> Result<crate::report::P
         bytes,
         payload_bytes,
         copy_secs: c.secs,
-        copy_mb_s: bytes as f64 / c.secs.max(1e-6) / 1e6,
+        copy_mb_s: crate::units::mb_per_s(bytes, c.secs),
         raw_read_mb_s: raw,
-        copy_to_read_ratio: c.secs / (payload_bytes as f64 / 1e6 / raw.max(1e-6)).max(1e-6),
+        copy_to_read_ratio: c.secs / (crate::units::mb(payload_bytes) / raw.max(1e-6)).max(1e-6),
         verified: digest == crate::payload::digest(&c.manifest.entries),
         tree_digest: digest,
     };
@@ -982,9 +998,9 @@ fn finish_open(
     say!(
         "store: {} files, {:.1} MiB in {} store paths ({:.1} MiB packed on {}), {workers} workers",
         payload.manifest.files(),
-        payload.manifest.bytes() as f64 / MIB,
+        crate::units::mib(payload.manifest.bytes()),
         payload.manifest.store_paths().len(),
-        len as f64 / MIB,
+        crate::units::mib(len),
         source
     );
     if let Some(system) = system {
@@ -1000,7 +1016,7 @@ fn finish_open(
         say!(
             "store: this node's closure is {} files, {:.1} MiB in {} store paths",
             written.files(),
-            written.bytes() as f64 / MIB,
+            crate::units::mib(written.bytes()),
             written.store_paths().len()
         );
     }
@@ -1010,8 +1026,6 @@ fn finish_open(
         workers,
     }))
 }
-
-const MIB: f64 = crate::units::MIB as f64;
 
 /// Reads the whole payload once, sequentially, and checks every frame
 /// against its sha256 in the manifest ([`Payload::check_frames`]) before
@@ -1026,7 +1040,7 @@ fn preread_store(store: &Store) -> Result<crate::payload::FramesChecked> {
     let available = mem_available();
     say!(
         "store: checking every frame of the payload ({:.1} MiB) before the disk is touched",
-        len as f64 / MIB
+        crate::units::mib(len)
     );
     let damaged = || match &store.source {
         Source::File(file) => format!(
@@ -1060,8 +1074,8 @@ fn preread_store(store: &Store) -> Result<crate::payload::FramesChecked> {
             let (_, _, read) = c.snapshot();
             format!(
                 "store: checked {:.1}/{:.1} MiB of the payload",
-                read as f64 / MIB,
-                frames_len as f64 / MIB
+                crate::units::mib(read),
+                crate::units::mib(frames_len)
             )
         },
         || {
@@ -1080,19 +1094,19 @@ fn preread_store(store: &Store) -> Result<crate::payload::FramesChecked> {
         }
         (_, Some(a)) if len <= a / 2 => format!(
             "it fits in the memory to spare ({:.0} MiB available), so the copy reads it from the page cache",
-            a as f64 / MIB
+            crate::units::mib(a)
         ),
         (_, Some(a)) => format!(
             "it is larger than the memory to spare ({:.0} MiB available): the copy reads the stick \
              a second time, and checks every file again as it writes",
-            a as f64 / MIB
+            crate::units::mib(a)
         ),
         (_, None) => "the memory available is not known (no /proc/meminfo)".to_string(),
     };
     say!(
         "store: payload checked before the disk is touched: {} frames, {:.1} MiB in {:.1}s ({:.1} MB/s); {cached}",
         checked.frames,
-        checked.bytes as f64 / MIB,
+        crate::units::mib(checked.bytes),
         checked.secs,
         crate::units::mb_per_s(checked.bytes, checked.secs)
     );
@@ -1279,7 +1293,7 @@ fn raw_read_speed(file: &Path) -> Result<f64> {
         }
         n += r as u64;
     }
-    Ok(n as f64 / t.elapsed().as_secs_f64().max(1e-6) / 1e6)
+    Ok(crate::units::mb_per_s(n, t.elapsed().as_secs_f64()))
 }
 
 #[cfg(test)]

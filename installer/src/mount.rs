@@ -67,7 +67,7 @@ impl Mounts {
 
     /// Unmounts everything in reverse order, each even when another failed.
     ///
-    /// Errors: the last unmount that failed, naming its target.
+    /// Errors: the first unmount that failed, naming its target.
     pub fn unmount(mut self) -> Result<()> {
         let flags = if self.detach {
             MntFlags::MNT_DETACH
@@ -77,7 +77,9 @@ impl Mounts {
         let mut result = Ok(());
         while let Some(target) = self.targets.pop() {
             if let Err(e) = nix::mount::umount2(&target, flags) {
-                result = Err(anyhow::anyhow!("cannot unmount {}: {e}", target.display()));
+                if result.is_ok() {
+                    result = Err(anyhow::anyhow!("cannot unmount {}: {e}", target.display()));
+                }
             }
         }
         result

@@ -129,18 +129,21 @@ pub fn flake_module(profile: &crate::profile::Profile, source: &str) -> String {
     t.push_str(&extra_pools(&data_pools).replace("  boot.", "    boot."));
     // `zfsutil` mounts a dataset whose mountpoint ZFS manages; a legacy
     // one is mounted as plain `mount -t zfs` does (mount.zfs refuses
-    // `zfsutil` on it).
+    // `zfsutil` on it). A data pool's legacy dataset is `nofail`: a missing
+    // data disk must not hold up the boot (see `extra_pools`).
+    let root_pool = profile.pool.name.to_string();
     for (mp, dataset, legacy) in zfs_mounts(profile) {
+        let in_root_pool = dataset.split('/').next() == Some(root_pool.as_str());
+        let option = match (legacy, in_root_pool) {
+            (false, _) => " options = [ \"zfsutil\" ];",
+            (true, true) => "",
+            (true, false) => " options = [ \"nofail\" ];",
+        };
         let _ = writeln!(
             t,
-            "    fileSystems.{} = {{ device = {}; fsType = \"zfs\";{} }};",
+            "    fileSystems.{} = {{ device = {}; fsType = \"zfs\";{option} }};",
             quote(&mp),
             quote(&dataset),
-            if legacy {
-                ""
-            } else {
-                " options = [ \"zfsutil\" ];"
-            }
         );
     }
     // With several disks, any one may be missing: the boot goes on.
@@ -547,7 +550,7 @@ mod tests {
         for want in [
             "    boot.zfs.extraPools = [ \"tank\" ];\n",
             "    fileSystems.\"/old\" = { device = \"rpool/safe/older\"; fsType = \"zfs\"; };\n",
-            "    fileSystems.\"/a\" = { device = \"tank/a\"; fsType = \"zfs\"; };\n",
+            "    fileSystems.\"/a\" = { device = \"tank/a\"; fsType = \"zfs\"; options = [ \"nofail\" ]; };\n",
             "    fileSystems.\"/nix\" = { device = \"rpool/local/nix\"; fsType = \"zfs\"; options = [ \"zfsutil\" ]; };\n",
         ] {
             assert!(text.contains(want), "{want}\n{text}");

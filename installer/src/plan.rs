@@ -574,9 +574,10 @@ pub fn plan_with(profile: &Profile, select: &DiskSelect, facts: &Facts) -> Resul
 /// written: their `volsize`s together (each reserves at least its volsize,
 /// `refreservation`, zfsprops(7)) against an upper bound of the pool's
 /// space: the data vdev's capacity (a mirror: one member; raidzN: all but
-/// N members; the ZFS partitions, all of one size) less ZFS's slop space,
-/// 1/32 of it and at least 128 MiB (`spa_slop_shift` and `spa_min_slop`
-/// in OpenZFS 2.1's `module/zfs/spa_misc.c`). Metadata and raidz padding
+/// N members; the ZFS partitions, all of one size) less ZFS's slop space:
+/// 1/32 of it, at most 128 GiB, and at least 128 MiB or half a smaller
+/// pool (`spa_get_slop_space`: `spa_slop_shift`, `spa_max_slop`,
+/// `spa_min_slop` in OpenZFS 2.1's `module/zfs/spa_misc.c`). Metadata and raidz padding
 /// take more, so this refuses only what can never fit; `zfs create` still
 /// has the last word.
 fn check_room(pool: &str, vdev: Vdev, disks: &[Member], zvols: &[(String, u64)]) -> Result<()> {
@@ -601,7 +602,7 @@ fn check_room(pool: &str, vdev: Vdev, disks: &[Member], zvols: &[(String, u64)])
         Vdev::Raidz1 => member * n.saturating_sub(1),
         Vdev::Raidz2 => member * n.saturating_sub(2),
     };
-    let slop = (raw / 32).max(128 << 20);
+    let slop = (raw / 32).min(128 << 30).max((raw / 2).min(128 << 20));
     let room = raw.saturating_sub(slop);
     if wanted > room {
         bail!(

@@ -1690,6 +1690,27 @@ impl Profile {
                             ),
                         ));
                     }
+                    // What the installed system needs from the root pool;
+                    // a data pool mounted over it hides it once imported.
+                    let covers = |sys: &str| {
+                        sys == m.mountpoint
+                            || sys.starts_with(&format!("{}/", m.mountpoint))
+                            || m.mountpoint.starts_with(&format!("{sys}/"))
+                    };
+                    if let Some(sys) = ["/boot", "/etc", "/nix/store"]
+                        .into_iter()
+                        .find(|s| covers(s))
+                    {
+                        return Err((
+                            None,
+                            prefix.to_string(),
+                            format!(
+                                "dataset {} of data pool {name} is mounted at {}, over {sys}, \
+                                 which the installed system needs from the root pool ([pool])",
+                                m.dataset, m.mountpoint
+                            ),
+                        ));
+                    }
                     if let Some((_, other)) = mounts.iter().find(|(mp, _)| *mp == m.mountpoint) {
                         return Err((
                             None,
@@ -1952,6 +1973,12 @@ select = { serial = "S1" }
             "pools[0]",
             "[[pools]]",
             "the root file system comes from the root pool",
+        );
+        refused(
+            &tank("disks = [ { serial = \"D1\" } ]\nroot-options = { mountpoint = \"/nix\" }\n"),
+            "pools[0]",
+            "[[pools]]",
+            "mounted at /nix, over /nix/store, which the installed system needs from the root pool",
         );
         refused(
             &tank("disks = [ { serial = \"D1\" } ]\n[[pools.datasets]]\nname = \"a/b\"\n"),

@@ -111,7 +111,7 @@ pub fn phase(name: String, secs: f64, bytes: Option<u64>) -> Phase {
         name,
         secs,
         bytes,
-        mb_s: bytes.map(|b| b as f64 / secs.max(1e-6) / 1e6),
+        mb_s: bytes.map(|b| crate::units::mb_per_s(b, secs)),
     }
 }
 

@@ -196,7 +196,9 @@ pub fn run_all(cmds: &[Vec<String>]) -> Result<()> {
     Ok(())
 }
 
-/// Mounts the legacy dataset `dataset` on `target` (made if missing).
+/// Mounts the legacy dataset `dataset` on `target` (made if missing). No
+/// guard: it stays mounted, like the `zfs mount`s beside it, until `zpool
+/// export` unmounts every file system of the pool (mnttab's, legacy too).
 pub fn mount_legacy(dataset: &str, target: &Path) -> Result<()> {
     std::fs::create_dir_all(target)
         .with_context(|| format!("cannot create {}", target.display()))?;
