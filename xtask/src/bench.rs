@@ -174,10 +174,22 @@ fn make_v2(v1: &Path, v2: &Path) -> Result<usize> {
     Ok(picked.len())
 }
 
-/// Wall time, and the output's size for packs.
+/// Wall time, the output's size for packs, and the host's 1-minute load
+/// average before and after (the bench shares its cores with others).
 struct Measure {
     time: Duration,
     size: Option<u64>,
+    load: Option<(f64, f64)>,
+}
+
+/// The 1-minute load average (`/proc/loadavg`'s first field), if readable.
+fn load_average() -> Option<f64> {
+    fs::read_to_string("/proc/loadavg")
+        .ok()?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
 }
 
 struct Row {
@@ -226,6 +238,7 @@ pub fn store(spec: &Spec, jobs: Option<usize>) -> Result<()> {
      -> Result<()> {
         let _ = fs::remove_file(out);
         cache_dropped &= drop_caches()?;
+        let before = load_average();
         let result = timed(c).and_then(|t| {
             let size = fs::metadata(out)
                 .with_context(|| format!("cannot stat {}", out.display()))?
@@ -233,6 +246,7 @@ pub fn store(spec: &Spec, jobs: Option<usize>) -> Result<()> {
             Ok(Measure {
                 time: t,
                 size: Some(size),
+                load: before.zip(load_average()),
             })
         });
         rows.push(Row {
@@ -331,7 +345,12 @@ pub fn store(spec: &Spec, jobs: Option<usize>) -> Result<()> {
             fs::create_dir(&dest).with_context(|| format!("cannot create {}", dest.display()))?;
         }
         cache_dropped &= drop_caches()?;
-        let result = timed(c).map(|time| Measure { time, size: None });
+        let before = load_average();
+        let result = timed(c).map(|time| Measure {
+            time,
+            size: None,
+            load: before.zip(load_average()),
+        });
         rows.push(Row {
             step: "unpack",
             tool: tool.into(),
@@ -457,19 +476,20 @@ fn report(
     );
     let _ = writeln!(
         md,
-        "| step | command | size | time | size vs squashfs | time vs best peer |"
+        "| step | command | size | time | size vs squashfs | time vs best peer | load (1 min) |"
     );
-    let _ = writeln!(md, "|---|---|--:|--:|--:|--:|");
+    let _ = writeln!(md, "|---|---|--:|--:|--:|--:|--:|");
     let mut errors = Vec::new();
     let mut met = Vec::new();
     for r in rows {
-        let (size_cell, time_cell, size_ratio, time_ratio) = match &r.result {
+        let (size_cell, time_cell, size_ratio, time_ratio, load) = match &r.result {
             Err(e) => {
                 let msg = format!("{e:#}").replace('\n', "\n  ");
                 errors.push(format!("- {} {}: {msg}", r.step, r.tool));
                 (
                     "failed".into(),
                     "failed".into(),
+                    String::new(),
                     String::new(),
                     String::new(),
                 )
@@ -481,12 +501,22 @@ fn report(
                 };
                 let sr = ratio(size_of(m), best_peer(rows, r.step, size_of));
                 let tr = ratio(time_of(m), best_peer(rows, r.step, time_of));
-                (m.size.map(mib).unwrap_or_default(), secs(m.time), sr, tr)
+                let load = m
+                    .load
+                    .map(|(a, b)| format!("{a:.1} → {b:.1}"))
+                    .unwrap_or_default();
+                (
+                    m.size.map(mib).unwrap_or_default(),
+                    secs(m.time),
+                    sr,
+                    tr,
+                    load,
+                )
             }
         };
         let _ = writeln!(
             md,
-            "| {} | {} | {size_cell} | {time_cell} | {size_ratio} | {time_ratio} |",
+            "| {} | {} | {size_cell} | {time_cell} | {size_ratio} | {time_ratio} | {load} |",
             r.step,
             r.tool.replace('|', "\\|")
         );
@@ -577,6 +607,7 @@ mod tests {
             result: Ok(Measure {
                 time: Duration::from_secs(secs),
                 size,
+                load: (secs == 4).then_some((6.0, 7.5)),
             }),
         }
     }
@@ -604,11 +635,11 @@ mod tests {
         ];
         let md = report(&spec, "generated", 2, true, "v2", &rows).expect("report");
         assert!(
-            md.contains("| pack | nodeflash | 0.0 MiB | 4.00 s | 0.90x | 0.50x |"),
+            md.contains("| pack | nodeflash | 0.0 MiB | 4.00 s | 0.90x | 0.50x | 6.0 → 7.5 |"),
             "{md}"
         );
         assert!(
-            md.contains("| unpack | nodeflash |  | 3.00 s |  | 1.50x |"),
+            md.contains("| unpack | nodeflash |  | 3.00 s |  | 1.50x |  |"),
             "{md}"
         );
         assert!(md.contains("| unpack | tar \\| tar |"), "{md}");

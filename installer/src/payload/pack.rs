@@ -550,6 +550,7 @@ fn write_frames(
     };
     let mut storing: Option<Storing> = None;
     let result = std::thread::scope(|s| -> Result<()> {
+        s.spawn(|| read_ahead(plan, &next, &stop));
         for _ in 0..opts.threads.max(1) {
             let tx = tx.clone();
             let (next, stop) = (&next, &stop);
@@ -649,6 +650,50 @@ fn write_frames(
     w.flush()
         .with_context(|| format!("cannot write {}", tmp.display()))?;
     Ok((frames, hashes, stats))
+}
+
+/// How many jobs the read-ahead thread may be ahead of the compressors.
+const READ_AHEAD_JOBS: usize = 8;
+
+/// Reads the files of the next jobs (or their cache entries) once, in job
+/// order, at most [`READ_AHEAD_JOBS`] ahead of the compressors, so that
+/// they find them in the page cache instead of waiting for the disk between
+/// two frames, as mksquashfs's reader thread does for its compressors.
+/// Errors are left to the workers, which read everything again.
+fn read_ahead(plan: &Plan, next: &AtomicUsize, stop: &AtomicBool) {
+    let mut buf = vec![0u8; 1 << 20];
+    let mut read_all = |path: &Path| {
+        if let Ok(mut f) = File::open(path) {
+            while matches!(f.read(&mut buf), Ok(n) if n > 0) {}
+        }
+    };
+    for (j, job) in plan.jobs.iter().enumerate() {
+        while j >= next.load(Ordering::Relaxed) + READ_AHEAD_JOBS {
+            if stop.load(Ordering::Relaxed) {
+                return;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        if stop.load(Ordering::Relaxed) {
+            return;
+        }
+        match *job {
+            Job::Group(g) => {
+                let mut last = None;
+                for piece in plan.groups[g].frames.iter().flatten() {
+                    if last != Some(piece.entry) {
+                        last = Some(piece.entry);
+                        read_all(&plan.src.join(plan.entries[piece.entry].path()));
+                    }
+                }
+            }
+            Job::Cached(u) => {
+                if let Some(path) = &plan.unit_files[u] {
+                    read_all(path);
+                }
+            }
+        }
+    }
 }
 
 fn start_entry(unit: usize, path: &Path) -> Result<Storing> {
