@@ -550,6 +550,11 @@ fn write_frames(
     };
     let mut storing: Option<Storing> = None;
     let result = std::thread::scope(|s| -> Result<()> {
+        // However the writer below leaves (an error, a panic), the other
+        // threads stop: `read_ahead` sees `stop`, and a worker's send fails
+        // once `rx` is dropped with this closure.
+        let _stop = StopOnDrop(&stop);
+        let rx = rx;
         s.spawn(|| read_ahead(plan, &next, &stop));
         for _ in 0..opts.threads.max(1) {
             let tx = tx.clone();
@@ -652,6 +657,15 @@ fn write_frames(
     Ok((frames, hashes, stats))
 }
 
+/// Sets its flag when dropped.
+struct StopOnDrop<'a>(&'a AtomicBool);
+
+impl Drop for StopOnDrop<'_> {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Relaxed);
+    }
+}
+
 /// How many jobs the read-ahead thread may be ahead of the compressors.
 const READ_AHEAD_JOBS: usize = 8;
 
@@ -676,6 +690,10 @@ fn read_ahead(plan: &Plan, next: &AtomicUsize, stop: &AtomicBool) {
         }
         if stop.load(Ordering::Relaxed) {
             return;
+        }
+        // Behind the compressors: they have read it themselves.
+        if j < next.load(Ordering::Relaxed) {
+            continue;
         }
         match *job {
             Job::Group(g) => {
