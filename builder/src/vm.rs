@@ -523,7 +523,7 @@ pub fn disk_for_profile(p: &Profile) -> (u64, Option<String>) {
 
 /// The console lines of the installer that `run-vm` reads. They are written
 /// by `installer/src/pid1.rs` (`print_failure`, `Finish::apply`, `check`)
-/// and `installer/src/install.rs` (the warning of a profile without
+/// and `installer/src/install/mod.rs` (the warning of a profile without
 /// `[boot]`); a unit test checks that those files still print them.
 pub mod protocol {
     /// The install failed; the rest of the line is the error.
@@ -950,7 +950,7 @@ mod tests {
     #[test]
     fn the_installer_still_prints_the_lines_run_vm_reads() {
         let pid1 = include_str!("../../installer/src/pid1.rs");
-        let install = include_str!("../../installer/src/install.rs");
+        let install = include_str!("../../installer/src/install/mod.rs");
         for (src, needle) in [
             (pid1, "\"nodeflash: FAILED: {e}\""),
             (pid1, "\"nodeflash: done in {"),
