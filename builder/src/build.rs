@@ -82,7 +82,45 @@ const INITRD_ZSTD_LEVEL: i32 = 10;
 /// the image ID, so cached artefacts are not reused across a change: bump it
 /// whenever a writer's output changes (the reproducibility test catches a
 /// forgotten bump: the rebuilt ISO then differs from the cached one).
-const ARTEFACT_FORMAT: &str = "7";
+const ARTEFACT_FORMAT: &str = "8";
+
+/// The paths of the initramfs that change from one profile or installer to
+/// the next: its second, small archive. The first (programs, libraries,
+/// kernel modules, firmware) is compressed once per content and cached.
+const INITRD_TOP: [&str; 3] = ["/init", "/etc/nodeflash", "/usr/lib/nodeflash"];
+
+/// The initramfs `fs` in two parts, for [`write_initrd`]: everything but
+/// [`INITRD_TOP`], compressed (kind `initrd` of `stored`, keyed by its
+/// content, so written once for all profiles and installers that share it),
+/// and the [`INITRD_TOP`] paths, still to be written.
+fn initrd_base(fs: &Initramfs, stored: &Stored) -> Result<(PathBuf, Initramfs)> {
+    let (rest, top) = fs.split(&INITRD_TOP);
+    let key = key_of([
+        rest.content_hash(&[])?.as_str(),
+        &INITRD_ZSTD_LEVEL.to_string(),
+        ARTEFACT_FORMAT,
+    ]);
+    let base = stored("initrd", &format!("{key}.base.cpio.zst"), &|p| {
+        rest.write_zstd(p, INITRD_ZSTD_LEVEL).map(drop)
+    })?;
+    Ok((base, top))
+}
+
+/// Writes the initramfs to `out` as two zstd archives back to back, which
+/// the kernel unpacks in order: `base` ([`initrd_base`]), then `top`.
+fn write_initrd(base: &Path, top: &Initramfs, out: &Path) -> Result<()> {
+    std::fs::copy(base, out)
+        .with_context(|| format!("cannot copy {} to {}", base.display(), out.display()))?;
+    let file = std::fs::OpenOptions::new()
+        .append(true)
+        .open(out)
+        .with_context(|| format!("cannot open {}", out.display()))?;
+    top.append_zstd(file, INITRD_ZSTD_LEVEL)
+        .with_context(|| format!("cannot write {}", out.display()))
+}
+
+/// A file of the cache (kind, key), written by the function when missing.
+type Stored<'a> = dyn Fn(&str, &str, &dyn Fn(&Path) -> Result<()>) -> Result<PathBuf> + 'a;
 
 #[derive(Debug)]
 pub struct BuildOptions {
@@ -469,24 +507,25 @@ pub fn build(opts: &BuildOptions) -> Result<BuildSummary> {
             profile_dir,
         )
     })?;
-    let artefact =
-        |kind: &str, ext: &str, build: &dyn Fn(&Path) -> Result<()>| -> Result<PathBuf> {
-            let key = format!("{}.{ext}", info.image_id);
-            if opts.reuse_artifacts {
-                opts.cache.file(kind, &key, build)
-            } else {
-                let dir = opts.cache.root().join("rebuilt");
-                std::fs::create_dir_all(&dir)
-                    .with_context(|| format!("cannot create {}", dir.display()))?;
-                let path = dir.join(&key);
-                build(&path)?;
-                Ok(path)
-            }
-        };
-    let initrd = steps::step("Writing initramfs", || {
-        artefact("initrd", "cpio.zst", &|p| {
-            initramfs.write_zstd(p, INITRD_ZSTD_LEVEL).map(drop)
-        })
+    let stored = |kind: &str, key: &str, build: &dyn Fn(&Path) -> Result<()>| -> Result<PathBuf> {
+        if opts.reuse_artifacts {
+            opts.cache.file(kind, key, build)
+        } else {
+            let dir = opts.cache.root().join("rebuilt");
+            std::fs::create_dir_all(&dir)
+                .with_context(|| format!("cannot create {}", dir.display()))?;
+            let path = dir.join(key);
+            build(&path)?;
+            Ok(path)
+        }
+    };
+    let artefact = |kind: &str, ext: &str, build: &dyn Fn(&Path) -> Result<()>| {
+        stored(kind, &format!("{}.{ext}", info.image_id), build)
+    };
+    let (initrd_base, initrd) = steps::step("Writing initramfs", || {
+        let (base, top) = initrd_base(&initramfs, &stored)?;
+        let initrd = artefact("initrd", "cpio.zst", &|p| write_initrd(&base, &top, p))?;
+        Ok((base, initrd))
     })?;
     let efi = steps::step("Writing EFI image", || {
         artefact("efi", "img", &|p| {
@@ -524,7 +563,12 @@ pub fn build(opts: &BuildOptions) -> Result<BuildSummary> {
     })?;
     // The cache's bound, after every build: what this one uses is kept.
     let max = Cache::max_bytes_from_env()?;
-    let mut keep = vec![initrd.as_path(), efi.as_path(), cached_iso.as_path()];
+    let mut keep = vec![
+        initrd_base.as_path(),
+        initrd.as_path(),
+        efi.as_path(),
+        cached_iso.as_path(),
+    ];
     keep.extend(packed.iter().map(|p| p.path.as_path()));
     let gc = opts.cache.gc(max, &keep)?;
     if gc.removed > 0 {
@@ -730,10 +774,14 @@ fn check_system(
         },
         profile_dir,
     )?;
+    let stored = |kind: &str, key: &str, build: &dyn Fn(&Path) -> Result<()>| {
+        opts.cache.file(kind, key, build)
+    };
+    let (base, top) = initrd_base(&fs, &stored)?;
     let initrd = opts
         .cache
         .file("initrd", &format!("{}.cpio.zst", info.image_id), |p| {
-            fs.write_zstd(p, INITRD_ZSTD_LEVEL).map(drop)
+            write_initrd(&base, &top, p)
         })?;
     // Named like a store path, by what it holds.
     let digest = key_of([info.image_id.as_str(), &sha256_file(&inputs.kernel)?]);

@@ -272,22 +272,57 @@ impl Initramfs {
     pub fn write_zstd(&self, path: &Path, level: i32) -> Result<u64> {
         let file =
             File::create(path).with_context(|| format!("cannot create {}", path.display()))?;
-        let mut encoder = zstd::Encoder::new(BufWriter::new(file), level)
-            .with_context(|| format!("cannot start zstd compression of {}", path.display()))?;
-        let params = format!("cannot set zstd parameters for {}", path.display());
-        encoder.include_checksum(true).context(params.clone())?;
-        encoder.multithread(ZSTD_WORKERS).context(params)?;
-        self.write_cpio(&mut encoder)
+        self.append_zstd(file, level)
             .with_context(|| format!("cannot write {}", path.display()))?;
-        let file = encoder
-            .finish()
-            .and_then(|buffered| buffered.into_inner().map_err(|e| e.into_error()))
-            .with_context(|| format!("cannot finish writing {}", path.display()))?;
-        let size = file
-            .metadata()
+        let size = std::fs::metadata(path)
             .with_context(|| format!("cannot stat {}", path.display()))?
             .len();
         Ok(size)
+    }
+
+    /// Writes the archive as one zstd frame at `level` (as
+    /// [`Initramfs::write_zstd`]) to the end of `file`: after another
+    /// archive, the kernel unpacks both in order (an initramfs is any number
+    /// of archives back to back, each compressed or not: the kernel's
+    /// Documentation/driver-api/early-userspace/buffer-format.rst).
+    pub fn append_zstd(&self, file: File, level: i32) -> Result<()> {
+        let mut encoder = zstd::Encoder::new(BufWriter::new(file), level)
+            .context("cannot start zstd compression")?;
+        encoder
+            .include_checksum(true)
+            .context("cannot set zstd parameters")?;
+        encoder
+            .multithread(ZSTD_WORKERS)
+            .context("cannot set zstd parameters")?;
+        self.write_cpio(&mut encoder)?;
+        encoder
+            .finish()
+            .and_then(|buffered| buffered.into_inner().map_err(|e| e.into_error()))
+            .and_then(|f| f.sync_all())
+            .context("cannot finish the zstd frame")
+    }
+
+    /// Splits the archive in two: the entries at or below the paths of
+    /// `top` (absolute, e.g. `/init`, `/etc/nodeflash`), with copies of
+    /// their parent directories so that the second archive stands on its
+    /// own, and everything else. Returns (everything else, top).
+    pub fn split(&self, top: &[&str]) -> (Initramfs, Initramfs) {
+        let tops: Vec<Vec<String>> = top.iter().map(|p| components(p)).collect();
+        let (mut rest, mut upper) = (Initramfs::new(), Initramfs::new());
+        for (key, entry) in &self.entries {
+            if !tops.iter().any(|t| key.starts_with(t)) {
+                rest.entries.insert(key.clone(), entry.clone());
+                continue;
+            }
+            for depth in 1..key.len() {
+                let parent = &key[..depth];
+                if let Some(dir) = self.entries.get(parent) {
+                    upper.entries.insert(parent.to_vec(), dir.clone());
+                }
+            }
+            upper.entries.insert(key.clone(), entry.clone());
+        }
+        (rest, upper)
     }
 }
 
@@ -582,6 +617,48 @@ mod tests {
         assert_eq!(first_bytes, std::fs::read(&second).expect("read second"));
         let decoded = zstd::decode_all(first_bytes.as_slice()).expect("decode");
         assert_eq!(decoded, cpio);
+    }
+
+    #[test]
+    fn a_split_archive_holds_every_entry_once_and_its_top_stands_alone() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut initramfs = sample(dir.path());
+        initramfs.add_dir("/etc", 0o700);
+        initramfs.add_file(
+            "/etc/nodeflash/profile.toml",
+            0o644,
+            Source::Bytes(b"x".to_vec()),
+        );
+        let (rest, top) = initramfs.split(&["/init", "/etc/nodeflash"]);
+        let names =
+            |fs: &Initramfs| -> Vec<String> { fs.entries.keys().map(|k| k.join("/")).collect() };
+        assert_eq!(
+            names(&top),
+            ["etc", "etc/nodeflash", "etc/nodeflash/profile.toml", "init"]
+        );
+        // The parent directory keeps its mode in both.
+        assert!(matches!(
+            top.entries[&components("/etc")],
+            Entry::Dir { mode: 0o700 }
+        ));
+        assert!(
+            !rest.contains("/init") && !rest.contains("/etc/nodeflash") && rest.contains("/etc")
+        );
+        let mut all = names(&rest);
+        all.extend(names(&top).into_iter().filter(|n| n != "etc"));
+        all.sort();
+        assert_eq!(all, names(&initramfs));
+        // Two frames back to back: each decodes to its own archive.
+        let both = dir.path().join("both.zst");
+        rest.write_zstd(&both, 3).expect("write the rest");
+        let file = std::fs::OpenOptions::new()
+            .append(true)
+            .open(&both)
+            .expect("open");
+        top.append_zstd(file, 3).expect("append the top");
+        let decoded =
+            zstd::decode_all(std::fs::read(&both).expect("read").as_slice()).expect("decode");
+        assert_eq!(decoded, [cpio_bytes(&rest), cpio_bytes(&top)].concat());
     }
 
     #[test]

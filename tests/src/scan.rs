@@ -368,8 +368,9 @@ pub fn decompress(data: &[u8]) -> Result<Vec<u8>> {
 }
 
 /// The file `path` (as the archive names it, without a leading `/`) of an
-/// initramfs as the builder writes it: cpio "newc" segments, the last one
-/// zstd-compressed. Errors when the data is neither, or `path` is missing.
+/// initramfs as the builder writes it: zstd-compressed cpio "newc"
+/// archives back to back (or plain ones). Errors when the data is neither,
+/// or `path` is missing.
 pub fn initramfs_file(data: &[u8], path: &str) -> Result<Vec<u8>> {
     let mut pos = 0;
     while pos < data.len() {
