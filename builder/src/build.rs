@@ -89,11 +89,12 @@ const ARTEFACT_FORMAT: &str = "8";
 /// kernel modules, firmware) is compressed once per content and cached.
 const INITRD_TOP: [&str; 3] = ["/init", "/etc/nodeflash", "/usr/lib/nodeflash"];
 
-/// The initramfs `fs` in two parts, for [`write_initrd`]: everything but
-/// [`INITRD_TOP`], compressed (kind `initrd` of `stored`, keyed by its
-/// content, so written once for all profiles and installers that share it),
-/// and the [`INITRD_TOP`] paths, still to be written.
-fn initrd_base(fs: &Initramfs, stored: &Stored) -> Result<(PathBuf, Initramfs)> {
+/// Writes the initramfs `fs` to `out` as two zstd archives back to back,
+/// which the kernel unpacks in order: everything but [`INITRD_TOP`]
+/// (compressed once per content: kind `initrd` of `stored`, keyed by its
+/// content hash, shared by every profile and installer with the same
+/// programs, modules and firmware), then the [`INITRD_TOP`] paths.
+fn write_initrd(fs: &Initramfs, out: &Path, stored: &Stored) -> Result<()> {
     let (rest, top) = fs.split(&INITRD_TOP);
     let key = key_of([
         rest.content_hash(&[])?.as_str(),
@@ -103,13 +104,7 @@ fn initrd_base(fs: &Initramfs, stored: &Stored) -> Result<(PathBuf, Initramfs)> 
     let base = stored("initrd", &format!("{key}.base.cpio.zst"), &|p| {
         rest.write_zstd(p, INITRD_ZSTD_LEVEL).map(drop)
     })?;
-    Ok((base, top))
-}
-
-/// Writes the initramfs to `out` as two zstd archives back to back, which
-/// the kernel unpacks in order: `base` ([`initrd_base`]), then `top`.
-fn write_initrd(base: &Path, top: &Initramfs, out: &Path) -> Result<()> {
-    std::fs::copy(base, out)
+    std::fs::copy(&base, out)
         .with_context(|| format!("cannot copy {} to {}", base.display(), out.display()))?;
     let file = std::fs::OpenOptions::new()
         .append(true)
@@ -522,10 +517,10 @@ pub fn build(opts: &BuildOptions) -> Result<BuildSummary> {
     let artefact = |kind: &str, ext: &str, build: &dyn Fn(&Path) -> Result<()>| {
         stored(kind, &format!("{}.{ext}", info.image_id), build)
     };
-    let (initrd_base, initrd) = steps::step("Writing initramfs", || {
-        let (base, top) = initrd_base(&initramfs, &stored)?;
-        let initrd = artefact("initrd", "cpio.zst", &|p| write_initrd(&base, &top, p))?;
-        Ok((base, initrd))
+    let initrd = steps::step("Writing initramfs", || {
+        artefact("initrd", "cpio.zst", &|p| {
+            write_initrd(&initramfs, p, &stored)
+        })
     })?;
     let efi = steps::step("Writing EFI image", || {
         artefact("efi", "img", &|p| {
@@ -563,12 +558,7 @@ pub fn build(opts: &BuildOptions) -> Result<BuildSummary> {
     })?;
     // The cache's bound, after every build: what this one uses is kept.
     let max = Cache::max_bytes_from_env()?;
-    let mut keep = vec![
-        initrd_base.as_path(),
-        initrd.as_path(),
-        efi.as_path(),
-        cached_iso.as_path(),
-    ];
+    let mut keep = vec![initrd.as_path(), efi.as_path(), cached_iso.as_path()];
     keep.extend(packed.iter().map(|p| p.path.as_path()));
     let gc = opts.cache.gc(max, &keep)?;
     if gc.removed > 0 {
@@ -777,11 +767,10 @@ fn check_system(
     let stored = |kind: &str, key: &str, build: &dyn Fn(&Path) -> Result<()>| {
         opts.cache.file(kind, key, build)
     };
-    let (base, top) = initrd_base(&fs, &stored)?;
     let initrd = opts
         .cache
         .file("initrd", &format!("{}.cpio.zst", info.image_id), |p| {
-            write_initrd(&base, &top, p)
+            write_initrd(&fs, p, &stored)
         })?;
     // Named like a store path, by what it holds.
     let digest = key_of([info.image_id.as_str(), &sha256_file(&inputs.kernel)?]);

@@ -934,7 +934,7 @@ impl Provider for Debian {
                 .iter()
                 .chain([&zfs_src])
                 .map(|p| p.sha256.as_str())
-                .chain([compiler.lines().next().unwrap_or(""), "zfs-modules-v2"]),
+                .chain([compiler.lines().next().unwrap_or(""), "zfs-modules-v3"]),
         );
         // Say why the modules are compiled again when a re-pin caused it.
         let why: Vec<String> = changes
@@ -1035,10 +1035,15 @@ fn build_zfs(cache: &Cache, release: &str, debs: &[PathBuf], out: &Path) -> Resu
     // Assertion messages carry `__FILE__`: the sources' path below the
     // temporary directory becomes `/usr/src/zfs-…`, as in a DKMS build, so
     // the modules hold no path of the build host and do not depend on it.
+    // No debug information (`-g0` after the kernel's `-g`): it is stripped
+    // from the modules anyway, and writing it costs compile time.
     cmd::run(
         Command::new("make")
             .arg(format!("-j{jobs}"))
-            .env("KCFLAGS", format!("-ffile-prefix-map={}=", root.display()))
+            .env(
+                "KCFLAGS",
+                format!("-ffile-prefix-map={}= -g0", root.display()),
+            )
             .current_dir(&src),
     )
     .context("cannot compile OpenZFS")?;

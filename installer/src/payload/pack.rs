@@ -31,8 +31,10 @@ use super::{tree, Counters, Entry, Frame, Header, Manifest, FORMAT_VERSION, MAX_
 /// is); part of every [`FrameCache`] key. Version 2 cut frames at units;
 /// version 3 orders store paths by their names without the hash and cuts
 /// buckets by those names; version 4 keeps a frame that does not compress
-/// at zstd's level 1 ([`Compressors::frame`]).
-pub const LAYOUT_VERSION: u32 = 4;
+/// at zstd's level 1 ([`Compressors::frame`]); version 5 lets that level
+/// 1 see the whole frame (long-distance matching), so a frame that repeats
+/// itself further apart than level 1's window is not kept.
+pub const LAYOUT_VERSION: u32 = 5;
 
 /// A frame that zstd's level 1 shrinks by less than this (percent) is kept
 /// as level 1 wrote it: already compressed data (a kernel, an xz module, a
@@ -567,7 +569,7 @@ fn write_frames(
             let tx = tx.clone();
             let (next, stop) = (&next, &stop);
             s.spawn(move || {
-                let mut z = match Compressors::new(opts.level) {
+                let mut z = match Compressors::new(opts.level, opts.frame_size) {
                     Ok(z) => z,
                     Err(e) => {
                         let _ = tx.send(Err(e));
@@ -946,11 +948,22 @@ struct Compressors {
 }
 
 impl Compressors {
-    fn new(level: i32) -> Result<Self> {
+    /// `frame_size` in bytes: level 1's window covers it, with
+    /// long-distance matching (`zstd --long`), as level 17's does, so data
+    /// that repeats itself far apart in a frame counts as compressible.
+    fn new(level: i32, frame_size: u32) -> Result<Self> {
+        let mut fast = compressor(1)?;
+        let window = frame_size.max(1 << 10).next_power_of_two().trailing_zeros();
+        fast.set_parameter(zstd::zstd_safe::CParameter::WindowLog(window))
+            .context("cannot set up zstd")?;
+        fast.set_parameter(zstd::zstd_safe::CParameter::EnableLongDistanceMatching(
+            true,
+        ))
+        .context("cannot set up zstd")?;
         Ok(Compressors {
             level,
             at_level: compressor(level)?,
-            fast: compressor(1)?,
+            fast,
         })
     }
 
@@ -961,7 +974,7 @@ impl Compressors {
     fn frame(&mut self, data: &[u8]) -> std::io::Result<Vec<u8>> {
         if self.level > 1 {
             let fast = self.fast.compress(data)?;
-            if fast.len() * 100 >= data.len() * (100 - INCOMPRESSIBLE_PERCENT) {
+            if fast.len() * 100 > data.len() * (100 - INCOMPRESSIBLE_PERCENT) {
                 return Ok(fast);
             }
         }
@@ -1111,9 +1124,21 @@ mod tests {
                 x as u8
             })
             .collect();
-        let mut z = Compressors::new(crate::payload::DEFAULT_LEVEL).expect("compressors");
-        let level1 = |d: &[u8]| compressor(1).expect("zstd").compress(d).expect("compress");
-        assert!(z.frame(&noise).expect("frame") == level1(&noise));
+        let size = crate::payload::DEFAULT_FRAME_SIZE;
+        let mut z = Compressors::new(crate::payload::DEFAULT_LEVEL, size).expect("compressors");
+        let frame = z.frame(&noise).expect("frame");
+        assert!(frame == z.fast.compress(&noise).expect("level 1"));
+        assert!(frame.len() > noise.len() * 97 / 100);
+        // The same noise twice, 1 MiB apart (beyond plain level 1's window
+        // for a frame this size): it compresses, so level 17 writes it.
+        let twice = [noise.as_slice(), &noise].concat();
+        let frame = z.frame(&twice).expect("frame");
+        assert!(
+            frame.len() < noise.len() + noise.len() / 50,
+            "{}",
+            frame.len()
+        );
+        assert!(zstd::bulk::decompress(&frame, twice.len()).expect("decompress") == twice);
         // Text compresses: the payload's level, smaller than level 1's.
         let words = [
             "store", "path", "nix", "zfs", "pool", "dataset", "boot", "frame",
@@ -1121,17 +1146,21 @@ mod tests {
         let text: Vec<u8> = (0..200_000usize)
             .flat_map(|i| format!("{} {}\n", words[i % 8], words[i * 7 % 5]).into_bytes())
             .collect();
+        let level1 = compressor(1)
+            .expect("zstd")
+            .compress(&text)
+            .expect("level 1");
         let frame = z.frame(&text).expect("frame");
         assert!(
-            frame.len() < level1(&text).len(),
+            frame.len() < level1.len(),
             "{} vs {}",
             frame.len(),
-            level1(&text).len()
+            level1.len()
         );
         assert!(zstd::bulk::decompress(&frame, text.len()).expect("decompress") == text);
-        // At level 1 itself, one pass.
-        let mut one = Compressors::new(1).expect("compressors");
-        assert!(one.frame(&text).expect("frame") == level1(&text));
+        // At level 1 itself: one pass, plain level 1.
+        let mut one = Compressors::new(1, size).expect("compressors");
+        assert!(one.frame(&text).expect("frame") == level1);
     }
 
     fn file(path: &str, size: u64) -> Entry {
