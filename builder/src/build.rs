@@ -82,7 +82,7 @@ const INITRD_ZSTD_LEVEL: i32 = 10;
 /// the image ID, so cached artefacts are not reused across a change: bump it
 /// whenever a writer's output changes (the reproducibility test catches a
 /// forgotten bump: the rebuilt ISO then differs from the cached one).
-const ARTEFACT_FORMAT: &str = "8";
+const ARTEFACT_FORMAT: &str = "9";
 
 /// The paths of the initramfs that change from one profile or installer to
 /// the next: its second, small archive. The first (programs, libraries,

@@ -305,7 +305,8 @@ impl Initramfs {
     /// Splits the archive in two: the entries at or below the paths of
     /// `top` (absolute, e.g. `/init`, `/etc/nodeflash`), with copies of
     /// their parent directories so that the second archive stands on its
-    /// own, and everything else. Returns (everything else, top).
+    /// own, and everything else (without the directories that hold only
+    /// `top`'s paths). Returns (everything else, top).
     pub fn split(&self, top: &[&str]) -> (Initramfs, Initramfs) {
         let tops: Vec<Vec<String>> = top.iter().map(|p| components(p)).collect();
         let (mut rest, mut upper) = (Initramfs::new(), Initramfs::new());
@@ -321,6 +322,24 @@ impl Initramfs {
                 }
             }
             upper.entries.insert(key.clone(), entry.clone());
+        }
+        // A directory that holds nothing but `top`'s paths goes with them
+        // alone, so that the rest does not depend on what `top` holds
+        // (deepest first: `/usr` once `/usr/lib` is gone).
+        let mut parents: Vec<&Vec<String>> = upper
+            .entries
+            .keys()
+            .filter(|k| rest.entries.contains_key(*k))
+            .collect();
+        parents.sort_by_key(|k| std::cmp::Reverse(k.len()));
+        for k in parents {
+            let holds_more = rest
+                .entries
+                .keys()
+                .any(|r| r.len() > k.len() && r.starts_with(k));
+            if !holds_more {
+                rest.entries.remove(k);
+            }
         }
         (rest, upper)
     }
@@ -624,30 +643,50 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let mut initramfs = sample(dir.path());
         initramfs.add_dir("/etc", 0o700);
-        initramfs.add_file(
-            "/etc/nodeflash/profile.toml",
-            0o644,
-            Source::Bytes(b"x".to_vec()),
-        );
-        let (rest, top) = initramfs.split(&["/init", "/etc/nodeflash"]);
+        initramfs.add_file("/etc/fstab", 0o644, Source::Bytes(Vec::new()));
+        let profile = Source::Bytes(b"x".to_vec());
+        initramfs.add_file("/etc/nodeflash/profile.toml", 0o644, profile);
+        let efi = Source::Bytes(b"e".to_vec());
+        initramfs.add_file("/usr/lib/nodeflash/boot.efi", 0o644, efi);
+        let tops = ["/init", "/etc/nodeflash", "/usr/lib/nodeflash"];
+        let (rest, top) = initramfs.split(&tops);
         let names =
             |fs: &Initramfs| -> Vec<String> { fs.entries.keys().map(|k| k.join("/")).collect() };
         assert_eq!(
             names(&top),
-            ["etc", "etc/nodeflash", "etc/nodeflash/profile.toml", "init"]
+            [
+                "etc",
+                "etc/nodeflash",
+                "etc/nodeflash/profile.toml",
+                "init",
+                "usr",
+                "usr/lib",
+                "usr/lib/nodeflash",
+                "usr/lib/nodeflash/boot.efi",
+            ]
         );
-        // The parent directory keeps its mode in both.
+        // A parent directory keeps its mode; one that holds only the top's
+        // paths (/usr) is in the top alone, one that holds more (/etc) in both.
         assert!(matches!(
             top.entries[&components("/etc")],
             Entry::Dir { mode: 0o700 }
         ));
-        assert!(
-            !rest.contains("/init") && !rest.contains("/etc/nodeflash") && rest.contains("/etc")
-        );
+        assert!(rest.contains("/etc/fstab") && rest.contains("/etc"));
+        assert!(!rest.contains("/usr") && !rest.contains("/usr/lib"));
+        assert!(!rest.contains("/init") && !rest.contains("/etc/nodeflash"));
         let mut all = names(&rest);
-        all.extend(names(&top).into_iter().filter(|n| n != "etc"));
+        all.extend(names(&top));
         all.sort();
+        all.dedup();
         assert_eq!(all, names(&initramfs));
+        // The rest does not depend on the top: the same without /usr/lib/nodeflash.
+        let mut without = sample(dir.path());
+        without.add_dir("/etc", 0o700);
+        without.add_file("/etc/fstab", 0o644, Source::Bytes(Vec::new()));
+        assert_eq!(
+            without.split(&tops).0.content_hash(&[]).expect("hash"),
+            rest.content_hash(&[]).expect("hash")
+        );
         // Two frames back to back: each decodes to its own archive.
         let both = dir.path().join("both.zst");
         rest.write_zstd(&both, 3).expect("write the rest");

@@ -35,9 +35,15 @@ pub fn note(msg: &str) {
     if QUIET.load(Ordering::Relaxed) {
         return;
     }
+    line(&format!("    {msg}"));
+}
+
+/// One line on stderr, above the spinner of a long step when one runs (a
+/// step of another thread may print while it does).
+fn line(msg: &str) {
     match SPINNER.lock().ok().as_deref().and_then(Option::as_ref) {
-        Some(bar) => bar.suspend(|| eprintln!("    {msg}")),
-        None => eprintln!("    {msg}"),
+        Some(bar) => bar.suspend(|| eprintln!("{msg}")),
+        None => eprintln!("{msg}"),
     }
 }
 
@@ -45,12 +51,15 @@ pub fn note(msg: &str) {
 pub fn step<T>(name: &str, f: impl FnOnce() -> Result<T>) -> Result<T> {
     let quiet = QUIET.load(Ordering::Relaxed);
     if !quiet {
-        eprintln!("==> {name}");
+        line(&format!("==> {name}"));
     }
     let t = Instant::now();
     let r = f();
     if !quiet && r.is_ok() {
-        eprintln!("    {name}: done in {:.1}s", t.elapsed().as_secs_f64());
+        line(&format!(
+            "    {name}: done in {:.1}s",
+            t.elapsed().as_secs_f64()
+        ));
     }
     r
 }

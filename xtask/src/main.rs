@@ -311,15 +311,33 @@ fn build_installer() -> Result<PathBuf> {
 fn build_iso(profile: &str, lock_mode: LockMode) -> Result<nodeflash_builder::build::BuildSummary> {
     let path = find_profile(profile, &root().join("profiles"))?;
     // Nix too when the profile builds its systems from a flake.
-    let mut needed = tools::for_profile(&Profile::load(&path)?);
+    let loaded = Profile::load(&path)?;
+    let mut needed = tools::for_profile(&loaded);
     needed.extend_from_slice(tools::INSTALLER_TOOLS);
     ensure_packages(&needed)?;
-    let installer = build_installer()?;
+    let cache = Cache::from_env()?;
+    // The build inputs (downloads, the OpenZFS compile) while the installer
+    // compiles: on a fresh machine each takes minutes, neither needs the
+    // other, and each leaves a core idle part of the time (configure's
+    // checks run one at a time, the installer's last crates too). The
+    // build then finds the inputs in the cache.
+    let installer = std::thread::scope(|s| {
+        let inputs = s.spawn(|| {
+            provider(&loaded, &path)
+                .provide(&cache, lock_mode)
+                .map(drop)
+        });
+        let installer = build_installer();
+        let inputs = inputs
+            .join()
+            .map_err(|_| anyhow::anyhow!("the build inputs' thread panicked"))?;
+        inputs.and(installer)
+    })?;
     build(&BuildOptions {
         profile: path,
         installer,
         out_dir: target_dir().join("nodeflash"),
-        cache: Cache::from_env()?,
+        cache,
         reuse_artifacts: true,
         lock_mode,
     })
