@@ -153,6 +153,8 @@ struct Install<'a> {
 struct Ready {
     /// This node's view of the image ([`ImageInfo::for_node`]).
     info: ImageInfo,
+    /// Which phases the install runs ([`sequence`]).
+    shape: Shape,
     identity: crate::nodes::Identity,
     plan: crate::plan::Plan,
     hostid: u32,
@@ -217,7 +219,7 @@ impl<'a> Install<'a> {
         let mut ready = self.prepare()?;
         let written = self.partition(&ready)?;
         self.start(Phase::Pool)?;
-        let root_mounted = self.create_pools(&ready, &written.zfs_devs)?;
+        self.create_pools(&ready, &written.zfs_devs)?;
         let copied = match ready.store.take() {
             Some(store) => {
                 self.start(Phase::StoreCopy)?;
@@ -226,7 +228,7 @@ impl<'a> Install<'a> {
             None => None,
         };
         self.start(Phase::Settings)?;
-        let staged = self.write_settings(&ready, root_mounted, copied.as_ref())?;
+        let staged = self.write_settings(&ready, copied.as_ref())?;
         let mut report = self.report(&ready, &written);
         self.start(Phase::ExportAndImport)?;
         self.reimport(&ready.plan, &written, &mut report)?;
@@ -239,7 +241,6 @@ impl<'a> Install<'a> {
                 copied: copied.as_ref(),
                 staged: staged.as_deref(),
                 esp_devs: &written.esp_devs,
-                root_mounted,
             },
         )?;
         self.start(Phase::FinalExport)?;
@@ -311,14 +312,15 @@ impl<'a> Install<'a> {
         say!("{}", plan.to_string().trim_end());
         // A flake built no system for a machine it did not know.
         image.refuse_generic_without_system(identity.node.as_deref(), &facts, hostid)?;
-        self.next = sequence(Shape {
+        let shape = Shape {
             store: info.payload.is_some(),
             boot_loader: info.boot.is_some(),
             root_mounted: plan.root().is_some(),
-        })
-        .into_iter()
-        .skip(BEFORE_PLAN.len())
-        .collect();
+        };
+        self.next = sequence(shape)
+            .into_iter()
+            .skip(BEFORE_PLAN.len())
+            .collect();
 
         self.start(Phase::NetworkAndKeys)?;
         let keys = ssh_keys(profile, &identity)?;
@@ -355,6 +357,7 @@ impl<'a> Install<'a> {
             keys,
             store,
             read_mb_s,
+            shape,
         })
     }
 
@@ -440,13 +443,13 @@ impl<'a> Install<'a> {
     }
 
     /// The root pool on `zfs_devs` and every data pool ([`create_pool`],
-    /// [`create_data_pool`]). True when a dataset is mounted at `/`.
-    fn create_pools(&mut self, ready: &Ready, zfs_devs: &[String]) -> Result<bool> {
-        let root_mounted = self.create_pool(ready, zfs_devs)?;
+    /// [`create_data_pool`]).
+    fn create_pools(&mut self, ready: &Ready, zfs_devs: &[String]) -> Result<()> {
+        self.create_pool(ready, zfs_devs)?;
         for (pool, p) in self.profile.pools.iter().zip(&ready.plan.data_pools) {
             self.create_data_pool(pool, p)?;
         }
-        Ok(root_mounted)
+        Ok(())
     }
 
     /// The store into the new datasets ([`store::copy_store`]).
@@ -468,11 +471,10 @@ impl<'a> Install<'a> {
     fn write_settings(
         &mut self,
         ready: &Ready,
-        root_mounted: bool,
         copied: Option<&Copied>,
     ) -> Result<Option<PathBuf>> {
         let (root, pool) = (self.root, self.profile.pool.name.to_string());
-        if root_mounted {
+        if ready.shape.root_mounted {
             for dir in ["root", "etc/nixos"] {
                 crate::zfs::ensure_on_pool(&root.join(dir), &pool)?;
             }
@@ -700,7 +702,7 @@ impl<'a> Install<'a> {
             }
             report.boot = first;
         }
-        if f.root_mounted {
+        if ready.shape.root_mounted {
             self.start(Phase::Report)?;
             // Everything until now; the final export is only on the console.
             let mut list = self.phases.done().to_vec();
@@ -719,9 +721,9 @@ impl<'a> Install<'a> {
     }
 
     /// Host ID, root pool, datasets (the plan's mounts, under the target
-    /// root), `/etc/hostid` and `/etc/hostname` on the target. True when a
+    /// root), and `/etc/hostid` and `/etc/hostname` on the target when a
     /// dataset is mounted at `/`.
-    fn create_pool(&mut self, ready: &Ready, devices: &[String]) -> Result<bool> {
+    fn create_pool(&mut self, ready: &Ready, devices: &[String]) -> Result<()> {
         use crate::zfs;
         let (profile, plan, root) = (self.profile, &ready.plan, self.root);
         zfs::set_live_hostid(ready.hostid)?;
@@ -735,8 +737,7 @@ impl<'a> Install<'a> {
             &aux,
             &root.to_string_lossy(),
         ))?;
-        let root_mounted = plan.root().is_some();
-        if root_mounted {
+        if ready.shape.root_mounted {
             let etc = root.join("etc");
             zfs::ensure_on_pool(&etc, &profile.pool.name.to_string())?;
             std::fs::create_dir_all(&etc)
@@ -763,7 +764,7 @@ impl<'a> Install<'a> {
             devices.join(" "),
             profile.pool.datasets.len()
         );
-        Ok(root_mounted)
+        Ok(())
     }
 
     /// A data pool (`[[pools]]`): created with its datasets, snapshots and
@@ -874,7 +875,6 @@ struct Finishing<'a> {
     staged: Option<&'a Path>,
     /// The ESP of every disk of the pool, the first disk's first.
     esp_devs: &'a [String],
-    root_mounted: bool,
 }
 
 /// A warning: on the console now, and in `warnings` (the report's).
