@@ -298,7 +298,7 @@ impl Initramfs {
         encoder
             .finish()
             .and_then(|buffered| buffered.into_inner().map_err(|e| e.into_error()))
-            .and_then(|f| f.sync_all())
+            .map(drop)
             .context("cannot finish the zstd frame")
     }
 
